@@ -1,0 +1,216 @@
+"""Embedded default engine: espeak-ng from the `espeakng-loader` wheel (bundled library and data, offline)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from wyoming_cosyvoice.config import Section
+from wyoming_cosyvoice.engine import Cancelled, SynthesisOptions, ThreadedEngine
+from wyoming_cosyvoice.errors import EngineError, EngineUnavailable
+from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.voices import VoiceProfile
+
+_LOGGER = logging.getLogger(__name__)
+
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_ENDPAUSE = 0x1000
+_PARAM_RATE = 1
+_PARAM_VOLUME = 2
+_PARAM_PITCH = 3
+_EE_OK = 0
+
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+class _EspeakVoice(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("languages", ctypes.c_char_p),
+        ("identifier", ctypes.c_char_p),
+        ("gender", ctypes.c_ubyte),
+        ("age", ctypes.c_ubyte),
+        ("variant", ctypes.c_ubyte),
+        ("xx1", ctypes.c_ubyte),
+        ("score", ctypes.c_int),
+        ("spare", ctypes.c_void_p),
+    ]
+
+
+@dataclass(frozen=True)
+class EspeakSettings:
+    """`engines.espeak` settings."""
+
+    rate: int = 165
+    """Words per minute at speed 1.0 (espeak's default is 175)."""
+
+    pitch: int = 50
+    """Base pitch, 0-100."""
+
+    volume: int = 100
+    """Volume, 0-200."""
+
+    chunk_ms: int = 60
+    """Audio per callback from espeak: smaller starts sooner, larger costs fewer events."""
+
+    library: Optional[Path] = None
+    """Path to libespeak-ng (default: the one bundled in espeakng-loader)."""
+
+    data_dir: Optional[Path] = None
+    """Path to espeak-ng-data (default: the one bundled in espeakng-loader)."""
+
+    def validate(self) -> Optional[tuple[str, str]]:
+        """Check ranges."""
+        if not 80 <= self.rate <= 500:
+            return ("rate", "must be between 80 and 500 words per minute")
+        if not 0 <= self.pitch <= 100:
+            return ("pitch", "must be between 0 and 100")
+        if not 0 <= self.volume <= 200:
+            return ("volume", "must be between 0 and 200")
+        if not 10 <= self.chunk_ms <= 1000:
+            return ("chunk_ms", "must be between 10 and 1000")
+        return None
+
+
+def espeak_voice_for(profile: VoiceProfile) -> str:
+    """The espeak voice/language for a profile: `options.espeak_voice`, else its first language."""
+    explicit = profile.options.get("espeak_voice")
+    if isinstance(explicit, str) and explicit:
+        return explicit
+    return (profile.languages[0] if profile.languages else "en").lower().replace("_", "-")
+
+
+class EspeakEngine(ThreadedEngine):
+    """espeak-ng called through ctypes on the engine's worker thread (the library is not thread-safe)."""
+
+    name = "espeak"
+
+    def __init__(self, settings: EspeakSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self._lib: Any = None
+        self._callback: Any = None
+        self._emit: Optional[Callable[[bytes], None]] = None
+        self._cancel: Optional[threading.Event] = None
+        self._voice: Optional[str] = None
+        self.sample_rate = 22050
+
+    async def start(self) -> None:
+        """Load and initialize libespeak-ng on the worker thread."""
+        self.sample_rate = await self.run_in_worker(self._load)
+        _LOGGER.info("espeak-ng ready (%s Hz)", self.sample_rate)
+
+    def _load(self) -> int:
+        library, data_dir = self.settings.library, self.settings.data_dir
+        if library is None or data_dir is None:
+            try:
+                import espeakng_loader
+            except ImportError:
+                raise EngineUnavailable("espeak engine: the espeakng-loader package is not installed") from None
+            library = library or Path(espeakng_loader.get_library_path())
+            data_dir = data_dir or Path(espeakng_loader.get_data_path())
+        try:
+            lib = ctypes.CDLL(str(library))
+        except OSError as err:
+            raise EngineUnavailable(f"espeak engine: cannot load {library}: {err}") from None
+        lib.espeak_Initialize.restype = ctypes.c_int
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetSynthCallback.argtypes = [_SYNTH_CALLBACK]
+        lib.espeak_SetSynthCallback.restype = None
+        lib.espeak_Synth.restype = ctypes.c_int
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        lib.espeak_SetVoiceByProperties.argtypes = [ctypes.POINTER(_EspeakVoice)]
+        lib.espeak_SetVoiceByProperties.restype = ctypes.c_int
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetVoiceByName.restype = ctypes.c_int
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_SetParameter.restype = ctypes.c_int
+        rate = lib.espeak_Initialize(
+            _AUDIO_OUTPUT_SYNCHRONOUS, self.settings.chunk_ms, str(data_dir).encode(), 0
+        )
+        if rate <= 0:
+            raise EngineUnavailable(f"espeak engine: espeak_Initialize failed for data folder {data_dir}")
+        self._callback = _SYNTH_CALLBACK(self._on_audio)
+        lib.espeak_SetSynthCallback(self._callback)
+        lib.espeak_SetParameter(_PARAM_PITCH, self.settings.pitch, 0)
+        lib.espeak_SetParameter(_PARAM_VOLUME, self.settings.volume, 0)
+        self._lib = lib
+        return rate
+
+    def _on_audio(self, wav: Any, count: int, _events: Any) -> int:
+        """espeak's synth callback: forward samples; returning 1 aborts synthesis (cancellation)."""
+        if self._cancel is not None and self._cancel.is_set():
+            return 1
+        if wav and count > 0 and self._emit is not None:
+            try:
+                self._emit(ctypes.string_at(wav, count * 2))
+            except Cancelled:
+                return 1
+        return 0
+
+    def _set_voice(self, voice: str) -> None:
+        if voice == self._voice:
+            return
+        if self._lib.espeak_SetVoiceByName(voice.encode()) != _EE_OK:
+            props = _EspeakVoice(languages=voice.encode())
+            if self._lib.espeak_SetVoiceByProperties(ctypes.byref(props)) != _EE_OK:
+                primary = voice.split("-")[0]
+                props = _EspeakVoice(languages=primary.encode())
+                if self._lib.espeak_SetVoiceByProperties(ctypes.byref(props)) != _EE_OK:
+                    raise EngineError(f"espeak engine: no espeak voice for {voice!r}")
+        self._voice = voice
+
+    def render(
+        self,
+        text: str,
+        profile: VoiceProfile,
+        options: SynthesisOptions,
+        emit: Callable[[bytes], None],
+        cancel: threading.Event,
+    ) -> None:
+        """Synthesize on the worker thread; espeak calls back every `chunk_ms` of audio."""
+        if self._lib is None:
+            raise EngineError("espeak engine used before start()")
+        self._set_voice(espeak_voice_for(profile))
+        rate = int(round(self.settings.rate * options.speed))
+        self._lib.espeak_SetParameter(_PARAM_RATE, max(80, min(rate, 450)), 0)
+        data = text.encode("utf-8") + b"\0"
+        self._emit, self._cancel = emit, cancel
+        try:
+            result = self._lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _CHARS_UTF8 | _ENDPAUSE, None, None)
+        finally:
+            self._emit, self._cancel = None, None
+        if cancel.is_set():
+            raise Cancelled()
+        if result != _EE_OK:
+            raise EngineError(f"espeak engine: espeak_Synth failed with code {result}")
+
+    def health(self) -> dict[str, Any]:
+        """Engine facts."""
+        return {"engine": self.name, "sample_rate": self.sample_rate, "state": "ready" if self._lib else "loading"}
+
+
+def create_engine(section: Section) -> EspeakEngine:
+    """Factory: `engines.espeak` settings -> engine."""
+    return EspeakEngine(section.parse(EspeakSettings))
+
+
+@hookimpl
+def register_engines(register: Callable[..., None]) -> None:
+    """Register the embedded espeak-ng engine."""
+    register("espeak", create_engine)

@@ -1,0 +1,73 @@
+"""Example plugin: a `tone` engine that "speaks" a beep per word from prepared PCM, at no cost.
+
+Copy this file into your `server.plugins_dir` to load it (it is not a built-in). It shows the whole
+plugin contract in a few lines, and serves benchmarks as a zero-cost engine that exposes the server's own cost.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from wyoming_cosyvoice.config import Section
+from wyoming_cosyvoice.engine import SynthesisOptions, ThreadedEngine
+from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.voices import VoiceProfile
+
+
+@dataclass(frozen=True)
+class ToneSettings:
+    """`engines.tone` settings."""
+
+    sample_rate: int = 24000
+    """Output rate."""
+
+    frequency: float = 440.0
+    """Beep pitch in Hz."""
+
+    word_ms: int = 300
+    """Audio per word (beep then pause)."""
+
+    chunk_ms: int = 100
+    """Audio per chunk."""
+
+    def validate(self) -> Optional[tuple[str, str]]:
+        """Check ranges."""
+        if self.sample_rate < 8000:
+            return ("sample_rate", "must be at least 8000")
+        if self.word_ms < 10 or self.chunk_ms < 1:
+            return ("word_ms", "word_ms must be >= 10 and chunk_ms >= 1")
+        return None
+
+
+class ToneEngine(ThreadedEngine):
+    """Emits a prepared beep per word, chunk by chunk."""
+
+    name = "tone"
+
+    def __init__(self, settings: ToneSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.sample_rate = settings.sample_rate
+        n = settings.sample_rate * settings.word_ms // 1000
+        t = np.arange(n // 2) / settings.sample_rate
+        beep = 0.5 * np.sin(2 * np.pi * settings.frequency * t)
+        self._word = (np.concatenate([beep, np.zeros(n - len(beep))]) * 32767).astype("<i2").tobytes()
+
+    def generate(
+        self, text: str, profile: VoiceProfile, options: SynthesisOptions, cancel: threading.Event
+    ) -> Iterator[bytes]:
+        """One prepared beep per word, cut into `chunk_ms` pieces."""
+        pcm = self._word * len(text.split())
+        step = self.sample_rate * self.settings.chunk_ms // 1000 * 2
+        for start in range(0, len(pcm), step):
+            yield pcm[start : start + step]
+
+
+@hookimpl
+def register_engines(register: Callable[[str, Callable[[Section], Any]], None]) -> None:
+    """Register the `tone` engine."""
+    register("tone", lambda section: ToneEngine(section.parse(ToneSettings)))

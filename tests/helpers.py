@@ -1,0 +1,167 @@
+"""Shared test helpers: a real server on an ephemeral port, a real Wyoming client, audio checks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+import numpy as np
+import yaml
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.tts import SynthesizeStopped
+
+from wyoming_cosyvoice.config import Config, load_config
+from wyoming_cosyvoice.plugins import Plugins
+from wyoming_cosyvoice.server import Server, build_service
+
+TIMEOUT = 20.0
+"""Upper bound for any single read in tests (a hang fails instead of blocking CI)."""
+
+SHARED_VOICES = Path(__file__).resolve().parents[2] / "shared" / "voices"
+"""Reference voices provided beside the checkout (tests skip when absent)."""
+
+
+def write_config(
+    directory: Path,
+    server: Optional[dict[str, Any]] = None,
+    voices: Optional[list[dict[str, Any]]] = None,
+    default: Optional[str] = None,
+    **sections: Any,
+) -> Path:
+    """Write server.yaml + voices.yaml into `directory` (espeak engine, no fallback) and return server.yaml."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if voices is None:
+        voices = [
+            {"name": "tars", "description": "TARS", "languages": ["en-US"]},
+            {"name": "anna", "description": "Anna (German)", "languages": ["de-DE"]},
+        ]
+    voices_doc: dict[str, Any] = {"voices": voices}
+    if default:
+        voices_doc["default"] = default
+    (directory / "voices.yaml").write_text(yaml.safe_dump(voices_doc, sort_keys=False))
+    doc: dict[str, Any] = {
+        "server": {"uri": "tcp://127.0.0.1:0", **(server or {})},
+        "engine": {"name": "espeak", "fallback": None},
+        "voice_providers": {"yaml": {"path": "voices.yaml"}},
+    }
+    doc.update(sections)
+    path = directory / "server.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running_server(config: Config, plugins: Optional[Plugins] = None) -> AsyncIterator[Server]:
+    """Build the service and serve it on 127.0.0.1:<ephemeral>; shut down afterwards."""
+    plugins = plugins or Plugins(config.server.plugins_dir)
+    service = await build_service(config, plugins)
+    server = Server(service, "tcp://127.0.0.1:0")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown(grace=2.0)
+
+
+@contextlib.asynccontextmanager
+async def connect(server: Server) -> AsyncIterator[AsyncTcpClient]:
+    """A connected `wyoming` library client."""
+    assert server.port
+    client = AsyncTcpClient("127.0.0.1", server.port)
+    await asyncio.wait_for(client.connect(), TIMEOUT)
+    try:
+        yield client
+    finally:
+        await client.disconnect()
+
+
+async def read(client: AsyncTcpClient, timeout: float = TIMEOUT) -> Optional[Event]:
+    """Read one event under a timeout."""
+    return await asyncio.wait_for(client.read_event(), timeout)
+
+
+@dataclass
+class Reply:
+    """What a server sent in answer to one request."""
+
+    events: list[Event] = field(default_factory=list)
+    starts: list[AudioStart] = field(default_factory=list)
+    audio: bytes = b""
+    chunks: int = 0
+    stops: int = 0
+    stopped: bool = False
+    errors: list[Error] = field(default_factory=list)
+
+    @property
+    def rate(self) -> int:
+        """Sample rate from the first audio-start."""
+        return self.starts[0].rate
+
+    @property
+    def seconds(self) -> float:
+        """Audio duration (16-bit mono)."""
+        return len(self.audio) / 2 / self.rate if self.starts else 0.0
+
+    def samples(self) -> np.ndarray:
+        """Audio as float samples."""
+        return np.frombuffer(self.audio, dtype="<i2").astype(np.float32) / 32768.0
+
+
+async def collect(client: AsyncTcpClient, until: str = "audio-stop", timeout: float = TIMEOUT) -> Reply:
+    """Read events until `until` (audio-stop or synthesize-stopped), an error, or EOF."""
+    reply = Reply()
+    while True:
+        event = await read(client, timeout)
+        if event is None:
+            return reply
+        reply.events.append(event)
+        if AudioStart.is_type(event.type):
+            reply.starts.append(AudioStart.from_event(event))
+        elif AudioChunk.is_type(event.type):
+            reply.audio += event.payload or b""
+            reply.chunks += 1
+        elif AudioStop.is_type(event.type):
+            reply.stops += 1
+            if until == "audio-stop":
+                return reply
+        elif SynthesizeStopped.is_type(event.type):
+            reply.stopped = True
+            if until == "synthesize-stopped":
+                return reply
+        elif Error.is_type(event.type):
+            reply.errors.append(Error.from_event(event))
+            if until != "synthesize-stopped":
+                return reply
+
+
+def assert_speech(samples: np.ndarray, rate: int, words: int) -> None:
+    """Audio is plausible speech for `words` words: not silence, mostly voiced, sensible duration."""
+    seconds = len(samples) / rate
+    assert 0.12 * words <= seconds <= 1.0 * words + 1.0, f"{seconds:.2f} s of audio for {words} words"
+    frame = int(rate * 0.02)
+    frames = samples[: len(samples) // frame * frame].reshape(-1, frame)
+    rms = np.sqrt((frames**2).mean(axis=1))
+    assert rms.max() > 0.05, f"audio is (nearly) silent: peak frame RMS {rms.max():.4f}"
+    voiced = float((rms > 0.02).mean())
+    assert voiced > 0.3, f"only {voiced:.0%} of 20 ms frames carry sound"
+    # Speech has a syllable rhythm: the energy envelope rises and falls many times.
+    envelope = rms > rms.max() * 0.25
+    onsets = int(np.count_nonzero(envelope[1:] & ~envelope[:-1]))
+    assert onsets >= max(2, words // 3), f"only {onsets} energy onsets for {words} words"
+
+
+def replace(obj: Any, **changes: Any) -> Any:
+    """dataclasses.replace, re-exported for tests."""
+    return dataclasses.replace(obj, **changes)
+
+
+def load(path: Path) -> Config:
+    """load_config, re-exported for tests."""
+    return load_config(path)

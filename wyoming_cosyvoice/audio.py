@@ -1,0 +1,114 @@
+"""PCM helpers: float/int conversion, gain, chunking, format conversion and resampling (numpy, no torch)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+
+def float_to_pcm16(samples: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] -> 16-bit little-endian PCM, clipped (NaN becomes silence)."""
+    data = np.nan_to_num(np.asarray(samples, dtype=np.float32).reshape(-1), nan=0.0, posinf=1.0, neginf=-1.0)
+    return (np.clip(data, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def pcm16_to_float(pcm: bytes) -> np.ndarray:
+    """16-bit little-endian PCM -> float32 samples in [-1, 1]."""
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def apply_gain(pcm: bytes, gain: float) -> bytes:
+    """Scale 16-bit PCM by `gain`, clipping instead of wrapping."""
+    if gain == 1.0:
+        return pcm
+    data = np.frombuffer(pcm, dtype="<i2").astype(np.float32) * gain
+    return np.clip(data, -32768, 32767).astype("<i2").tobytes()
+
+
+def split_pcm(pcm: bytes, max_bytes: int, frame_bytes: int = 2) -> Iterator[bytes]:
+    """Split PCM into pieces of at most `max_bytes`, on sample-frame boundaries."""
+    step = max(frame_bytes, max_bytes - max_bytes % frame_bytes)
+    for start in range(0, len(pcm), step):
+        yield pcm[start : start + step]
+
+
+def to_float_frames(pcm: bytes, width: int, channels: int) -> np.ndarray:
+    """PCM of 1, 2 or 4 bytes per sample -> float32 array of shape (frames, channels)."""
+    if width == 1:
+        data = (np.frombuffer(pcm, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        data = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+    elif width == 4:
+        data = np.frombuffer(pcm, dtype="<i4").astype(np.float32) / 2147483648.0
+    else:
+        raise ValueError(f"unsupported sample width {width}")
+    frames = len(data) // channels
+    return data[: frames * channels].reshape(frames, channels)
+
+
+def from_float_frames(frames: np.ndarray, width: int) -> bytes:
+    """float32 (frames, channels) -> interleaved PCM of `width` bytes, clipped."""
+    data = np.clip(frames.reshape(-1), -1.0, 1.0)
+    if width == 1:
+        return (data * 127.0 + 128.0).astype(np.uint8).tobytes()
+    if width == 2:
+        return (data * 32767.0).astype("<i2").tobytes()
+    if width == 4:
+        return (data.astype(np.float64) * 2147483647.0).astype("<i4").tobytes()
+    raise ValueError(f"unsupported sample width {width}")
+
+
+def remix(frames: np.ndarray, channels: int) -> np.ndarray:
+    """Change the channel count: average down to mono, or copy mono to every channel."""
+    if frames.shape[1] == channels:
+        return frames
+    mono = frames.mean(axis=1, keepdims=True)
+    return np.repeat(mono, channels, axis=1)
+
+
+class StreamResampler:
+    """Linear-interpolation resampler that keeps its phase across chunks (no clicks at chunk edges)."""
+
+    def __init__(self, rate_in: int, rate_out: int, channels: int = 1) -> None:
+        self.rate_in = rate_in
+        self.rate_out = rate_out
+        self._pos = 0.0  # position of the next output sample, in input samples relative to _prev
+        self._prev = np.zeros((1, channels), dtype=np.float32)
+
+    def process(self, frames: np.ndarray) -> np.ndarray:
+        """Resample a (frames, channels) float block; returns what can be produced so far."""
+        if self.rate_in == self.rate_out or len(frames) == 0:
+            return frames
+        data = np.concatenate([self._prev, frames.astype(np.float32)])
+        step = self.rate_in / self.rate_out
+        last = len(data) - 1
+        positions = np.arange(self._pos, last, step)
+        if len(positions) == 0:
+            self._pos -= len(frames)
+            self._prev = data[-1:]
+            return np.zeros((0, frames.shape[1]), dtype=np.float32)
+        idx = positions.astype(np.int64)
+        frac = (positions - idx)[:, None].astype(np.float32)
+        out = data[idx] * (1.0 - frac) + data[idx + 1] * frac
+        self._pos = positions[-1] + step - last
+        self._prev = data[-1:]
+        return out
+
+
+class PcmConverter:
+    """Converts a PCM stream from one (rate, width, channels) to another, chunk by chunk."""
+
+    def __init__(self, src: tuple[int, int, int], dst: tuple[int, int, int]) -> None:
+        self.src = src
+        self.dst = dst
+        self._resampler = StreamResampler(src[0], dst[0], dst[2])
+
+    def convert(self, pcm: bytes) -> bytes:
+        """Convert one chunk; the output may be slightly shorter or longer as the resampler's phase moves."""
+        if self.src == self.dst:
+            return pcm
+        frames = to_float_frames(pcm, self.src[1], self.src[2])
+        frames = remix(frames, self.dst[2])
+        frames = self._resampler.process(frames)
+        return from_float_frames(frames, self.dst[1])

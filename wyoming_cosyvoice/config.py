@@ -1,0 +1,313 @@
+"""YAML configuration loaded into frozen dataclasses, with one-line errors naming file, key and problem."""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, TypeVar, Union
+
+import yaml
+
+from .errors import ConfigError
+
+_LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_MAPPINGS = (dict, Mapping, collections.abc.Mapping)
+
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+"""The project's `config/` folder (a source checkout or an editable install)."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "list"
+    if origin in _MAPPINGS or tp in _MAPPINGS:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if tp is Path:
+        return "path"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list)):
+        return type(value).__name__
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class Section:
+    """A raw config mapping plus where it came from; plugins parse their own dataclass from it."""
+
+    name: str
+    """Name of the plugin or section (e.g. `espeak`)."""
+
+    data: Mapping[str, Any]
+    """The raw mapping from YAML (empty when the section is absent)."""
+
+    source: str
+    """File the section was read from (for error messages)."""
+
+    key: str
+    """Dotted key path of the section inside the file (e.g. `engines.espeak`)."""
+
+    base_dir: Path
+    """Folder that relative paths resolve against (the YAML file's folder)."""
+
+    def parse(self, cls: type[T]) -> T:
+        """Validate this section into the frozen dataclass `cls`."""
+        return build(cls, self.data, source=self.source, key=self.key, base_dir=self.base_dir)
+
+    def error(self, subkey: str, problem: str) -> ConfigError:
+        """A ConfigError naming this section's file and `subkey`."""
+        key = f"{self.key}.{subkey}" if subkey else self.key
+        return ConfigError(f"{self.source}:{key}: {problem}")
+
+
+def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> Any:
+    """Check and convert one YAML value to the annotated type `tp`."""
+
+    def fail(problem: str) -> ConfigError:
+        return ConfigError(f"{source}:{key}: {problem}")
+
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, source=source, key=key, base_dir=base_dir)
+            except ConfigError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise fail(f"expected {_type_name(tp)}, got {_describe(value)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise fail(f"expected one of {', '.join(repr(a) for a in allowed)}, got {_describe(value)}")
+        return value
+    if origin is tuple:
+        (item_type, *_rest) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise fail(f"expected a list, got {_describe(value)}")
+        return tuple(
+            _convert(item_type, item, source=source, key=f"{key}[{i}]", base_dir=base_dir)
+            for i, item in enumerate(value)
+        )
+    if origin in _MAPPINGS or tp in _MAPPINGS:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise fail(f"expected a mapping, got {_describe(value)}")
+        args = typing.get_args(tp)
+        val_type = args[1] if args else Any
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise fail(f"keys must be strings, got {_describe(k)}")
+            out[k] = _convert(val_type, v, source=source, key=f"{key}.{k}", base_dir=base_dir)
+        return out
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, source=source, key=key, base_dir=base_dir)
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise fail(f"expected a path, got {_describe(value)}")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base_dir / path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail(f"expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail(f"expected a string, got {_describe(value)}")
+        return value
+    raise fail(f"unsupported type {_type_name(tp)} in the config schema")
+
+
+def build(cls: type[T], data: Any, *, source: str, key: str = "", base_dir: Path = Path(".")) -> T:
+    """Build frozen dataclass `cls` from a YAML mapping; unknown keys and wrong types are ConfigErrors."""
+    where = key or "(top level)"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}:{where}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {
+        f.name: f
+        for f in dataclasses.fields(cls)
+        if f.init and not f.name.startswith("_") and f.metadata.get("config", True)
+    }
+    for name in data:
+        if name not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            sub = f"{key}.{name}" if key else str(name)
+            raise ConfigError(f"{source}:{sub}: unknown key (known keys: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{key}.{name}" if key else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], source=source, key=sub, base_dir=base_dir)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}:{sub}: required key is missing")
+    result = cls(**kwargs)
+    check = getattr(result, "validate", None)
+    if check is not None:
+        problem = check()
+        if problem:
+            bad_key, text = problem
+            raise ConfigError(f"{source}:{key + '.' if key else ''}{bad_key}: {text}")
+    return result
+
+
+def load_yaml(path: Path) -> Any:
+    """Read a YAML file safely; a missing or unparsable file is a one-line ConfigError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "?"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The `server:` section."""
+
+    uri: str = "tcp://0.0.0.0:10200"
+    """Where to listen: tcp://HOST:PORT, unix://PATH or stdio://."""
+
+    zeroconf: bool = False
+    """Announce the server as `_wyoming._tcp.local.` so Home Assistant discovers it."""
+
+    zeroconf_name: Optional[str] = None
+    """Service name for zeroconf (default: the machine's MAC address)."""
+
+    streaming: bool = True
+    """Advertise streaming synthesis to clients (streaming events are accepted either way)."""
+
+    max_concurrent: int = 4
+    """Synthesis requests admitted at once (running plus queued for the engine); more get `ServerBusy`."""
+
+    plugins_dir: Optional[Path] = None
+    """Folder of extra `*.py` plugins, loaded after built-ins and entry points."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Logging level."""
+
+    def validate(self) -> Optional[tuple[str, str]]:
+        """Check values that types alone cannot."""
+        if self.max_concurrent < 1:
+            return ("max_concurrent", "must be at least 1")
+        if not self.uri.startswith(("tcp://", "unix://", "stdio://")):
+            return ("uri", f"expected tcp://HOST:PORT, unix://PATH or stdio://, got {self.uri!r}")
+        return None
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The `engine:` section: which engine serves, and what to use when it cannot start."""
+
+    name: str = "cosyvoice"
+    """Engine plugin name (see `wyoming-cosyvoice plugins`)."""
+
+    fallback: Optional[str] = "espeak"
+    """Engine to serve with when `name` cannot start here (null: refuse to start instead)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole server configuration (`config/server.yaml`)."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    """Listening and admission settings."""
+
+    engine: EngineChoice = field(default_factory=EngineChoice)
+    """Engine selection."""
+
+    engines: Mapping[str, Any] = field(default_factory=dict)
+    """Per-engine settings, keyed by engine name; each engine validates its own section."""
+
+    voice_providers: Mapping[str, Any] = field(default_factory=lambda: {"yaml": {}})
+    """Enabled voice-profile providers, keyed by name, with their settings."""
+
+    sinks: Mapping[str, Any] = field(default_factory=dict)
+    """Server-side sinks that receive a copy of every synthesis, keyed by name."""
+
+    limits: Mapping[str, Any] = field(default_factory=dict)
+    """Protocol and resource limits (see the README's limits table)."""
+
+    _source: str = field(default="(defaults)", compare=False)
+    _base_dir: Path = field(default=Path("."), compare=False)
+
+    def section(self, group: str, name: str) -> Section:
+        """The settings of plugin `name` in `group` (engines, voice_providers, sinks)."""
+        data = getattr(self, group).get(name) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self._source}:{group}.{name}: expected a mapping, got {_describe(data)}")
+        return Section(name=name, data=data, source=self._source, key=f"{group}.{name}", base_dir=self._base_dir)
+
+    @property
+    def source(self) -> str:
+        """The file this configuration was read from."""
+        return self._source
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative paths in this configuration resolve against."""
+        return self._base_dir
+
+
+def load_config(path: Optional[Path]) -> Config:
+    """Load `server.yaml` (or defaults when `path` is None)."""
+    if path is None:
+        return Config(_base_dir=DEFAULT_CONFIG_DIR)
+    path = Path(path)
+    data = load_yaml(path)
+    base_dir = path.resolve().parent
+    config = build(Config, data, source=str(path), base_dir=base_dir)
+    return dataclasses.replace(config, _source=str(path), _base_dir=base_dir)

@@ -1,0 +1,42 @@
+"""Project error classes: each prints as one line and maps to a Wyoming error code."""
+
+
+class CosyVoiceServiceError(Exception):
+    """Base class of user-facing errors; the CLI prints them as one line."""
+
+    @property
+    def code(self) -> str:
+        """Machine-readable code for Wyoming `error` events: the class name."""
+        return type(self).__name__
+
+
+class ConfigError(CosyVoiceServiceError):
+    """A configuration file is missing or invalid ("file:key: problem")."""
+
+
+class PluginError(CosyVoiceServiceError):
+    """A plugin could not be loaded or registered a duplicate name."""
+
+
+class VoiceNotFound(CosyVoiceServiceError):
+    """A request named a voice that no provider knows."""
+
+
+class VoiceError(CosyVoiceServiceError):
+    """A voice profile is invalid (bad reference audio, transcript, language)."""
+
+
+class EngineUnavailable(CosyVoiceServiceError):
+    """An engine cannot start here (missing model, checkout, library or GPU)."""
+
+
+class EngineError(CosyVoiceServiceError):
+    """An engine failed while synthesizing a request."""
+
+
+class BadRequest(CosyVoiceServiceError):
+    """A client sent an event that is malformed or not allowed."""
+
+
+class ServerBusy(CosyVoiceServiceError):
+    """The server is at its concurrency bound and refused the request."""

@@ -1,0 +1,252 @@
+"""Wyoming event handler: the protocol state machine only (describe, synthesize, streaming synthesize, errors)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from wyoming.audio import AudioChunk as WyomingAudioChunk
+from wyoming.audio import AudioStart, AudioStop
+from wyoming.error import Error
+from wyoming.event import Event, async_read_event
+from wyoming.info import Describe
+from wyoming.ping import Ping, Pong
+from wyoming.server import AsyncEventHandler
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
+
+from .audio import split_pcm
+from .errors import BadRequest, CosyVoiceServiceError
+from .service import Service
+from .text import SentenceSplitter
+from .voices import VoiceProfile
+
+_LOGGER = logging.getLogger(__name__)
+
+MAX_CHUNK_SECONDS = 0.5
+"""Engine chunks longer than this are sent as several Wyoming audio chunks."""
+
+
+@dataclass
+class _Stream:
+    """State of one streaming synthesis (synthesize-start .. synthesize-stop)."""
+
+    voice_name: Optional[str]
+    language: Optional[str]
+    splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
+    profile: Optional[VoiceProfile] = None
+    audio_started: bool = False
+    failed: bool = False
+
+
+@dataclass
+class _OneShot:
+    text: str
+    voice_name: Optional[str]
+    language: Optional[str]
+
+
+@dataclass
+class _Sentence:
+    stream: _Stream
+    text: str
+
+
+@dataclass
+class _StreamEnd:
+    stream: _Stream
+
+
+_Job = Union[_OneShot, _Sentence, _StreamEnd]
+
+
+def _voice_fields(data: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:
+    """(name, language) from an event's `voice` field, checked for type."""
+    voice = data.get("voice")
+    if voice is None:
+        return None, None
+    if not isinstance(voice, dict):
+        raise BadRequest("'voice' must be an object")
+    name, language = voice.get("name"), voice.get("language")
+    if name is not None and not isinstance(name, str):
+        raise BadRequest("'voice.name' must be a string")
+    if language is not None and not isinstance(language, str):
+        raise BadRequest("'voice.language' must be a string")
+    return name or None, language or None
+
+
+def _text_field(data: dict[str, Any]) -> str:
+    text = data.get("text")
+    if not isinstance(text, str):
+        raise BadRequest("'text' must be a string")
+    return text
+
+
+class TtsEventHandler(AsyncEventHandler):
+    """One client connection. Reading and synthesis run side by side so a vanished client cancels its work."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        service: Service,
+        *,
+        finish_on_eof: bool = False,
+    ) -> None:
+        super().__init__(reader, writer)
+        self.service = service
+        self.finish_on_eof = finish_on_eof
+        self._jobs: asyncio.Queue[Optional[_Job]] = asyncio.Queue()
+        self._stream: Optional[_Stream] = None
+        self._worker: Optional[asyncio.Task[None]] = None
+        self._closing = False
+
+    async def run(self) -> None:
+        """Read events until EOF; EOF means the client left, so its synthesis is cancelled."""
+        self._is_running = True
+        self._worker = asyncio.create_task(self._work(), name="tts synthesis")
+        try:
+            while self._is_running and not self._closing:
+                event = await async_read_event(self.reader)
+                if event is None:
+                    break
+                if not await self.handle_event(event):
+                    break
+            if self.finish_on_eof and not self._closing:
+                self._jobs.put_nowait(None)
+                await self._worker
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if not self._worker.done():
+                self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            await self.disconnect()
+            self.writer.close()
+
+    async def handle_event(self, event: Event) -> bool:
+        """Dispatch one event; protocol errors become `error` events."""
+        try:
+            return await self._dispatch(event)
+        except CosyVoiceServiceError as err:
+            await self._send_error(err)
+            return False
+        except (KeyError, TypeError, ValueError) as err:
+            await self._send_error(BadRequest(f"malformed {event.type!r} event: {err}"))
+            return False
+
+    async def _dispatch(self, event: Event) -> bool:
+        if Describe.is_type(event.type):
+            await self.write_event(self.service.info().event())
+            return True
+        if Ping.is_type(event.type):
+            await self.write_event(Pong(text=event.data.get("text")).event())
+            return True
+        if Synthesize.is_type(event.type):
+            if self._stream is not None:
+                _LOGGER.debug("synthesize inside a stream ignored (sent for compatibility)")
+                return True
+            text = _text_field(event.data)
+            name, language = _voice_fields(event.data)
+            self._jobs.put_nowait(_OneShot(text, name, language))
+            return True
+        if SynthesizeStart.is_type(event.type):
+            if self._stream is not None:
+                raise BadRequest("synthesize-start while a stream is already open")
+            name, language = _voice_fields(event.data)
+            self._stream = _Stream(name, language)
+            return True
+        if SynthesizeChunk.is_type(event.type):
+            if self._stream is None:
+                raise BadRequest("synthesize-chunk without synthesize-start")
+            for sentence in self._stream.splitter.feed(_text_field(event.data)):
+                self._jobs.put_nowait(_Sentence(self._stream, sentence))
+            return True
+        if SynthesizeStop.is_type(event.type):
+            if self._stream is None:
+                raise BadRequest("synthesize-stop without synthesize-start")
+            rest = self._stream.splitter.flush()
+            if rest:
+                self._jobs.put_nowait(_Sentence(self._stream, rest))
+            self._jobs.put_nowait(_StreamEnd(self._stream))
+            self._stream = None
+            return True
+        raise BadRequest(f"unsupported event type {event.type!r}")
+
+    async def _send_error(self, err: CosyVoiceServiceError) -> None:
+        _LOGGER.warning("client error (%s): %s", err.code, err)
+        try:
+            await self.write_event(Error(text=str(err), code=err.code).event())
+        except (ConnectionError, RuntimeError):
+            pass
+
+    # ------------------------------------------------------------------ synthesis, one job at a time
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._jobs.get()
+            if job is None:
+                return
+            try:
+                await self._run_job(job)
+            except CosyVoiceServiceError as err:
+                await self._fail(job, err)
+                return
+            except ConnectionError:
+                _LOGGER.debug("client went away during synthesis")
+                self._close()
+                return
+
+    async def _run_job(self, job: _Job) -> None:
+        if isinstance(job, _OneShot):
+            profile = self.service.resolve(job.voice_name, job.language)
+            await self._send_audio_start()
+            await self._speak(job.text, profile)
+            await self.write_event(AudioStop().event())
+        elif isinstance(job, _Sentence):
+            stream = job.stream
+            if stream.failed:
+                return
+            if stream.profile is None:
+                stream.profile = self.service.resolve(stream.voice_name, stream.language)
+            if not stream.audio_started:
+                await self._send_audio_start()
+                stream.audio_started = True
+            await self._speak(job.text, stream.profile)
+        else:
+            if job.stream.audio_started:
+                await self.write_event(AudioStop().event())
+            await self.write_event(SynthesizeStopped().event())
+
+    async def _fail(self, job: _Job, err: CosyVoiceServiceError) -> None:
+        """Report a failed request; a failed stream still ends with synthesize-stopped, then the connection closes."""
+        await self._send_error(err)
+        if isinstance(job, _Sentence):
+            job.stream.failed = True
+            # The rest of this stream is dropped; the client still gets its terminating event.
+            await self.write_event(SynthesizeStopped().event())
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self.reader.feed_eof()
+
+    async def _send_audio_start(self) -> None:
+        rate, width, channels = self.service.audio_format()
+        await self.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
+
+    async def _speak(self, text: str, profile: VoiceProfile) -> None:
+        if not text.strip():
+            return
+        rate, width, channels = self.service.audio_format()
+        max_bytes = int(MAX_CHUNK_SECONDS * rate) * width * channels
+        chunks = self.service.synthesize(text, profile)
+        try:
+            async for chunk in chunks:
+                for piece in split_pcm(chunk.audio, max_bytes, width * channels):
+                    await self.write_event(
+                        WyomingAudioChunk(rate=rate, width=width, channels=channels, audio=piece).event()
+                    )
+        finally:
+            await chunks.aclose()

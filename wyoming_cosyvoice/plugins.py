@@ -1,0 +1,136 @@
+"""Plugin manager: built-ins, then entry points, then a plugins directory; duplicate names are errors."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+
+_LOGGER = logging.getLogger(__name__)
+
+BUILTIN_PLUGINS = (
+    "wyoming_cosyvoice_plugins.espeak_engine",
+    "wyoming_cosyvoice_plugins.yaml_voices",
+)
+"""Modules of the built-in plugins, registered first."""
+
+HOOK_GROUPS = {
+    "engines": "register_engines",
+    "voice_providers": "register_voice_providers",
+    "sinks": "register_sinks",
+}
+"""Registry group name -> registration hook."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One registered name: its factory and the plugin that registered it."""
+
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+
+
+class Plugins:
+    """Loaded plugins and what each registered."""
+
+    def __init__(self, plugins_dir: Optional[Path] = None, extra: tuple[Any, ...] = ()) -> None:
+        self.pm = pluggy.PluginManager("wyoming_cosyvoice")
+        self.pm.add_hookspecs(hookspecs)
+        self.origins: dict[str, str] = {}
+        for module_name in BUILTIN_PLUGINS:
+            self._register(importlib.import_module(module_name), "built-in")
+        loaded = self.pm.load_setuptools_entrypoints("wyoming_cosyvoice")
+        if loaded:
+            for plugin, dist in self.pm.list_plugin_distinfo():
+                self.origins[self.pm.get_name(plugin)] = f"entry point ({dist.project_name} {dist.version})"
+        if plugins_dir is not None:
+            self._load_dir(Path(plugins_dir))
+        for plugin in extra:
+            self._register(plugin, "registered by caller")
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as err:
+            raise PluginError(f"plugin hook not in the spec: {err}") from None
+        self.registry = {group: self._collect(group, hook) for group, hook in HOOK_GROUPS.items()}
+
+    def _register(self, plugin: Any, origin: str) -> None:
+        name = getattr(plugin, "__name__", None) or repr(plugin)
+        try:
+            self.pm.register(plugin, name=name)
+        except ValueError as err:
+            raise PluginError(f"plugin {name} ({origin}) is already registered: {err}") from None
+        except pluggy.PluginValidationError as err:
+            raise PluginError(f"plugin {name} ({origin}): {err}") from None
+        self.origins[name] = origin
+
+    def _load_dir(self, directory: Path) -> None:
+        if not directory.is_dir():
+            raise PluginError(f"{directory}: plugins directory not found")
+        for path in sorted(directory.glob("*.py")):
+            module_name = f"wyoming_cosyvoice_user_plugins.{path.stem}"
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None:
+                raise PluginError(f"{path}: cannot load plugin")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as err:  # a plugin file may raise anything at import
+                sys.modules.pop(module_name, None)
+                raise PluginError(f"{path}: plugin failed to import: {type(err).__name__}: {err}") from None
+            self._register(module, str(path))
+
+    def _collect(self, group: str, hook_name: str) -> dict[str, Registration]:
+        found: dict[str, Registration] = {}
+        hook = getattr(self.pm.hook, hook_name)
+        for impl in hook.get_hookimpls():
+            plugin_name = impl.plugin_name
+
+            def register(name: str, factory: Callable[..., Any], _plugin: str = plugin_name) -> None:
+                if not isinstance(name, str) or not name:
+                    raise PluginError(f"plugin {_plugin} registered {group} with an invalid name {name!r}")
+                if name in found:
+                    raise PluginError(
+                        f"duplicate {group} name {name!r}: registered by {found[name].plugin} and by {_plugin}"
+                    )
+                found[name] = Registration(name, factory, _plugin)
+
+            impl.function(register=register)
+        return dict(sorted(found.items()))
+
+    def factory(self, group: str, name: str) -> Callable[..., Any]:
+        """The factory registered as `name` in `group`; an unknown name is a PluginError."""
+        try:
+            return self.registry[group][name].factory
+        except KeyError:
+            known = ", ".join(self.registry.get(group, {})) or "none"
+            raise PluginError(f"no {group[:-1].replace('_', ' ')} named {name!r} (registered: {known})") from None
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each plugin with its origin, hooks and registered names (for `wyoming-cosyvoice plugins`)."""
+        rows = []
+        for plugin in self.pm.get_plugins():
+            name = self.pm.get_name(plugin)
+            hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+            names = {
+                group: [r.name for r in regs.values() if r.plugin == name] for group, regs in self.registry.items()
+            }
+            rows.append(
+                {
+                    "name": name,
+                    "origin": self.origins.get(name, "unknown"),
+                    "hooks": hooks,
+                    "registers": {g: n for g, n in names.items() if n},
+                }
+            )
+        return sorted(rows, key=lambda r: r["name"])

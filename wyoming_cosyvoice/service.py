@@ -1,0 +1,144 @@
+"""The synthesis service behind the handler: voice resolution, admission, gain, metrics, and the `info` it describes."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import time
+from typing import AsyncIterator, Iterator, Optional
+
+from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
+
+from . import __version__
+from .audio import apply_gain
+from .engine import AudioChunk, Engine, SynthesisOptions
+from .errors import ServerBusy
+from .voices import VoiceCatalog, VoiceProfile
+
+_LOGGER = logging.getLogger(__name__)
+
+_ATTRIBUTION = Attribution(name="wyoming-cosyvoice", url="https://github.com/FunAudioLLM/CosyVoice")
+_REQUEST_IDS = itertools.count(1)
+
+
+class Admission:
+    """Bounds how many synthesis requests are admitted at once; the rest are refused with ServerBusy."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one slot for the duration of a request."""
+        if self.active >= self.limit:
+            raise ServerBusy(f"server busy: {self.active} requests in progress (limit {self.limit}); try again shortly")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+@dataclasses.dataclass
+class RequestStats:
+    """Timing of one synthesis request, for the log line and benchmarks."""
+
+    request_id: str
+    voice: str
+    chars: int
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    first_audio: Optional[float] = None
+    audio_seconds: float = 0.0
+    finished: Optional[float] = None
+
+    def line(self) -> str:
+        """One log line: time to first audio, total time, audio length, real-time factor."""
+        total = (self.finished or time.perf_counter()) - self.started
+        ttfa = f"{(self.first_audio - self.started) * 1000:.0f} ms" if self.first_audio else "none"
+        rtf = total / self.audio_seconds if self.audio_seconds else float("nan")
+        return (
+            f"request {self.request_id}: voice={self.voice} chars={self.chars} first_audio={ttfa} "
+            f"total={total * 1000:.0f} ms audio={self.audio_seconds:.2f} s rtf={rtf:.3f}"
+        )
+
+
+class Service:
+    """Everything a connection handler needs, shared by all connections."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        catalog: VoiceCatalog,
+        *,
+        max_concurrent: int = 4,
+        streaming: bool = True,
+        engine_note: str = "",
+    ) -> None:
+        self.engine = engine
+        self.catalog = catalog
+        self.admission = Admission(max_concurrent)
+        self.streaming = streaming
+        self.engine_note = engine_note
+        """Why the engine in use is not the configured one (fallback), shown in `info`."""
+
+    def audio_format(self) -> tuple[int, int, int]:
+        """(rate, width, channels) of everything this service streams."""
+        return (self.engine.sample_rate, self.engine.sample_width, self.engine.channels)
+
+    def info(self) -> Info:
+        """Build `info` from the current voice profiles (rebuilt on every describe; cheap)."""
+        profiles = self.catalog.refresh()
+        health = self.engine.health()
+        facts = ", ".join(f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine")
+        description = f"CosyVoice voice cloning TTS (engine: {self.engine.name}{'; ' + facts if facts else ''})"
+        if self.engine_note:
+            description += f" [{self.engine_note}]"
+        voices = [
+            TtsVoice(
+                name=p.name,
+                description=p.description or p.name,
+                attribution=_ATTRIBUTION,
+                installed=True,
+                version=__version__,
+                languages=list(p.languages),
+            )
+            for p in profiles
+        ]
+        program = TtsProgram(
+            name="cosyvoice",
+            description=description,
+            attribution=_ATTRIBUTION,
+            installed=True,
+            version=__version__,
+            voices=voices,
+            supports_synthesize_streaming=self.streaming,
+        )
+        return Info(tts=[program])
+
+    def resolve(self, name: Optional[str], language: Optional[str]) -> VoiceProfile:
+        """The profile for a request's voice name / language."""
+        return self.catalog.resolve(name, language)
+
+    async def synthesize(self, text: str, profile: VoiceProfile) -> AsyncIterator[AudioChunk]:
+        """Stream audio for `text`; closing the iterator early cancels the engine work."""
+        with self.admission.slot():
+            stats = RequestStats(str(next(_REQUEST_IDS)), profile.name, len(text))
+            options = SynthesisOptions(speed=profile.speed, request_id=stats.request_id)
+            chunks = self.engine.synthesize(text, profile, options)
+            try:
+                async for chunk in chunks:
+                    if stats.first_audio is None:
+                        stats.first_audio = time.perf_counter()
+                    if profile.gain != 1.0:
+                        chunk = dataclasses.replace(chunk, audio=apply_gain(chunk.audio, profile.gain))
+                    stats.audio_seconds += chunk.seconds
+                    yield chunk
+            finally:
+                aclose = getattr(chunks, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                stats.finished = time.perf_counter()
+                _LOGGER.info("%s", stats.line())
