@@ -40,3 +40,7 @@ class BadRequest(CosyVoiceServiceError):
 
 class ServerBusy(CosyVoiceServiceError):
     """The server is at its concurrency bound and refused the request."""
+
+
+class ServerUnreachable(CosyVoiceServiceError):
+    """A client could not reach a Wyoming server, or it did not answer as a TTS server."""
