@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from wyoming_cosyvoice.bench import BenchSettings, describe, percentile, run_bench, sentence  # noqa: E402
 from wyoming_cosyvoice.config import load_config  # noqa: E402
 from wyoming_cosyvoice.engine import Engine, SynthesisOptions  # noqa: E402
-from wyoming_cosyvoice.errors import ServerUnreachable  # noqa: E402
+from wyoming_cosyvoice.errors import CosyVoiceServiceError, ServerUnreachable  # noqa: E402
 from wyoming_cosyvoice.plugins import Plugins  # noqa: E402
 from wyoming_cosyvoice.voices import VoiceProfile  # noqa: E402
 
@@ -372,6 +372,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "text": TEXT}
     print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, load "
           f"{results['machine']['loadavg_start']}", flush=True)
+    if args.gpu:  # first: it fails fast on a missing checkout, model or GPU
+        from gpu_compare import gpu_compare  # benchmarks/gpu_compare.py; imports torch
+
+        results["gpu"] = await gpu_compare(args.config, args.gpu_voice, args.gpu_tokens, args.gpu_requests, TEXT)
+        if args.gpu_only:
+            return results
     with tempfile.TemporaryDirectory(prefix="wyoming-cosyvoice-bench-") as tmp_name:
         tmp = Path(tmp_name)
         config_path = write_config(tmp)
@@ -399,10 +405,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for server in servers:
                 server.stop()
-    if args.gpu:
-        from gpu_compare import gpu_compare  # benchmarks/gpu_compare.py; imports torch
-
-        results["gpu"] = await gpu_compare(args.config, args.gpu_voice, args.gpu_tokens, args.gpu_requests, TEXT)
     results["machine"]["loadavg_end"] = os.getloadavg()
     return results
 
@@ -419,10 +421,16 @@ def main() -> int:
     parser.add_argument("--gpu-voice", help="voice profile with reference_audio + transcript (default: the default)")
     parser.add_argument("--gpu-tokens", type=int, default=250, help="speech tokens forced per request (25 per s)")
     parser.add_argument("--gpu-requests", type=int, default=10, help="requests per path (after one warm-up)")
+    parser.add_argument("--gpu-only", action="store_true", help="with --gpu: skip the CPU benchmarks")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    results = asyncio.run(run(args))
-    print_markdown(results)
+    try:
+        results = asyncio.run(run(args))
+    except CosyVoiceServiceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if "overhead" in results:
+        print_markdown(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"\nwrote {args.json}")
