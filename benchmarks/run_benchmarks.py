@@ -303,6 +303,14 @@ async def readiness(config: Path, tmp: Path, runs: int) -> tuple[dict[str, Any],
     return row, server
 
 
+def cpu_pressure() -> str:
+    """Linux PSI line for CPU ("some avg10=.. avg60=.."): how often runnable tasks waited for a core (shared machine)."""
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return "unavailable"
+
+
 def machine() -> dict[str, Any]:
     """CPU model, cores, Python and load at the start (the machine is shared)."""
     model = "unknown"
@@ -316,6 +324,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "loadavg_start": os.getloadavg(),
+        "cpu_pressure_start": cpu_pressure(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
@@ -365,13 +374,17 @@ def print_markdown(results: dict[str, Any]) -> None:
     print(f"| ready < 1.5 s after start | {', '.join(f'{t:.2f}' for t in ready['ready_s'])} s |")
     print(f"| idle RSS < 80 MB, no torch | {ready['idle_rss_mb']:.1f} MB; torch mapped: "
           f"{'yes' if ready['torch_mapped'] else 'no'} |")
+    m = results["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['date']}; load average "
+          f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}; CPU pressure at start: {m['cpu_pressure_start']}; "
+          f"at end: {m['cpu_pressure_end']}")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything, in order; servers are stopped at the end."""
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "text": TEXT}
     print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, load "
-          f"{results['machine']['loadavg_start']}", flush=True)
+          f"{results['machine']['loadavg_start']}, CPU pressure {results['machine']['cpu_pressure_start']}", flush=True)
     if args.gpu:  # first: it fails fast on a missing checkout, model or GPU
         from gpu_compare import gpu_compare  # benchmarks/gpu_compare.py; imports torch
 
@@ -406,6 +419,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for server in servers:
                 server.stop()
     results["machine"]["loadavg_end"] = os.getloadavg()
+    results["machine"]["cpu_pressure_end"] = cpu_pressure()
     return results
 
 
