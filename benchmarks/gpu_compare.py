@@ -5,12 +5,14 @@ Both paths run the same upstream LLM class, patched here to emit exactly `tokens
 (random weights rarely stop on their own; a fixed count makes both do equal work). Upstream's model object is
 loaded once and reused for every request, as a server built on it would do (so its hop-length growth between
 calls is part of what is measured). Needs torch, the CosyVoice checkout (`engines.cosyvoice.repo`) and a model
-(`engines.cosyvoice.model_dir`; random weights are fine for timing).
+(`engines.cosyvoice.model_dir`; random weights are fine for timing). Upstream's model is built with the class and
+load options (fp16, TensorRT, JIT, vLLM) that our engine chose on this GPU, so both run the same configuration.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -38,8 +40,13 @@ class ForcedTokens:
         """Tokens actually yielded per LLM call (checked after the run)."""
 
     def install(self) -> None:
-        """Replace `Qwen2LM.inference_wrapper` (used by `inference`; min_len = max_len = count)."""
-        from cosyvoice.llm import llm as llm_module
+        """Replace `Qwen2LM.inference_wrapper` (used by `inference`; min_len = max_len = count); 0 = leave it."""
+        if not self.count:
+            return
+        try:
+            from cosyvoice.llm import llm as llm_module
+        except ImportError as err:
+            raise SystemExit(f"--gpu-tokens needs upstream's cosyvoice.llm.llm ({err}); --gpu-tokens 0 skips it")
 
         original: Callable[..., Any] = llm_module.Qwen2LM.inference_wrapper
         forced = self
@@ -76,8 +83,8 @@ def _soundfile_load_wav(wav: Any, target_sr: int, min_sr: int = 16000) -> Any:
     return speech
 
 
-def load_upstream(repo: Path, model_dir: Path, fp16: bool, prompt_wav: Path) -> tuple[Any, str]:
-    """Upstream's model (AutoModel picks the version from the yaml in model_dir) and a note on adaptations."""
+def load_upstream(engine: Engine, repo: Path, model_dir: Path, data: dict[str, Any], prompt_wav: Path) -> tuple[Any, str]:
+    """Upstream's model with the class and load options our engine chose (fp16, TensorRT, ...), and a note."""
     for path in (repo, repo / "third_party" / "Matcha-TTS"):
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
@@ -85,16 +92,25 @@ def load_upstream(repo: Path, model_dir: Path, fp16: bool, prompt_wav: Path) -> 
     from cosyvoice.cli import frontend
     from cosyvoice.utils import file_utils
 
-    note = ""
+    notes = []
     try:
         file_utils.load_wav(str(prompt_wav), 16000)
     except Exception as err:  # torchaudio without a working `load` backend: swap in the same loader via soundfile
         file_utils.load_wav = frontend.load_wav = _soundfile_load_wav
-        note = f"load_wav via soundfile ({type(err).__name__} from torchaudio.load)"
-    if hasattr(cli, "AutoModel"):
-        return cli.AutoModel(model_dir=str(model_dir), fp16=fp16), note
-    cls = cli.CosyVoice3 if (model_dir / "cosyvoice3.yaml").exists() and hasattr(cli, "CosyVoice3") else cli.CosyVoice2
-    return cls(str(model_dir), fp16=fp16), note
+        notes.append(f"load_wav via soundfile ({type(err).__name__} from torchaudio.load)")
+    info, plan = getattr(engine, "info", None), getattr(engine, "plan", None)
+    if info is not None and plan is not None:  # the cosyvoice engine's model facts and load plan
+        kwargs: dict[str, Any] = {"load_trt": plan.load_trt, "fp16": plan.fp16,
+                                  "trt_concurrent": int(data.get("trt_concurrent", 1))}
+        if info.version != 3:
+            kwargs["load_jit"] = plan.load_jit
+        if info.version != 1:
+            kwargs["load_vllm"] = plan.load_vllm
+        notes.append(f"upstream {info.class_name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})")
+        return getattr(cli, info.class_name)(str(info.path), **kwargs), "; ".join(notes)
+    fp16 = data.get("fp16") is True
+    notes.append(f"upstream AutoModel(fp16={fp16})")
+    return cli.AutoModel(model_dir=str(model_dir), fp16=fp16), "; ".join(notes)
 
 
 def time_upstream(model: Any, text: str, prompt_text: str, prompt_wav: Path) -> tuple[float, float, float]:
@@ -168,6 +184,8 @@ async def gpu_compare(
     profile = catalog.resolve(voice, None)
     if profile.reference_audio is None or not profile.transcript:
         raise SystemExit(f"--gpu needs a voice with reference_audio and transcript (voice {profile.name!r} has not)")
+    # Both paths clone the same way: zero-shot from the recording and its transcript.
+    profile = dataclasses.replace(profile, mode="zero_shot")
     section = config.section("engines", "cosyvoice")
     data = dict(section.data)
     repo, model_dir = _setting_path(config, data, "repo"), _setting_path(config, data, "model_dir")
@@ -182,8 +200,7 @@ async def gpu_compare(
     forced = ForcedTokens(tokens)
     forced.install()  # after start(): the engine put the checkout on the import path
     await engine.warmup()
-    upstream, note = await asyncio.to_thread(load_upstream, repo, model_dir, bool(data.get("fp16", False)),
-                                             profile.reference_audio)
+    upstream, note = await asyncio.to_thread(load_upstream, engine, repo, model_dir, data, profile.reference_audio)
     prompt_text = profile.transcript
     if (model_dir / "cosyvoice3.yaml").exists() and "<|endofprompt|>" not in prompt_text:
         prompt_text = COSYVOICE3_PROMPT_PREFIX + prompt_text

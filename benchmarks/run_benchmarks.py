@@ -433,7 +433,8 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "server.yaml",
                         help="server.yaml with engines.cosyvoice.repo/model_dir and voices (for --gpu)")
     parser.add_argument("--gpu-voice", help="voice profile with reference_audio + transcript (default: the default)")
-    parser.add_argument("--gpu-tokens", type=int, default=250, help="speech tokens forced per request (25 per s)")
+    parser.add_argument("--gpu-tokens", type=int, default=250,
+                        help="speech tokens forced per LLM call (25 per s of audio; 0: do not force)")
     parser.add_argument("--gpu-requests", type=int, default=10, help="requests per path (after one warm-up)")
     parser.add_argument("--gpu-only", action="store_true", help="with --gpu: skip the CPU benchmarks")
     args = parser.parse_args()
