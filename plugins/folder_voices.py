@@ -94,7 +94,7 @@ class FolderVoiceProvider:
         if not self.root.is_dir():
             if "(root)" not in self._reported:
                 self._reported.add("(root)")
-                _LOGGER.warning("%s: voices folder does not exist (yet); no folder voices", self.root)
+                _LOGGER.info("%s: voices folder does not exist (yet); no folder voices", self.root)
             self._profiles, self.problems, self._stamp = [], [], None
             return []
         self._reported.discard("(root)")

@@ -283,3 +283,17 @@ def test_request_names_never_become_paths(tmp_path: Path) -> None:
         with pytest.raises(VoiceNotFound, match="unknown voice"):
             catalog.resolve(name, None)
     assert catalog.resolve("ALICE", None).name == "alice"
+
+
+def test_duplicate_names_across_providers_first_wins_and_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "voices"
+    _voice_folder(root, "en_US", "alice")
+    path = _voices_file(tmp_path / "voices.yaml", [{"name": "alice", "description": "YAML Alice"}])
+    catalog = VoiceCatalog([YamlVoiceProvider(path), FolderVoiceProvider(root)])
+    for _ in range(3):
+        catalog.refresh()
+    assert [p.description for p in catalog.profiles] == ["YAML Alice"]
+    assert catalog.problems == [f"{root / 'en_US' / 'alice'}: voice 'alice': ignored: already defined in {path}"]
+    assert sum("already defined" in r.getMessage() for r in caplog.records) == 1

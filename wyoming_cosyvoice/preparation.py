@@ -92,7 +92,7 @@ class VoicePreparer:
             await asyncio.shield(task)
         problem = self.catalog.broken.get(profile.name)
         if problem is not None:
-            raise VoiceNotFound(f"voice {profile.name!r} is unavailable: {problem}")
+            raise VoiceNotFound(f"{problem} (voice unavailable)")
 
     async def wait_idle(self) -> None:
         """Wait for every preparation in progress (tests, shutdown)."""

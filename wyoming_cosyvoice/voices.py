@@ -127,14 +127,23 @@ class VoiceCatalog:
         self._profiles: list[VoiceProfile] = []
         self.broken: dict[str, str] = {}
         """Profiles found unusable after loading (bad reference audio, engine refused): name -> problem line."""
+        self._duplicates_logged: set[tuple[str, str]] = set()
+        self._duplicates: list[str] = []
         self.refresh()
 
     def refresh(self) -> list[VoiceProfile]:
         """Reload every provider; the first profile of a duplicated name wins (the rest are logged)."""
         seen: dict[str, VoiceProfile] = {}
+        self._duplicates = []
         for provider in self.providers:
             for profile in provider.load():
                 if profile.name in seen:
+                    self._duplicates.append(
+                        problem_line(profile.source, profile.name, f"ignored: already defined in {seen[profile.name].source}")
+                    )
+                    if (profile.name, profile.source) in self._duplicates_logged:
+                        continue  # refresh runs on every describe: say it once
+                    self._duplicates_logged.add((profile.name, profile.source))
                     _LOGGER.warning(
                         "Voice %r from %s ignored: already defined in %s",
                         profile.name,
@@ -160,7 +169,7 @@ class VoiceCatalog:
     def problems(self) -> list[str]:
         """One line per profile that a provider skipped or that was found broken."""
         lines = [line for provider in self.providers for line in getattr(provider, "problems", ())]
-        return lines + [self.broken[p.name] for p in self._profiles if p.name in self.broken]
+        return lines + self._duplicates + [self.broken[p.name] for p in self._profiles if p.name in self.broken]
 
     @property
     def default(self) -> Optional[VoiceProfile]:
@@ -176,7 +185,7 @@ class VoiceCatalog:
         profiles = self.profiles
         if name:
             if name in self.broken:
-                raise VoiceNotFound(f"voice {name!r} is unavailable: {self.broken[name]}")
+                raise VoiceNotFound(f"{self.broken[name]} (voice unavailable)")
             for profile in profiles:
                 if profile.name == name:
                     return profile
