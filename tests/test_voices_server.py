@@ -7,19 +7,19 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import pytest
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeVoice
 
 from wyoming_cosyvoice.config import Config, load_config
+from wyoming_cosyvoice.engine import AudioChunk
 from wyoming_cosyvoice.errors import EngineError
 from wyoming_cosyvoice.hookspecs import hookimpl
 from wyoming_cosyvoice.plugins import Plugins
 from wyoming_cosyvoice.voices import VoiceProfile
-from wyoming_cosyvoice_plugins.espeak_engine import EspeakSettings
-from wyoming_cosyvoice_plugins.espeak_engine import EspeakEngine
+from wyoming_cosyvoice_plugins.espeak_engine import EspeakEngine, EspeakSettings
 
 from . import audiogen
 from .helpers import TIMEOUT, Reply, collect, connect, read, running_server, write_config
@@ -44,9 +44,10 @@ class RecordingEspeak(EspeakEngine):
             self.events.append(("prepared", profile.name))
         await super().prepare(profiles)
 
-    def render(self, text: str, profile: VoiceProfile, options: Any, emit: Any, cancel: Any) -> None:
+    async def synthesize(self, text: str, profile: VoiceProfile, options: Any) -> AsyncIterator[AudioChunk]:
         self.events.append(("synthesized", profile.name))
-        super().render(text, profile, options, emit, cancel)
+        async for chunk in super().synthesize(text, profile, options):
+            yield chunk
 
 
 class RecordingPlugin:

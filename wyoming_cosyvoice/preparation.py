@@ -100,6 +100,14 @@ class VoicePreparer:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
+    async def close(self) -> None:
+        """Cancel preparations still running (shutdown: the engine is about to close)."""
+        pending = [t for t in self._tasks.values() if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
     async def _prepare(self, profile: VoiceProfile) -> None:
         try:
             checked = await asyncio.to_thread(profile_reference, profile, self.cache_dir)

@@ -162,6 +162,7 @@ class Server:
         handlers = list(getattr(wyoming, "_handlers", {}))
         if handlers:
             await asyncio.wait(handlers, timeout=2.0)
+        await self.service.preparer.close()
         await self.service.engine.close()
         _LOGGER.info("Server stopped")
 

@@ -197,7 +197,9 @@ class VoiceCatalog:
             raise VoiceNotFound(f"unknown voice {name[:80]!r} (available: {known})")
         default = self.default
         if default is None:
-            raise VoiceNotFound("no usable voice profiles are configured")
+            if self._profiles:
+                raise VoiceNotFound(f"no usable voice profiles: all {len(self._profiles)} are broken (see the log)")
+            raise VoiceNotFound("no voice profiles are configured")
         if language:
             if _lang_matches(language, default.languages) == 2:
                 return default
