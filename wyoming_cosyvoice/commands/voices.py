@@ -10,15 +10,22 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
-
-import yaml
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..config import Config
 from ..errors import ConfigError, VoiceError, VoiceNotFound
-from ..reference import ReferenceInfo, inspect_reference
 from ..voices import LANGUAGE_PATTERN, NAME_PATTERN, VoiceCatalog, VoiceProfile, problem_line
 from . import add_config_argument, read_config
+
+if TYPE_CHECKING:
+    from ..reference import ReferenceInfo
+
+
+def inspect_reference(path: Path, *, has_transcript: bool = False) -> "ReferenceInfo":
+    """reference.inspect_reference, imported on use so `--help` stays free of numpy and soundfile."""
+    from ..reference import inspect_reference as inspect
+
+    return inspect(path, has_transcript=has_transcript)
 
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -255,6 +262,8 @@ def run_add(args: argparse.Namespace) -> int:
         if args.instruct:
             (staging / "instruct.txt").write_text(args.instruct.strip() + "\n", encoding="utf-8")
         if args.description:
+            import yaml
+
             (staging / "profile.yaml").write_text(yaml.safe_dump({"description": args.description}, allow_unicode=True))
         staging.chmod(0o755)
         old = None
