@@ -72,7 +72,8 @@ def test_voices_file_errors(tmp_path: Path) -> None:
     path.write_text("voices:\n  - name: a\n    languages: [en-US]\n  - name: b\n    speed: fast\n")
     provider = YamlVoiceProvider(path)
     assert [p.name for p in provider.load()] == ["a"]
-    assert provider.problems == [f"{path}:voices[1].speed: expected a number, got 'fast'"]
+    # One line naming the file, the profile and the problem (key path included).
+    assert provider.problems == [f"{path}: voice 'b': voices[1].speed: expected a number, got 'fast'"]
 
 
 def test_shipped_config_loads_and_paths_resolve() -> None:

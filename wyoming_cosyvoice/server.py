@@ -19,6 +19,7 @@ from .engine import Engine
 from .errors import EngineUnavailable, PluginError
 from .handler import TtsEventHandler
 from .plugins import Plugins
+from .preparation import VoicePreparer
 from .service import Service
 from .voices import VoiceCatalog
 
@@ -65,7 +66,8 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
     """Voices, engine (started, voices prepared, warmed up) and admission, ready to serve."""
     catalog = build_catalog(config, plugins)
     engine, note = await start_engine(config, plugins)
-    await engine.prepare(catalog.profiles)
+    preparer = VoicePreparer(catalog, engine)
+    await preparer.prepare_all()
     await engine.warmup()
     _LOGGER.info("Engine %s ready: %s", engine.name, engine.health())
     _LOGGER.info("Voices: %s (default: %s)", ", ".join(p.name for p in catalog.profiles) or "none",
@@ -76,6 +78,7 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
         max_concurrent=config.server.max_concurrent,
         streaming=config.server.streaming,
         engine_note=note,
+        preparer=preparer,
     )
 
 
@@ -159,6 +162,7 @@ class Server:
         handlers = list(getattr(wyoming, "_handlers", {}))
         if handlers:
             await asyncio.wait(handlers, timeout=2.0)
+        await self.service.preparer.close()
         await self.service.engine.close()
         _LOGGER.info("Server stopped")
 
