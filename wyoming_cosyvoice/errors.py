@@ -40,3 +40,19 @@ class BadRequest(CosyVoiceServiceError):
 
 class ServerBusy(CosyVoiceServiceError):
     """The server is at its concurrency bound and refused the request."""
+
+
+class SinkError(CosyVoiceServiceError):
+    """An audio sink cannot be set up (no audio device, file exists, bad target)."""
+
+
+class ClientError(CosyVoiceServiceError):
+    """The client could not talk to a Wyoming server (connection refused, timeout, connection closed)."""
+
+
+class RemoteError(CosyVoiceServiceError):
+    """A Wyoming server answered a request with an `error` event."""
+
+
+class UsageError(CosyVoiceServiceError):
+    """A command was given conflicting or missing options."""

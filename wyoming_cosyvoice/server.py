@@ -20,6 +20,7 @@ from .errors import EngineUnavailable, PluginError
 from .handler import TtsEventHandler
 from .plugins import Plugins
 from .service import Service
+from .sinks import server_tee
 from .voices import VoiceCatalog
 
 _LOGGER = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ async def start_engine(config: Config, plugins: Plugins) -> tuple[Engine, str]:
 async def build_service(config: Config, plugins: Plugins) -> Service:
     """Voices, engine (started, voices prepared, warmed up) and admission, ready to serve."""
     catalog = build_catalog(config, plugins)
+    tee = server_tee(config, plugins)  # before the engine: a bad sink setting fails fast
     engine, note = await start_engine(config, plugins)
     await engine.prepare(catalog.profiles)
     await engine.warmup()
@@ -76,6 +78,7 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
         max_concurrent=config.server.max_concurrent,
         streaming=config.server.streaming,
         engine_note=note,
+        tee=tee,
     )
 
 
@@ -150,6 +153,7 @@ class Server:
         handlers = list(getattr(wyoming, "_handlers", {}))
         if handlers:
             await asyncio.wait(handlers, timeout=2.0)
+        await self.service.close_sinks()
         await self.service.engine.close()
         _LOGGER.info("Server stopped")
 
@@ -160,6 +164,7 @@ async def serve_stdio(service: Service) -> None:
     writer = await async_get_stdout()
     handler = TtsEventHandler(reader, writer, service, finish_on_eof=True)
     await handler.run()
+    await service.close_sinks()
     await service.engine.close()
 
 
