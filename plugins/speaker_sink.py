@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Union
 
 from wyoming_cosyvoice.audio import PcmConverter
 from wyoming_cosyvoice.config import Section
-from wyoming_cosyvoice.errors import SinkError
+from wyoming_cosyvoice.errors import NoAudioDevice, SinkError
 from wyoming_cosyvoice.hookspecs import hookimpl
 from wyoming_cosyvoice.sinks import AudioFormat, StreamInfo
 
@@ -58,7 +58,7 @@ def _import_sounddevice() -> Any:
     try:
         import sounddevice
     except OSError as err:  # sounddevice raises OSError when libportaudio is missing
-        raise SinkError(f"speaker: PortAudio library not available ({err}); install libportaudio2") from None
+        raise NoAudioDevice(f"speaker: PortAudio library not available ({err}); install libportaudio2") from None
     return sounddevice
 
 
@@ -230,9 +230,10 @@ class SpeakerSink:
             found = self.sd.query_devices(device, kind="output")
         except ValueError as err:
             names = self._output_names()
-            raise SinkError(f"speaker: {err} (output devices: {names or 'none'})") from None
+            problem = str(err).replace("No output device", "no output device")
+            raise SinkError(f"speaker: {problem} (output devices: {names or 'none'})") from None
         except self.sd.PortAudioError as err:
-            raise SinkError(f"speaker: no audio output device available ({err})") from None
+            raise NoAudioDevice(f"speaker: no audio output device available ({err})") from None
         if int(found.get("max_output_channels", 0)) < 1:
             raise SinkError(f"speaker: device {found['name']!r} has no output channels")
         self.device: int = int(found["index"])

@@ -56,3 +56,7 @@ class RemoteError(CosyVoiceServiceError):
 
 class UsageError(CosyVoiceServiceError):
     """A command was given conflicting or missing options."""
+
+
+class NoAudioDevice(SinkError):
+    """This machine has no usable audio output (no device, or no PortAudio library)."""

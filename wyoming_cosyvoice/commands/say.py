@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO, Any, AsyncIterator, Optional
 
 from ..client import ReplyStats, TtsClient
-from ..errors import CosyVoiceServiceError, SinkError, UsageError
+from ..errors import CosyVoiceServiceError, NoAudioDevice, UsageError
 from ..plugins import Plugins
 from ..sinks import Sink, SinkResult, StreamInfo, Tee, TeeStream, parse_spec, sink_from_spec
 
@@ -73,10 +73,8 @@ def build_sinks(args: argparse.Namespace, plugins: Plugins) -> list[Sink]:
             extra["overwrite"] = True
         try:
             sinks.append(sink_from_spec(plugins, spec, extra))
-        except SinkError as err:
-            if default:
-                raise SinkError(f"{err}; use --out FILE.wav to save the audio instead") from None
-            raise
+        except NoAudioDevice as err:
+            raise NoAudioDevice(f"{err}; use --out FILE.wav to save the audio instead") from None
     return sinks
 
 
