@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ class _WavStream:
         self.tmp = final.with_name(f".{final.name}.{os.getpid()}.part")
         self.frames = 0
         self._file: Any = None
+        self._lock = threading.Lock()  # a cancelled write may still be running in its thread when close starts
 
     def _open(self) -> None:
         import soundfile
@@ -68,6 +70,11 @@ class _WavStream:
         )
 
     def _write(self, pcm: bytes) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._append(pcm)
+
+    def _append(self, pcm: bytes) -> None:
         import numpy as np
 
         dtype = {1: np.uint8, 2: "<i2", 4: "<i4"}[self.fmt.width]
@@ -81,7 +88,9 @@ class _WavStream:
 
     def _finish(self) -> None:
         """Close (libsndfile writes the final header) and move into place without clobbering unless allowed."""
-        if self._file is not None:
+        with self._lock:
+            if self._file is None:
+                return
             self._file.close()
             self._file = None
         if self.overwrite:

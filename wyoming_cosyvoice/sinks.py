@@ -101,12 +101,7 @@ class SinkResult:
 
     def line(self) -> str:
         """`name: detail` with a failure marker."""
-        return f"{self.name}: {detail_prefix(self.ok)}{self.detail}"
-
-
-def detail_prefix(ok: bool) -> str:
-    """'' for success, 'FAILED: ' otherwise."""
-    return "" if ok else "FAILED: "
+        return f"{self.name}: {'' if self.ok else 'FAILED: '}{self.detail}"
 
 
 _END = object()
@@ -187,7 +182,7 @@ class _Lane:
             raise
         except Exception as err:  # any sink failure is isolated to its lane
             if self.result is None:
-                self.result = SinkResult(self.sink.name, False, f"{err}" if _is_ours(err) else _explain(err))
+                self.result = SinkResult(self.sink.name, False, _explain(err))
                 _LOGGER.warning("sink %s failed: %s", self.sink.name, self.result.detail)
             self.queue.clear()
             self.queued_bytes = 0
@@ -195,19 +190,16 @@ class _Lane:
                 await _close_quietly(stream)
 
 
-def _is_ours(err: BaseException) -> bool:
-    return isinstance(err, SinkError)
-
-
 def _explain(err: BaseException) -> str:
+    """Our own errors and OS errors speak for themselves; anything else is a bug in a sink, so name its type."""
     text = str(err) or type(err).__name__
-    return text if isinstance(err, OSError) else f"{type(err).__name__}: {text}"
+    return text if isinstance(err, (SinkError, OSError)) else f"{type(err).__name__}: {text}"
 
 
 async def _close_quietly(stream: SinkStream) -> None:
     """Abort a stream after a failure or cancellation; its own errors are only logged."""
     try:
-        await asyncio.wait_for(asyncio.shield(stream.close(False)), 2.0)
+        await asyncio.wait_for(stream.close(False), 2.0)
     except BaseException as err:  # noqa: BLE001 - best effort, never mask the original problem
         _LOGGER.debug("closing a failed sink stream: %r", err)
 
