@@ -66,9 +66,8 @@ async def test_a_stalled_receiver_does_not_slow_the_client(tmp_path: Path) -> No
     wide = {"uri": "", "rate": 192000, "width": 4, "channels": 2}
     text = " ".join(["The receiver is stuck, but the client is served at full speed all the same."] * 3)
     async with serve(stalled.factory()) as port:
-        config = load_config(write_config(
-            tmp_path / "cfg", sinks={"wyoming": {**wide, "uri": f"tcp://127.0.0.1:{port}"}, "wav": {"dir": str(archive)}},
-        ))
+        sinks = {"wyoming": {**wide, "uri": f"tcp://127.0.0.1:{port}"}, "wav": {"dir": str(archive)}}
+        config = load_config(write_config(tmp_path / "cfg", sinks=sinks))
         async with running_server(config) as server:
             async with connect(server) as client:
                 await client.write_event(Synthesize(text=text).event())

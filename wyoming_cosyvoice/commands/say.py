@@ -18,6 +18,9 @@ from ..sinks import Sink, SinkResult, StreamInfo, Tee, TeeStream, parse_spec, si
 
 DEFAULT_URI = "tcp://127.0.0.1:10200"
 
+MAX_LAG_SECONDS = 3 * 3600.0
+"""The speaker plays in real time while the server runs ahead, so the client lets a sink lag by up to 3 h of audio."""
+
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register the `say` subcommand."""
@@ -31,7 +34,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser.add_argument("--uri", default=DEFAULT_URI, help=f"TTS server (default: {DEFAULT_URI})")
     parser.add_argument("--voice", help="voice name (default: the server's default voice)")
     parser.add_argument("--language", help="language tag, e.g. en-US (servers may pick a voice by it)")
-    parser.add_argument("--out", type=Path, metavar="FILE.wav", help="save the audio to a WAV file (same as --sink wav:FILE)")
+    parser.add_argument("--out", type=Path, metavar="FILE.wav",
+                        help="save the audio to a WAV file (same as --sink wav:FILE)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing WAV file")
     parser.add_argument(
         "--sink", action="append", default=[], metavar="NAME[:ARG]",
@@ -41,7 +45,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
                         help="read text line by line from standard input (or --file) and stream it as it comes")
     parser.add_argument("--file", type=Path, help="with --stream: read lines from this file instead of stdin")
     parser.add_argument("--device", help="speaker output device: index or part of its name")
-    parser.add_argument("--jitter-ms", type=int, default=None, help="speaker: audio buffered before playback (default 150)")
+    parser.add_argument("--jitter-ms", type=int, default=None,
+                        help="speaker: audio buffered before playback (default 150)")
     parser.add_argument("--device-rate", type=int, default=None, help="speaker: play at this rate (resampled)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply event (default 60)")
     parser.add_argument("--plugins-dir", type=Path, help="extra plugins folder (for third-party sinks)")
@@ -118,7 +123,7 @@ class _Output:
 async def speak(args: argparse.Namespace, sinks: list[Sink], out: IO[str]) -> int:
     """Run one `say`: connect, synthesize, feed the sinks, report. Returns the exit status."""
     stats = ReplyStats()
-    output = _Output(Tee(sinks))
+    output = _Output(Tee(sinks, max_lag_seconds=MAX_LAG_SECONDS))
     ok = False
     problem: Optional[BaseException] = None
     try:
