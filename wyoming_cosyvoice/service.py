@@ -13,6 +13,7 @@ from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
 from . import __version__
 from .audio import apply_gain
+from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import ServerBusy
 from .voices import VoiceCatalog, VoiceProfile
@@ -29,6 +30,8 @@ class Admission:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.closing = False
+        """Set at shutdown: requests in progress (and streams already open) finish, new ones are refused."""
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
@@ -76,8 +79,11 @@ class Service:
         max_concurrent: int = 4,
         streaming: bool = True,
         engine_note: str = "",
+        limits: Optional[Limits] = None,
     ) -> None:
         self.engine = engine
+        self.limits = limits or Limits()
+        """Protocol and resource limits every connection applies."""
         self.catalog = catalog
         self.admission = Admission(max_concurrent)
         self.streaming = streaming
@@ -126,7 +132,9 @@ class Service:
         """Stream audio for `text`; closing the iterator early cancels the engine work."""
         with self.admission.slot():
             stats = RequestStats(str(next(_REQUEST_IDS)), profile.name, len(text))
-            options = SynthesisOptions(speed=profile.speed, request_id=stats.request_id)
+            options = SynthesisOptions(
+                speed=profile.speed, request_id=stats.request_id, timeout=self.limits.engine_timeout_s
+            )
             chunks = self.engine.synthesize(text, profile, options)
             try:
                 async for chunk in chunks:
