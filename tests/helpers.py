@@ -214,13 +214,16 @@ async def read_until_closed(reader: asyncio.StreamReader, timeout: float = TIMEO
         events.append(event)
 
 
-def fault_config(directory: Path, limits: Optional[dict[str, Any]] = None, **server: Any) -> Config:
-    """A config serving the `fault` test engine (tests/fault_engine.py) with the given limits."""
+def fault_config(
+    directory: Path, limits: Optional[dict[str, Any]] = None, engine: Optional[dict[str, Any]] = None, **server: Any
+) -> Config:
+    """A config serving the `fault` test engine (tests/fault_engine.py) with the given limits and engine settings."""
     return load_config(
         write_config(
             directory,
             server=server or None,
             engine={"name": "fault", "fallback": None},
+            engines={"fault": engine or {}},
             limits=limits or {},
         )
     )

@@ -176,7 +176,7 @@ class ThreadedEngine(Engine):
 
     def _current_worker(self) -> _Worker:
         if self._worker is None:
-            self._worker = _Worker(f"{self.name}-worker")
+            self._worker = _Worker(f"{self.name}-worker-{self.restarts}")
         return self._worker
 
     def _lock(self) -> asyncio.Lock:

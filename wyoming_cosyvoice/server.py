@@ -142,7 +142,9 @@ class Server:
         try:
             await handler.run()
         except asyncio.CancelledError:
-            raise
+            # End quietly: this is the connection's own top-level task, and asyncio's stream callback (3.11) logs
+            # a spurious error for a cancelled one.
+            writer.transport.abort()
         except Exception:  # a bug in one connection must never take the server down
             _LOGGER.exception("connection from %s failed", peername)
             writer.transport.abort()
@@ -203,10 +205,14 @@ class Server:
         if self.busy_connections():
             _LOGGER.warning("Grace period over: closing %d busy connection(s)", self.busy_connections())
         tasks = list(self._connections)
-        for task in tasks:
-            task.cancel()
+        for handler in self._connections.values():
+            handler.channel.abort()  # ends the handler's read loop; its synthesis is cancelled
         if tasks:
-            await asyncio.wait(tasks, timeout=5.0)
+            _done, pending = await asyncio.wait(tasks, timeout=2.0)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(listener.wait_closed(), 2.0)
         await self.service.engine.close()
