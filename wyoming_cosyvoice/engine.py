@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Optional, TypeVar
 
+from .aio import wait_within
 from .errors import CosyVoiceServiceError, EngineError, EngineOutOfMemory, EngineTimeout
 
 if TYPE_CHECKING:
@@ -279,7 +280,7 @@ class ThreadedEngine(Engine):
             try:
                 while True:
                     try:
-                        kind, item = await asyncio.wait_for(queue_.get(), options.timeout)
+                        kind, item = await wait_within(queue_.get(), options.timeout)
                     except asyncio.TimeoutError:
                         raise EngineTimeout(
                             f"{self.name} engine produced no audio for {options.timeout:g} s; request abandoned "
@@ -306,11 +307,11 @@ class ThreadedEngine(Engine):
                 if not finished and not future.done():
                     # Give the worker one chunk's time to notice the flag; one that does not is hung.
                     try:
-                        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), options.timeout)
+                        await wait_within(asyncio.shield(asyncio.wrap_future(future)), options.timeout)
                     except asyncio.TimeoutError:
                         if self._worker is worker:
                             self.replace_worker(f"request {options.request_id or '?'} did not stop")
-                    except BaseException:  # the worker's own errors were already reported
+                    except Exception:  # the worker's own errors were already reported
                         pass
 
     async def close(self) -> None:

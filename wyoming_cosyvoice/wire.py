@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 from wyoming.event import Event, async_write_event
 
+from .aio import wait_within
 from .config import Limits
 from .errors import ClientTimeout, LimitExceeded, ProtocolError
 
@@ -143,7 +144,7 @@ class EventChannel:
             if self.aborted or self.writer.is_closing():
                 raise ConnectionResetError("connection already closed")
             try:
-                await asyncio.wait_for(async_write_event(event, self.writer), self.limits.write_timeout_s)
+                await wait_within(async_write_event(event, self.writer), self.limits.write_timeout_s)
             except asyncio.TimeoutError:
                 self.abort()
                 raise ClientStalled(
