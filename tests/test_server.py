@@ -15,7 +15,7 @@ from wyoming_cosyvoice.config import Config
 from .helpers import assert_speech, collect, connect, read, running_server, similar
 
 SENTENCE_20 = (
-    "Hello there, this is a test of the embedded speech engine, speaking twenty words for a latency "
+    "Hello there, this is a test of the embedded speech engine, speaking twenty words for a quick latency "
     "measurement today."
 )
 

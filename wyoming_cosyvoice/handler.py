@@ -95,6 +95,16 @@ def _text_field(data: dict[str, Any], limit: int) -> str:
     return _string(data.get("text"), "text", limit)
 
 
+async def _flush(writer: asyncio.StreamWriter, timeout: float = 5.0) -> None:
+    """Wait until the transport has sent what it buffered (drain() only waits above the high-water mark)."""
+    transport = writer.transport
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not transport.is_closing() and transport.get_write_buffer_size() > 0:
+        if asyncio.get_running_loop().time() > deadline:
+            return
+        await asyncio.sleep(0.005)
+
+
 class TtsEventHandler(AsyncEventHandler):
     """One client connection. Reading and synthesis run side by side so a vanished client cancels its work."""
 
@@ -154,6 +164,7 @@ class TtsEventHandler(AsyncEventHandler):
                 self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             await self.disconnect()
+            await _flush(self.writer)
             self.writer.close()
 
     async def handle_event(self, event: Event) -> bool:

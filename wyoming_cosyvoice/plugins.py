@@ -20,6 +20,7 @@ _LOGGER = logging.getLogger(__name__)
 BUILTIN_PLUGINS = (
     "wyoming_cosyvoice_plugins.espeak_engine",
     "wyoming_cosyvoice_plugins.yaml_voices",
+    "wyoming_cosyvoice_plugins.folder_voices",
 )
 """Modules of the built-in plugins, registered first."""
 

@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 import time
-from functools import partial
 from typing import Any, Optional
 from urllib.parse import urlparse
 
@@ -21,6 +20,7 @@ from .errors import ConfigError, EngineUnavailable, PluginError, ServerBusy
 from .guard import ConnectionGuard
 from .handler import TtsEventHandler
 from .plugins import Plugins
+from .preparation import VoicePreparer
 from .service import Service
 from .voices import VoiceCatalog
 
@@ -63,7 +63,8 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
     """Voices, engine (started, voices prepared, warmed up) and admission, ready to serve."""
     catalog = build_catalog(config, plugins)
     engine, note = await start_engine(config, plugins)
-    await engine.prepare(catalog.profiles)
+    preparer = VoicePreparer(catalog, engine)
+    await preparer.prepare_all()
     await engine.warmup()
     _LOGGER.info("Engine %s ready: %s", engine.name, engine.health())
     _LOGGER.info("Voices: %s (default: %s)", ", ".join(p.name for p in catalog.profiles) or "none",
@@ -75,6 +76,7 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
         streaming=config.server.streaming,
         engine_note=note,
         limits=config.limits,
+        preparer=preparer,
     )
 
 
@@ -90,6 +92,7 @@ class Server:
         self.guard = ConnectionGuard(self.limits)
         self._listener: Optional[asyncio.AbstractServer] = None
         self._connections: dict["asyncio.Task[Any]", TtsEventHandler] = {}
+        self._zeroconf: Any = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
 
@@ -160,8 +163,13 @@ class Server:
             _LOGGER.warning("zeroconf needs a tcp:// URI; not announcing")
             return
         host = parsed.hostname if parsed.hostname not in ("0.0.0.0", "::", "") else None
-        zc = HomeAssistantZeroconf(port=self.port, name=self.zeroconf_name, host=host)
-        await zc.register_server()
+        try:
+            zc = HomeAssistantZeroconf(port=self.port, name=self.zeroconf_name, host=host)
+            await zc.register_server()
+        except OSError as err:  # no multicast route: serve anyway, Home Assistant can be pointed at host:port
+            _LOGGER.warning("Zeroconf announcement failed (%s); add the server in Home Assistant by host and port", err)
+            return
+        self._zeroconf = zc
         _LOGGER.info("Zeroconf: announced %s as _wyoming._tcp.local. on port %s", zc.name, self.port)
 
     def request_stop(self) -> None:
@@ -215,6 +223,10 @@ class Server:
                 await asyncio.wait(pending, timeout=2.0)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(listener.wait_closed(), 2.0)
+        if self._zeroconf is not None:
+            await self._zeroconf._aiozc.async_close()  # unregisters the service
+            self._zeroconf = None
+        await self.service.preparer.close()
         await self.service.engine.close()
         _LOGGER.info("Server stopped")
 

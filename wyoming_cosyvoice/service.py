@@ -16,6 +16,7 @@ from .audio import apply_gain
 from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import ServerBusy
+from .preparation import VoicePreparer
 from .voices import VoiceCatalog, VoiceProfile
 
 _LOGGER = logging.getLogger(__name__)
@@ -80,11 +81,14 @@ class Service:
         streaming: bool = True,
         engine_note: str = "",
         limits: Optional[Limits] = None,
+        preparer: Optional[VoicePreparer] = None,
     ) -> None:
         self.engine = engine
         self.limits = limits or Limits()
         """Protocol and resource limits every connection applies."""
         self.catalog = catalog
+        self.preparer = preparer or VoicePreparer(catalog, engine)
+        """Prepares new or changed voices in the background (hot reload) and leaves broken ones out."""
         self.admission = Admission(max_concurrent)
         self.streaming = streaming
         self.engine_note = engine_note
@@ -95,8 +99,8 @@ class Service:
         return (self.engine.sample_rate, self.engine.sample_width, self.engine.channels)
 
     def info(self) -> Info:
-        """Build `info` from the current voice profiles (rebuilt on every describe; cheap)."""
-        profiles = self.catalog.refresh()
+        """Build `info` from the current usable voice profiles (rebuilt on every describe; cheap)."""
+        profiles = self.preparer.sync()
         health = self.engine.health()
         facts = ", ".join(f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine")
         description = f"CosyVoice voice cloning TTS (engine: {self.engine.name}{'; ' + facts if facts else ''})"
@@ -131,6 +135,7 @@ class Service:
     async def synthesize(self, text: str, profile: VoiceProfile) -> AsyncIterator[AudioChunk]:
         """Stream audio for `text`; closing the iterator early cancels the engine work."""
         with self.admission.slot():
+            await self.preparer.ready(profile)
             stats = RequestStats(str(next(_REQUEST_IDS)), profile.name, len(text))
             options = SynthesisOptions(
                 speed=profile.speed, request_id=stats.request_id, timeout=self.limits.engine_timeout_s
