@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import signal
 import sys
 import time
@@ -238,6 +240,8 @@ async def serve_stdio(service: Service) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     writer = await async_get_stdout()
     handler = TtsEventHandler(reader, writer, service, finish_on_eof=True)
+    # The spawning process owns this connection's lifetime: no idle timeout on a pipe.
+    handler.channel.limits = dataclasses.replace(service.limits, idle_timeout_s=math.inf)
     await handler.run()
     await service.engine.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import logging
 from typing import Any, Callable, Optional
 
@@ -122,7 +123,7 @@ class EventChannel:
             while True:
                 remaining = self._last_activity + self.limits.idle_timeout_s - loop.time()
                 # asyncio.wait does not cancel the read: a half-read event must not be torn apart by a timer.
-                done, _ = await asyncio.wait({task}, timeout=max(remaining, 0.0))
+                done, _ = await asyncio.wait({task}, timeout=None if math.isinf(remaining) else max(remaining, 0.0))
                 if done:
                     self.touch()
                     return task.result()
