@@ -44,8 +44,18 @@ def start_server(config: Path) -> tuple[subprocess.Popen[str], int]:
     raise AssertionError("server did not start:\n" + "".join(lines))
 
 
+def archived(folder: Path) -> list[float]:
+    """Durations of the WAVs a server-side wav sink left; no temporary (partial) file may remain."""
+    import soundfile
+
+    names = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in names if not n.endswith(".wav")], f"partial files left: {names}"
+    return [soundfile.info(str(folder / n)).duration for n in names]
+
+
 async def test_sigterm_finishes_in_flight_audio_then_exits_0(tmp_path: Path) -> None:
-    config = write_config(tmp_path, limits={"shutdown_grace_s": 20.0})
+    archive = tmp_path / "archive"
+    config = write_config(tmp_path, limits={"shutdown_grace_s": 20.0}, sinks={"wav": {"dir": str(archive)}})
     proc, port = start_server(config)
     try:
         long_text = "This is a long answer that is still being spoken when the server is told to stop. " * 12
@@ -71,6 +81,9 @@ async def test_sigterm_finishes_in_flight_audio_then_exits_0(tmp_path: Path) -> 
         assert "Server stopped" in log and "Traceback" not in log
         # The synthesis really was in flight at SIGTERM: its summary line is logged after "Stopping".
         assert log.index("Stopping") < re.search(r"request \d+: voice=", log).start(), log
+        # The server-side archive holds the whole reply, complete and valid.
+        durations = archived(archive)
+        assert len(durations) == 1 and abs(durations[0] - seconds) < 0.01
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -78,7 +91,8 @@ async def test_sigterm_finishes_in_flight_audio_then_exits_0(tmp_path: Path) -> 
 
 
 async def test_grace_period_over_closes_connections_and_exits_0(tmp_path: Path) -> None:
-    config = write_config(tmp_path, limits={"shutdown_grace_s": 0.5})
+    archive = tmp_path / "archive"
+    config = write_config(tmp_path, limits={"shutdown_grace_s": 0.5}, sinks={"wav": {"dir": str(archive)}})
     proc, port = start_server(config)
     try:
         client = AsyncTcpClient("127.0.0.1", port)
@@ -92,6 +106,9 @@ async def test_grace_period_over_closes_connections_and_exits_0(tmp_path: Path) 
         assert reply.stops == 0, "cut off at the end of the grace period"
         assert await asyncio.to_thread(proc.wait, 30) == 0
         assert time.monotonic() - started < 10
+        # The cut-off reply is archived as a valid WAV of what was made; no partial file remains.
+        durations = archived(archive)
+        assert len(durations) == 1 and durations[0] > 0
     finally:
         if proc.poll() is None:
             proc.kill()
