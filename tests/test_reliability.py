@@ -11,7 +11,7 @@ from pathlib import Path
 
 from wyoming.event import async_write_event
 from wyoming.info import Describe, Info
-from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart
 
 from wyoming_cosyvoice.config import Config
 from wyoming_cosyvoice.engine import MAX_PENDING_CHUNKS
