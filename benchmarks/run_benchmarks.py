@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from wyoming_cosyvoice.bench import BenchSettings, describe, percentile, run_bench, sentence  # noqa: E402
 from wyoming_cosyvoice.config import load_config  # noqa: E402
 from wyoming_cosyvoice.engine import Engine, SynthesisOptions  # noqa: E402
-from wyoming_cosyvoice.errors import CosyVoiceServiceError, ServerUnreachable  # noqa: E402
+from wyoming_cosyvoice.errors import ClientError, CosyVoiceServiceError  # noqa: E402
 from wyoming_cosyvoice.plugins import Plugins  # noqa: E402
 from wyoming_cosyvoice.voices import VoiceProfile  # noqa: E402
 
@@ -96,7 +96,7 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with status {self.proc.returncode}; see {self.log.name}")
             try:
                 await describe(self.uri, timeout=2.0)
-            except ServerUnreachable:
+            except ClientError:
                 await asyncio.sleep(0.005)
                 continue
             self.ready_s = time.perf_counter() - self.started

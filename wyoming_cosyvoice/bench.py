@@ -19,7 +19,7 @@ from wyoming.event import Event
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped, SynthesizeVoice
 
-from .errors import BadRequest, ServerUnreachable
+from .errors import ClientError, UsageError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ PERCENTILES = ("min", "median", "p90", "p99", "max")
 def sentence(words: int) -> str:
     """A deterministic English sentence of `words` words (the first 20 form the standard benchmark sentence)."""
     if words < 1:
-        raise BadRequest("--words must be at least 1")
+        raise UsageError("--words must be at least 1")
     picked = [_WORDS[i % len(_WORDS)] for i in range(words)]
     return " ".join(picked).capitalize() + "."
 
@@ -214,7 +214,7 @@ async def _connect(uri: str) -> AsyncClient:
     try:
         client = AsyncClient.from_uri(uri)
     except ValueError as err:
-        raise BadRequest(f"--uri {uri}: {err}") from None
+        raise UsageError(f"--uri {uri}: {err}") from None
     await client.connect()
     return client
 
@@ -291,7 +291,7 @@ async def measure_request(settings: BenchSettings, index: int) -> RequestResult:
 
 
 async def describe(uri: str, timeout: float = 10.0) -> dict[str, Any]:
-    """The server's first TTS program (name, description, voice names); ServerUnreachable when it does not answer."""
+    """The server's first TTS program (name, description, voice names); ClientError when it does not answer."""
 
     async def ask() -> Optional[Info]:
         client = await _connect(uri)
@@ -309,9 +309,9 @@ async def describe(uri: str, timeout: float = 10.0) -> dict[str, Any]:
     try:
         info = await asyncio.wait_for(ask(), timeout)
     except (OSError, asyncio.TimeoutError) as err:
-        raise ServerUnreachable(f"{uri}: no Wyoming server answered describe ({type(err).__name__}: {err})") from None
+        raise ClientError(f"{uri}: no Wyoming server answered describe ({type(err).__name__}: {err})") from None
     if info is None or not info.tts:
-        raise ServerUnreachable(f"{uri}: the server describes no text-to-speech program")
+        raise ClientError(f"{uri}: the server describes no text-to-speech program")
     program = info.tts[0]
     return {
         "name": program.name,
@@ -324,14 +324,14 @@ async def describe(uri: str, timeout: float = 10.0) -> dict[str, Any]:
 async def run_bench(settings: BenchSettings) -> BenchResult:
     """Describe the server, send the warm-up requests, then `requests` requests from `concurrency` clients."""
     if settings.concurrency < 1 or settings.requests < 1:
-        raise BadRequest("--concurrency and --requests must be at least 1")
+        raise UsageError("--concurrency and --requests must be at least 1")
     server = await describe(settings.uri)
     if settings.voice and settings.voice not in server["voices"]:
         _LOGGER.warning("voice %r is not among the described voices (%s)", settings.voice, ", ".join(server["voices"]))
     for i in range(settings.warmup):
         warm = await measure_request(settings, -1 - i)
         if not warm.ok:
-            raise ServerUnreachable(f"{settings.uri}: warm-up request failed: {warm.error}")
+            raise ClientError(f"{settings.uri}: warm-up request failed: {warm.error}")
     results: list[RequestResult] = []
     indices = iter(range(settings.requests))
 

@@ -42,5 +42,39 @@ class ServerBusy(CosyVoiceServiceError):
     """The server is at its concurrency bound and refused the request."""
 
 
-class ServerUnreachable(CosyVoiceServiceError):
-    """A client could not reach a Wyoming server, or it did not answer as a TTS server."""
+class SinkError(CosyVoiceServiceError):
+    """An audio sink cannot be set up (no audio device, file exists, bad target)."""
+
+
+class ClientError(CosyVoiceServiceError):
+    """The client could not talk to a Wyoming server (connection refused, timeout, connection closed)."""
+
+
+class RemoteError(CosyVoiceServiceError):
+    """A Wyoming server answered a request with an `error` event."""
+
+
+class UsageError(CosyVoiceServiceError):
+    """A command was given conflicting or missing options."""
+
+
+class NoAudioDevice(SinkError):
+    """This machine has no usable audio output (no device, or no PortAudio library)."""
+class ProtocolError(BadRequest):
+    """A client broke the Wyoming framing (bad header line, lengths, JSON or UTF-8); the connection is closed."""
+
+
+class LimitExceeded(BadRequest):
+    """A request exceeded a configured limit (`limits:` in server.yaml)."""
+
+
+class ClientTimeout(CosyVoiceServiceError):
+    """A client sent nothing (or only part of an event) for longer than `limits.idle_timeout_s`."""
+
+
+class EngineTimeout(EngineError):
+    """The engine produced no audio for longer than `limits.engine_timeout_s`; its worker was replaced."""
+
+
+class EngineOutOfMemory(EngineError):
+    """The engine ran out of (GPU) memory for one request; caches were released and the next request may run."""

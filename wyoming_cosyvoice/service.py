@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -13,15 +14,18 @@ from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
 from . import __version__
 from .audio import apply_gain
+from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import ServerBusy
 from .preparation import VoicePreparer
+from .sinks import AudioFormat, StreamInfo, Tee, TeeStream
 from .voices import VoiceCatalog, VoiceProfile
 
 _LOGGER = logging.getLogger(__name__)
 
 _ATTRIBUTION = Attribution(name="wyoming-cosyvoice", url="https://github.com/FunAudioLLM/CosyVoice")
 _REQUEST_IDS = itertools.count(1)
+_REPLY_IDS = itertools.count(1)
 
 
 class Admission:
@@ -30,6 +34,8 @@ class Admission:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.closing = False
+        """Set at shutdown: requests in progress (and streams already open) finish, new ones are refused."""
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
@@ -66,6 +72,28 @@ class RequestStats:
         )
 
 
+class ReplyTap:
+    """A copy of one reply's audio for the server-side sinks; never makes the client wait."""
+
+    def __init__(self, stream: Optional[TeeStream], finishing: "set[asyncio.Task[object]]") -> None:
+        self._stream = stream
+        self._finishing = finishing
+
+    def write(self, pcm: bytes) -> None:
+        """Queue a chunk for the sinks (returns at once)."""
+        if self._stream is not None:
+            self._stream.write(pcm)
+
+    def finish(self, ok: bool) -> None:
+        """End the reply (`ok` False: aborted); the sinks finish in the background."""
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        task = asyncio.ensure_future(stream.close(ok))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+
 class Service:
     """Everything a connection handler needs, shared by all connections."""
 
@@ -77,9 +105,13 @@ class Service:
         max_concurrent: int = 4,
         streaming: bool = True,
         engine_note: str = "",
+        tee: Optional[Tee] = None,
+        limits: Optional[Limits] = None,
         preparer: Optional[VoicePreparer] = None,
     ) -> None:
         self.engine = engine
+        self.limits = limits or Limits()
+        """Protocol and resource limits every connection applies."""
         self.catalog = catalog
         self.preparer = preparer or VoicePreparer(catalog, engine)
         """Prepares new or changed voices in the background (hot reload) and leaves broken ones out."""
@@ -87,6 +119,9 @@ class Service:
         self.streaming = streaming
         self.engine_note = engine_note
         """Why the engine in use is not the configured one (fallback), shown in `info`."""
+        self.tee = tee
+        """Server-side sinks (config `sinks:`) that get a copy of every reply."""
+        self._finishing: set[asyncio.Task[object]] = set()
 
     def audio_format(self) -> tuple[int, int, int]:
         """(rate, width, channels) of everything this service streams."""
@@ -122,6 +157,19 @@ class Service:
         )
         return Info(tts=[program])
 
+    def open_reply(self, voice: str) -> ReplyTap:
+        """A tap for one reply's audio (one file or stream per reply on each configured sink)."""
+        if not self.tee:
+            return ReplyTap(None, self._finishing)
+        fmt = AudioFormat(*self.audio_format())
+        stream = self.tee.open(fmt, StreamInfo(label=f"r{next(_REPLY_IDS)}", voice=voice))
+        return ReplyTap(stream, self._finishing)
+
+    async def close_sinks(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) for server-side sinks to finish the replies they are still writing."""
+        if self._finishing:
+            await asyncio.wait(set(self._finishing), timeout=timeout)
+
     def resolve(self, name: Optional[str], language: Optional[str]) -> VoiceProfile:
         """The profile for a request's voice name / language."""
         return self.catalog.resolve(name, language)
@@ -131,7 +179,9 @@ class Service:
         with self.admission.slot():
             await self.preparer.ready(profile)
             stats = RequestStats(str(next(_REQUEST_IDS)), profile.name, len(text))
-            options = SynthesisOptions(speed=profile.speed, request_id=stats.request_id)
+            options = SynthesisOptions(
+                speed=profile.speed, request_id=stats.request_id, timeout=self.limits.engine_timeout_s
+            )
             chunks = self.engine.synthesize(text, profile, options)
             try:
                 async for chunk in chunks:
