@@ -132,3 +132,31 @@ async def test_disconnect_cancels_engine_work_through_server(tmp_path) -> None: 
         assert stopped_at < 200
         await asyncio.sleep(0.1)
         assert engine.produced == stopped_at
+
+
+async def test_slow_reader_does_not_hold_up_the_next_request() -> None:
+    """The worker moves on once a request's audio is made; a consumer that has not read it yet blocks nobody."""
+    engine = CountingEngine(delay=0.0)
+    first = engine.synthesize("50", PROFILE, SynthesisOptions())
+    await first.__anext__()  # then this consumer stops reading for a while
+
+    async def second() -> int:
+        return len([chunk async for chunk in engine.synthesize("5", PROFILE, SynthesisOptions())])
+
+    assert await asyncio.wait_for(second(), 10) == 5
+    rest = [chunk async for chunk in first]
+    assert len(rest) == 49, "the paused request still gets all of its audio"
+    await engine.close()
+
+
+async def test_worker_waits_when_consumer_is_far_behind() -> None:
+    """Audio made ahead of the consumer is bounded (MAX_AHEAD_SECONDS), so a stalled reader holds bounded memory."""
+    engine = CountingEngine(delay=0.0)
+    per_chunk = 320  # bytes
+    limit_chunks = engine.max_ahead_bytes() // per_chunk
+    stream = engine.synthesize(str(limit_chunks * 3), PROFILE, SynthesisOptions())
+    await stream.__anext__()
+    await asyncio.sleep(0.3)
+    assert limit_chunks <= engine.produced <= limit_chunks + 2
+    await stream.aclose()
+    await engine.close()

@@ -14,7 +14,6 @@ from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart
 
 from wyoming_cosyvoice.config import Config
-from wyoming_cosyvoice.engine import MAX_PENDING_CHUNKS
 
 from .helpers import (
     TIMEOUT,
@@ -89,8 +88,8 @@ async def test_client_that_stops_reading_is_bounded_then_dropped(tmp_path: Path)
         assert engine.outcomes == ["cancelled"]
         assert time.monotonic() - started < 5.0
         # What left the engine is bounded by the socket buffers (kernel) plus the transport's high-water mark and
-        # the engine's own pending-chunk bound, not by the length of the text (3000 chunks).
-        bound = sndbuf + 2 * 4096 + 64 * 1024 + (MAX_PENDING_CHUNKS + 2) * 32000
+        # the engine's own bound on audio made ahead, not by the length of the text (3000 chunks).
+        bound = sndbuf + 2 * 4096 + 64 * 1024 + engine.max_ahead_bytes() + 2 * 32000
         print(f"stalled client: engine made {engine.produced} chunks ({engine.produced * 32000} B), "
               f"server SO_SNDBUF {sndbuf} B, transport buffer peak {peak} B")
         assert engine.produced * 32000 <= bound, f"engine ran ahead: {engine.produced} chunks"

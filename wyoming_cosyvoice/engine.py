@@ -154,8 +154,9 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in OOM_MARKERS)
 
 
-MAX_PENDING_CHUNKS = 16
-"""Chunks the worker may run ahead of the client; beyond this it waits, so a slow reader holds no more audio."""
+MAX_AHEAD_SECONDS = 30.0
+"""Audio the worker may make ahead of what the client has taken; beyond it the worker waits (so a stalled reader
+holds at most this much). Generous on purpose: a waiting worker holds up every other request."""
 
 
 class ThreadedEngine(Engine):
@@ -235,7 +236,9 @@ class ThreadedEngine(Engine):
         loop = asyncio.get_running_loop()
         queue_: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = threading.Event()
-        room = threading.Semaphore(MAX_PENDING_CHUNKS)
+        room = threading.Condition()
+        ahead = [0]  # bytes handed to the loop and not yet taken by the consumer
+        limit = self.max_ahead_bytes()
 
         def post(kind: str, item: Any) -> None:
             try:
@@ -252,10 +255,13 @@ class ThreadedEngine(Engine):
             def emit(pcm: bytes) -> None:
                 if not pcm:
                     return
-                # Backpressure: wait while the client is MAX_PENDING_CHUNKS behind, but notice cancellation.
-                while not room.acquire(timeout=0.1):
-                    if cancel.is_set():
-                        raise Cancelled()
+                # Backpressure: wait while the client is MAX_AHEAD_SECONDS behind, but notice cancellation.
+                with room:
+                    while ahead[0] >= limit:
+                        if cancel.is_set():
+                            raise Cancelled()
+                        room.wait(0.1)
+                    ahead[0] += len(pcm)
                 if cancel.is_set():
                     raise Cancelled()
                 post("chunk", pcm)
@@ -273,46 +279,70 @@ class ThreadedEngine(Engine):
                 self.busy = False
                 post("end", None)
 
-        async with self._lock():
+        # The lock orders requests for the worker (queueing time does not count towards the timeout); it is
+        # released as soon as the worker is done with this request, not when its consumer has read everything,
+        # so a slow reader never holds up the next request.
+        lock = self._lock()
+        await lock.acquire()
+        released = False
+
+        def release(_: Any = None) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                lock.release()
+
+        try:
             worker = self._current_worker()
             future = worker.submit(produce)
-            finished = False
-            try:
-                while True:
-                    try:
-                        kind, item = await wait_within(queue_.get(), options.timeout)
-                    except asyncio.TimeoutError:
-                        raise EngineTimeout(
-                            f"{self.name} engine produced no audio for {options.timeout:g} s; request abandoned "
-                            "and the engine worker restarted"
-                        ) from None
-                    if kind == "chunk":
-                        room.release()
-                        yield AudioChunk(item, self.sample_rate, self.sample_width, self.channels)
-                    elif kind == "error":
-                        finished = True
-                        if isinstance(item, CosyVoiceServiceError):
-                            raise item
-                        if is_out_of_memory(item):
-                            raise EngineOutOfMemory(
-                                f"{self.name} engine ran out of memory ({type(item).__name__}: {item}); "
-                                "cached memory was released, try a shorter text"
-                            ) from item
-                        raise EngineError(f"{self.name} engine failed: {type(item).__name__}: {item}") from item
-                    elif kind == "end":
-                        finished = True
-                        break
-            finally:
-                cancel.set()
-                if not finished and not future.done():
-                    # Give the worker one chunk's time to notice the flag; one that does not is hung.
-                    try:
-                        await wait_within(asyncio.shield(asyncio.wrap_future(future)), options.timeout)
-                    except asyncio.TimeoutError:
-                        if self._worker is worker:
-                            self.replace_worker(f"request {options.request_id or '?'} did not stop")
-                    except Exception:  # the worker's own errors were already reported
-                        pass
+        except BaseException:
+            release()
+            raise
+        asyncio.wrap_future(future).add_done_callback(release)
+        finished = False
+        try:
+            while True:
+                try:
+                    kind, item = await wait_within(queue_.get(), options.timeout)
+                except asyncio.TimeoutError:
+                    raise EngineTimeout(
+                        f"{self.name} engine produced no audio for {options.timeout:g} s; request abandoned "
+                        "and the engine worker restarted"
+                    ) from None
+                if kind == "chunk":
+                    with room:
+                        ahead[0] -= len(item)
+                        room.notify()
+                    yield AudioChunk(item, self.sample_rate, self.sample_width, self.channels)
+                elif kind == "error":
+                    finished = True
+                    if isinstance(item, CosyVoiceServiceError):
+                        raise item
+                    if is_out_of_memory(item):
+                        raise EngineOutOfMemory(
+                            f"{self.name} engine ran out of memory ({type(item).__name__}: {item}); "
+                            "cached memory was released, try a shorter text"
+                        ) from item
+                    raise EngineError(f"{self.name} engine failed: {type(item).__name__}: {item}") from item
+                elif kind == "end":
+                    finished = True
+                    break
+        finally:
+            cancel.set()
+            if not finished and not future.done():
+                # Give the worker one chunk's time to notice the flag; one that does not is hung.
+                try:
+                    await wait_within(asyncio.shield(asyncio.wrap_future(future)), options.timeout)
+                except asyncio.TimeoutError:
+                    if self._worker is worker:
+                        self.replace_worker(f"request {options.request_id or '?'} did not stop")
+                    release()  # the abandoned thread no longer owns the model
+                except Exception:  # the worker's own errors were already reported
+                    pass
+
+    def max_ahead_bytes(self) -> int:
+        """Bytes of audio the worker may make ahead of the consumer (MAX_AHEAD_SECONDS at this engine's format)."""
+        return int(MAX_AHEAD_SECONDS * self.sample_rate) * self.sample_width * self.channels
 
     async def close(self) -> None:
         """Stop the worker thread after the current job."""
