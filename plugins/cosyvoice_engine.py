@@ -85,6 +85,7 @@ class CosyVoiceEngine(ThreadedEngine):
         self._prepared: dict[tuple, PreparedVoice] = {}
         self._voice_errors: dict[str, str] = {}
         self._voice_names: set[str] = set()
+        self._first_profile: Optional[VoiceProfile] = None
         self._initial_hop: Optional[int] = None
         self._active = 0
         self.warmup_report = ""
@@ -207,6 +208,7 @@ class CosyVoiceEngine(ThreadedEngine):
             voice = self._prepare(profile)
             self._prepared[signature] = voice
         if profile.name != WARMUP_NAME:
+            self._first_profile = self._first_profile or profile
             self._voice_names.add(profile.name)
             self._voice_errors.pop(profile.name, None)
         return voice
@@ -334,10 +336,8 @@ class CosyVoiceEngine(ThreadedEngine):
         await self.run_in_worker(self._warmup, True)
 
     def _warmup_profile(self) -> VoiceProfile:
-        for voice_signature in self._prepared:
-            mode, reference = voice_signature[0], voice_signature[1]
-            if mode != "sft" and reference != "None":
-                return VoiceProfile(name=WARMUP_NAME, mode="cross_lingual", reference_audio=Path(reference))
+        if self._first_profile is not None:  # already prepared: warming up costs no extra prompt computation
+            return self._first_profile
         path = self.cache.directory / "warmup_prompt.wav"
         if not path.is_file():
             import soundfile

@@ -143,8 +143,9 @@ def import_cosyvoice(repo: Path) -> types.ModuleType:
         if repo not in origin.parents:
             raise EngineUnavailable(PREFIX + f"a different cosyvoice package is already imported from {origin.parent}")
     for path in (repo / "third_party" / "Matcha-TTS", repo):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
+        if str(path) in sys.path:
+            sys.path.remove(str(path))
+        sys.path.insert(0, str(path))
     _ensure_modelscope()
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)

@@ -67,6 +67,8 @@ def load_reference(path: Path) -> ReferenceAudio:
     """Read and check a reference recording (>= 16 kHz, 1-30 s, not silent); problems are one-line VoiceErrors."""
     import soundfile
 
+    if not Path(path).is_file():
+        raise VoiceError(f"{path}: reference audio not found")
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except FileNotFoundError:
