@@ -289,7 +289,7 @@ async def test_upstream_logging_and_progress_bars_are_silenced(tmp_path: Path, c
     assert not [m for m in messages if m[0] == "root" and m[1] < logging.WARNING], "upstream per-chunk INFO dropped"
     assert ("root", logging.WARNING, "a root-logger warning, as upstream logs them") in messages
     err = capfd.readouterr().err
-    assert "[progress]" not in err
+    assert "[progress]" not in err and "it/s]" not in err  # stand-in bar, or the real tqdm when installed
 
 
 async def test_warmup_checks_output_is_finite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -169,6 +170,8 @@ def import_cosyvoice(repo: Path) -> types.ModuleType:
                 root.removeHandler(handler)
     if _ROOT_FILTER not in root.filters:
         root.addFilter(_ROOT_FILTER)
+    # torch.cuda.amp.autocast deprecation, once per call site per process: noise for a server's users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"cosyvoice\.")
     module.tqdm = _no_progress_bar  # type: ignore[attr-defined]
     file_utils.load_wav = soundfile_load_wav  # type: ignore[attr-defined]
     frontend.load_wav = soundfile_load_wav  # type: ignore[attr-defined]  # imported by name there

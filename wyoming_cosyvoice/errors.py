@@ -40,3 +40,7 @@ class BadRequest(CosyVoiceServiceError):
 
 class ServerBusy(CosyVoiceServiceError):
     """The server is at its concurrency bound and refused the request."""
+
+
+class DownloadError(CosyVoiceServiceError):
+    """A model could not be downloaded (no hub client, no network); the message says what to do instead."""
