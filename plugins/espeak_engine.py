@@ -7,7 +7,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import Cancelled, SynthesisOptions, ThreadedEngine
@@ -151,6 +151,20 @@ class EspeakEngine(ThreadedEngine):
         lib.espeak_SetParameter(_PARAM_VOLUME, self.settings.volume, 0)
         self._lib = lib
         return rate
+
+    async def prepare(self, profiles: Iterable[VoiceProfile]) -> None:
+        """Load each profile's espeak voice data once, so no request pays for it."""
+        for profile in profiles:
+            await self.run_in_worker(self._warm_voice, profile)
+
+    async def warmup(self) -> None:
+        """Nothing beyond `prepare`: espeak has no model to warm."""
+
+    def _warm_voice(self, profile: VoiceProfile) -> None:
+        try:
+            self.render("Ready.", profile, SynthesisOptions(), lambda pcm: None, threading.Event())
+        except EngineError as err:
+            _LOGGER.warning("voice %s: %s", profile.name, err)
 
     def _on_audio(self, wav: Any, count: int, _events: Any) -> int:
         """espeak's synth callback: forward samples; returning 1 aborts synthesis (cancellation)."""

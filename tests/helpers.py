@@ -93,7 +93,7 @@ class Reply:
 
     events: list[Event] = field(default_factory=list)
     starts: list[AudioStart] = field(default_factory=list)
-    audio: bytes = b""
+    audio: bytearray = field(default_factory=bytearray)
     chunks: int = 0
     stops: int = 0
     stopped: bool = False
@@ -165,3 +165,19 @@ def replace(obj: Any, **changes: Any) -> Any:
 def load(path: Path) -> Config:
     """load_config, re-exported for tests."""
     return load_config(path)
+
+
+def similar(a: bytes, b: bytes) -> bool:
+    """True when two 16-bit renderings are the same speech: espeak adds small random variation, so compare
+    duration (within 2%) and long-term spectrum (cosine > 0.95) rather than samples."""
+    x = np.frombuffer(a, dtype="<i2").astype(np.float64)
+    y = np.frombuffer(b, dtype="<i2").astype(np.float64)
+    if not len(x) or abs(len(x) - len(y)) > 0.02 * len(x):
+        return False
+
+    def spectrum(z: np.ndarray) -> np.ndarray:
+        frames = z[: len(z) // 512 * 512].reshape(-1, 512)
+        return np.log1p(np.abs(np.fft.rfft(frames * np.hanning(512), axis=1)).mean(axis=0))
+
+    sx, sy = spectrum(x), spectrum(y)
+    return bool((sx @ sy) / np.sqrt((sx @ sx) * (sy @ sy)) > 0.95)

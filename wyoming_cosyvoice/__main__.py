@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from . import __version__
 from .errors import CosyVoiceServiceError
 
-COMMANDS = ("serve", "plugins", "download", "health")
+COMMANDS = ("serve", "say", "describe", "voices", "plugins", "download", "health")
 """Subcommand modules in `wyoming_cosyvoice.commands`, in `--help` order; each has `add_parser(subparsers)`."""
 
 

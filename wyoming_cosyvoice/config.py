@@ -272,7 +272,7 @@ class Config:
     engines: Mapping[str, Any] = field(default_factory=dict)
     """Per-engine settings, keyed by engine name; each engine validates its own section."""
 
-    voice_providers: Mapping[str, Any] = field(default_factory=lambda: {"yaml": {}})
+    voice_providers: Mapping[str, Any] = field(default_factory=lambda: {"yaml": {}, "folder": {}})
     """Enabled voice-profile providers, keyed by name, with their settings."""
 
     sinks: Mapping[str, Any] = field(default_factory=dict)

@@ -42,5 +42,25 @@ class ServerBusy(CosyVoiceServiceError):
     """The server is at its concurrency bound and refused the request."""
 
 
+class SinkError(CosyVoiceServiceError):
+    """An audio sink cannot be set up (no audio device, file exists, bad target)."""
+
+
+class ClientError(CosyVoiceServiceError):
+    """The client could not talk to a Wyoming server (connection refused, timeout, connection closed)."""
+
+
+class RemoteError(CosyVoiceServiceError):
+    """A Wyoming server answered a request with an `error` event."""
+
+
+class UsageError(CosyVoiceServiceError):
+    """A command was given conflicting or missing options."""
+
+
+class NoAudioDevice(SinkError):
+    """This machine has no usable audio output (no device, or no PortAudio library)."""
+
+
 class DownloadError(CosyVoiceServiceError):
     """A model could not be downloaded (no hub client, no network); the message says what to do instead."""

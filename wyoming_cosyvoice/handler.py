@@ -18,7 +18,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 from .audio import split_pcm
 from .errors import BadRequest, CosyVoiceServiceError
-from .service import Service
+from .service import ReplyTap, Service
 from .text import SentenceSplitter
 from .voices import VoiceProfile
 
@@ -83,6 +83,16 @@ def _text_field(data: dict[str, Any]) -> str:
     return text
 
 
+async def _flush(writer: asyncio.StreamWriter, timeout: float = 5.0) -> None:
+    """Wait until the transport has sent what it buffered (drain() only waits above the high-water mark)."""
+    transport = writer.transport
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not transport.is_closing() and transport.get_write_buffer_size() > 0:
+        if asyncio.get_running_loop().time() > deadline:
+            return
+        await asyncio.sleep(0.005)
+
+
 class TtsEventHandler(AsyncEventHandler):
     """One client connection. Reading and synthesis run side by side so a vanished client cancels its work."""
 
@@ -101,6 +111,7 @@ class TtsEventHandler(AsyncEventHandler):
         self._stream: Optional[_Stream] = None
         self._worker: Optional[asyncio.Task[None]] = None
         self._closing = False
+        self._tap: Optional[ReplyTap] = None  # copy of the current reply for server-side sinks
 
     async def run(self) -> None:
         """Read events until EOF; EOF means the client left, so its synthesis is cancelled."""
@@ -122,7 +133,9 @@ class TtsEventHandler(AsyncEventHandler):
             if not self._worker.done():
                 self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
+            self._end_tap(ok=False)
             await self.disconnect()
+            await _flush(self.writer)
             self.writer.close()
 
     async def handle_event(self, event: Event) -> bool:
@@ -201,9 +214,10 @@ class TtsEventHandler(AsyncEventHandler):
     async def _run_job(self, job: _Job) -> None:
         if isinstance(job, _OneShot):
             profile = self.service.resolve(job.voice_name, job.language)
-            await self._send_audio_start()
+            await self._send_audio_start(profile)
             await self._speak(job.text, profile)
             await self.write_event(AudioStop().event())
+            self._end_tap(ok=True)
         elif isinstance(job, _Sentence):
             stream = job.stream
             if stream.failed:
@@ -211,12 +225,13 @@ class TtsEventHandler(AsyncEventHandler):
             if stream.profile is None:
                 stream.profile = self.service.resolve(stream.voice_name, stream.language)
             if not stream.audio_started:
-                await self._send_audio_start()
+                await self._send_audio_start(stream.profile)
                 stream.audio_started = True
             await self._speak(job.text, stream.profile)
         else:
             if job.stream.audio_started:
                 await self.write_event(AudioStop().event())
+                self._end_tap(ok=True)
             await self.write_event(SynthesizeStopped().event())
 
     async def _fail(self, job: _Job, err: CosyVoiceServiceError) -> None:
@@ -232,9 +247,16 @@ class TtsEventHandler(AsyncEventHandler):
         self._closing = True
         self.reader.feed_eof()
 
-    async def _send_audio_start(self) -> None:
+    async def _send_audio_start(self, profile: VoiceProfile) -> None:
         rate, width, channels = self.service.audio_format()
         await self.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
+        self._end_tap(ok=False)
+        self._tap = self.service.open_reply(profile.name)
+
+    def _end_tap(self, ok: bool) -> None:
+        tap, self._tap = self._tap, None
+        if tap is not None:
+            tap.finish(ok)
 
     async def _speak(self, text: str, profile: VoiceProfile) -> None:
         if not text.strip():
@@ -244,6 +266,8 @@ class TtsEventHandler(AsyncEventHandler):
         chunks = self.service.synthesize(text, profile)
         try:
             async for chunk in chunks:
+                if self._tap is not None:
+                    self._tap.write(chunk.audio)
                 for piece in split_pcm(chunk.audio, max_bytes, width * channels):
                     await self.write_event(
                         WyomingAudioChunk(rate=rate, width=width, channels=channels, audio=piece).event()

@@ -21,6 +21,10 @@ BUILTIN_PLUGINS = (
     "wyoming_cosyvoice_plugins.cosyvoice_engine",
     "wyoming_cosyvoice_plugins.espeak_engine",
     "wyoming_cosyvoice_plugins.yaml_voices",
+    "wyoming_cosyvoice_plugins.folder_voices",
+    "wyoming_cosyvoice_plugins.speaker_sink",
+    "wyoming_cosyvoice_plugins.wav_sink",
+    "wyoming_cosyvoice_plugins.wyoming_snd_sink",
 )
 """Modules of the built-in plugins, registered first."""
 

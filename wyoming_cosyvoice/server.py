@@ -8,7 +8,7 @@ import logging
 import signal
 import time
 from functools import partial
-from typing import Optional
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 from wyoming.event import async_get_stdin, async_get_stdout
@@ -19,7 +19,9 @@ from .engine import Engine
 from .errors import EngineUnavailable, PluginError
 from .handler import TtsEventHandler
 from .plugins import Plugins
+from .preparation import VoicePreparer
 from .service import Service
+from .sinks import server_tee
 from .voices import VoiceCatalog
 
 _LOGGER = logging.getLogger(__name__)
@@ -64,8 +66,10 @@ async def start_engine(config: Config, plugins: Plugins) -> tuple[Engine, str]:
 async def build_service(config: Config, plugins: Plugins) -> Service:
     """Voices, engine (started, voices prepared, warmed up) and admission, ready to serve."""
     catalog = build_catalog(config, plugins)
+    tee = server_tee(config, plugins)  # before the engine: a bad sink setting fails fast
     engine, note = await start_engine(config, plugins)
-    await engine.prepare(catalog.profiles)
+    preparer = VoicePreparer(catalog, engine)
+    await preparer.prepare_all()
     await engine.warmup()
     _LOGGER.info("Engine %s ready: %s", engine.name, engine.health())
     _LOGGER.info("Voices: %s (default: %s)", ", ".join(p.name for p in catalog.profiles) or "none",
@@ -76,6 +80,8 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
         max_concurrent=config.server.max_concurrent,
         streaming=config.server.streaming,
         engine_note=note,
+        tee=tee,
+        preparer=preparer,
     )
 
 
@@ -88,6 +94,7 @@ class Server:
         self.zeroconf = zeroconf
         self.zeroconf_name = zeroconf_name
         self._wyoming: Optional[AsyncServer] = None
+        self._zeroconf: Any = None
         self._stop = asyncio.Event()
 
     @property
@@ -113,8 +120,13 @@ class Server:
             _LOGGER.warning("zeroconf needs a tcp:// URI; not announcing")
             return
         host = parsed.hostname if parsed.hostname not in ("0.0.0.0", "::", "") else None
-        zc = HomeAssistantZeroconf(port=self.port, name=self.zeroconf_name, host=host)
-        await zc.register_server()
+        try:
+            zc = HomeAssistantZeroconf(port=self.port, name=self.zeroconf_name, host=host)
+            await zc.register_server()
+        except OSError as err:  # no multicast route: serve anyway, Home Assistant can be pointed at host:port
+            _LOGGER.warning("Zeroconf announcement failed (%s); add the server in Home Assistant by host and port", err)
+            return
+        self._zeroconf = zc
         _LOGGER.info("Zeroconf: announced %s as _wyoming._tcp.local. on port %s", zc.name, self.port)
 
     def request_stop(self) -> None:
@@ -147,9 +159,14 @@ class Server:
         while self.service.admission.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await wyoming.stop()
+        if self._zeroconf is not None:
+            await self._zeroconf._aiozc.async_close()  # unregisters the service
+            self._zeroconf = None
         handlers = list(getattr(wyoming, "_handlers", {}))
         if handlers:
             await asyncio.wait(handlers, timeout=2.0)
+        await self.service.close_sinks()
+        await self.service.preparer.close()
         await self.service.engine.close()
         _LOGGER.info("Server stopped")
 
@@ -160,6 +177,7 @@ async def serve_stdio(service: Service) -> None:
     writer = await async_get_stdout()
     handler = TtsEventHandler(reader, writer, service, finish_on_eof=True)
     await handler.run()
+    await service.close_sinks()
     await service.engine.close()
 
 

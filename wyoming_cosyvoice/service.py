@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -15,12 +16,15 @@ from . import __version__
 from .audio import apply_gain
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import ServerBusy
+from .preparation import VoicePreparer
+from .sinks import AudioFormat, StreamInfo, Tee, TeeStream
 from .voices import VoiceCatalog, VoiceProfile
 
 _LOGGER = logging.getLogger(__name__)
 
 _ATTRIBUTION = Attribution(name="wyoming-cosyvoice", url="https://github.com/FunAudioLLM/CosyVoice")
 _REQUEST_IDS = itertools.count(1)
+_REPLY_IDS = itertools.count(1)
 
 
 class Admission:
@@ -65,6 +69,28 @@ class RequestStats:
         )
 
 
+class ReplyTap:
+    """A copy of one reply's audio for the server-side sinks; never makes the client wait."""
+
+    def __init__(self, stream: Optional[TeeStream], finishing: "set[asyncio.Task[object]]") -> None:
+        self._stream = stream
+        self._finishing = finishing
+
+    def write(self, pcm: bytes) -> None:
+        """Queue a chunk for the sinks (returns at once)."""
+        if self._stream is not None:
+            self._stream.write(pcm)
+
+    def finish(self, ok: bool) -> None:
+        """End the reply (`ok` False: aborted); the sinks finish in the background."""
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        task = asyncio.ensure_future(stream.close(ok))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+
 class Service:
     """Everything a connection handler needs, shared by all connections."""
 
@@ -76,21 +102,28 @@ class Service:
         max_concurrent: int = 4,
         streaming: bool = True,
         engine_note: str = "",
+        tee: Optional[Tee] = None,
+        preparer: Optional[VoicePreparer] = None,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
+        self.preparer = preparer or VoicePreparer(catalog, engine)
+        """Prepares new or changed voices in the background (hot reload) and leaves broken ones out."""
         self.admission = Admission(max_concurrent)
         self.streaming = streaming
         self.engine_note = engine_note
         """Why the engine in use is not the configured one (fallback), shown in `info`."""
+        self.tee = tee
+        """Server-side sinks (config `sinks:`) that get a copy of every reply."""
+        self._finishing: set[asyncio.Task[object]] = set()
 
     def audio_format(self) -> tuple[int, int, int]:
         """(rate, width, channels) of everything this service streams."""
         return (self.engine.sample_rate, self.engine.sample_width, self.engine.channels)
 
     def info(self) -> Info:
-        """Build `info` from the current voice profiles (rebuilt on every describe; cheap)."""
-        profiles = self.catalog.refresh()
+        """Build `info` from the current usable voice profiles (rebuilt on every describe; cheap)."""
+        profiles = self.preparer.sync()
         health = self.engine.health()
         facts = ", ".join(f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine")
         description = f"CosyVoice voice cloning TTS (engine: {self.engine.name}{'; ' + facts if facts else ''})"
@@ -118,6 +151,19 @@ class Service:
         )
         return Info(tts=[program])
 
+    def open_reply(self, voice: str) -> ReplyTap:
+        """A tap for one reply's audio (one file or stream per reply on each configured sink)."""
+        if not self.tee:
+            return ReplyTap(None, self._finishing)
+        fmt = AudioFormat(*self.audio_format())
+        stream = self.tee.open(fmt, StreamInfo(label=f"r{next(_REPLY_IDS)}", voice=voice))
+        return ReplyTap(stream, self._finishing)
+
+    async def close_sinks(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) for server-side sinks to finish the replies they are still writing."""
+        if self._finishing:
+            await asyncio.wait(set(self._finishing), timeout=timeout)
+
     def resolve(self, name: Optional[str], language: Optional[str]) -> VoiceProfile:
         """The profile for a request's voice name / language."""
         return self.catalog.resolve(name, language)
@@ -125,6 +171,7 @@ class Service:
     async def synthesize(self, text: str, profile: VoiceProfile) -> AsyncIterator[AudioChunk]:
         """Stream audio for `text`; closing the iterator early cancels the engine work."""
         with self.admission.slot():
+            await self.preparer.ready(profile)
             stats = RequestStats(str(next(_REQUEST_IDS)), profile.name, len(text))
             options = SynthesisOptions(speed=profile.speed, request_id=stats.request_id)
             chunks = self.engine.synthesize(text, profile, options)

@@ -6,7 +6,7 @@ import re
 
 # A Latin terminator only ends a sentence when whitespace follows ("3.5", "e.g." mid-word stay whole);
 # CJK full-width terminators end one immediately. Newlines always end one.
-_BOUNDARY = re.compile(r"(?<=[.!?…;:])[\"'”’)\]]*\s+|(?<=[。！？；])|\n+")
+_BOUNDARY = re.compile(r"(?<=[.!?…;:])([\"'”’)\]]*)\s+|(?<=[。！？；])|\n+")
 _ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st vs etc e.g i.e fig no approx dept est inc ltd co".split()
 )
@@ -33,7 +33,8 @@ class SentenceSplitter:
         start = 0
         pending = ""
         for match in _BOUNDARY.finditer(self._buffer):
-            piece = self._buffer[start : match.start()]
+            end = match.end(1) if match.group(1) is not None else match.start()
+            piece = self._buffer[start:end]
             start = match.end()
             pending += piece
             if _ends_with_abbreviation(pending) and not match.group(0).startswith("\n"):

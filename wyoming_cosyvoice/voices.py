@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Protocol, Sequence
@@ -12,6 +13,17 @@ from .errors import VoiceNotFound
 _LOGGER = logging.getLogger(__name__)
 
 Mode = Literal["zero_shot", "cross_lingual", "instruct", "sft"]
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""Voice names: letters, digits, `_`, `.`, `-`; up to 64 characters (they are ids, never paths)."""
+
+LANGUAGE_PATTERN = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
+"""BCP-47 language tags as used here: `en`, `en-US`, `zh-Hans-CN` (`en_US` is accepted too)."""
+
+
+def problem_line(source: str, name: str, problem: str) -> str:
+    """The one-line form of every voice problem: file, profile, problem."""
+    return f"{source or '(no file)'}: voice {name!r}: {problem}"
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,29 @@ class VoiceProfile:
     source: str = field(default="", metadata={"config": False})
     """Where the profile was defined (file path), for messages."""
 
+    def validate(self) -> Optional[tuple[str, str]]:
+        """Check what types alone cannot: name and language syntax, ranges, what each mode needs."""
+        if not NAME_PATTERN.match(self.name):
+            return ("name", f"{self.name!r} is not a valid voice name (letters, digits, '_', '.', '-'; max 64)")
+        if not self.languages:
+            return ("languages", "at least one language is needed")
+        for index, lang in enumerate(self.languages):
+            if not LANGUAGE_PATTERN.match(lang):
+                return (f"languages[{index}]", f"{lang!r} is not a BCP-47 language tag (like en-US or de)")
+        if not 0.25 <= self.speed <= 4.0:
+            return ("speed", "must be between 0.25 and 4.0")
+        if not 0.0 < self.gain <= 10.0:
+            return ("gain", "must be above 0 and at most 10")
+        if self.mode == "zero_shot" and not (self.transcript or "").strip():
+            return ("transcript", "zero_shot mode needs the transcript of the reference audio")
+        if self.mode == "zero_shot" and self.reference_audio is None:
+            return ("reference_audio", "zero_shot mode needs reference audio")
+        if self.mode == "instruct" and not (self.instruct or "").strip():
+            return ("instruct", "instruct mode needs an instruction text")
+        if self.mode == "sft" and not self.speaker:
+            return ("speaker", "sft mode needs a built-in speaker id")
+        return None
+
 
 class VoiceProvider(Protocol):
     """Supplies voice profiles; `load` is called at startup and whenever the catalog refreshes."""
@@ -67,6 +102,8 @@ class VoiceProvider(Protocol):
     def load(self) -> list[VoiceProfile]:
         """Return the current profiles (cheap enough to call on every `describe`)."""
         ...
+
+    # Optional: `problems: list[str]`, one line per profile the provider skipped at its last read.
 
 
 def _lang_matches(wanted: str, languages: Sequence[str]) -> int:
@@ -88,14 +125,25 @@ class VoiceCatalog:
     def __init__(self, providers: Sequence[VoiceProvider]) -> None:
         self.providers = list(providers)
         self._profiles: list[VoiceProfile] = []
+        self.broken: dict[str, str] = {}
+        """Profiles found unusable after loading (bad reference audio, engine refused): name -> problem line."""
+        self._duplicates_logged: set[tuple[str, str]] = set()
+        self._duplicates: list[str] = []
         self.refresh()
 
     def refresh(self) -> list[VoiceProfile]:
         """Reload every provider; the first profile of a duplicated name wins (the rest are logged)."""
         seen: dict[str, VoiceProfile] = {}
+        self._duplicates = []
         for provider in self.providers:
             for profile in provider.load():
                 if profile.name in seen:
+                    self._duplicates.append(
+                        problem_line(profile.source, profile.name, f"ignored: already defined in {seen[profile.name].source}")
+                    )
+                    if (profile.name, profile.source) in self._duplicates_logged:
+                        continue  # refresh runs on every describe: say it once
+                    self._duplicates_logged.add((profile.name, profile.source))
                     _LOGGER.warning(
                         "Voice %r from %s ignored: already defined in %s",
                         profile.name,
@@ -108,38 +156,54 @@ class VoiceCatalog:
         return self._profiles
 
     @property
-    def profiles(self) -> list[VoiceProfile]:
-        """Current profiles in order."""
+    def all_profiles(self) -> list[VoiceProfile]:
+        """Every loaded profile in order, broken ones included."""
         return list(self._profiles)
 
     @property
+    def profiles(self) -> list[VoiceProfile]:
+        """Usable profiles in order (the broken ones left out)."""
+        return [p for p in self._profiles if p.name not in self.broken]
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per profile that a provider skipped or that was found broken."""
+        lines = [line for provider in self.providers for line in getattr(provider, "problems", ())]
+        return lines + self._duplicates + [self.broken[p.name] for p in self._profiles if p.name in self.broken]
+
+    @property
     def default(self) -> Optional[VoiceProfile]:
-        """The profile marked `default`, else the first one."""
-        for profile in self._profiles:
+        """The usable profile marked `default`, else the first usable one."""
+        usable = self.profiles
+        for profile in usable:
             if profile.default:
                 return profile
-        return self._profiles[0] if self._profiles else None
+        return usable[0] if usable else None
 
     def resolve(self, name: Optional[str] = None, language: Optional[str] = None) -> VoiceProfile:
-        """Pick the profile for a request (rules in the README's "Choosing a voice")."""
-        if not self._profiles:
-            raise VoiceNotFound("no voice profiles are configured")
+        """Pick the profile for a request (rules in the README's "Choosing a voice"); names are never paths."""
+        profiles = self.profiles
         if name:
-            for profile in self._profiles:
+            if name in self.broken:
+                raise VoiceNotFound(f"{self.broken[name]} (voice unavailable)")
+            for profile in profiles:
                 if profile.name == name:
                     return profile
             folded = name.casefold()
-            for profile in self._profiles:
+            for profile in profiles:
                 if profile.name.casefold() == folded or profile.description.casefold() == folded:
                     return profile
-            known = ", ".join(p.name for p in self._profiles)
-            raise VoiceNotFound(f"unknown voice {name!r} (available: {known})")
+            known = ", ".join(p.name for p in profiles) or "none"
+            raise VoiceNotFound(f"unknown voice {name[:80]!r} (available: {known})")
         default = self.default
-        assert default is not None
+        if default is None:
+            if self._profiles:
+                raise VoiceNotFound(f"no usable voice profiles: all {len(self._profiles)} are broken (see the log)")
+            raise VoiceNotFound("no voice profiles are configured")
         if language:
             if _lang_matches(language, default.languages) == 2:
                 return default
-            ranked = sorted(self._profiles, key=lambda p: -_lang_matches(language, p.languages))
+            ranked = sorted(profiles, key=lambda p: -_lang_matches(language, p.languages))
             if _lang_matches(language, ranked[0].languages) == 2:
                 return ranked[0]
             if _lang_matches(language, default.languages):

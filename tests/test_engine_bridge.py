@@ -1,0 +1,133 @@
+"""The worker-thread bridge: chunks flow as made, one request at a time, cancellation between chunks, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Iterator
+
+import pytest
+
+from wyoming_cosyvoice.engine import SynthesisOptions, ThreadedEngine
+from wyoming_cosyvoice.errors import EngineError
+from wyoming_cosyvoice.voices import VoiceProfile
+
+PROFILE = VoiceProfile(name="v")
+
+
+class CountingEngine(ThreadedEngine):
+    """Emits `text` as a number of 10 ms chunks, sleeping `delay` per chunk, and records what it did."""
+
+    name = "counting"
+
+    def __init__(self, delay: float = 0.01) -> None:
+        super().__init__()
+        self.sample_rate = 16000
+        self.delay = delay
+        self.produced = 0
+        self.intervals: list[tuple[float, float]] = []
+        self.threads: set[str] = set()
+
+    def generate(
+        self, text: str, profile: VoiceProfile, options: SynthesisOptions, cancel: threading.Event
+    ) -> Iterator[bytes]:
+        start = time.monotonic()
+        self.threads.add(threading.current_thread().name)
+        try:
+            if text == "fail":
+                raise RuntimeError("CUDA out of memory")
+            for _ in range(int(text)):
+                time.sleep(self.delay)
+                self.produced += 1
+                yield b"\x01\x00" * 160
+        finally:
+            self.intervals.append((start, time.monotonic()))
+
+
+async def test_chunks_arrive_while_generating() -> None:
+    engine = CountingEngine(delay=0.05)
+    arrivals = []
+    t0 = time.monotonic()
+    async for chunk in engine.synthesize("5", PROFILE, SynthesisOptions()):
+        arrivals.append(time.monotonic() - t0)
+        assert chunk.rate == 16000 and chunk.samples == 160
+    assert len(arrivals) == 5
+    assert arrivals[0] < arrivals[-1] - 0.1, "first chunk came before the last was made"
+    await engine.close()
+
+
+async def test_requests_run_one_at_a_time_on_one_thread() -> None:
+    engine = CountingEngine(delay=0.005)
+
+    async def run() -> int:
+        return sum([1 async for _ in engine.synthesize("10", PROFILE, SynthesisOptions())])
+
+    assert await asyncio.gather(run(), run(), run()) == [10, 10, 10]
+    assert len(engine.threads) == 1
+    spans = sorted(engine.intervals)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end, "two requests overlapped on the model"
+    await engine.close()
+
+
+async def test_closing_the_iterator_cancels_between_chunks() -> None:
+    engine = CountingEngine(delay=0.01)
+    stream = engine.synthesize("1000", PROFILE, SynthesisOptions())
+    async for _ in stream:
+        break
+    await stream.aclose()
+    await asyncio.sleep(0.1)
+    produced = engine.produced
+    assert produced < 30, f"engine kept going after cancel: {produced} chunks"
+    await asyncio.sleep(0.1)
+    assert engine.produced == produced, "engine still producing after cancel"
+    # The worker is free for the next request.
+    assert sum([1 async for _ in engine.synthesize("3", PROFILE, SynthesisOptions())]) == 3
+    await engine.close()
+
+
+async def test_engine_exception_becomes_engine_error_and_engine_recovers() -> None:
+    engine = CountingEngine()
+    with pytest.raises(EngineError, match="counting engine failed: RuntimeError: CUDA out of memory"):
+        async for _ in engine.synthesize("fail", PROFILE, SynthesisOptions()):
+            pass
+    assert sum([1 async for _ in engine.synthesize("2", PROFILE, SynthesisOptions())]) == 2
+    await engine.close()
+
+
+async def test_disconnect_cancels_engine_work_through_server(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A client that leaves mid-synthesis: the engine stops within a chunk or two."""
+    import types
+
+    from wyoming.tts import Synthesize
+
+    from wyoming_cosyvoice.config import load_config
+    from wyoming_cosyvoice.hookspecs import hookimpl
+    from wyoming_cosyvoice.plugins import Plugins
+
+    from .helpers import connect, read, running_server, write_config
+
+    engine = CountingEngine(delay=0.01)
+
+    @hookimpl
+    def register_engines(register):  # type: ignore[no-untyped-def]
+        register("counting", lambda section: engine)
+
+    module = types.ModuleType("counting_plugin")
+    module.register_engines = register_engines  # type: ignore[attr-defined]
+    config = load_config(write_config(tmp_path, engine={"name": "counting", "fallback": None}))
+    async with running_server(config, Plugins(extra=(module,))) as server:
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="100000").event())
+            assert (await read(client)).type == "audio-start"
+            assert (await read(client)).type == "audio-chunk"
+        for _ in range(100):
+            if server.service.admission.active == 0 and not engine.busy:
+                break
+            await asyncio.sleep(0.02)
+        assert not engine.busy and server.service.admission.active == 0
+        stopped_at = engine.produced
+        assert stopped_at < 200
+        await asyncio.sleep(0.1)
+        assert engine.produced == stopped_at

@@ -1,0 +1,284 @@
+"""`wyoming-cosyvoice voices list|check|add`: list profiles with their state, check them, add one from a recording."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..config import Config
+from ..errors import ConfigError, VoiceError, VoiceNotFound
+from ..voices import LANGUAGE_PATTERN, NAME_PATTERN, VoiceCatalog, VoiceProfile, problem_line
+from . import add_config_argument, read_config
+
+if TYPE_CHECKING:
+    from ..reference import ReferenceInfo
+
+
+def inspect_reference(path: Path, *, has_transcript: bool = False) -> "ReferenceInfo":
+    """reference.inspect_reference, imported on use so `--help` stays free of numpy and soundfile."""
+    from ..reference import inspect_reference as inspect
+
+    return inspect(path, has_transcript=has_transcript)
+
+
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Register the `voices` subcommand and its `list`, `check` and `add` actions."""
+    parser = subparsers.add_parser("voices", help="list, check and add voice profiles")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    listing = actions.add_parser("list", help="list voice profiles with their state")
+    add_config_argument(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=run_list)
+
+    check = actions.add_parser("check", help="check profiles (reference audio, transcript, languages)")
+    add_config_argument(check)
+    check.add_argument("names", nargs="*", metavar="NAME", help="profiles to check (default: all)")
+    check.add_argument("--audio", type=Path, action="append", default=[], help="also check this recording")
+    check.set_defaults(func=run_check)
+
+    add = actions.add_parser("add", help="add a voice folder from a recording and its transcript")
+    add_config_argument(add)
+    add.add_argument("name", help="voice name (letters, digits, _ . -)")
+    add.add_argument("audio", type=Path, help="reference recording (WAV or FLAC, >= 16 kHz, <= 30 s)")
+    text = add.add_mutually_exclusive_group()
+    text.add_argument("--transcript", help="exact words of the recording (zero-shot mode)")
+    text.add_argument("--transcript-file", type=Path, help="file holding the transcript")
+    add.add_argument("--instruct", help="instruction text (instruct mode)")
+    add.add_argument("--language", default="en-US", help="BCP-47 language of the voice (default: en-US)")
+    add.add_argument("--description", help="what Home Assistant shows (default: the name)")
+    add.add_argument("--folder", type=Path, help="voices folder (default: voice_providers.folder.path)")
+    add.add_argument("--force", action="store_true", help="replace an existing voice folder of that name")
+    add.set_defaults(func=run_add)
+
+
+@dataclass
+class ProfileCheck:
+    """The outcome of checking one profile without an engine."""
+
+    profile: VoiceProfile
+    reference: Optional[ReferenceInfo] = None
+    error: Optional[str] = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        """`broken`, `warning` or `ok`."""
+        return "broken" if self.error else "warning" if self.warnings else "ok"
+
+
+def check_profile(profile: VoiceProfile) -> ProfileCheck:
+    """Validate a profile's reference audio and transcript (reads the audio; writes nothing)."""
+    result = ProfileCheck(profile)
+    if profile.reference_audio is None:
+        if profile.mode != "sft":
+            result.warnings.append("no reference audio: only engines that do not clone (espeak) can use it")
+        return result
+    try:
+        info = inspect_reference(profile.reference_audio, has_transcript=bool(profile.transcript))
+    except VoiceError as err:
+        result.error = problem_line(profile.source, profile.name, str(err))
+        return result
+    result.reference = info
+    result.warnings.extend(info.warnings)
+    if profile.transcript:
+        rate = len(profile.transcript) / info.kept_seconds
+        if rate > 35:
+            result.warnings.append(
+                f"transcript has {len(profile.transcript)} characters for {info.kept_seconds:.1f} s of audio: "
+                "does it match the recording?"
+            )
+    return result
+
+
+def load_catalog(config: Config) -> VoiceCatalog:
+    """The catalog of every configured provider (plugins loaded as the server would)."""
+    from ..plugins import Plugins
+
+    # The commands print every skipped profile themselves; the providers' log lines would say it twice.
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("wyoming_cosyvoice_plugins").setLevel(logging.ERROR)
+    from ..server import build_catalog
+
+    return build_catalog(config, Plugins(config.server.plugins_dir))
+
+
+def _short(path: Optional[Path]) -> str:
+    if path is None:
+        return "-"
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """Print each profile: default mark, name, state, mode, languages, reference, description."""
+    catalog = load_catalog(read_config(args.config))
+    checks = [check_profile(p) for p in catalog.all_profiles]
+    default = next((c.profile.name for c in checks if c.profile.default and not c.error), None)
+    default = default or next((c.profile.name for c in checks if not c.error), None)
+    if args.json:
+        rows: list[dict[str, Any]] = [
+            {
+                "name": c.profile.name,
+                "default": c.profile.name == default,
+                "state": c.state,
+                "mode": c.profile.mode,
+                "languages": list(c.profile.languages),
+                "reference_audio": str(c.profile.reference_audio) if c.profile.reference_audio else None,
+                "seconds": round(c.reference.kept_seconds, 2) if c.reference else None,
+                "description": c.profile.description,
+                "source": c.profile.source,
+                "problem": c.error,
+                "warnings": c.warnings,
+            }
+            for c in checks
+        ]
+        print(json.dumps({"voices": rows, "skipped": catalog.problems}, indent=2))
+        return 0
+    table = [("", "NAME", "STATE", "MODE", "LANGUAGES", "REFERENCE", "DESCRIPTION")]
+    for c in checks:
+        ref = _short(c.profile.reference_audio)
+        if c.reference:
+            ref += f" ({c.reference.kept_seconds:.1f} s)"
+        mark = "*" if c.profile.name == default else ""
+        table.append((mark, c.profile.name, c.state, c.profile.mode, ",".join(c.profile.languages), ref,
+                      c.profile.description))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    for line in catalog.problems:
+        print(f"skipped: {line}")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Check the named profiles (or all) and any --audio files; exit 1 when something is broken."""
+    catalog = load_catalog(read_config(args.config))
+    profiles = catalog.all_profiles
+    if args.names:
+        known = {p.name: p for p in profiles}
+        missing = [n for n in args.names if n not in known]
+        if missing:
+            raise VoiceNotFound(f"unknown voice {missing[0]!r} (available: {', '.join(known) or 'none'})")
+        profiles = [known[n] for n in args.names]
+    failed = False
+    for profile in profiles:
+        result = check_profile(profile)
+        failed |= result.error is not None
+        print(f"{profile.name}: {result.state}")
+        print(f"  defined in: {profile.source}")
+        print(f"  languages: {', '.join(profile.languages)}; mode: {profile.mode}")
+        if result.reference:
+            print(f"  reference: {profile.reference_audio}: {result.reference.summary()}")
+        elif profile.reference_audio is None:
+            print("  reference: none")
+        words = f"{len(profile.transcript)} characters" if profile.transcript else "none"
+        print(f"  transcript: {words}" + ("" if profile.transcript else " (cross-lingual or instruct mode)"))
+        if profile.instruct:
+            print(f"  instruct: {profile.instruct}")
+        for warning in result.warnings:
+            print(f"  warning: {warning}")
+        if result.error:
+            print(f"  error: {result.error}")
+    if not args.names:
+        for line in catalog.problems:
+            failed = True
+            print(f"skipped: {line}")
+    for audio in args.audio:
+        try:
+            info = inspect_reference(audio)
+        except VoiceError as err:
+            failed = True
+            print(f"error: {err}")
+            continue
+        print(f"{audio}: {'warning' if info.warnings else 'ok'}: {info.summary()}")
+        for warning in info.warnings:
+            print(f"  warning: {warning}")
+    return 1 if failed else 0
+
+
+def _voices_folder(config: Config, given: Optional[Path]) -> Path:
+    if given is not None:
+        return given
+    if "folder" not in config.voice_providers:
+        raise ConfigError(
+            f"{config.source}:voice_providers.folder: not configured; add `folder: {{path: voices}}` there "
+            "or pass --folder"
+        )
+    from wyoming_cosyvoice_plugins.folder_voices import FolderVoicesSettings
+
+    return config.section("voice_providers", "folder").parse(FolderVoicesSettings).path
+
+
+def run_add(args: argparse.Namespace) -> int:
+    """Validate the recording, then write `<folder>/<language>/<name>/` atomically (a running server sees it whole)."""
+    from wyoming_cosyvoice_plugins.folder_voices import folder_language
+
+    name, language = args.name, args.language.replace("_", "-")
+    if not NAME_PATTERN.match(name):
+        raise VoiceError(f"voice {name!r}: not a valid voice name (letters, digits, '_', '.', '-'; max 64)")
+    if not LANGUAGE_PATTERN.match(language):
+        raise VoiceError(f"voice {name!r}: --language {args.language!r} is not a BCP-47 tag (like en-US)")
+    transcript = args.transcript
+    if args.transcript_file is not None:
+        try:
+            transcript = args.transcript_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise VoiceError(f"{args.transcript_file}: voice {name!r}: cannot read the transcript: {err}") from None
+    transcript = (transcript or "").strip() or None
+    try:
+        info = inspect_reference(args.audio, has_transcript=bool(transcript))
+    except VoiceError as err:
+        raise VoiceError(problem_line(str(args.audio), name, str(err))) from None
+    config = read_config(args.config)
+    folder = _voices_folder(config, args.folder)
+    target = folder / folder_language(language) / name
+    if not args.force:
+        clash = next((p for p in folder.glob(f"*/{name}") if p.is_dir()), None) if folder.is_dir() else None
+        if clash is not None:
+            raise VoiceError(f"{clash}: voice {name!r}: already exists (use --force to replace it)")
+        try:
+            existing = {p.name: p for p in load_catalog(config).all_profiles}
+        except ConfigError:
+            existing = {}
+        if name in existing:
+            raise VoiceError(problem_line(existing[name].source, name, "a voice of this name exists already"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".flac" if info.format.startswith("FLAC") else ".wav"
+    staging = Path(tempfile.mkdtemp(prefix=f".add-{name}-", dir=target.parent))  # hidden: scanners skip it
+    try:
+        shutil.copyfile(args.audio, staging / f"reference{suffix}")
+        if transcript:
+            (staging / "transcript.txt").write_text(transcript + "\n", encoding="utf-8")
+        if args.instruct:
+            (staging / "instruct.txt").write_text(args.instruct.strip() + "\n", encoding="utf-8")
+        if args.description:
+            import yaml
+
+            (staging / "profile.yaml").write_text(yaml.safe_dump({"description": args.description}, allow_unicode=True))
+        staging.chmod(0o755)
+        old = None
+        if target.exists():
+            old = target.parent / f".old-{name}-{staging.name}"
+            target.rename(old)
+        staging.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    mode = "instruct" if args.instruct else "zero_shot" if transcript else "cross_lingual"
+    print(f"added voice {name!r} ({language}, {mode}) in {target}: {info.summary()}")
+    for warning in info.warnings:
+        print(f"  warning: {warning}", file=sys.stderr)
+    print("A running server shows it at the next describe (Home Assistant asks every 30 s).")
+    return 0
