@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional
 
@@ -20,50 +20,15 @@ from wyoming_cosyvoice.engine import AudioChunk, Cancelled, SynthesisOptions, Th
 from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, ServerBusy, VoiceError
 from wyoming_cosyvoice.gpu import gpu_facts
 from wyoming_cosyvoice.hookspecs import hookimpl
-from wyoming_cosyvoice.prompts import PromptCache, default_cache_dir, load_reference, prompt_key
+from wyoming_cosyvoice.cosyvoice_voices import PreparedVoice, recipe, speakable, synthetic_prompt, v1_language_tag
+from wyoming_cosyvoice.prompts import PromptCache, default_cache_dir, prompt_key
+from wyoming_cosyvoice.reference import normalized_reference
 from wyoming_cosyvoice.voices import VoiceProfile
 
 _LOGGER = logging.getLogger(__name__)
 
-END_OF_PROMPT = "<|endofprompt|>"
-CV3_SYSTEM = "You are a helpful assistant."
-"""CosyVoice 3 needs `<|endofprompt|>` in its prompt; the official examples put this system prompt before it."""
-
-V1_LANGUAGE_TAGS = {"zh": "<|zh|>", "en": "<|en|>", "ja": "<|ja|>", "yue": "<|yue|>", "ko": "<|ko|>"}
 _SESSION_DICTS = ("tts_speech_token_dict", "llm_end_dict", "mel_overlap_dict", "flow_cache_dict", "hift_cache_dict")
 WARMUP_NAME = "(warm-up)"
-
-
-@dataclass(frozen=True)
-class PreparedVoice:
-    """How one voice profile is synthesized: upstream method, speaker id in `frontend.spk2info`, texts."""
-
-    method: str
-    """sft, zero_shot, cross_lingual, instruct2 (v2/v3) or instruct (v1)."""
-
-    spk_id: str
-    """Built-in speaker or our prepared `zero_shot_spk_id`."""
-
-    instruct_text: str = ""
-    """Instruction for v1 instruct mode (v2/v3 keep theirs inside the prepared entry)."""
-
-    from_cache: bool = False
-    """The prompt features were loaded from disk instead of computed."""
-
-
-def speakable(text: str) -> bool:
-    """Upstream raises on empty or blank text and yields nothing for punctuation only: only letters/digits speak."""
-    return any(ch.isalnum() for ch in text)
-
-
-def synthetic_prompt(rate: int = 24000, seconds: float = 3.0) -> np.ndarray:
-    """A voiced, syllable-shaped harmonic signal: a warm-up prompt when no voice is configured."""
-    t = np.arange(int(rate * seconds)) / rate
-    f0 = 130.0 + 20.0 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    voice = sum(np.sin(k * phase) / k for k in range(1, 12))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t) ** 2
-    return (0.3 * voice * envelope / np.abs(voice).max()).astype(np.float32)
 
 
 class CosyVoiceEngine(ThreadedEngine):
@@ -179,7 +144,7 @@ class CosyVoiceEngine(ThreadedEngine):
     # --- voices ------------------------------------------------------------------------------------
 
     async def prepare(self, profiles: Iterable[VoiceProfile]) -> None:
-        """Compute (or load from the disk cache) every profile's prompt features once; a bad voice is logged."""
+        """Compute (or load from the disk cache) each profile's prompt features once; VoiceError for a bad one."""
         for profile in profiles:
             if profile.engine not in (None, self.name):
                 continue
@@ -187,7 +152,7 @@ class CosyVoiceEngine(ThreadedEngine):
                 await self.run_in_worker(self._voice, profile)
             except VoiceError as err:
                 self._voice_errors[profile.name] = str(err)
-                _LOGGER.error("%s (requests for this voice will fail)", err)
+                raise
 
     def _signature(self, profile: VoiceProfile) -> tuple:
         stamp: tuple = ()
@@ -215,53 +180,29 @@ class CosyVoiceEngine(ThreadedEngine):
 
     def _prepare(self, profile: VoiceProfile) -> PreparedVoice:
         assert self.info is not None and self.model is not None
-        version, name, mode = self.info.version, profile.name, profile.mode
-        if mode == "sft" or (mode == "instruct" and version == 1):
-            speakers = list(self.model.list_available_spks())
-            if not profile.speaker or profile.speaker not in speakers:
-                known = ", ".join(speakers) if speakers else "none: this model has no built-in speakers"
-                raise VoiceError(f"voice {name!r}: mode {mode} needs `speaker` set to a built-in speaker ({known})")
-            if mode == "sft":
-                return PreparedVoice("sft", profile.speaker)
-            if not profile.instruct:
-                raise VoiceError(f"voice {name!r}: mode instruct needs `instruct` text")
-            return PreparedVoice("instruct", profile.speaker, instruct_text=_with_end_of_prompt(profile.instruct))
-        if mode == "zero_shot":
-            if not profile.transcript or not profile.transcript.strip():
-                raise VoiceError(f"voice {name!r}: mode zero_shot needs the transcript of its reference audio "
-                                 "(or use mode cross_lingual)")
-            method, prompt_text = "zero_shot", profile.transcript.strip()
-            if version == 3 and END_OF_PROMPT not in prompt_text:
-                prompt_text = CV3_SYSTEM + END_OF_PROMPT + prompt_text
-        elif mode == "instruct":
-            if not profile.instruct or not profile.instruct.strip():
-                raise VoiceError(f"voice {name!r}: mode instruct needs `instruct` text")
-            text = profile.instruct.strip()
-            method, prompt_text = "instruct2", _with_end_of_prompt(f"{CV3_SYSTEM} {text}" if version == 3 else text)
-        elif version == 3:
-            # CosyVoice 3 cross-lingual needs the prompt marker; as an instruction it keeps text normalization.
-            method, prompt_text = "instruct2", CV3_SYSTEM + END_OF_PROMPT
-        else:
-            method, prompt_text = "cross_lingual", ""
-        if profile.reference_audio is None:
-            raise VoiceError(f"voice {name!r}: mode {mode} needs reference_audio")
-        reference = load_reference(Path(profile.reference_audio))
-        key = prompt_key(reference.sha256, prompt_text, self.info.identity)
+        plan = recipe(profile, self.info.version, list(self.model.list_available_spks()))
+        if plan.prompt_text is None:
+            return PreparedVoice(plan.method, plan.speaker, instruct_text=plan.instruct_text)
+        prompt_text = plan.prompt_text
+        # Validated, trimmed, mono 16-bit WAV at >= 16 kHz and <= 30 s; CosyVoice gets it by path.
+        reference = normalized_reference(profile, self.cache.directory / "references")
+        audio_hash = hashlib.sha256(reference.read_bytes()).hexdigest()
+        key = prompt_key(audio_hash, prompt_text, self.info.identity)
         spk_id = f"wcv-{key[:16]}"
         frontend = self.model.frontend
 
         def compute() -> dict:
             try:
-                self.model.add_zero_shot_spk(prompt_text, str(reference.path), spk_id)
+                self.model.add_zero_shot_spk(prompt_text, str(reference), spk_id)
             except Exception as err:  # upstream asserts and raises on prompts it cannot use
-                raise VoiceError(f"voice {name!r}: preparing {reference.path} failed: {type(err).__name__}: {err}") from None
+                raise VoiceError(f"voice {profile.name!r}: CosyVoice could not prepare {profile.reference_audio}: "
+                                 f"{type(err).__name__}: {err}") from None
             return frontend.spk2info[spk_id]
 
         entry, hit = self.cache.get_or_compute(key, compute, map_location=getattr(frontend, "device", None))
         frontend.spk2info[spk_id] = entry
-        _LOGGER.info("Voice %s prepared (%s, %s, %.1f s prompt)", name, method,
-                     "from cache" if hit else "computed", reference.seconds)
-        return PreparedVoice(method, spk_id, from_cache=hit)
+        _LOGGER.info("Voice %s prepared (%s, %s)", profile.name, plan.method, "from cache" if hit else "computed")
+        return PreparedVoice(plan.method, spk_id, from_cache=hit)
 
     # --- synthesis ---------------------------------------------------------------------------------
 
@@ -317,8 +258,7 @@ class CosyVoiceEngine(ThreadedEngine):
                 outputs = model.inference_instruct2(text, "", "", zero_shot_spk_id=voice.spk_id, **kwargs)
             else:
                 if self.info is not None and self.info.version == 1:
-                    tag = V1_LANGUAGE_TAGS.get(profile.languages[0].split("-")[0].lower() if profile.languages else "")
-                    text = (tag or "") + text
+                    text = v1_language_tag(profile) + text
                 outputs = model.inference_cross_lingual(text, "", zero_shot_spk_id=voice.spk_id, **kwargs)
             try:
                 for output in outputs:
@@ -400,11 +340,6 @@ class CosyVoiceEngine(ThreadedEngine):
                 pass
         self.state = "closed"
         await super().close()
-
-
-def _with_end_of_prompt(text: str) -> str:
-    text = text.strip()
-    return text if END_OF_PROMPT in text else text + END_OF_PROMPT
 
 
 def _session_keys(inner: Any) -> set[str]:

@@ -195,8 +195,10 @@ async def test_cosyvoice1_sft_and_instruct_at_22050(tmp_path: Path) -> None:
         VoiceProfile(name="ins", mode="instruct", speaker="英文女", instruct="Calm."),
         VoiceProfile(name="bad", mode="sft", speaker="nobody"),
     )
-    engine = await started(cfg, profiles)
+    engine = await started(cfg, profiles[:2])
     try:
+        with pytest.raises(VoiceError, match="voice 'bad': mode sft needs `speaker`"):
+            await engine.prepare(profiles[2:])
         assert engine.sample_rate == 22050
         audio = np.concatenate(await speak(engine, LONG_TEXT, profiles[0]))
         assert abs(dominant_frequency(audio, 22050) - 250.0) < 3.0
@@ -217,9 +219,10 @@ async def test_voice_errors_are_one_line(tmp_path: Path) -> None:
         (VoiceProfile(name="b", mode="cross_lingual"), "voice 'b': mode cross_lingual needs reference_audio"),
         (VoiceProfile(name="c", mode="instruct", reference_audio=prompt), "mode instruct needs `instruct` text"),
         (VoiceProfile(name="d", mode="sft", speaker="x"), "none: this model has no built-in speakers"),
-        (voice(write_prompt(tmp_path / "8k.wav", rate=8000), name="e"), "is 8000 Hz; CosyVoice needs at least 16000 Hz"),
-        (voice(write_prompt(tmp_path / "long.wav", seconds=31.0, rate=16000), name="f"), "at most 30 s"),
-        (voice(tmp_path / "none.wav", name="g"), "reference audio not found"),
+        (voice(write_prompt(tmp_path / "8k.wav", rate=8000), name="e"), "sample rate 8000 Hz is below the minimum of 16000 Hz"),
+        (voice(write_prompt(tmp_path / "long.wav", seconds=31.0, rate=16000), name="f", mode="zero_shot",
+               transcript="Too long for a transcript."), "31.0 s of sound is longer than 30 s"),
+        (voice(tmp_path / "none.wav", name="g"), "file not found"),
     ]
     try:
         for profile, expected in cases:
@@ -298,7 +301,7 @@ async def test_warmup_checks_output_is_finite(tmp_path: Path, monkeypatch: pytes
     forced: dict[str, Any] = {}
 
     def gpu_plan(*args: Any, **kwargs: Any) -> LoadPlan:
-        plan = real_plan(*args, **kwargs)
+        real_plan(*args, **kwargs)  # the real checks still run
         return LoadPlan("cuda", True, forced["auto"], False, False, False, ("pretend GPU",))
 
     monkeypatch.setattr(cosyvoice_engine, "plan_load", gpu_plan)

@@ -1,4 +1,4 @@
-"""Reference audio for voice cloning (soundfile + numpy, no torch) and the on-disk cache of prepared prompts."""
+"""Prompt audio loading for CosyVoice (soundfile + numpy resampling) and the on-disk cache of prepared voices."""
 
 from __future__ import annotations
 
@@ -6,46 +6,15 @@ import hashlib
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import VoiceError
-
 _LOGGER = logging.getLogger(__name__)
 
 MIN_PROMPT_RATE = 16000
 """CosyVoice's speech tokenizer and speaker model work at 16 kHz: lower rates would have to be upsampled."""
-
-MAX_PROMPT_SECONDS = 30.0
-"""CosyVoice's speech tokenizer refuses prompts longer than this."""
-
-MIN_PROMPT_SECONDS = 1.0
-"""Shorter prompts carry too little of the voice to clone."""
-
-
-@dataclass(frozen=True)
-class ReferenceAudio:
-    """A validated reference recording: mono float samples plus a content hash."""
-
-    path: Path
-    """The file as given (handed to CosyVoice by path: file objects fail upstream)."""
-
-    samples: np.ndarray
-    """Mono float32 samples in [-1, 1] at `rate`."""
-
-    rate: int
-    """Sample rate of the file."""
-
-    sha256: str
-    """Hash of the decoded samples and rate (re-tagging or renaming the file keeps the hash)."""
-
-    @property
-    def seconds(self) -> float:
-        """Duration."""
-        return len(self.samples) / self.rate
 
 
 def resample(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
@@ -61,32 +30,6 @@ def resample(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     out_spectrum[:keep] = spectrum[:keep]
     out = np.fft.irfft(out_spectrum, n_out) * (n_out / len(samples))
     return out.astype(np.float32)
-
-
-def load_reference(path: Path) -> ReferenceAudio:
-    """Read and check a reference recording (>= 16 kHz, 1-30 s, not silent); problems are one-line VoiceErrors."""
-    import soundfile
-
-    if not Path(path).is_file():
-        raise VoiceError(f"{path}: reference audio not found")
-    try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except FileNotFoundError:
-        raise VoiceError(f"{path}: reference audio not found") from None
-    except (RuntimeError, OSError, soundfile.LibsndfileError) as err:  # type: ignore[attr-defined]
-        raise VoiceError(f"{path}: cannot read reference audio: {err}") from None
-    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    seconds = len(mono) / rate if rate else 0.0
-    if rate < MIN_PROMPT_RATE:
-        raise VoiceError(f"{path}: reference audio is {rate} Hz; CosyVoice needs at least {MIN_PROMPT_RATE} Hz")
-    if seconds > MAX_PROMPT_SECONDS:
-        raise VoiceError(f"{path}: reference audio is {seconds:.1f} s; CosyVoice accepts at most {MAX_PROMPT_SECONDS:.0f} s")
-    if seconds < MIN_PROMPT_SECONDS:
-        raise VoiceError(f"{path}: reference audio is {seconds:.2f} s; use at least {MIN_PROMPT_SECONDS:.0f} s of speech")
-    if not np.isfinite(mono).all() or float(np.abs(mono).max()) < 1e-3:
-        raise VoiceError(f"{path}: reference audio is silent or corrupt")
-    digest = hashlib.sha256(str(rate).encode() + b":" + np.ascontiguousarray(mono, dtype="<f4").tobytes()).hexdigest()
-    return ReferenceAudio(Path(path), np.ascontiguousarray(mono, dtype=np.float32), int(rate), digest)
 
 
 def soundfile_load_wav(wav: Any, target_sr: int, min_sr: int = MIN_PROMPT_RATE) -> Any:
