@@ -46,7 +46,7 @@ class CosyVoiceEngine(ThreadedEngine):
         self.plan: Optional[LoadPlan] = None
         self.cache = PromptCache(settings.cache_dir or default_cache_dir())
         self.sample_rate = 24000
-        self._lock = threading.Lock()
+        self._model_lock = threading.Lock()
         self._prepared: dict[tuple, PreparedVoice] = {}
         self._voice_errors: dict[str, str] = {}
         self._voice_names: set[str] = set()
@@ -245,7 +245,7 @@ class CosyVoiceEngine(ThreadedEngine):
         voice = self._voice(profile)
         stream = self.settings.stream and speed == 1.0  # upstream ignores speed while streaming
         kwargs = {"stream": stream, "speed": 1.0 if stream else speed}
-        with self._lock:
+        with self._model_lock:
             model = self.model
             before = _session_keys(model.model)
             if voice.method == "sft":

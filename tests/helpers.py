@@ -14,7 +14,7 @@ import yaml
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
-from wyoming.event import Event
+from wyoming.event import Event, async_read_event
 from wyoming.tts import SynthesizeStopped
 
 from wyoming_cosyvoice.config import Config, load_config
@@ -181,3 +181,56 @@ def similar(a: bytes, b: bytes) -> bool:
 
     sx, sy = spectrum(x), spectrum(y)
     return bool((sx @ sy) / np.sqrt((sx @ sx) * (sy @ sy)) > 0.95)
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(server: Server) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A plain TCP connection to the server, for sending bytes no well-behaved client would send."""
+    assert server.port
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.port), TIMEOUT)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), TIMEOUT)
+
+
+async def read_raw(reader: asyncio.StreamReader, timeout: float = TIMEOUT) -> Optional[Event]:
+    """Read one event from a raw connection with the `wyoming` library's parser, under a timeout."""
+    return await asyncio.wait_for(async_read_event(reader), timeout)
+
+
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float = TIMEOUT) -> list[Event]:
+    """All events until the server closes the connection (fails on timeout)."""
+    events: list[Event] = []
+    while True:
+        try:
+            event = await read_raw(reader, timeout)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return events
+        if event is None:
+            return events
+        events.append(event)
+
+
+def fault_config(
+    directory: Path, limits: Optional[dict[str, Any]] = None, engine: Optional[dict[str, Any]] = None, **server: Any
+) -> Config:
+    """A config serving the `fault` test engine (tests/fault_engine.py) with the given limits and engine settings."""
+    return load_config(
+        write_config(
+            directory,
+            server=server or None,
+            engine={"name": "fault", "fallback": None},
+            engines={"fault": engine or {}},
+            limits=limits or {},
+        )
+    )
+
+
+def fault_plugins() -> Plugins:
+    """Plugins with the `fault` test engine registered."""
+    from . import fault_engine
+
+    return Plugins(extra=(fault_engine,))

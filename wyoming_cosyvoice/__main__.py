@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
 from . import __version__
 from .errors import CosyVoiceServiceError
 
-COMMANDS = ("serve", "say", "describe", "voices", "plugins", "download", "health")
+COMMANDS = ("serve", "say", "describe", "voices", "plugins", "bench", "download", "health")
 """Subcommand modules in `wyoming_cosyvoice.commands`, in `--help` order; each has `add_parser(subparsers)`."""
 
 
@@ -42,6 +44,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into a program that stopped reading (`say ... | head`): not an error worth a traceback.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's exit flush quiet
+        return 141
 
 
 if __name__ == "__main__":

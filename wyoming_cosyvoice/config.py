@@ -260,6 +260,66 @@ class EngineChoice:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """The `limits:` section: protocol, resource and access limits (README "Limits and security")."""
+
+    max_header_bytes: int = 65536
+    """Longest accepted event header line (JSON), in bytes."""
+
+    max_data_bytes: int = 1048576
+    """Largest accepted event data section (`data_length`), in bytes."""
+
+    max_payload_bytes: int = 1048576
+    """Largest accepted event payload (`payload_length`), in bytes (a TTS server reads no audio from clients)."""
+
+    max_text_chars: int = 10000
+    """Longest text of one `synthesize` request or one `synthesize-chunk`, in characters."""
+
+    max_stream_chars: int = 100000
+    """Most text one connection may have queued or streamed in one `synthesize-start`..`stop`, in characters."""
+
+    max_connections: int = 64
+    """Open client connections at once; more are told `ServerBusy` and closed."""
+
+    idle_timeout_s: float = 60.0
+    """A connection with no synthesis in progress that completes no event for this long is closed."""
+
+    write_timeout_s: float = 30.0
+    """A client that accepts no audio for this long (stopped reading) is disconnected and its synthesis cancelled."""
+
+    engine_timeout_s: float = 120.0
+    """An engine that produces no audio for this long is considered hung: the request fails, the worker is replaced."""
+
+    shutdown_grace_s: float = 10.0
+    """After SIGTERM/SIGINT, how long in-flight requests may finish before connections are closed."""
+
+    allowed_networks: tuple[str, ...] = ()
+    """Client networks allowed to connect (CIDR, e.g. 192.168.1.0/24 or 127.0.0.1/32); empty allows all."""
+
+    def validate(self) -> Optional[tuple[str, str]]:
+        """Check ranges and network syntax."""
+        import ipaddress
+
+        for name in ("max_header_bytes", "max_data_bytes", "max_payload_bytes", "max_text_chars",
+                     "max_stream_chars", "max_connections"):
+            if getattr(self, name) < 1:
+                return (name, "must be at least 1")
+        if self.max_header_bytes < 256:
+            return ("max_header_bytes", "must be at least 256 (a Wyoming header line needs room)")
+        for name in ("idle_timeout_s", "write_timeout_s", "engine_timeout_s"):
+            if getattr(self, name) <= 0:
+                return (name, "must be greater than 0")
+        if self.shutdown_grace_s < 0:
+            return ("shutdown_grace_s", "must be 0 or more")
+        for i, net in enumerate(self.allowed_networks):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as err:
+                return (f"allowed_networks[{i}]", f"not a network: {err}")
+        return None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole server configuration (`config/server.yaml`)."""
 
@@ -278,8 +338,8 @@ class Config:
     sinks: Mapping[str, Any] = field(default_factory=dict)
     """Server-side sinks that receive a copy of every synthesis, keyed by name."""
 
-    limits: Mapping[str, Any] = field(default_factory=dict)
-    """Protocol and resource limits (see the README's limits table)."""
+    limits: Limits = field(default_factory=Limits)
+    """Protocol, resource and access limits (see the README's "Limits and security")."""
 
     _source: str = field(default="(defaults)", compare=False)
     _base_dir: Path = field(default=Path("."), compare=False)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
+import sys
 import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Optional, TypeVar
 
-from .errors import CosyVoiceServiceError, EngineError
+from .aio import wait_within
+from .errors import CosyVoiceServiceError, EngineError, EngineOutOfMemory, EngineTimeout
 
 if TYPE_CHECKING:
     from .voices import VoiceProfile
@@ -57,6 +61,9 @@ class SynthesisOptions:
     request_id: str = ""
     """Identifier used in log lines."""
 
+    timeout: Optional[float] = None
+    """Seconds the engine may go without producing audio before the request fails (None: no limit)."""
+
 
 class Cancelled(Exception):
     """Raised inside the worker thread when the request was cancelled (client gone)."""
@@ -98,18 +105,108 @@ class Engine(ABC):
         """Release the model and threads."""
 
 
+class _Worker:
+    """One daemon thread that runs submitted calls in order; it can be abandoned (never joined) when it hangs."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: "queue.SimpleQueue[Optional[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]]]" = (
+            queue.SimpleQueue()
+        )
+        # Daemon: a thread wedged inside native code must not keep the process from exiting.
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, func: Callable[..., T], *args: Any) -> "Future[T]":
+        """Queue `func(*args)`; the returned future completes when it has run."""
+        future: "Future[T]" = Future()
+        self._calls.put((future, func, args))
+        return future
+
+    def stop(self) -> None:
+        """Let the thread exit after the calls already queued."""
+        self._calls.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            future, func, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = func(*args)
+            except BaseException as err:  # handed to whoever awaits the future
+                future.set_exception(err)
+            else:
+                future.set_result(result)
+            del future, func, args, item
+
+
+OOM_MARKERS = ("out of memory", "cuda error: out of memory", "cublas_status_alloc_failed")
+"""Lower-case message fragments that identify a (GPU) out-of-memory failure."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for torch.OutOfMemoryError / torch.cuda.OutOfMemoryError and RuntimeError('CUDA out of memory...')."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in OOM_MARKERS)
+
+
+MAX_PENDING_CHUNKS = 16
+"""Chunks the worker may run ahead of the client; beyond this it waits, so a slow reader holds no more audio."""
+
+
 class ThreadedEngine(Engine):
-    """An engine whose model lives in ONE worker thread; requests queue for it and cancel between chunks."""
+    """An engine whose model lives in ONE worker thread; requests queue for it and cancel between chunks.
+
+    A request whose engine produces nothing for `SynthesisOptions.timeout` seconds fails with EngineTimeout and the
+    worker thread is replaced by a fresh one (the stuck thread is abandoned: Python cannot kill it; it exits at its
+    next chunk boundary if it ever returns). An out-of-memory error calls `release_memory()` on the worker thread
+    before the next request runs.
+    """
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker")
+        self._worker: Optional[_Worker] = None
+        self._gate: Optional[asyncio.Lock] = None
         self.busy = False
         """True while the worker thread runs a synthesis."""
+        self.restarts = 0
+        """How many times a hung worker thread was replaced."""
+
+    def _current_worker(self) -> _Worker:
+        if self._worker is None:
+            self._worker = _Worker(f"{self.name}-worker-{self.restarts}")
+        return self._worker
+
+    def _lock(self) -> asyncio.Lock:
+        # Created lazily so the lock belongs to the loop that serves (engines are built before it runs in tests).
+        if self._gate is None:
+            self._gate = asyncio.Lock()
+        return self._gate
+
+    def replace_worker(self, reason: str) -> None:
+        """Abandon the current worker thread (hung) and start the next request on a fresh one."""
+        old = self._worker
+        self._worker = None
+        self.busy = False
+        self.restarts += 1
+        if old is not None:
+            old.stop()
+            _LOGGER.error("%s engine: worker thread %s replaced (%s)", self.name, old.thread.name, reason)
 
     async def run_in_worker(self, func: Callable[..., T], *args: Any) -> T:
         """Run `func(*args)` on the engine's worker thread (model loading, voice preparation)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, func, *args)
+        async with self._lock():
+            return await asyncio.wrap_future(self._current_worker().submit(func, *args))
+
+    def release_memory(self) -> None:
+        """Called on the worker thread after an out-of-memory error: free cached (GPU) memory."""
+        torch = sys.modules.get("torch")  # never import torch here: only an engine that uses it has loaded it
+        if torch is not None:
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
 
     def generate(
         self, text: str, profile: "VoiceProfile", options: SynthesisOptions, cancel: threading.Event
@@ -136,12 +233,13 @@ class ThreadedEngine(Engine):
     ) -> AsyncIterator[AudioChunk]:
         """Run `render` on the worker thread and hand each chunk to the event loop as it is made."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        queue_: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = threading.Event()
+        room = threading.Semaphore(MAX_PENDING_CHUNKS)
 
         def post(kind: str, item: Any) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+                loop.call_soon_threadsafe(queue_.put_nowait, (kind, item))
             except RuntimeError:  # event loop closed: nobody is listening any more
                 cancel.set()
 
@@ -152,44 +250,72 @@ class ThreadedEngine(Engine):
             self.busy = True
 
             def emit(pcm: bytes) -> None:
+                if not pcm:
+                    return
+                # Backpressure: wait while the client is MAX_PENDING_CHUNKS behind, but notice cancellation.
+                while not room.acquire(timeout=0.1):
+                    if cancel.is_set():
+                        raise Cancelled()
                 if cancel.is_set():
                     raise Cancelled()
-                if pcm:
-                    post("chunk", pcm)
+                post("chunk", pcm)
 
             try:
+                post("started", None)
                 self.render(text, profile, options, emit, cancel)
             except Cancelled:
                 pass
             except BaseException as err:  # forwarded to the awaiting coroutine
+                if is_out_of_memory(err):
+                    self.release_memory()
                 post("error", err)
             finally:
                 self.busy = False
                 post("end", None)
 
-        future = loop.run_in_executor(self._executor, produce)
-        try:
-            while True:
-                kind, item = await queue.get()
-                if kind == "chunk":
-                    yield AudioChunk(item, self.sample_rate, self.sample_width, self.channels)
-                elif kind == "error":
-                    if isinstance(item, CosyVoiceServiceError):
-                        raise item
-                    raise EngineError(f"{self.name} engine failed: {type(item).__name__}: {item}") from item
-                else:
-                    break
-        finally:
-            cancel.set()
-            if not future.done():
-                # Let the worker see the flag; the thread stops at its next chunk boundary.
-                future.add_done_callback(_consume_exception)
+        async with self._lock():
+            worker = self._current_worker()
+            future = worker.submit(produce)
+            finished = False
+            try:
+                while True:
+                    try:
+                        kind, item = await wait_within(queue_.get(), options.timeout)
+                    except asyncio.TimeoutError:
+                        raise EngineTimeout(
+                            f"{self.name} engine produced no audio for {options.timeout:g} s; request abandoned "
+                            "and the engine worker restarted"
+                        ) from None
+                    if kind == "chunk":
+                        room.release()
+                        yield AudioChunk(item, self.sample_rate, self.sample_width, self.channels)
+                    elif kind == "error":
+                        finished = True
+                        if isinstance(item, CosyVoiceServiceError):
+                            raise item
+                        if is_out_of_memory(item):
+                            raise EngineOutOfMemory(
+                                f"{self.name} engine ran out of memory ({type(item).__name__}: {item}); "
+                                "cached memory was released, try a shorter text"
+                            ) from item
+                        raise EngineError(f"{self.name} engine failed: {type(item).__name__}: {item}") from item
+                    elif kind == "end":
+                        finished = True
+                        break
+            finally:
+                cancel.set()
+                if not finished and not future.done():
+                    # Give the worker one chunk's time to notice the flag; one that does not is hung.
+                    try:
+                        await wait_within(asyncio.shield(asyncio.wrap_future(future)), options.timeout)
+                    except asyncio.TimeoutError:
+                        if self._worker is worker:
+                            self.replace_worker(f"request {options.request_id or '?'} did not stop")
+                    except Exception:  # the worker's own errors were already reported
+                        pass
 
     async def close(self) -> None:
         """Stop the worker thread after the current job."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _consume_exception(future: "asyncio.Future[Any]") -> None:
-    if not future.cancelled():
-        future.exception()
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None

@@ -62,5 +62,25 @@ class NoAudioDevice(SinkError):
     """This machine has no usable audio output (no device, or no PortAudio library)."""
 
 
+class ProtocolError(BadRequest):
+    """A client broke the Wyoming framing (bad header line, lengths, JSON or UTF-8); the connection is closed."""
+
+
+class LimitExceeded(BadRequest):
+    """A request exceeded a configured limit (`limits:` in server.yaml)."""
+
+
+class ClientTimeout(CosyVoiceServiceError):
+    """A client sent nothing (or only part of an event) for longer than `limits.idle_timeout_s`."""
+
+
+class EngineTimeout(EngineError):
+    """The engine produced no audio for longer than `limits.engine_timeout_s`; its worker was replaced."""
+
+
+class EngineOutOfMemory(EngineError):
+    """The engine ran out of (GPU) memory for one request; caches were released and the next request may run."""
+
+
 class DownloadError(CosyVoiceServiceError):
     """A model could not be downloaded (no hub client, no network); the message says what to do instead."""

@@ -10,17 +10,18 @@ from typing import Any, Optional, Union
 from wyoming.audio import AudioChunk as WyomingAudioChunk
 from wyoming.audio import AudioStart, AudioStop
 from wyoming.error import Error
-from wyoming.event import Event, async_read_event
+from wyoming.event import Event
 from wyoming.info import Describe
 from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
 from .audio import split_pcm
-from .errors import BadRequest, CosyVoiceServiceError
+from .errors import BadRequest, CosyVoiceServiceError, LimitExceeded, ServerBusy
 from .service import ReplyTap, Service
 from .text import SentenceSplitter
 from .voices import VoiceProfile
+from .wire import ClientStalled, EventChannel
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class _Stream:
     profile: Optional[VoiceProfile] = None
     audio_started: bool = False
     failed: bool = False
+    chars: int = 0
 
 
 @dataclass
@@ -61,6 +63,19 @@ class _StreamEnd:
 _Job = Union[_OneShot, _Sentence, _StreamEnd]
 
 
+def _string(value: Any, key: str, limit: int) -> str:
+    """`value` checked to be a string of valid Unicode (JSON allows lone surrogates) within `limit` characters."""
+    if not isinstance(value, str):
+        raise BadRequest(f"'{key}' must be a string")
+    if len(value) > limit:
+        raise LimitExceeded(f"'{key}' has {len(value)} characters; the limit is {limit} (limits.max_text_chars)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"'{key}' is not valid Unicode (lone surrogate)") from None
+    return value
+
+
 def _voice_fields(data: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:
     """(name, language) from an event's `voice` field, checked for type."""
     voice = data.get("voice")
@@ -69,18 +84,15 @@ def _voice_fields(data: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:
     if not isinstance(voice, dict):
         raise BadRequest("'voice' must be an object")
     name, language = voice.get("name"), voice.get("language")
-    if name is not None and not isinstance(name, str):
-        raise BadRequest("'voice.name' must be a string")
-    if language is not None and not isinstance(language, str):
-        raise BadRequest("'voice.language' must be a string")
+    if name is not None:
+        name = _string(name, "voice.name", 256)
+    if language is not None:
+        language = _string(language, "voice.language", 256)
     return name or None, language or None
 
 
-def _text_field(data: dict[str, Any]) -> str:
-    text = data.get("text")
-    if not isinstance(text, str):
-        raise BadRequest("'text' must be a string")
-    return text
+def _text_field(data: dict[str, Any], limit: int) -> str:
+    return _string(data.get("text"), "text", limit)
 
 
 async def _flush(writer: asyncio.StreamWriter, timeout: float = 5.0) -> None:
@@ -112,6 +124,19 @@ class TtsEventHandler(AsyncEventHandler):
         self._worker: Optional[asyncio.Task[None]] = None
         self._closing = False
         self._tap: Optional[ReplyTap] = None  # copy of the current reply for server-side sinks
+        self.limits = service.limits
+        self.channel = EventChannel(reader, writer, self.limits)
+        self.peer = _peer_name(writer)
+        self._queued_chars = 0
+        self._pending = 0
+
+    def busy(self) -> bool:
+        """True while this connection has synthesis queued or running (it is then not idle)."""
+        return self._pending > 0
+
+    async def write_event(self, event: Event) -> None:
+        """Send an event (serialized, under the write timeout)."""
+        await self.channel.write(event)
 
     async def run(self) -> None:
         """Read events until EOF; EOF means the client left, so its synthesis is cancelled."""
@@ -119,7 +144,11 @@ class TtsEventHandler(AsyncEventHandler):
         self._worker = asyncio.create_task(self._work(), name="tts synthesis")
         try:
             while self._is_running and not self._closing:
-                event = await async_read_event(self.reader)
+                try:
+                    event = await self.channel.read(self.busy)
+                except CosyVoiceServiceError as err:  # broken framing, a limit, or the idle timeout
+                    await self._send_error(err)
+                    break
                 if event is None:
                     break
                 if not await self.handle_event(event):
@@ -127,7 +156,9 @@ class TtsEventHandler(AsyncEventHandler):
             if self.finish_on_eof and not self._closing:
                 self._jobs.put_nowait(None)
                 await self._worker
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except ClientStalled as err:
+            _LOGGER.warning("client %s: %s; disconnected", self.peer, err)
+        except ConnectionError:
             pass
         finally:
             if not self._worker.done():
@@ -146,7 +177,7 @@ class TtsEventHandler(AsyncEventHandler):
             await self._send_error(err)
             return False
         except (KeyError, TypeError, ValueError) as err:
-            await self._send_error(BadRequest(f"malformed {event.type!r} event: {err}"))
+            await self._send_error(BadRequest(f"malformed {event.type[:64]!r} event: {err}"))
             return False
 
     async def _dispatch(self, event: Event) -> bool:
@@ -154,15 +185,19 @@ class TtsEventHandler(AsyncEventHandler):
             await self.write_event(self.service.info().event())
             return True
         if Ping.is_type(event.type):
-            await self.write_event(Pong(text=event.data.get("text")).event())
+            text = event.data.get("text")
+            await self.write_event(Pong(text=_text_field(event.data, 256) if text is not None else None).event())
             return True
+        if (Synthesize.is_type(event.type) and self._stream is None) or SynthesizeStart.is_type(event.type):
+            if self.service.admission.closing:
+                raise ServerBusy("server is shutting down; try again shortly")
         if Synthesize.is_type(event.type):
             if self._stream is not None:
                 _LOGGER.debug("synthesize inside a stream ignored (sent for compatibility)")
                 return True
-            text = _text_field(event.data)
+            text = _text_field(event.data, self.limits.max_text_chars)
             name, language = _voice_fields(event.data)
-            self._jobs.put_nowait(_OneShot(text, name, language))
+            self._queue(_OneShot(text, name, language), len(text))
             return True
         if SynthesizeStart.is_type(event.type):
             if self._stream is not None:
@@ -173,25 +208,42 @@ class TtsEventHandler(AsyncEventHandler):
         if SynthesizeChunk.is_type(event.type):
             if self._stream is None:
                 raise BadRequest("synthesize-chunk without synthesize-start")
-            for sentence in self._stream.splitter.feed(_text_field(event.data)):
-                self._jobs.put_nowait(_Sentence(self._stream, sentence))
+            text = _text_field(event.data, self.limits.max_text_chars)
+            self._stream.chars += len(text)
+            if self._stream.chars > self.limits.max_stream_chars:
+                raise LimitExceeded(
+                    f"stream text exceeds {self.limits.max_stream_chars} characters (limits.max_stream_chars)"
+                )
+            for sentence in self._stream.splitter.feed(text):
+                self._queue(_Sentence(self._stream, sentence), len(sentence))
             return True
         if SynthesizeStop.is_type(event.type):
             if self._stream is None:
                 raise BadRequest("synthesize-stop without synthesize-start")
             rest = self._stream.splitter.flush()
             if rest:
-                self._jobs.put_nowait(_Sentence(self._stream, rest))
-            self._jobs.put_nowait(_StreamEnd(self._stream))
+                self._queue(_Sentence(self._stream, rest), len(rest))
+            self._queue(_StreamEnd(self._stream), 0)
             self._stream = None
             return True
-        raise BadRequest(f"unsupported event type {event.type!r}")
+        raise BadRequest(f"unsupported event type {event.type[:64]!r}")
+
+    def _queue(self, job: _Job, chars: int) -> None:
+        """Queue a job for synthesis; the text waiting per connection is bounded (a pipelining client)."""
+        if self._queued_chars + chars > self.limits.max_stream_chars:
+            raise LimitExceeded(
+                f"more than {self.limits.max_stream_chars} characters queued on one connection "
+                "(limits.max_stream_chars)"
+            )
+        self._queued_chars += chars
+        self._pending += 1
+        self._jobs.put_nowait(job)
 
     async def _send_error(self, err: CosyVoiceServiceError) -> None:
-        _LOGGER.warning("client error (%s): %s", err.code, err)
+        _LOGGER.warning("client %s: %s: %s", self.peer, err.code, err)
         try:
             await self.write_event(Error(text=str(err), code=err.code).event())
-        except (ConnectionError, RuntimeError):
+        except Exception:  # the client may be gone or stalled; the error is logged either way
             pass
 
     # ------------------------------------------------------------------ synthesis, one job at a time
@@ -206,10 +258,17 @@ class TtsEventHandler(AsyncEventHandler):
             except CosyVoiceServiceError as err:
                 await self._fail(job, err)
                 return
-            except ConnectionError:
-                _LOGGER.debug("client went away during synthesis")
+            except ClientStalled as err:
+                _LOGGER.warning("client %s: %s; disconnected, synthesis cancelled", self.peer, err)
                 self._close()
                 return
+            except ConnectionError:
+                _LOGGER.debug("client %s went away during synthesis", self.peer)
+                self._close()
+                return
+            finally:
+                self._pending -= 1
+                self._queued_chars -= _job_chars(job)
 
     async def _run_job(self, job: _Job) -> None:
         if isinstance(job, _OneShot):
@@ -274,3 +333,15 @@ class TtsEventHandler(AsyncEventHandler):
                     )
         finally:
             await chunks.aclose()
+
+
+def _job_chars(job: _Job) -> int:
+    return len(job.text) if isinstance(job, (_OneShot, _Sentence)) else 0
+
+
+def _peer_name(writer: asyncio.StreamWriter) -> str:
+    """host:port of the client for log lines ("local" for pipes and unix sockets)."""
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer) if peer else "local"

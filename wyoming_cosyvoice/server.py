@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import signal
+import sys
 import time
-from functools import partial
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from wyoming.event import async_get_stdin, async_get_stdout
-from wyoming.server import AsyncServer
+from wyoming.error import Error
+from wyoming.event import async_get_stdout, async_write_event
 
 from .config import Config
 from .engine import Engine
-from .errors import EngineUnavailable, PluginError
+from .errors import ConfigError, EngineUnavailable, PluginError, ServerBusy
+from .guard import ConnectionGuard
 from .handler import TtsEventHandler
 from .plugins import Plugins
 from .preparation import VoicePreparer
@@ -25,10 +28,6 @@ from .sinks import server_tee
 from .voices import VoiceCatalog
 
 _LOGGER = logging.getLogger(__name__)
-
-SHUTDOWN_GRACE_SECONDS = 10.0
-"""How long in-flight requests may finish after SIGTERM/SIGINT before connections are closed."""
-
 
 def build_catalog(config: Config, plugins: Plugins) -> VoiceCatalog:
     """Create every configured voice-profile provider and the catalog over them."""
@@ -81,6 +80,7 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
         streaming=config.server.streaming,
         engine_note=note,
         tee=tee,
+        limits=config.limits,
         preparer=preparer,
     )
 
@@ -93,24 +93,72 @@ class Server:
         self.uri = uri
         self.zeroconf = zeroconf
         self.zeroconf_name = zeroconf_name
-        self._wyoming: Optional[AsyncServer] = None
+        self.limits = service.limits
+        self.guard = ConnectionGuard(self.limits)
+        self._listener: Optional[asyncio.AbstractServer] = None
+        self._connections: dict["asyncio.Task[Any]", TtsEventHandler] = {}
         self._zeroconf: Any = None
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()
 
     @property
     def port(self) -> Optional[int]:
         """The bound TCP port (useful with port 0)."""
-        inner = getattr(self._wyoming, "_server", None)
-        if inner is None or not inner.sockets:
+        if self._listener is None or not self._listener.sockets:
             return None
-        return inner.sockets[0].getsockname()[1]
+        address = self._listener.sockets[0].getsockname()
+        return address[1] if isinstance(address, tuple) else None
 
     async def start(self) -> None:
         """Bind and start accepting connections."""
-        self._wyoming = AsyncServer.from_uri(self.uri)
-        await self._wyoming.start(partial(TtsEventHandler, service=self.service))
+        parsed = urlparse(self.uri)
+        # The reader's buffer limit is what bounds a header line (readuntil fails beyond it).
+        limit = self.limits.max_header_bytes + 1
+        if parsed.scheme == "tcp":
+            if parsed.hostname is None or parsed.port is None:
+                raise ConfigError(f"server.uri: a tcp:// URI needs a host and a port, got {self.uri!r}")
+            self._listener = await asyncio.start_server(self._serve, parsed.hostname, parsed.port, limit=limit)
+        elif parsed.scheme == "unix":
+            self._listener = await asyncio.start_unix_server(self._serve, parsed.path, limit=limit)
+        else:
+            raise ConfigError(f"server.uri: cannot listen on {self.uri!r} (use tcp:// or unix://)")
         if self.zeroconf:
             await self._announce()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection, in its own task: allow-list, connection bound, then the protocol handler."""
+        peername = writer.get_extra_info("peername")
+        if not self.guard.allowed(peername):
+            _LOGGER.warning("connection from %s refused: not in limits.allowed_networks", peername)
+            writer.transport.abort()
+            return
+        if self.guard.full() or self.service.admission.closing:
+            busy = ServerBusy(
+                "server is shutting down" if self.service.admission.closing
+                else f"too many connections (limits.max_connections = {self.guard.max_connections})"
+            )
+            _LOGGER.warning("connection from %s refused: %s", peername, busy)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(async_write_event(Error(text=str(busy), code=busy.code).event(), writer), 1.0)
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        handler = TtsEventHandler(reader, writer, self.service)
+        self.guard.open += 1
+        self._connections[task] = handler
+        try:
+            await handler.run()
+        except asyncio.CancelledError:
+            # End quietly: this is the connection's own top-level task, and asyncio's stream callback (3.11) logs
+            # a spurious error for a cancelled one.
+            writer.transport.abort()
+        except Exception:  # a bug in one connection must never take the server down
+            _LOGGER.exception("connection from %s failed", peername)
+            writer.transport.abort()
+        finally:
+            self.guard.open -= 1
+            self._connections.pop(task, None)
 
     async def _announce(self) -> None:
         from wyoming.zeroconf import HomeAssistantZeroconf  # needs the zeroconf package
@@ -130,10 +178,12 @@ class Server:
         _LOGGER.info("Zeroconf: announced %s as _wyoming._tcp.local. on port %s", zc.name, self.port)
 
     def request_stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (grace period), then close."""
+        """Stop accepting, let in-flight requests finish (grace period), then close; a second call skips the grace."""
+        if self._stop.is_set():
+            self._force.set()
         self._stop.set()
 
-    async def serve_until_stopped(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+    async def serve_until_stopped(self, grace: Optional[float] = None) -> None:
         """Serve until SIGINT/SIGTERM (or request_stop), then shut down gracefully."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -141,30 +191,46 @@ class Server:
                 loop.add_signal_handler(sig, self.request_stop)
         try:
             await self._stop.wait()
+            _LOGGER.info("Stopping: no new connections; in-flight requests may finish")
+            await self.shutdown(grace)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
-        await self.shutdown(grace)
 
-    async def shutdown(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+    def busy_connections(self) -> int:
+        """Connections with synthesis queued or running."""
+        return sum(1 for handler in self._connections.values() if handler.busy())
+
+    async def shutdown(self, grace: Optional[float] = None) -> None:
         """Close the listener, wait up to `grace` s for busy connections, then close the rest and the engine."""
-        wyoming = self._wyoming
-        if wyoming is None:
+        if grace is None:
+            grace = self.limits.shutdown_grace_s
+        listener = self._listener
+        if listener is None:
             return
-        inner = getattr(wyoming, "_server", None)
-        if inner is not None:
-            inner.close()
+        self._listener = None
+        self.service.admission.closing = True
+        listener.close()
         deadline = time.monotonic() + grace
-        while self.service.admission.active and time.monotonic() < deadline:
+        while self.busy_connections() and time.monotonic() < deadline and not self._force.is_set():
             await asyncio.sleep(0.05)
-        await wyoming.stop()
+        if self.busy_connections():
+            _LOGGER.warning("Grace period over: closing %d busy connection(s)", self.busy_connections())
+        tasks = list(self._connections)
+        for handler in self._connections.values():
+            handler.channel.abort()  # ends the handler's read loop; its synthesis is cancelled
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=2.0)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(listener.wait_closed(), 2.0)
         if self._zeroconf is not None:
             await self._zeroconf._aiozc.async_close()  # unregisters the service
             self._zeroconf = None
-        handlers = list(getattr(wyoming, "_handlers", {}))
-        if handlers:
-            await asyncio.wait(handlers, timeout=2.0)
         await self.service.close_sinks()
         await self.service.preparer.close()
         await self.service.engine.close()
@@ -173,9 +239,13 @@ class Server:
 
 async def serve_stdio(service: Service) -> None:
     """Serve one client over standard input/output (for process-spawning clients and tests)."""
-    reader = await async_get_stdin()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=service.limits.max_header_bytes + 1)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     writer = await async_get_stdout()
     handler = TtsEventHandler(reader, writer, service, finish_on_eof=True)
+    # The spawning process owns this connection's lifetime: no idle timeout on a pipe.
+    handler.channel.limits = dataclasses.replace(service.limits, idle_timeout_s=math.inf)
     await handler.run()
     await service.close_sinks()
     await service.engine.close()
@@ -192,6 +262,9 @@ async def run(config: Config, plugins: Plugins) -> None:
         service, config.server.uri, zeroconf=config.server.zeroconf, zeroconf_name=config.server.zeroconf_name
     )
     await server.start()
-    _LOGGER.info("Ready on %s (engine %s, started in %.2f s)", config.server.uri, service.engine.name,
+    where = config.server.uri
+    if server.port is not None:
+        where = f"tcp://{urlparse(where).hostname}:{server.port}"
+    _LOGGER.info("Ready on %s (engine %s, started in %.2f s)", where, service.engine.name,
                  time.perf_counter() - started)
     await server.serve_until_stopped()

@@ -14,6 +14,7 @@ from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
 from . import __version__
 from .audio import apply_gain
+from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import ServerBusy
 from .preparation import VoicePreparer
@@ -33,6 +34,8 @@ class Admission:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.closing = False
+        """Set at shutdown: requests in progress (and streams already open) finish, new ones are refused."""
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
@@ -103,9 +106,12 @@ class Service:
         streaming: bool = True,
         engine_note: str = "",
         tee: Optional[Tee] = None,
+        limits: Optional[Limits] = None,
         preparer: Optional[VoicePreparer] = None,
     ) -> None:
         self.engine = engine
+        self.limits = limits or Limits()
+        """Protocol and resource limits every connection applies."""
         self.catalog = catalog
         self.preparer = preparer or VoicePreparer(catalog, engine)
         """Prepares new or changed voices in the background (hot reload) and leaves broken ones out."""
@@ -173,7 +179,9 @@ class Service:
         with self.admission.slot():
             await self.preparer.ready(profile)
             stats = RequestStats(str(next(_REQUEST_IDS)), profile.name, len(text))
-            options = SynthesisOptions(speed=profile.speed, request_id=stats.request_id)
+            options = SynthesisOptions(
+                speed=profile.speed, request_id=stats.request_id, timeout=self.limits.engine_timeout_s
+            )
             chunks = self.engine.synthesize(text, profile, options)
             try:
                 async for chunk in chunks:

@@ -1,0 +1,251 @@
+"""GPU part of run_benchmarks.py (`--gpu`): our CosyVoice engine with prepared voices against upstream CosyVoice's
+own `inference_zero_shot(stream=True)` loop, on the same GPU, the same model directory and the same text.
+
+Both paths run the same upstream LLM class, patched here to emit exactly `tokens` speech tokens per text segment
+(random weights rarely stop on their own; a fixed count makes both do equal work). Upstream's model object is
+loaded once and reused for every request, as a server built on it would do (so its hop-length growth between
+calls is part of what is measured). Needs torch, the CosyVoice checkout (`engines.cosyvoice.repo`) and a model
+(`engines.cosyvoice.model_dir`; random weights are fine for timing). Upstream's model is built with the class and
+load options (fp16, TensorRT, JIT, vLLM) that our engine chose on this GPU, so both run the same configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from wyoming_cosyvoice.bench import BenchSettings, percentile, run_bench
+from wyoming_cosyvoice.config import Config, load_config
+from wyoming_cosyvoice.engine import Engine, SynthesisOptions
+from wyoming_cosyvoice.plugins import Plugins
+from wyoming_cosyvoice.server import Server, build_catalog
+from wyoming_cosyvoice.service import Service
+from wyoming_cosyvoice.voices import VoiceProfile
+
+COSYVOICE3_PROMPT_PREFIX = "You are a helpful assistant.<|endofprompt|>"
+
+
+class ForcedTokens:
+    """Patches upstream's Qwen2LM (CosyVoice 2 and 3) so every LLM call yields exactly `count` speech tokens."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.calls: list[int] = []
+        """Tokens actually yielded per LLM call (checked after the run)."""
+
+    def install(self) -> None:
+        """Replace `Qwen2LM.inference_wrapper` (used by `inference`; min_len = max_len = count); 0 = leave it."""
+        if not self.count:
+            return
+        try:
+            from cosyvoice.llm import llm as llm_module
+        except ImportError as err:
+            raise SystemExit(f"--gpu-tokens needs upstream's cosyvoice.llm.llm ({err}); --gpu-tokens 0 skips it")
+
+        original: Callable[..., Any] = llm_module.Qwen2LM.inference_wrapper
+        forced = self
+
+        def inference_wrapper(self: Any, lm_input: Any, sampling: int, min_len: int, max_len: int, uuid: str) -> Any:
+            produced = 0
+            for token in original(self, lm_input, sampling, forced.count, forced.count, uuid):
+                produced += 1
+                yield token
+            forced.calls.append(produced)
+
+        llm_module.Qwen2LM.inference_wrapper = inference_wrapper
+
+
+def _setting_path(config: Config, data: dict[str, Any], key: str) -> Path:
+    value = data.get(key)
+    if not value:
+        raise SystemExit(f"--gpu needs engines.cosyvoice.{key} in {config.source}")
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else config.base_dir / path
+
+
+def _soundfile_load_wav(wav: Any, target_sr: int, min_sr: int = 16000) -> Any:
+    """upstream's load_wav through soundfile (torchaudio >= 2.9 needs torchcodec for `load`); same tensor out."""
+    import soundfile
+    import torch
+    import torchaudio
+
+    data, rate = soundfile.read(wav, dtype="float32", always_2d=True)
+    speech = torch.from_numpy(data.mean(axis=1)).unsqueeze(0)
+    if rate != target_sr:
+        assert rate >= min_sr, f"wav sample rate {rate} must be at least {min_sr}"
+        speech = torchaudio.functional.resample(speech, rate, target_sr)
+    return speech
+
+
+def load_upstream(engine: Engine, repo: Path, model_dir: Path, data: dict[str, Any], prompt_wav: Path) -> tuple[Any, str]:
+    """Upstream's model with the class and load options our engine chose (fp16, TensorRT, ...), and a note."""
+    for path in (repo, repo / "third_party" / "Matcha-TTS"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    from cosyvoice.cli import cosyvoice as cli
+    from cosyvoice.cli import frontend
+    from cosyvoice.utils import file_utils
+
+    notes = []
+    try:
+        file_utils.load_wav(str(prompt_wav), 16000)
+    except Exception as err:  # torchaudio without a working `load` backend: swap in the same loader via soundfile
+        file_utils.load_wav = frontend.load_wav = _soundfile_load_wav
+        notes.append(f"load_wav via soundfile ({type(err).__name__} from torchaudio.load)")
+    info, plan = getattr(engine, "info", None), getattr(engine, "plan", None)
+    if info is not None and plan is not None:  # the cosyvoice engine's model facts and load plan
+        kwargs: dict[str, Any] = {"load_trt": plan.load_trt, "fp16": plan.fp16,
+                                  "trt_concurrent": int(data.get("trt_concurrent", 1))}
+        if info.version != 3:
+            kwargs["load_jit"] = plan.load_jit
+        if info.version != 1:
+            kwargs["load_vllm"] = plan.load_vllm
+        notes.append(f"upstream {info.class_name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})")
+        return getattr(cli, info.class_name)(str(info.path), **kwargs), "; ".join(notes)
+    fp16 = data.get("fp16") is True
+    notes.append(f"upstream AutoModel(fp16={fp16})")
+    return cli.AutoModel(model_dir=str(model_dir), fp16=fp16), "; ".join(notes)
+
+
+def time_upstream(model: Any, text: str, prompt_text: str, prompt_wav: Path) -> tuple[float, float, float]:
+    """(first audio ms, total ms, audio s) of one upstream streaming call."""
+    started = time.perf_counter()
+    first = 0.0
+    samples = 0
+    for out in model.inference_zero_shot(text, prompt_text, str(prompt_wav), stream=True):
+        if not first:
+            first = time.perf_counter()
+        samples += int(out["tts_speech"].shape[1])
+    end = time.perf_counter()
+    return (first - started) * 1000.0, (end - started) * 1000.0, samples / model.sample_rate
+
+
+async def time_ours(engine: Engine, profile: VoiceProfile, text: str) -> tuple[float, float, float]:
+    """(first audio ms, total ms, audio s) of one call of our engine, in process."""
+    started = time.perf_counter()
+    first = 0.0
+    audio = 0.0
+    chunks = engine.synthesize(text, profile, SynthesisOptions())
+    try:
+        async for chunk in chunks:
+            if not first:
+                first = time.perf_counter()
+            audio += chunk.seconds
+    finally:
+        await chunks.aclose()
+    end = time.perf_counter()
+    return (first - started) * 1000.0, (end - started) * 1000.0, audio
+
+
+def _stats(rows: list[tuple[float, float, float]]) -> dict[str, float]:
+    ttfa = sorted(r[0] for r in rows)
+    return {
+        "requests": len(rows),
+        "ttfa_median_ms": percentile(ttfa, 50),
+        "ttfa_p90_ms": percentile(ttfa, 90),
+        "ttfa_max_ms": ttfa[-1],
+        "total_median_ms": statistics.median(r[1] for r in rows),
+        "audio_median_s": statistics.median(r[2] for r in rows),
+        "rtf_median": statistics.median(r[1] / 1000.0 / r[2] for r in rows if r[2] > 0),
+    }
+
+
+def gpu_facts() -> dict[str, Any]:
+    """GPU model, driver, torch and CUDA versions."""
+    import torch
+
+    facts: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name(0)
+        facts["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    try:
+        facts["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return facts
+
+
+async def gpu_compare(
+    config_path: Path, voice: Optional[str], tokens: int, requests: int, text: str
+) -> dict[str, Any]:
+    """Load both paths, alternate requests (ours, upstream) after one warm-up each, print and return the table."""
+    config = load_config(config_path)
+    plugins = Plugins(config.server.plugins_dir)
+    catalog = build_catalog(config, plugins)
+    profile = catalog.resolve(voice, None)
+    if profile.reference_audio is None or not profile.transcript:
+        raise SystemExit(f"--gpu needs a voice with reference_audio and transcript (voice {profile.name!r} has not)")
+    # Both paths clone the same way: zero-shot from the recording and its transcript.
+    profile = dataclasses.replace(profile, mode="zero_shot")
+    section = config.section("engines", "cosyvoice")
+    data = dict(section.data)
+    repo, model_dir = _setting_path(config, data, "repo"), _setting_path(config, data, "model_dir")
+
+    print(f"GPU: our cosyvoice engine vs upstream inference_zero_shot(stream=True), {tokens} tokens per call:",
+          flush=True)
+    started = time.perf_counter()
+    engine: Engine = plugins.factory("engines", "cosyvoice")(section)
+    await engine.start()
+    await engine.prepare([profile])
+    ready_s = time.perf_counter() - started
+    forced = ForcedTokens(tokens)
+    forced.install()  # after start(): the engine put the checkout on the import path
+    await engine.warmup()
+    upstream, note = await asyncio.to_thread(load_upstream, engine, repo, model_dir, data, profile.reference_audio)
+    prompt_text = profile.transcript
+    if (model_dir / "cosyvoice3.yaml").exists() and "<|endofprompt|>" not in prompt_text:
+        prompt_text = COSYVOICE3_PROMPT_PREFIX + prompt_text
+
+    ours: list[tuple[float, float, float]] = []
+    theirs: list[tuple[float, float, float]] = []
+    for i in range(requests + 1):  # the first round is the warm-up
+        a = await time_ours(engine, profile, text)
+        b = await asyncio.to_thread(time_upstream, upstream, text, prompt_text, profile.reference_audio)
+        if i:
+            ours.append(a)
+            theirs.append(b)
+        print(f"  round {i}: ours {a[0]:.0f} ms first audio / {a[2]:.2f} s audio; "
+              f"upstream {b[0]:.0f} ms / {b[2]:.2f} s", flush=True)
+
+    # Ours through the server, as Home Assistant reaches it (same engine object, loopback, one client).
+    service = Service(engine, catalog, max_concurrent=4)
+    server = Server(service, "tcp://127.0.0.1:0")
+    await server.start()
+    try:
+        served = await run_bench(BenchSettings(uri=f"tcp://127.0.0.1:{server.port}", text=text, voice=profile.name,
+                                               requests=requests, warmup=1, timeout=600))
+    finally:
+        await server.shutdown(grace=5.0)
+    summary = served.summary()
+    result = {
+        "facts": {**gpu_facts(), "model_dir": str(model_dir), "engine_settings": data, "engine": engine.health(),
+                  "tokens_per_call": tokens, "llm_calls_tokens": sorted(set(forced.calls)), "adaptation": note,
+                  "engine_ready_s": ready_s, "voice": profile.name},
+        "ours_direct": _stats(ours),
+        "upstream": _stats(theirs),
+        "ours_server": {"requests": summary["requests"], "failed": summary["failed"],
+                        "ttfa_median_ms": summary["ttfa_ms"]["median"], "ttfa_p90_ms": summary["ttfa_ms"]["p90"],
+                        "rtf_median": summary["rtf"]["median"], "audio_median_s": summary["audio_s"]["median"]},
+    }
+    print("\n## GPU: CosyVoice engine vs upstream streaming loop\n")
+    print("| path | requests | first audio median (ms) | p90 | max | total median (ms) | audio (s) | RTF median |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, key in (("ours (engine, prepared voice)", "ours_direct"), ("upstream inference_zero_shot", "upstream")):
+        r = result[key]
+        print(f"| {label} | {r['requests']} | {r['ttfa_median_ms']:.0f} | {r['ttfa_p90_ms']:.0f} | "
+              f"{r['ttfa_max_ms']:.0f} | {r['total_median_ms']:.0f} | {r['audio_median_s']:.2f} | "
+              f"{r['rtf_median']:.3f} |")
+    r = result["ours_server"]
+    print(f"| ours through the server | {r['requests']} | {r['ttfa_median_ms']:.0f} | {r['ttfa_p90_ms']:.0f} | | | "
+          f"{r['audio_median_s']:.2f} | {r['rtf_median']:.3f} |")
+    print(f"\nfacts: {result['facts']}")
+    return result

@@ -1,0 +1,254 @@
+"""Fuzz: thousands of random, mutated and structured-but-wrong event streams thrown at a live server on loopback.
+
+The server runs in its own thread and event loop (as in production, it owns the loop); each input is one real TCP
+connection from a blocking socket. Every input must end with the server closing the connection within a few
+seconds, everything it sent must be well-formed Wyoming events with at most one `error`, and afterwards the server
+still answers `describe`, synthesizes correctly, and has no task or thread left over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from wyoming.event import Event, read_event, write_event
+
+from wyoming_cosyvoice.server import Server, build_service
+
+from .helpers import fault_config, fault_plugins
+
+EXAMPLES = {"raw": 1500, "mutated": 1500, "structured": 1000}
+"""Inputs per strategy (4000 in all); about 30 s on a 2-core CI machine (most of it generating inputs)."""
+
+TYPES = ["describe", "ping", "synthesize", "synthesize-start", "synthesize-chunk", "synthesize-stop", "audio-chunk",
+         "audio-start", "info", "error", ""]
+
+
+def encode(event_type: str, data: Optional[dict[str, Any]] = None, payload: bytes = b"") -> bytes:
+    out = io.BytesIO()
+    write_event(Event(type=event_type, data=data or {}, payload=payload or None), out)
+    return out.getvalue()
+
+
+VALID = [
+    encode("describe"),
+    encode("ping", {"text": "x"}),
+    encode("synthesize", {"text": "two words"}),
+    encode("synthesize", {"text": "hello", "voice": {"name": "tars", "language": "en-US"}}),
+    encode("synthesize-start", {"voice": {"name": "anna"}}),
+    encode("synthesize-chunk", {"text": "One. Two"}),
+    encode("synthesize-stop"),
+    encode("audio-chunk", {"rate": 16000, "width": 2, "channels": 1}, b"\x00\x01" * 8),
+]
+
+scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.sampled_from([1.5, -0.0, 1e308]) | st.text(
+    max_size=12
+)
+json_values = scalars | st.lists(scalars, max_size=3) | st.dictionaries(st.sampled_from(["name", "text", "x"]),
+                                                                         scalars, max_size=3)
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    """A few valid events in a row, then byte-level mutations (flip, insert, delete, duplicate, truncate)."""
+    data = bytearray(b"".join(draw(st.lists(st.sampled_from(VALID), min_size=1, max_size=5))))
+    for _ in range(draw(st.integers(1, 4))):
+        if not data:
+            break
+        i = draw(st.integers(0, len(data) - 1))
+        kind = draw(st.sampled_from(["flip", "insert", "delete", "duplicate", "truncate", "digit"]))
+        if kind == "flip":
+            data[i] = draw(st.integers(0, 255))
+        elif kind == "insert":
+            data[i:i] = draw(st.binary(min_size=1, max_size=8))
+        elif kind == "delete":
+            del data[i : i + draw(st.integers(1, 8))]
+        elif kind == "duplicate":
+            data[i:i] = data[i : i + draw(st.integers(1, 64))]
+        elif kind == "truncate":
+            del data[i:]
+        else:  # change a length digit: lengths that lie about what follows
+            digits = [j for j, b in enumerate(data) if 48 <= b <= 57]
+            if digits:
+                data[draw(st.sampled_from(digits))] = draw(st.integers(48, 57))
+    return bytes(data)
+
+
+@st.composite
+def structured(draw: st.DrawFn) -> bytes:
+    """Well-framed JSON headers with wrong types, lying lengths, odd event types and odd data."""
+    out = b""
+    for _ in range(draw(st.integers(1, 3))):
+        header: dict[str, Any] = {"type": draw(st.sampled_from(TYPES) | st.text(max_size=12) | json_values)}
+        data = draw(st.dictionaries(st.sampled_from(["text", "voice", "rate", "name", "language"]) |
+                                    st.text(max_size=5), json_values, max_size=4))
+        body = json.dumps(data).encode() if draw(st.booleans()) else draw(st.binary(max_size=40))
+        if draw(st.booleans()):
+            header["data"] = draw(json_values)
+        header["data_length"] = draw(st.sampled_from([len(body)]) | st.integers(-3, 2**40) | json_values)
+        if draw(st.booleans()):
+            header["payload_length"] = draw(st.integers(-3, 64) | json_values)
+        if draw(st.booleans()):
+            header["version"] = draw(json_values)
+        out += json.dumps(header).encode() + b"\n" + body + draw(st.binary(max_size=16))
+    return out
+
+
+class ServerThread:
+    """A real server in its own thread and event loop."""
+
+    def __init__(self, config: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-server-loop", daemon=True)
+        self.thread.start()
+        self.config = config
+        self.server: Optional[Server] = None
+
+    def call(self, factory: Callable[[], Any], timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(factory(), self.loop).result(timeout)
+
+    def start(self) -> int:
+        async def start() -> int:
+            service = await build_service(self.config, fault_plugins())
+            self.server = Server(service, "tcp://127.0.0.1:0")
+            await self.server.start()
+            assert self.server.port
+            return self.server.port
+
+        return self.call(start)
+
+    def tasks(self) -> list[str]:
+        """The server loop's tasks (not counting the one asking)."""
+
+        async def names() -> list[str]:
+            return sorted(repr(t) for t in asyncio.all_tasks() if t is not asyncio.current_task())
+
+        return self.call(names)
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until no connection is open."""
+        deadline = time.monotonic() + timeout
+        while (self.server and self.server._connections) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.call(lambda: self.server.shutdown(grace=1.0))  # type: ignore[union-attr]
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send `data`, half-close, and return everything the server sent until it closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # the server may close first (that is allowed); read what it said
+            pass
+        received = b""
+        while True:
+            try:
+                piece = sock.recv(65536)
+            except ConnectionResetError:
+                return received
+            except socket.timeout:
+                raise AssertionError(f"server did not close within {timeout} s for input {data[:200]!r}") from None
+            if not piece:
+                return received
+            received += piece
+
+
+def parse(received: bytes) -> list[Event]:
+    """The server's reply, parsed strictly: it must be a sequence of complete, valid events."""
+    stream = io.BytesIO(received)
+    events = []
+    while stream.tell() < len(received):
+        event = read_event(stream)
+        assert event is not None, f"server sent a malformed event: {received[stream.tell():][:200]!r}"
+        events.append(event)
+    return events
+
+
+def speak(port: int, text: str, timeout: float = 10.0) -> list[Event]:
+    """A well-behaved request: send `synthesize` and read events until audio-stop (the connection stays open)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock, sock.makefile("rwb") as stream:
+        write_event(Event("synthesize", {"text": text}), stream)
+        events: list[Event] = []
+        while not events or events[-1].type not in ("audio-stop", "error"):
+            event = read_event(stream)
+            assert event is not None, events
+            events.append(event)
+        return events
+
+
+def test_fuzz_live_server(tmp_path: Path) -> None:
+    config = fault_config(tmp_path, limits={"idle_timeout_s": 5.0, "max_text_chars": 2000},
+                          engine={"chunk_ms": 0, "chunk_bytes": 64, "chunks_per_word": 1})
+    server = ServerThread(config)
+    port = server.start()
+    counts = {name: 0 for name in EXAMPLES}
+    started = time.perf_counter()
+    try:
+        assert [e.type for e in speak(port, "warm up")][-1] == "audio-stop"
+        server.settle()
+        tasks_before = server.tasks()
+        threads_before = {t.name for t in threading.enumerate()}
+
+        def check(name: str, data: bytes) -> None:
+            counts[name] += 1
+            events = parse(exchange(port, data))
+            errors = [e for e in events if e.type == "error"]
+            assert len(errors) <= 1, events
+            for error in errors:
+                assert isinstance(error.data.get("text"), str) and isinstance(error.data.get("code"), str)
+
+        def common(name: str) -> settings:
+            return settings(max_examples=EXAMPLES[name], deadline=None, database=None,
+                            suppress_health_check=list(HealthCheck), print_blob=True)
+
+        @common("raw")
+        @given(st.binary(max_size=3000))
+        def fuzz_raw(data: bytes) -> None:
+            check("raw", data)
+
+        @common("mutated")
+        @given(mutated())
+        def fuzz_mutated(data: bytes) -> None:
+            check("mutated", data)
+
+        @common("structured")
+        @given(structured())
+        def fuzz_structured(data: bytes) -> None:
+            check("structured", data)
+
+        fuzz_raw()
+        fuzz_mutated()
+        fuzz_structured()
+
+        # The server is unharmed: it describes, and synthesizes exactly the expected audio.
+        info = parse(exchange(port, encode("describe")))
+        assert [e.type for e in info] == ["info"] and info[0].data["tts"][0]["voices"]
+        events = speak(port, "one two three four")
+        assert [e.type for e in events][0] == "audio-start" and events[-1].type == "audio-stop"
+        assert sum(len(e.payload or b"") for e in events if e.type == "audio-chunk") == 4 * 64
+        # Nothing left behind: every connection's task ended, no thread was added.
+        server.settle()
+        assert server.tasks() == tasks_before
+        assert server.server is not None and not server.server._connections and server.server.guard.open == 0
+        assert server.server.service.admission.active == 0
+        assert {t.name for t in threading.enumerate()} == threads_before
+    finally:
+        server.stop()
+    total = sum(counts.values())
+    print(f"fuzz: {total} inputs ({counts}) in {time.perf_counter() - started:.1f} s")
+    assert total >= 4000, counts

@@ -1,0 +1,244 @@
+"""Slow and vanishing clients, engine faults, overload and the connection bound, against a live server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import statistics
+import time
+from pathlib import Path
+
+from wyoming.event import async_write_event
+from wyoming.info import Describe, Info
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart
+
+from wyoming_cosyvoice.config import Config
+from wyoming_cosyvoice.engine import MAX_PENDING_CHUNKS
+
+from .helpers import (
+    TIMEOUT,
+    assert_speech,
+    collect,
+    connect,
+    fault_config,
+    fault_plugins,
+    raw_connection,
+    read,
+    read_raw,
+    read_until_closed,
+    running_server,
+)
+
+
+async def wait_for(condition, timeout: float = TIMEOUT) -> None:  # type: ignore[no-untyped-def]
+    """Poll `condition()` until true (fails on timeout)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_disconnect_mid_stream_cancels_within_one_chunk(tmp_path: Path) -> None:
+    config = fault_config(tmp_path, engine={"chunk_ms": 100})
+    async with running_server(config, fault_plugins()) as server:
+        engine = server.service.engine
+        async with connect(server) as client:
+            await client.write_event(SynthesizeStart().event())
+            await client.write_event(SynthesizeChunk(text="word " * 200 + ". And more").event())
+            for _ in range(4):  # audio-start, then audio is flowing
+                assert (await read(client)) is not None
+            engine.finished.clear()
+            produced_at_disconnect = engine.produced
+        # The client is gone (socket closed). The engine stops at its next chunk boundary.
+        assert await asyncio.to_thread(engine.finished.wait, TIMEOUT)
+        assert engine.outcomes[-1] == "cancelled"
+        extra = engine.produced - produced_at_disconnect
+        assert extra <= 1, f"engine made {extra} chunks after the client left"
+        await wait_for(lambda: server.service.admission.active == 0)
+        # The engine is free for the next client.
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="one two").event())
+            reply = await collect(client)
+            assert not reply.errors and len(reply.audio) == 2 * 2 * 640
+
+
+async def test_client_that_stops_reading_is_bounded_then_dropped(tmp_path: Path) -> None:
+    config = fault_config(tmp_path, limits={"write_timeout_s": 1.0}, engine={"chunk_ms": 1, "chunk_bytes": 32000})
+    async with running_server(config, fault_plugins()) as server:
+        engine = server.service.engine
+        # A real TCP peer with a tiny receive window that never reads.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        total_words = 1500  # 3000 chunks of 32 kB = 96 MB if nothing pushed back
+        await async_write_event(Synthesize(text="word " * total_words).event(), writer)
+        await wait_for(lambda: engine.produced > 0)
+        handler = next(iter(server._connections.values()))
+        peak = sndbuf = 0
+        server_sock = handler.writer.get_extra_info("socket")
+        started = time.monotonic()
+        while engine.outcomes == [] and time.monotonic() - started < TIMEOUT:
+            peak = max(peak, handler.writer.transport.get_write_buffer_size())
+            if server_sock.fileno() >= 0:
+                sndbuf = max(sndbuf, server_sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+            await asyncio.sleep(0.01)
+        # The stalled client was dropped after the write timeout and its synthesis cancelled.
+        assert engine.outcomes == ["cancelled"]
+        assert time.monotonic() - started < 5.0
+        # What left the engine is bounded by the socket buffers (kernel) plus the transport's high-water mark and
+        # the engine's own pending-chunk bound, not by the length of the text (3000 chunks).
+        bound = sndbuf + 2 * 4096 + 64 * 1024 + (MAX_PENDING_CHUNKS + 2) * 32000
+        print(f"stalled client: engine made {engine.produced} chunks ({engine.produced * 32000} B), "
+              f"server SO_SNDBUF {sndbuf} B, transport buffer peak {peak} B")
+        assert engine.produced * 32000 <= bound, f"engine ran ahead: {engine.produced} chunks"
+        assert peak <= 64 * 1024 + 2 * 32000 + 1024, f"server buffered {peak} bytes for one client"
+        await wait_for(lambda: not server._connections)
+        writer.close()
+        # Everyone else is fine.
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="still fine").event())
+            assert not (await collect(client)).errors
+
+
+async def test_slowloris_is_closed_by_idle_timeout(tmp_path: Path) -> None:
+    config = fault_config(tmp_path, limits={"idle_timeout_s": 1.0})
+    async with running_server(config, fault_plugins()) as server, raw_connection(server) as (reader, writer):
+        started = time.monotonic()
+        data = b'{"type": "describe", "padding": "' + b"x" * 100
+        closed_after = None
+        for byte in data:  # one byte every 0.2 s, never completing the header
+            writer.write(bytes([byte]))
+            try:
+                await writer.drain()
+            except ConnectionError:
+                break
+            if reader.at_eof() or writer.is_closing():
+                break
+            await asyncio.sleep(0.2)
+            if reader._buffer:  # type: ignore[attr-defined]  # the server answered (then closes)
+                break
+        events = await read_until_closed(reader, timeout=5.0)
+        closed_after = time.monotonic() - started
+        assert [e.data.get("code") for e in events] == ["ClientTimeout"]
+        assert 0.9 <= closed_after < 4.0, closed_after
+
+
+async def test_idle_timeout_spares_a_client_waiting_for_its_audio(tmp_path: Path) -> None:
+    config = fault_config(tmp_path, limits={"idle_timeout_s": 0.3}, engine={"slow_s": 1.0})
+    async with running_server(config, fault_plugins()) as server, connect(server) as client:
+        await client.write_event(Synthesize(text="SLOW start then words").event())
+        reply = await collect(client)
+        assert not reply.errors and len(reply.audio) == 4 * 2 * 640
+
+
+async def test_engine_exception_is_reported_and_engine_recovers(tmp_path: Path) -> None:
+    async with running_server(fault_config(tmp_path), fault_plugins()) as server:
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="RAISE please now").event())
+            reply = await collect(client)
+            assert [e.code for e in reply.errors] == ["EngineError"]
+            assert "simulated engine bug" in reply.errors[0].text
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="next request").event())
+            reply = await collect(client)
+            assert not reply.errors and len(reply.audio) == 2 * 2 * 640
+
+
+async def test_hung_engine_times_out_and_worker_is_replaced(tmp_path: Path) -> None:
+    config = fault_config(tmp_path, limits={"engine_timeout_s": 1.0})
+    async with running_server(config, fault_plugins()) as server:
+        engine = server.service.engine
+        try:
+            async with connect(server) as waiting, connect(server) as client:
+                await client.write_event(Synthesize(text="HANG forever").event())
+                await asyncio.sleep(0.2)
+                # A second request queued behind the hung one is served by the replacement worker.
+                await waiting.write_event(Synthesize(text="queued behind").event())
+                started = time.monotonic()
+                reply = await collect(client)
+                assert [e.code for e in reply.errors] == ["EngineTimeout"]
+                assert 0.9 < time.monotonic() - started < 5.0
+                queued = await collect(waiting)
+                assert not queued.errors and len(queued.audio) == 2 * 2 * 640
+            assert engine.restarts == 1
+            assert len(engine.worker_threads) == 2
+            async with connect(server) as client:
+                await client.write_event(Synthesize(text="works again").event())
+                assert not (await collect(client)).errors
+        finally:
+            engine.release.set()  # let the abandoned thread end
+
+
+async def test_out_of_memory_is_reported_and_memory_released(tmp_path: Path) -> None:
+    async with running_server(fault_config(tmp_path), fault_plugins()) as server:
+        engine = server.service.engine
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="OOM now").event())
+            reply = await collect(client)
+            assert [e.code for e in reply.errors] == ["EngineOutOfMemory"]
+            assert "CUDA out of memory" in reply.errors[0].text
+        assert engine.memory_released == 1
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="after the fault").event())
+            reply = await collect(client)
+            assert not reply.errors and len(reply.audio) == 3 * 2 * 640
+
+
+async def test_overload_refuses_clearly_and_describe_stays_fast(config: Config) -> None:
+    """Real espeak engine: more requests than the bound; describe latency measured while the engine is busy."""
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, max_concurrent=2))
+    long_text = "This sentence keeps the engine busy for a while, one word after another. " * 12
+    async with running_server(config) as server:
+
+        async def request() -> tuple[list[str], float]:
+            async with connect(server) as client:
+                await client.write_event(Synthesize(text=long_text).event())
+                reply = await collect(client, timeout=60)
+                return [e.code for e in reply.errors], reply.seconds
+
+        tasks = [asyncio.create_task(request()) for _ in range(5)]
+        await wait_for(lambda: server.service.engine.busy)
+        latencies = []
+        async with connect(server) as probe:
+            while server.service.engine.busy and len(latencies) < 50:
+                started = time.perf_counter()
+                await probe.write_event(Describe().event())
+                assert Info.is_type((await read(probe)).type)
+                latencies.append(time.perf_counter() - started)
+                await asyncio.sleep(0.02)
+        results = await asyncio.gather(*tasks)
+        served = [r for r in results if not r[0]]
+        refused = [r for r in results if r[0]]
+        assert len(served) == 2 and all(seconds > 20 for _, seconds in served)
+        assert len(refused) == 3 and all(codes == ["ServerBusy"] for codes, _ in refused)
+        assert len(latencies) >= 10
+        median, worst = statistics.median(latencies), max(latencies)
+        print(f"describe while busy: n={len(latencies)} median={median * 1000:.1f} ms max={worst * 1000:.1f} ms")
+        assert median < 0.1 and worst < 0.5, (median, worst)
+        # Nothing is stuck afterwards.
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="All good again.").event())
+            reply = await collect(client)
+            assert not reply.errors
+            assert_speech(reply.samples(), reply.rate, words=3)
+
+
+async def test_connection_bound(tmp_path: Path) -> None:
+    config = fault_config(tmp_path, limits={"max_connections": 2})
+    async with running_server(config, fault_plugins()) as server:
+        async with connect(server) as one, connect(server) as two:
+            await wait_for(lambda: server.guard.open == 2)
+            async with raw_connection(server) as (reader, _writer):
+                events = await read_until_closed(reader)
+                assert [e.data.get("code") for e in events] == ["ServerBusy"]
+                assert "max_connections" in events[0].data["text"]
+            for client in (one, two):
+                await client.write_event(Describe().event())
+                assert Info.is_type((await read(client)).type)
+        await wait_for(lambda: server.guard.open == 0)
+        async with raw_connection(server) as (reader, writer):
+            await async_write_event(Describe().event(), writer)
+            assert (await read_raw(reader)).type == "info"
