@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from . import __version__
 from .errors import CosyVoiceServiceError
 
-COMMANDS = ("serve", "say", "describe", "voices", "plugins", "bench")
+COMMANDS = ("serve", "say", "describe", "voices", "plugins", "bench", "download", "health")
 """Subcommand modules in `wyoming_cosyvoice.commands`, in `--help` order; each has `add_parser(subparsers)`."""
 
 

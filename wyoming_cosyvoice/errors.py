@@ -60,6 +60,8 @@ class UsageError(CosyVoiceServiceError):
 
 class NoAudioDevice(SinkError):
     """This machine has no usable audio output (no device, or no PortAudio library)."""
+
+
 class ProtocolError(BadRequest):
     """A client broke the Wyoming framing (bad header line, lengths, JSON or UTF-8); the connection is closed."""
 
@@ -78,3 +80,7 @@ class EngineTimeout(EngineError):
 
 class EngineOutOfMemory(EngineError):
     """The engine ran out of (GPU) memory for one request; caches were released and the next request may run."""
+
+
+class DownloadError(CosyVoiceServiceError):
+    """A model could not be downloaded (no hub client, no network); the message says what to do instead."""

@@ -1,0 +1,379 @@
+"""CosyVoice GPU engine: the official code from a checkout, one worker thread, prepared voices, streamed chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+from wyoming_cosyvoice import cosyvoice_upstream as upstream
+from wyoming_cosyvoice.audio import float_to_pcm16
+from wyoming_cosyvoice.config import Section
+from wyoming_cosyvoice.cosyvoice_options import CosyVoiceSettings, LoadPlan, plan_load
+from wyoming_cosyvoice.engine import AudioChunk, Cancelled, SynthesisOptions, ThreadedEngine
+from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, ServerBusy, VoiceError
+from wyoming_cosyvoice.gpu import gpu_facts
+from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.cosyvoice_voices import PreparedVoice, recipe, speakable, synthetic_prompt, v1_language_tag
+from wyoming_cosyvoice.prompts import PromptCache, default_cache_dir, prompt_key
+from wyoming_cosyvoice.reference import normalized_reference
+from wyoming_cosyvoice.voices import VoiceProfile
+
+_LOGGER = logging.getLogger(__name__)
+
+_SESSION_DICTS = ("tts_speech_token_dict", "llm_end_dict", "mel_overlap_dict", "flow_cache_dict", "hift_cache_dict")
+WARMUP_NAME = "(warm-up)"
+
+
+class CosyVoiceEngine(ThreadedEngine):
+    """The official CosyVoice classes behind the engine interface; the worker thread owns the model."""
+
+    name = "cosyvoice"
+
+    def __init__(self, settings: CosyVoiceSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.state = "created"
+        """created, loading, ready, failed or closed."""
+        self.model: Any = None
+        self.info: Optional[upstream.ModelInfo] = None
+        self.plan: Optional[LoadPlan] = None
+        self.cache = PromptCache(settings.cache_dir or default_cache_dir())
+        self.sample_rate = 24000
+        self._model_lock = threading.Lock()
+        self._prepared: dict[tuple, PreparedVoice] = {}
+        self._voice_errors: dict[str, str] = {}
+        self._voice_names: set[str] = set()
+        self._first_profile: Optional[VoiceProfile] = None
+        self._initial_hop: Optional[int] = None
+        self._active = 0
+        self.warmup_report = ""
+
+    # --- loading -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check every piece and load the model on the worker thread (EngineUnavailable names what is missing)."""
+        self.state = "loading"
+        try:
+            await self.run_in_worker(self._load, None)
+        except BaseException:
+            self.state = "failed"
+            raise
+        self.state = "ready"
+
+    def _load(self, force_fp16: Optional[bool]) -> None:
+        started = time.perf_counter()
+        repo = upstream.check_checkout(self.settings.repo)
+        info = upstream.inspect_model_dir(self.settings.model_dir)
+        try:
+            import torch
+        except ImportError:
+            raise EngineUnavailable(upstream.PREFIX + "torch is not installed (pip install -e '.[gpu]')") from None
+        cuda = bool(torch.cuda.is_available())
+        capability = tuple(torch.cuda.get_device_capability()) if cuda else None
+        trt_version = upstream.tensorrt_version() if cuda else None
+        plan = plan_load(self.settings, info.version, info.path, cuda, capability, trt_version)  # type: ignore[arg-type]
+        if force_fp16 is not None:
+            plan = LoadPlan(plan.device, force_fp16, False, plan.load_trt, plan.load_jit, plan.load_vllm, plan.notes)
+        module = upstream.import_cosyvoice(repo)
+        plans: Optional[tuple[Path, Path]] = None
+        if plan.load_trt:
+            keyed = upstream.keyed_plan_path(
+                self.cache.directory, info.identity, plan.fp16, torch.cuda.get_device_name(), capability, trt_version or ""
+            )
+            plans = (upstream.upstream_plan_path(info.path, plan.fp16), keyed)
+            if not upstream.link_plan(*plans):
+                _LOGGER.info("Building the TensorRT plan for this GPU (first start only; takes minutes)")
+        kwargs: dict[str, Any] = {"load_trt": plan.load_trt, "fp16": plan.fp16, "trt_concurrent": self.settings.trt_concurrent}
+        if info.version != 3:
+            kwargs["load_jit"] = plan.load_jit
+        if info.version != 1:
+            kwargs["load_vllm"] = plan.load_vllm
+        self._unload()
+        try:
+            model = getattr(module, info.class_name)(str(info.path), **kwargs)
+        except Exception as err:  # upstream raises ValueError, AssertionError, CUDA errors...
+            raise EngineUnavailable(
+                upstream.PREFIX + f"loading {info.class_name} from {info.path} failed: {type(err).__name__}: {err}"
+            ) from None
+        if plans is not None:
+            upstream.adopt_plan(*plans)
+        self._install_hop_reset(model.model)
+        self.model, self.info, self.plan = model, info, plan
+        self.sample_rate = int(model.sample_rate)
+        self._prepared.clear()
+        self._voice_names.clear()
+        _LOGGER.info(
+            "Loaded %s from %s on %s in %.1f s (%s Hz; %s)", info.class_name, info.path, plan.device,
+            time.perf_counter() - started, self.sample_rate, "; ".join(plan.notes) or "defaults",
+        )
+
+    def _install_hop_reset(self, inner: Any) -> None:
+        """Upstream doubles `token_hop_len` on the shared model during a stream and never resets it (the third
+        request waits ~4 s for its first chunk): reset it at every segment's `tts` call."""
+        self._initial_hop = getattr(inner, "token_hop_len", None)
+        if self._initial_hop is None:  # CosyVoice 1 keeps its hop length local
+            return
+        original = inner.tts
+        initial = self._initial_hop
+
+        def tts(*args: Any, **kwargs: Any) -> Any:
+            inner.token_hop_len = initial
+            return original(*args, **kwargs)
+
+        inner.tts = tts
+
+    def _unload(self) -> None:
+        if self.model is None:
+            return
+        self.model = None
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    # --- voices ------------------------------------------------------------------------------------
+
+    async def prepare(self, profiles: Iterable[VoiceProfile]) -> None:
+        """Compute (or load from the disk cache) each profile's prompt features once; VoiceError for a bad one."""
+        for profile in profiles:
+            if profile.engine not in (None, self.name):
+                continue
+            try:
+                await self.run_in_worker(self._voice, profile)
+            except VoiceError as err:
+                self._voice_errors[profile.name] = str(err)
+                raise
+
+    def _signature(self, profile: VoiceProfile) -> tuple:
+        stamp: tuple = ()
+        if profile.reference_audio is not None:
+            try:
+                stat = Path(profile.reference_audio).stat()
+                stamp = (stat.st_mtime_ns, stat.st_size)
+            except OSError:
+                stamp = ("missing",)
+        return (profile.mode, str(profile.reference_audio), stamp, profile.transcript, profile.instruct,
+                profile.speaker, profile.languages[:1])
+
+    def _voice(self, profile: VoiceProfile) -> PreparedVoice:
+        """The prepared voice for `profile`, preparing it now on first use (worker thread)."""
+        signature = self._signature(profile)
+        voice = self._prepared.get(signature)
+        if voice is None or voice.spk_id not in self.model.frontend.spk2info:
+            voice = self._prepare(profile)
+            self._prepared[signature] = voice
+        if profile.name != WARMUP_NAME:
+            self._first_profile = self._first_profile or profile
+            self._voice_names.add(profile.name)
+            self._voice_errors.pop(profile.name, None)
+        return voice
+
+    def _prepare(self, profile: VoiceProfile) -> PreparedVoice:
+        assert self.info is not None and self.model is not None
+        plan = recipe(profile, self.info.version, list(self.model.list_available_spks()))
+        if plan.prompt_text is None:
+            return PreparedVoice(plan.method, plan.speaker, instruct_text=plan.instruct_text)
+        prompt_text = plan.prompt_text
+        # Validated, trimmed, mono 16-bit WAV at >= 16 kHz and <= 30 s; CosyVoice gets it by path.
+        reference = normalized_reference(profile, self.cache.directory / "references")
+        audio_hash = hashlib.sha256(reference.read_bytes()).hexdigest()
+        key = prompt_key(audio_hash, prompt_text, self.info.identity)
+        spk_id = f"wcv-{key[:16]}"
+        frontend = self.model.frontend
+
+        def compute() -> dict:
+            try:
+                self.model.add_zero_shot_spk(prompt_text, str(reference), spk_id)
+            except Exception as err:  # upstream asserts and raises on prompts it cannot use
+                raise VoiceError(f"voice {profile.name!r}: CosyVoice could not prepare {profile.reference_audio}: "
+                                 f"{type(err).__name__}: {err}") from None
+            return frontend.spk2info[spk_id]
+
+        entry, hit = self.cache.get_or_compute(key, compute, map_location=getattr(frontend, "device", None))
+        frontend.spk2info[spk_id] = entry
+        _LOGGER.info("Voice %s prepared (%s, %s)", profile.name, plan.method, "from cache" if hit else "computed")
+        return PreparedVoice(plan.method, spk_id, from_cache=hit)
+
+    # --- synthesis ---------------------------------------------------------------------------------
+
+    async def synthesize(self, text: str, profile: VoiceProfile, options: SynthesisOptions) -> AsyncIterator[AudioChunk]:
+        """Queue for the worker (bounded by max_queue), then stream its chunks."""
+        if self.model is None:
+            raise EngineError(f"cosyvoice engine is not ready (state: {self.state})")
+        if self._active >= self.settings.max_queue:
+            raise ServerBusy(f"cosyvoice engine busy: {self._active} requests queued (max_queue {self.settings.max_queue})")
+        self._active += 1
+        try:
+            async for chunk in super().synthesize(text, profile, options):
+                yield chunk
+        finally:
+            self._active -= 1
+
+    def render(self, text: str, profile: VoiceProfile, options: SynthesisOptions,
+               emit: Callable[[bytes], None], cancel: threading.Event) -> None:
+        """Emit each chunk; the generator is closed explicitly so upstream's per-call state is cleaned now."""
+        chunks = self.generate(text, profile, options, cancel)
+        try:
+            for pcm in chunks:
+                if cancel.is_set():
+                    raise Cancelled()
+                emit(pcm)
+        finally:
+            chunks.close()
+
+    def generate(self, text: str, profile: VoiceProfile, options: SynthesisOptions,
+                 cancel: threading.Event) -> Iterator[bytes]:
+        """16-bit PCM chunks at the model's rate, as upstream yields them."""
+        for samples in self._outputs(text, profile, options.speed, cancel):
+            yield float_to_pcm16(samples)
+
+    def _outputs(self, text: str, profile: VoiceProfile, speed: float,
+                 cancel: Optional[threading.Event] = None) -> Iterator[np.ndarray]:
+        text = text.strip()
+        if not speakable(text):
+            return
+        voice = self._voice(profile)
+        stream = self.settings.stream and speed == 1.0  # upstream ignores speed while streaming
+        kwargs = {"stream": stream, "speed": 1.0 if stream else speed}
+        with self._model_lock:
+            model = self.model
+            before = _session_keys(model.model)
+            if voice.method == "sft":
+                outputs = model.inference_sft(text, voice.spk_id, **kwargs)
+            elif voice.method == "instruct":
+                outputs = model.inference_instruct(text, voice.spk_id, voice.instruct_text, **kwargs)
+            elif voice.method == "zero_shot":
+                outputs = model.inference_zero_shot(text, "", "", zero_shot_spk_id=voice.spk_id, **kwargs)
+            elif voice.method == "instruct2":
+                outputs = model.inference_instruct2(text, "", "", zero_shot_spk_id=voice.spk_id, **kwargs)
+            else:
+                if self.info is not None and self.info.version == 1:
+                    text = v1_language_tag(profile) + text
+                outputs = model.inference_cross_lingual(text, "", zero_shot_spk_id=voice.spk_id, **kwargs)
+            try:
+                for output in outputs:
+                    yield output["tts_speech"].detach().float().cpu().numpy().reshape(-1)
+                    if cancel is not None and cancel.is_set():
+                        return
+            finally:
+                outputs.close()
+                _reap_sessions(model.model, before)
+
+    # --- warm-up, health, close --------------------------------------------------------------------
+
+    async def warmup(self) -> None:
+        """Synthesize `warmup_text` once; non-finite output reloads in fp32 (auto fp16) or is an error."""
+        await self.run_in_worker(self._warmup, True)
+
+    def _warmup_profile(self) -> VoiceProfile:
+        if self._first_profile is not None:  # already prepared: warming up costs no extra prompt computation
+            return self._first_profile
+        path = self.cache.directory / "warmup_prompt.wav"
+        if not path.is_file():
+            import soundfile
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            soundfile.write(str(path), synthetic_prompt(), 24000, subtype="FLOAT")
+        return VoiceProfile(name=WARMUP_NAME, mode="cross_lingual", reference_audio=path)
+
+    def _warmup(self, may_reload: bool) -> None:
+        assert self.plan is not None
+        profile = self._warmup_profile()
+        started = time.perf_counter()
+        first: Optional[float] = None
+        samples, finite = 0, True
+        for chunk in self._outputs(self.settings.warmup_text, profile, 1.0):
+            first = first or time.perf_counter()
+            samples += len(chunk)
+            finite = finite and bool(np.isfinite(chunk).all())
+        total = time.perf_counter() - started
+        if not finite:
+            if self.plan.fp16 and self.plan.fp16_auto and may_reload:
+                _LOGGER.warning("fp16 warm-up produced NaN/inf audio on this GPU; reloading in fp32")
+                self._load(False)
+                self._warmup(False)
+                return
+            self.state = "failed"
+            if self.plan.fp16:
+                raise EngineError(upstream.PREFIX + "fp16 warm-up produced NaN/inf audio on this GPU; "
+                                  "set engines.cosyvoice.fp16: false")
+            raise EngineError(upstream.PREFIX + "warm-up produced NaN/inf audio (damaged model files?)")
+        seconds = samples / self.sample_rate
+        self.warmup_report = (f"first chunk {((first or started) - started) * 1000:.0f} ms, "
+                              f"rtf {total / seconds if seconds else float('nan'):.2f}")
+        _LOGGER.info("Warm-up: %.2f s of audio in %.2f s (%s)", seconds, total, self.warmup_report)
+
+    def health(self) -> dict[str, Any]:
+        """Engine state, model, precision, prepared voices and GPU facts (NVML; cheap)."""
+        facts: dict[str, Any] = {"engine": self.name, "state": self.state, "sample_rate": self.sample_rate}
+        if self.info is not None:
+            facts["model"] = f"{self.info.class_name} ({self.info.path.name})"
+        if self.plan is not None:
+            facts["device"] = self.plan.device
+            facts["precision"] = "fp16" if self.plan.fp16 else "fp32"
+            facts["tensorrt"] = "on" if self.plan.load_trt else "off"
+        facts["voices_prepared"] = len(self._voice_names)
+        if self._voice_errors:
+            facts["voices_failed"] = ", ".join(sorted(self._voice_errors))
+        facts["prompt_cache"] = f"{self.cache.hits} hits/{self.cache.misses} computed"
+        if self.warmup_report:
+            facts["warmup"] = self.warmup_report
+        facts.update(gpu_facts().as_dict())
+        return facts
+
+    async def close(self) -> None:
+        """Release the model after the current job and stop the worker."""
+        if self.model is not None:
+            try:
+                await asyncio.wait_for(self.run_in_worker(self._unload), 30)
+            except (asyncio.TimeoutError, RuntimeError):
+                pass
+        self.state = "closed"
+        await super().close()
+
+
+def _session_keys(inner: Any) -> set[str]:
+    keys: set[str] = set()
+    for attr in _SESSION_DICTS:
+        keys.update(getattr(inner, attr, None) or {})
+    return keys
+
+
+def _reap_sessions(inner: Any, before: set[str], timeout: float = 120.0) -> None:
+    """A generator closed early leaves its per-call entries (and a running LLM thread) behind: wait for the LLM
+    thread to finish, then drop the entries, so abandoned requests neither leak nor crash that thread."""
+    leaked = _session_keys(inner) - before
+    if not leaked:
+        return
+    ends = getattr(inner, "llm_end_dict", {})
+    deadline = time.monotonic() + timeout
+    while any(ends.get(key) is False for key in leaked) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with inner.lock:
+        for attr in _SESSION_DICTS:
+            table = getattr(inner, attr, None)
+            if table is not None:
+                for key in leaked:
+                    table.pop(key, None)
+    _LOGGER.debug("Cleaned %d abandoned CosyVoice session(s)", len(leaked))
+
+
+def create_engine(section: Section) -> CosyVoiceEngine:
+    """Factory: `engines.cosyvoice` settings -> engine (nothing heavy happens before start())."""
+    return CosyVoiceEngine(section.parse(CosyVoiceSettings))
+
+
+@hookimpl
+def register_engines(register: Callable[..., None]) -> None:
+    """Register the CosyVoice GPU engine."""
+    register("cosyvoice", create_engine)

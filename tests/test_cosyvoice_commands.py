@@ -1,0 +1,96 @@
+"""`wyoming-cosyvoice download` and `wyoming-cosyvoice health`, run as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from .cosyvoice_support import STANDIN_REPO, make_model_dir
+from .helpers import write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, prelude: str = "", cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter; `prelude` runs first (to hide or provide hub clients)."""
+    code = prelude + "\nimport sys\nfrom wyoming_cosyvoice.__main__ import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+NO_HUBS = "import sys\nsys.modules['modelscope'] = None\nsys.modules['huggingface_hub'] = None\n"
+
+
+def test_download_without_hub_client_explains_what_to_do(tmp_path: Path) -> None:
+    result = cli("download", "CosyVoice2-0.5B", "--dir", str(tmp_path / "m"), prelude=NO_HUBS)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot download CosyVoice2-0.5B: neither modelscope nor huggingface_hub is installed")
+    assert f"git lfs install && git clone https://huggingface.co/FunAudioLLM/CosyVoice2-0.5B {tmp_path / 'm'}" in line
+    assert "https://www.modelscope.cn/iic/CosyVoice2-0.5B.git" in line
+    assert not (tmp_path / "m").exists()
+
+
+def test_download_unknown_model() -> None:
+    result = cli("download", "CosyVoice9", prelude=NO_HUBS)
+    assert result.returncode == 2
+    assert "error: unknown model 'CosyVoice9' (known: Fun-CosyVoice3-0.5B, CosyVoice2-0.5B" in result.stderr
+
+
+def _fake_hub(tmp_path: Path, body: str) -> str:
+    """A huggingface_hub stand-in module (the real hub is not reachable from tests)."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "huggingface_hub.py").write_text(textwrap.dedent(body))
+    return f"import sys\nsys.modules['modelscope'] = None\nsys.path.insert(0, {str(hub)!r})\n"
+
+
+def test_download_network_failure_gives_the_manual_way(tmp_path: Path) -> None:
+    prelude = _fake_hub(tmp_path, """
+        def snapshot_download(repo_id, local_dir=None, **kwargs):
+            raise OSError("Failed to resolve 'huggingface.co'")
+    """)
+    result = cli("download", "Fun-CosyVoice3-0.5B", "--dir", str(tmp_path / "m"), prelude=prelude)
+    assert result.returncode == 2
+    assert "downloading Fun-CosyVoice3-0.5B from huggingface_hub failed (Failed to resolve 'huggingface.co')" in result.stderr
+    assert "git clone https://huggingface.co/FunAudioLLM/Fun-CosyVoice3-0.5B-2512" in result.stderr
+
+
+def test_download_success_checks_the_model_dir(tmp_path: Path) -> None:
+    prelude = _fake_hub(tmp_path, f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from tests.cosyvoice_support import make_model_dir
+        calls = []
+
+        def snapshot_download(repo_id, local_dir=None, **kwargs):
+            assert repo_id == "FunAudioLLM/CosyVoice2-0.5B", repo_id
+            make_model_dir(Path(local_dir), 2)
+            return local_dir
+    """)
+    result = cli("download", "CosyVoice2-0.5B", "--dir", str(tmp_path / "m"), prelude=prelude)
+    assert result.returncode == 0, result.stderr
+    assert f"CosyVoice2 model ready in {tmp_path / 'm'}" in result.stdout
+    assert f"model_dir: {tmp_path / 'm'}" in result.stdout
+
+
+def test_health_reports_gpu_and_checks(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "cfg", engine={"name": "cosyvoice", "fallback": "espeak"},
+                        engines={"cosyvoice": {"repo": str(STANDIN_REPO), "model_dir": str(tmp_path / "nope")}})
+    result = cli("health", "--config", str(path))
+    assert result.returncode == 1
+    assert "gpu: " in result.stdout and "engine: cosyvoice (fallback: espeak)" in result.stdout
+    assert f"cosyvoice checkout: {STANDIN_REPO}" in result.stdout
+    assert f"cosyvoice problem: cosyvoice engine: model directory {tmp_path / 'nope'} not found" in result.stdout
+    make_model_dir(tmp_path / "nope", 3)
+    result = cli("health", "--config", str(path))
+    assert "cosyvoice model: CosyVoice3 in" in result.stdout
+    try:
+        __import__("torch")
+    except ImportError:
+        assert "torch: not installed" in result.stdout
+        return
+    if "CUDA not available" in result.stdout:
+        assert "no CUDA GPU visible to torch" in result.stdout and result.returncode == 1

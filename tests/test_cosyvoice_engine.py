@@ -1,0 +1,344 @@
+"""CosyVoice engine against the stand-in checkout (real API, sine "model"): modes, hop reset, cancellation, cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from wyoming_cosyvoice.audio import pcm16_to_float  # noqa: E402
+from wyoming_cosyvoice.cosyvoice_options import CosyVoiceSettings, LoadPlan  # noqa: E402
+from wyoming_cosyvoice.engine import SynthesisOptions  # noqa: E402
+from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, ServerBusy, VoiceError  # noqa: E402
+from wyoming_cosyvoice.voices import VoiceProfile  # noqa: E402
+from wyoming_cosyvoice_plugins import cosyvoice_engine  # noqa: E402
+from wyoming_cosyvoice_plugins.cosyvoice_engine import CosyVoiceEngine  # noqa: E402
+
+from .cosyvoice_support import STANDIN_REPO, dominant_frequency, forget_cosyvoice, make_model_dir, write_prompt  # noqa: E402
+
+LONG_TEXT = "This sentence is long enough to stream in several chunks from the stand-in model, one after another."
+
+
+@pytest.fixture(autouse=True)
+def fresh_import() -> Any:
+    forget_cosyvoice()
+    yield
+    forget_cosyvoice()
+
+
+def settings(tmp_path: Path, version: int = 2, speakers: tuple[str, ...] = (), **overrides: Any) -> CosyVoiceSettings:
+    model = make_model_dir(tmp_path / f"model-v{version}", version, speakers=speakers, **overrides.pop("knobs", {}))
+    values: dict[str, Any] = dict(repo=STANDIN_REPO, model_dir=model, cache_dir=tmp_path / "cache", require_gpu=False)
+    values.update(overrides)
+    return CosyVoiceSettings(**values)
+
+
+async def started(cfg: CosyVoiceSettings, profiles: tuple[VoiceProfile, ...] = ()) -> CosyVoiceEngine:
+    engine = CosyVoiceEngine(cfg)
+    await engine.start()
+    await engine.prepare(profiles)
+    return engine
+
+
+async def speak(engine: CosyVoiceEngine, text: str, profile: VoiceProfile, speed: float = 1.0) -> list[np.ndarray]:
+    chunks = []
+    stream = engine.synthesize(text, profile, SynthesisOptions(speed=speed))
+    async for chunk in stream:
+        assert chunk.rate == engine.sample_rate and chunk.width == 2 and chunk.channels == 1
+        chunks.append(pcm16_to_float(chunk.audio))
+    return chunks
+
+
+def voice(prompt: Path, **fields: Any) -> VoiceProfile:
+    return VoiceProfile(name=fields.pop("name", "tars"), reference_audio=prompt, **fields)
+
+
+async def test_zero_shot_streams_in_the_prompts_voice(tmp_path: Path) -> None:
+    prompt = write_prompt(tmp_path / "tars.wav", pitch=180.0, rate=44100, channels=2)  # 44.1 kHz stereo: resampled
+    engine = await started(settings(tmp_path), (tars := voice(prompt, mode="zero_shot", transcript="Hi there."),))
+    try:
+        chunks = await speak(engine, LONG_TEXT, tars)
+        assert engine.sample_rate == 24000
+        assert len(chunks) >= 3, "streamed in several chunks"
+        assert len(chunks[0]) == 24000, "first chunk = 25 tokens (prompt of exactly 75 tokens needs no pad)"
+        audio = np.concatenate(chunks)
+        assert abs(dominant_frequency(audio, 24000) - 180.0) < 3.0
+        assert 0.45 < float(np.abs(audio).max()) <= 0.5 + 1e-3
+    finally:
+        await engine.close()
+
+
+async def test_token_hop_len_growth_is_reset_per_request(tmp_path: Path) -> None:
+    prompt = write_prompt(tmp_path / "p.wav")
+    engine = await started(settings(tmp_path), (tars := voice(prompt),))
+    try:
+        firsts = [len((await speak(engine, LONG_TEXT, tars))[0]) for _ in range(3)]
+        assert firsts == [firsts[0]] * 3 and firsts[0] == 24000
+        # The stand-in reproduces upstream's bug: called directly, later calls' first chunks are 5x longer
+        # (hop 100 instead of 25, plus the prompt pad that the larger hop brings).
+        model = engine.model
+        spk = next(iter(engine._prepared.values())).spk_id
+        model.model.tts = type(model.model).tts.__get__(model.model)  # the original, without our reset
+        model.model.token_hop_len = 25
+        direct = [
+            list(model.inference_cross_lingual(LONG_TEXT, "", zero_shot_spk_id=spk, stream=True))[0]["tts_speech"]
+            for _ in range(3)
+        ]
+        assert [d.shape[1] for d in direct] == [24000, 120000, 120000]
+    finally:
+        await engine.close()
+
+
+async def test_cancel_stops_generation_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    errors: list[Any] = []
+    previous = threading.excepthook
+    threading.excepthook = errors.append
+    prompt = write_prompt(tmp_path / "p.wav")
+    engine = await started(settings(tmp_path, knobs={"token_s": 0.004}), (tars := voice(prompt),))
+    try:
+        full = sum(len(c) for c in await speak(engine, LONG_TEXT, tars))
+        stream = engine.synthesize(LONG_TEXT * 3, tars, SynthesisOptions())
+        first = await asyncio.wait_for(stream.__anext__(), 20)
+        await stream.aclose()  # the client left
+        await asyncio.wait_for(engine.run_in_worker(lambda: None), 30)  # worker idle again
+        assert len(first.audio) // 2 < full
+        inner = engine.model.model
+        assert inner.tts_speech_token_dict == {} and inner.llm_end_dict == {} and inner.hift_cache_dict == {}
+        assert engine._active == 0
+        # The next request is served normally, with a fresh hop length.
+        assert len((await speak(engine, LONG_TEXT, tars))[0]) == 24000
+        assert errors == [], "the abandoned call's LLM thread must not crash"
+    finally:
+        threading.excepthook = previous
+        await engine.close()
+
+
+async def test_prepared_voices_are_cached_on_disk(tmp_path: Path) -> None:
+    prompt = write_prompt(tmp_path / "p.wav", pitch=220.0)
+    cfg = settings(tmp_path)
+    tars = voice(prompt, mode="zero_shot", transcript="Hello there.")
+    engine = await started(cfg, (tars,))
+    first = await speak(engine, "Cached voices sound the same.", tars)
+    assert (engine.cache.hits, engine.cache.misses) == (0, 1)
+    await engine.close()
+    engine = await started(cfg, (tars,))  # a restart: loaded from disk
+    try:
+        assert (engine.cache.hits, engine.cache.misses) == (1, 0)
+        again = await speak(engine, "Cached voices sound the same.", tars)
+        assert np.array_equal(np.concatenate(first), np.concatenate(again))
+        assert health_value(engine, "prompt_cache") == "1 hits/0 computed"
+        # Another transcript is another prompt: computed, not served from the old entry.
+        await engine.prepare([voice(prompt, name="other", mode="zero_shot", transcript="Something else.")])
+        assert (engine.cache.hits, engine.cache.misses) == (1, 1)
+        assert len(list((tmp_path / "cache" / "voices").glob("*.pt"))) == 2
+    finally:
+        await engine.close()
+
+
+def health_value(engine: CosyVoiceEngine, key: str) -> Any:
+    return engine.health()[key]
+
+
+async def test_cache_is_keyed_by_model_identity(tmp_path: Path) -> None:
+    prompt = write_prompt(tmp_path / "p.wav")
+    cfg = settings(tmp_path)
+    engine = await started(cfg, (tars := voice(prompt),))
+    await engine.close()
+    (cfg.model_dir / "flow.pt").write_bytes((cfg.model_dir / "flow.pt").read_bytes() + b"\0" * 16)  # new model files
+    engine = await started(cfg, (tars,))
+    try:
+        assert (engine.cache.hits, engine.cache.misses) == (0, 1)
+    finally:
+        await engine.close()
+
+
+@pytest.mark.parametrize("version", [2, 3])
+async def test_modes(tmp_path: Path, version: int) -> None:
+    prompt = write_prompt(tmp_path / "p.wav", pitch=160.0, rate=16000)
+    profiles = (
+        voice(prompt, name="zs", mode="zero_shot", transcript="Hello there."),
+        voice(prompt, name="xl", mode="cross_lingual"),
+        voice(prompt, name="ins", mode="instruct", instruct="Speak cheerfully."),
+    )
+    engine = await started(settings(tmp_path, version=version), profiles)
+    try:
+        tokens = {}
+        for profile in profiles:
+            audio = np.concatenate(await speak(engine, "One two three.", profile))
+            assert abs(dominant_frequency(audio, 24000) - 160.0) < 3.0, profile.name
+            prepared = engine._voice(profile)
+            entry = engine.model.frontend.spk2info[prepared.spk_id]
+            tokens[profile.name] = (prepared.method, entry["prompt_text"][0].tolist())
+        assert tokens["zs"][0] == "zero_shot" and tokens["ins"][0] == "instruct2"
+        assert tokens["ins"][1][-1] == 151646, "instruction ends with <|endofprompt|>"
+        if version == 3:
+            # CosyVoice 3 asserts <|endofprompt|> is in the prompt: the system prefix is added for every mode.
+            assert 151646 in tokens["zs"][1] and tokens["xl"] == ("instruct2", tokens["xl"][1])
+            assert 151646 in tokens["xl"][1]
+        else:
+            assert 151646 not in tokens["zs"][1] and tokens["xl"][0] == "cross_lingual"
+    finally:
+        await engine.close()
+
+
+async def test_cosyvoice1_sft_and_instruct_at_22050(tmp_path: Path) -> None:
+    cfg = settings(tmp_path, version=1, speakers=("英文女", "中文男"))
+    profiles = (
+        VoiceProfile(name="sft", mode="sft", speaker="中文男"),
+        VoiceProfile(name="ins", mode="instruct", speaker="英文女", instruct="Calm."),
+        VoiceProfile(name="bad", mode="sft", speaker="nobody"),
+    )
+    engine = await started(cfg, profiles[:2])
+    try:
+        with pytest.raises(VoiceError, match="voice 'bad': mode sft needs `speaker`"):
+            await engine.prepare(profiles[2:])
+        assert engine.sample_rate == 22050
+        audio = np.concatenate(await speak(engine, LONG_TEXT, profiles[0]))
+        assert abs(dominant_frequency(audio, 22050) - 250.0) < 3.0
+        audio = np.concatenate(await speak(engine, "Short one.", profiles[1]))
+        assert abs(dominant_frequency(audio, 22050) - 200.0) < 3.0
+        assert engine.health()["voices_failed"] == "bad"
+        with pytest.raises(VoiceError, match=r"voice 'bad': mode sft needs `speaker` set to a built-in speaker \(英文女, 中文男\)"):
+            await speak(engine, "Hello.", profiles[2])
+    finally:
+        await engine.close()
+
+
+async def test_voice_errors_are_one_line(tmp_path: Path) -> None:
+    prompt = write_prompt(tmp_path / "p.wav")
+    engine = await started(settings(tmp_path))
+    cases = [
+        (VoiceProfile(name="a", mode="zero_shot", reference_audio=prompt), "mode zero_shot needs the transcript"),
+        (VoiceProfile(name="b", mode="cross_lingual"), "voice 'b': mode cross_lingual needs reference_audio"),
+        (VoiceProfile(name="c", mode="instruct", reference_audio=prompt), "mode instruct needs `instruct` text"),
+        (VoiceProfile(name="d", mode="sft", speaker="x"), "none: this model has no built-in speakers"),
+        (voice(write_prompt(tmp_path / "8k.wav", rate=8000), name="e"), "sample rate 8000 Hz is below the minimum of 16000 Hz"),
+        (voice(write_prompt(tmp_path / "long.wav", seconds=31.0, rate=16000), name="f", mode="zero_shot",
+               transcript="Too long for a transcript."), "31.0 s of sound is longer than 30 s"),
+        (voice(tmp_path / "none.wav", name="g"), "file not found"),
+    ]
+    try:
+        for profile, expected in cases:
+            with pytest.raises(VoiceError) as err:
+                await speak(engine, "Hello.", profile)
+            assert expected in str(err.value) and "\n" not in str(err.value)
+    finally:
+        await engine.close()
+
+
+async def test_text_traps_and_speed(tmp_path: Path) -> None:
+    prompt = write_prompt(tmp_path / "p.wav")
+    engine = await started(settings(tmp_path), (tars := voice(prompt),))
+    try:
+        for text in ("", "   \n ", "...!?", "。，"):
+            assert await speak(engine, text, tars) == [], repr(text)
+        normal = np.concatenate(await speak(engine, "Speed test sentence.", tars))
+        fast = await speak(engine, "Speed test sentence.", tars, speed=2.0)
+        assert len(fast) == 1, "speed != 1 is synthesized whole (upstream ignores speed while streaming)"
+        assert abs(len(fast[0]) - len(normal) / 2) <= 2
+    finally:
+        await engine.close()
+
+
+async def test_queue_bound(tmp_path: Path) -> None:
+    prompt = write_prompt(tmp_path / "p.wav")
+    engine = await started(settings(tmp_path, max_queue=1), (tars := voice(prompt),))
+    try:
+        first = engine.synthesize(LONG_TEXT, tars, SynthesisOptions())
+        await asyncio.wait_for(first.__anext__(), 20)
+        with pytest.raises(ServerBusy, match=r"cosyvoice engine busy: 1 requests queued \(max_queue 1\)"):
+            await speak(engine, "Me too.", tars)
+        await first.aclose()
+    finally:
+        await engine.close()
+
+
+async def test_upstream_logging_and_progress_bars_are_silenced(tmp_path: Path, capfd: Any) -> None:
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    ours = Collect()
+    for handler in saved[0]:
+        root.removeHandler(handler)
+    root.addHandler(ours)  # as the CLI configures logging: one handler, INFO
+    root.setLevel(logging.INFO)
+    try:
+        engine = await started(settings(tmp_path), (tars := voice(write_prompt(tmp_path / "p.wav")),))
+        assert root.level == logging.INFO and root.handlers == [ours], "upstream's basicConfig(DEBUG) was undone"
+        await speak(engine, "Quiet please.", tars)
+        logging.warning("a root-logger warning, as upstream logs them")
+        await engine.close()
+    finally:
+        root.removeHandler(ours)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+    messages = [(r.name, r.levelno, r.getMessage()) for r in ours.records]
+    assert any(name.endswith("cosyvoice_engine") and "Loaded CosyVoice2" in text for name, _, text in messages)
+    assert not [m for m in messages if m[0] == "root" and m[1] < logging.WARNING], "upstream per-chunk INFO dropped"
+    assert ("root", logging.WARNING, "a root-logger warning, as upstream logs them") in messages
+    err = capfd.readouterr().err
+    assert "[progress]" not in err and "it/s]" not in err  # stand-in bar, or the real tqdm when installed
+
+
+async def test_warmup_checks_output_is_finite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # fp16 NaN output needs a GPU; the stand-in simulates it when the class is asked for fp16.
+    real_plan = cosyvoice_engine.plan_load
+    forced: dict[str, Any] = {}
+
+    def gpu_plan(*args: Any, **kwargs: Any) -> LoadPlan:
+        real_plan(*args, **kwargs)  # the real checks still run
+        return LoadPlan("cuda", True, forced["auto"], False, False, False, ("pretend GPU",))
+
+    monkeypatch.setattr(cosyvoice_engine, "plan_load", gpu_plan)
+    forced["auto"] = True
+    engine = await started(settings(tmp_path, knobs={"nonfinite_if_fp16": True}))
+    try:
+        await engine.warmup()  # NaN in fp16 -> reloaded in fp32
+        assert engine.health()["precision"] == "fp32" and engine.state == "ready"
+    finally:
+        await engine.close()
+    forced["auto"] = False
+    engine = await started(settings(tmp_path, knobs={"nonfinite_if_fp16": True}))
+    try:
+        with pytest.raises(EngineError, match="fp16 warm-up produced NaN/inf audio on this GPU; set engines.cosyvoice.fp16: false"):
+            await engine.warmup()
+    finally:
+        await engine.close()
+
+
+async def test_start_errors(tmp_path: Path) -> None:
+    cases: list[tuple[CosyVoiceSettings, str]] = [
+        (settings(tmp_path, require_gpu=True), "no CUDA GPU visible to torch"),
+        (settings(tmp_path, repo=tmp_path / "nope"), "CosyVoice checkout"),
+        (settings(tmp_path, model_dir=None), "engines.cosyvoice.model_dir is not set"),
+    ]
+    broken = tmp_path / "broken"
+    (broken / "cosyvoice" / "cli").mkdir(parents=True)
+    (broken / "third_party" / "Matcha-TTS" / "matcha").mkdir(parents=True)
+    (broken / "cosyvoice" / "__init__.py").write_text("")
+    (broken / "cosyvoice" / "cli" / "__init__.py").write_text("")
+    (broken / "cosyvoice" / "cli" / "cosyvoice.py").write_text("import hyperpyyaml_not_installed\n")
+    cases.append((settings(tmp_path, repo=broken), "missing Python package 'hyperpyyaml_not_installed'"))
+    for cfg, expected in cases:
+        forget_cosyvoice()
+        engine = CosyVoiceEngine(cfg)
+        with pytest.raises(EngineUnavailable) as err:
+            await engine.start()
+        assert expected in str(err.value) and "\n" not in str(err.value)
+        assert engine.state == "failed"
+        await engine.close()
