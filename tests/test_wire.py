@@ -161,3 +161,25 @@ async def test_reader_errors_are_project_errors(data: bytes, error: type) -> Non
     reader.feed_eof()
     with pytest.raises(error):
         await read_event(reader, Limits())
+
+
+def test_encode_event_matches_the_wyoming_library() -> None:
+    """Our one-write framing is byte for byte what the wyoming library writes."""
+    import io
+
+    from wyoming.audio import AudioChunk, AudioStop
+    from wyoming.event import write_event
+    from wyoming.info import Describe
+    from wyoming.tts import Synthesize
+
+    from wyoming_cosyvoice.wire import encode_event
+
+    for event in (
+        AudioChunk(rate=24000, width=2, channels=1, audio=b"\x01\x02" * 100).event(),
+        AudioStop().event(),
+        Describe().event(),
+        Synthesize(text="Grüße, 你好").event(),
+    ):
+        expected = io.BytesIO()
+        write_event(event, expected)
+        assert encode_event(event) == expected.getvalue()

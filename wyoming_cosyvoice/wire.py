@@ -8,7 +8,8 @@ import math
 import logging
 from typing import Any, Callable, Optional
 
-from wyoming.event import Event, async_write_event
+from wyoming.event import Event
+from wyoming.version import __version__ as WYOMING_VERSION
 
 from .aio import wait_within
 from .config import Limits
@@ -144,13 +145,20 @@ class EventChannel:
         async with self._write_lock:
             if self.aborted or self.writer.is_closing():
                 raise ConnectionResetError("connection already closed")
-            try:
-                await wait_within(async_write_event(event, self.writer), self.limits.write_timeout_s)
-            except asyncio.TimeoutError:
-                self.abort()
-                raise ClientStalled(
-                    f"client accepted no data for {self.limits.write_timeout_s:g} s (limits.write_timeout_s)"
-                ) from None
+            # One write per event (the wyoming library makes three sends of it), and a timed wait only when the
+            # transport's buffer is over its high-water mark, i.e. when drain() would really block.
+            self.writer.write(encode_event(event))
+            transport = self.writer.transport
+            if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+                await self.writer.drain()
+            else:
+                try:
+                    await wait_within(self.writer.drain(), self.limits.write_timeout_s)
+                except asyncio.TimeoutError:
+                    self.abort()
+                    raise ClientStalled(
+                        f"client accepted no data for {self.limits.write_timeout_s:g} s (limits.write_timeout_s)"
+                    ) from None
             self.touch()
 
     def abort(self) -> None:
@@ -164,3 +172,16 @@ class EventChannel:
             else:
                 transport.close()
         self.reader.feed_eof()
+
+
+def encode_event(event: Event) -> bytes:
+    """The bytes of one event on the wire, exactly as the wyoming library frames it (header, data, payload)."""
+    header: dict[str, Any] = {"type": event.type, "version": WYOMING_VERSION}
+    data_bytes = b""
+    if event.data:
+        data_bytes = json.dumps(event.data, ensure_ascii=False).encode("utf-8")
+        header["data_length"] = len(data_bytes)
+    payload = event.payload or b""
+    if payload:
+        header["payload_length"] = len(payload)
+    return b"".join((json.dumps(header, ensure_ascii=False).encode("utf-8"), b"\n", data_bytes, payload))
