@@ -48,6 +48,7 @@ class CosyVoiceEngine(ThreadedEngine):
         self.sample_rate = 24000
         self._model_lock = threading.Lock()
         self._prepared: dict[tuple, PreparedVoice] = {}
+        self._signatures: dict[str, tuple] = {}  # profile name -> the signature it was prepared under
         self._voice_errors: dict[str, str] = {}
         self._voice_names: set[str] = set()
         self._first_profile: Optional[VoiceProfile] = None
@@ -108,6 +109,7 @@ class CosyVoiceEngine(ThreadedEngine):
         self.model, self.info, self.plan = model, info, plan
         self.sample_rate = int(model.sample_rate)
         self._prepared.clear()
+        self._signatures.clear()
         self._voice_names.clear()
         _LOGGER.info(
             "Loaded %s from %s on %s in %.1f s (%s Hz; %s)", info.class_name, info.path, plan.device,
@@ -154,6 +156,33 @@ class CosyVoiceEngine(ThreadedEngine):
                 self._voice_errors[profile.name] = str(err)
                 raise
 
+    async def forget(self, profile_names: Iterable[str]) -> None:
+        """Drop these profiles' prepared voices and their `spk2info` entries (the disk cache stays: it is keyed by
+        content and reused if the voice comes back); entries another profile still uses are kept."""
+        names = list(profile_names)
+        if self.model is None:
+            self._drop(names)
+        else:
+            await self.run_in_worker(self._drop, names)  # the worker thread reads spk2info while synthesizing
+
+    def _drop(self, names: list[str]) -> None:
+        for name in names:
+            self._voice_names.discard(name)
+            self._voice_errors.pop(name, None)
+            if self._first_profile is not None and self._first_profile.name == name:
+                self._first_profile = None
+            signature = self._signatures.pop(name, None)
+            if signature is None or signature in self._signatures.values():
+                continue
+            voice = self._prepared.pop(signature, None)
+            if voice is None or not voice.spk_id.startswith("wcv-"):  # a built-in speaker belongs to the model
+                continue
+            if any(v.spk_id == voice.spk_id for v in self._prepared.values()):
+                continue
+            if self.model is not None:
+                self.model.frontend.spk2info.pop(voice.spk_id, None)
+            _LOGGER.debug("Voice %s forgotten (%s)", name, voice.spk_id)
+
     def _signature(self, profile: VoiceProfile) -> tuple:
         stamp: tuple = ()
         if profile.reference_audio is not None:
@@ -174,6 +203,7 @@ class CosyVoiceEngine(ThreadedEngine):
             self._prepared[signature] = voice
         if profile.name != WARMUP_NAME:
             self._first_profile = self._first_profile or profile
+            self._signatures[profile.name] = signature
             self._voice_names.add(profile.name)
             self._voice_errors.pop(profile.name, None)
         return voice

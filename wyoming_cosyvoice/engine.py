@@ -90,6 +90,13 @@ class Engine(ABC):
     async def prepare(self, profiles: Iterable["VoiceProfile"]) -> None:
         """Precompute and cache per-voice data for `profiles`."""
 
+    async def forget(self, profile_names: Iterable[str]) -> None:
+        """Drop per-voice data kept for these profiles: removed, or changed and about to be prepared again.
+
+        Optional (default: nothing is kept). An engine whose model owns that data does it on its worker thread
+        (`run_in_worker`); data shared with profiles still in use stays, and so may caches keyed by content.
+        """
+
     async def warmup(self) -> None:
         """Run a throwaway synthesis so the first real request is fast."""
 

@@ -307,10 +307,10 @@ class TtsEventHandler(AsyncEventHandler):
         self.reader.feed_eof()
 
     async def _send_audio_start(self, profile: VoiceProfile) -> None:
-        rate, width, channels = self.service.audio_format()
+        rate, width, channels = self.service.audio_format(profile)  # the format of the engine serving `profile`
         await self.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
         self._end_tap(ok=False)
-        self._tap = self.service.open_reply(profile.name)
+        self._tap = self.service.open_reply(profile)
 
     def _end_tap(self, ok: bool) -> None:
         tap, self._tap = self._tap, None
@@ -320,7 +320,7 @@ class TtsEventHandler(AsyncEventHandler):
     async def _speak(self, text: str, profile: VoiceProfile) -> None:
         if not text.strip():
             return
-        rate, width, channels = self.service.audio_format()
+        rate, width, channels = self.service.audio_format(profile)
         max_bytes = int(MAX_CHUNK_SECONDS * rate) * width * channels
         chunks = self.service.synthesize(text, profile)
         try:

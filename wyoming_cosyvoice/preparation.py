@@ -2,8 +2,10 @@
 
 Every `describe` refreshes the catalog; profiles that are new or changed (any field, or the reference file's
 modification time or size) are checked and prepared in the background: the reference audio is validated and
-normalized on a thread, then `engine.prepare([profile])` runs. A broken profile is logged once (per version of it)
-and left out of `describe` and voice resolution; the others keep working. Unchanged profiles are not prepared again.
+normalized on a thread, then `prepare([profile])` runs on the engine that serves it. A profile whose engine is not
+running is broken at once. A broken profile is logged once (per version of it) and left out of `describe` and voice
+resolution; the others keep working. Unchanged profiles are not prepared again. When a profile is removed or changed,
+the engine that prepared it is told to `forget` it (before it is prepared again).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from .engine import Engine
 from .errors import CosyVoiceServiceError, VoiceNotFound
 from .reference import ReferenceInfo, profile_reference
+from .routing import Engines
 from .voices import VoiceCatalog, VoiceProfile, problem_line
 
 _LOGGER = logging.getLogger(__name__)
@@ -38,20 +41,41 @@ def fingerprint(profile: VoiceProfile) -> _Fingerprint:
 class VoicePreparer:
     """Checks and prepares new or changed profiles off the event loop; marks broken ones in the catalog."""
 
-    def __init__(self, catalog: VoiceCatalog, engine: Engine, cache_dir: Optional[Path] = None) -> None:
+    def __init__(
+        self, catalog: VoiceCatalog, engine: Union[Engine, Engines], cache_dir: Optional[Path] = None
+    ) -> None:
         self.catalog = catalog
-        self.engine = engine
+        self.engines = Engines.of(engine)
+        """The running engines; each profile is prepared by the one that serves it."""
+        self.engine = self.engines.main
         self.cache_dir = cache_dir
         self.references: dict[str, ReferenceInfo] = {}
         """Validation results of the prepared profiles' reference audio, by voice name."""
         self._seen: dict[str, _Fingerprint] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._prepared_by: dict[str, Engine] = {}  # who to tell when a profile goes away
+        self._forgetting: set[asyncio.Task[None]] = set()
 
     async def prepare_all(self) -> None:
         """Startup: check and prepare every loaded profile, one at a time (one bad profile stops nothing)."""
         for profile in self.catalog.all_profiles:
             self._seen[profile.name] = fingerprint(profile)
-            await self._prepare(profile)
+            if not self._unservable(profile):
+                await self._prepare(profile)
+
+    def recheck(self) -> None:
+        """Mark the profiles whose engine stopped being available (an extra engine failed its warm-up) broken."""
+        for profile in self.catalog.all_profiles:
+            if profile.name not in self.catalog.broken:
+                self._unservable(profile)
+
+    def _unservable(self, profile: VoiceProfile) -> bool:
+        """True (and the profile marked broken) when no running engine serves it."""
+        problem = self.engines.problem(profile)
+        if problem is None:
+            return False
+        self._broken(profile.name, problem_line(profile.source, profile.name, problem))
+        return True
 
     def sync(self) -> list[VoiceProfile]:
         """Refresh the catalog, start preparing new or changed profiles, and return the usable ones."""
@@ -72,18 +96,40 @@ class VoicePreparer:
                 _LOGGER.info("Voice %r changed; preparing it again", name)
             else:
                 _LOGGER.info("Voice %r added; preparing it", name)
-            self._forget(name)
+            forgotten = self._forget(name)
             self._seen[name] = stamp
-            self._tasks[name] = asyncio.create_task(self._prepare(profile), name=f"prepare voice {name}")
+            if self._unservable(profile):
+                continue
+            self._tasks[name] = asyncio.create_task(self._prepare(profile, forgotten), name=f"prepare voice {name}")
         return self.catalog.profiles
 
-    def _forget(self, name: str) -> None:
+    def _forget(self, name: str) -> Optional["asyncio.Task[None]"]:
+        """Drop what is known about `name`; the task telling its engine to forget it, if one prepared it."""
         self._seen.pop(name, None)
         self.catalog.broken.pop(name, None)
         self.references.pop(name, None)
         task = self._tasks.pop(name, None)
         if task is not None and not task.done():
             task.cancel()
+        engine = self._prepared_by.pop(name, None)
+        if engine is None:
+            return None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not serving (a command): the engine is not running either
+            return None
+        forgetting = asyncio.create_task(self._tell_forget(engine, name), name=f"forget voice {name}")
+        self._forgetting.add(forgetting)
+        forgetting.add_done_callback(self._forgetting.discard)
+        return forgetting
+
+    async def _tell_forget(self, engine: Engine, name: str) -> None:
+        try:
+            await engine.forget([name])
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # stale data kept is a leak, not a reason to stop serving
+            _LOGGER.warning("engine %s could not forget voice %r: %s: %s", engine.name, name, type(err).__name__, err)
 
     async def ready(self, profile: VoiceProfile) -> None:
         """Wait until `profile` is prepared (requests right after a change); VoiceNotFound when it is broken."""
@@ -96,22 +142,26 @@ class VoicePreparer:
 
     async def wait_idle(self) -> None:
         """Wait for every preparation in progress (tests, shutdown)."""
-        pending = [t for t in self._tasks.values() if not t.done()]
+        pending = [t for t in [*self._tasks.values(), *self._forgetting] if not t.done()]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def close(self) -> None:
         """Cancel preparations still running (shutdown: the engine is about to close)."""
-        pending = [t for t in self._tasks.values() if not t.done()]
+        pending = [t for t in [*self._tasks.values(), *self._forgetting] if not t.done()]
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _prepare(self, profile: VoiceProfile) -> None:
+    async def _prepare(self, profile: VoiceProfile, forgotten: Optional["asyncio.Task[None]"] = None) -> None:
+        engine = self.engines.engine_for(profile)
         try:
+            if forgotten is not None:  # the engine drops the old version before it prepares the new one
+                await asyncio.shield(forgotten)  # a newer change cancels this task, not the forgetting
             checked = await asyncio.to_thread(profile_reference, profile, self.cache_dir)
-            await self.engine.prepare([profile])
+            self._prepared_by[profile.name] = engine  # set before: a failed preparation may leave data behind
+            await engine.prepare([profile])
         except asyncio.CancelledError:
             raise
         except CosyVoiceServiceError as err:
@@ -121,7 +171,7 @@ class VoicePreparer:
             problem = problem_line(
                 profile.source,
                 profile.name,
-                f"engine {self.engine.name} could not prepare it: {type(err).__name__}: {err}",
+                f"engine {engine.name} could not prepare it: {type(err).__name__}: {err}",
             )
         else:
             if checked is not None:
@@ -130,5 +180,9 @@ class VoicePreparer:
                     _LOGGER.warning("%s", problem_line(profile.source, profile.name, f"reference audio: {warning}"))
             self.catalog.broken.pop(profile.name, None)
             return
-        self.catalog.broken[profile.name] = problem
+        self._broken(profile.name, problem)
+
+    def _broken(self, name: str, problem: str) -> None:
+        """Leave `name` out of describe and resolution with `problem` as the reason; logged once per version."""
+        self.catalog.broken[name] = problem
         _LOGGER.warning("%s (voice skipped)", problem)

@@ -17,12 +17,12 @@ from wyoming.error import Error
 from wyoming.event import async_get_stdout, async_write_event
 
 from .config import Config
-from .engine import Engine
-from .errors import ConfigError, EngineUnavailable, PluginError, ServerBusy
+from .errors import ConfigError, ServerBusy
 from .guard import ConnectionGuard
 from .handler import TtsEventHandler
 from .plugins import Plugins
 from .preparation import VoicePreparer
+from .routing import start_engines
 from .service import Service
 from .sinks import server_tee
 from .voices import VoiceCatalog
@@ -38,47 +38,24 @@ def build_catalog(config: Config, plugins: Plugins) -> VoiceCatalog:
     return VoiceCatalog(providers)
 
 
-async def start_engine(config: Config, plugins: Plugins) -> tuple[Engine, str]:
-    """Create and start the configured engine, or the fallback engine when it cannot start here."""
-    name = config.engine.name
-    try:
-        engine = plugins.factory("engines", name)(config.section("engines", name))
-        await engine.start()
-        return engine, ""
-    except (EngineUnavailable, PluginError) as err:
-        fallback = config.engine.fallback
-        if not fallback or fallback == name:
-            raise
-        _LOGGER.warning(
-            "Engine %r unavailable (%s); serving with the embedded %r engine. To enable CosyVoice, set "
-            "engines.cosyvoice.repo and engines.cosyvoice.model_dir in %s (README: 'GPU engine: CosyVoice').",
-            name,
-            err,
-            fallback,
-            config.source,
-        )
-        engine = plugins.factory("engines", fallback)(config.section("engines", fallback))
-        await engine.start()
-        return engine, f"fallback from {name}: {err}"
-
-
 async def build_service(config: Config, plugins: Plugins) -> Service:
-    """Voices, engine (started, voices prepared, warmed up) and admission, ready to serve."""
+    """Voices, engines (started, voices prepared, warmed up) and admission, ready to serve."""
     catalog = build_catalog(config, plugins)
-    tee = server_tee(config, plugins)  # before the engine: a bad sink setting fails fast
-    engine, note = await start_engine(config, plugins)
-    preparer = VoicePreparer(catalog, engine)
+    tee = server_tee(config, plugins)  # before the engines: a bad sink setting fails fast
+    engines = await start_engines(config, plugins, [p.engine for p in catalog.all_profiles if p.engine])
+    preparer = VoicePreparer(catalog, engines)
     await preparer.prepare_all()
-    await engine.warmup()
-    _LOGGER.info("Engine %s ready: %s", engine.name, engine.health())
+    await engines.warmup()
+    preparer.recheck()  # an extra engine that failed its warm-up takes its voices with it
+    for name, engine in engines.running.items():
+        _LOGGER.info("Engine %s ready: %s", name, engine.health())
     _LOGGER.info("Voices: %s (default: %s)", ", ".join(p.name for p in catalog.profiles) or "none",
                  catalog.default.name if catalog.default else "none")
     return Service(
-        engine,
+        engines,
         catalog,
         max_concurrent=config.server.max_concurrent,
         streaming=config.server.streaming,
-        engine_note=note,
         tee=tee,
         limits=config.limits,
         preparer=preparer,
@@ -233,7 +210,7 @@ class Server:
             self._zeroconf = None
         await self.service.close_sinks()
         await self.service.preparer.close()
-        await self.service.engine.close()
+        await self.service.engines.close()
         _LOGGER.info("Server stopped")
 
 
@@ -248,7 +225,8 @@ async def serve_stdio(service: Service) -> None:
     handler.channel.limits = dataclasses.replace(service.limits, idle_timeout_s=math.inf)
     await handler.run()
     await service.close_sinks()
-    await service.engine.close()
+    await service.preparer.close()
+    await service.engines.close()
 
 
 async def run(config: Config, plugins: Plugins) -> None:
@@ -265,6 +243,6 @@ async def run(config: Config, plugins: Plugins) -> None:
     where = config.server.uri
     if server.port is not None:
         where = f"tcp://{urlparse(where).hostname}:{server.port}"
-    _LOGGER.info("Ready on %s (engine %s, started in %.2f s)", where, service.engine.name,
+    _LOGGER.info("Ready on %s (engines %s, started in %.2f s)", where, service.engines.summary(),
                  time.perf_counter() - started)
     await server.serve_until_stopped()

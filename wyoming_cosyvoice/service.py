@@ -8,7 +8,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import AsyncIterator, Iterator, Optional
+from typing import AsyncIterator, Iterator, Optional, Union
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
@@ -18,6 +18,7 @@ from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import ServerBusy
 from .preparation import VoicePreparer
+from .routing import Engines
 from .sinks import AudioFormat, StreamInfo, Tee, TeeStream
 from .voices import VoiceCatalog, VoiceProfile
 
@@ -99,7 +100,7 @@ class Service:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Union[Engine, Engines],
         catalog: VoiceCatalog,
         *,
         max_concurrent: int = 4,
@@ -109,23 +110,31 @@ class Service:
         limits: Optional[Limits] = None,
         preparer: Optional[VoicePreparer] = None,
     ) -> None:
-        self.engine = engine
+        self.engines = Engines.of(engine)
+        """Every running engine; `engine_for` picks the one for a profile."""
+        self.engine = self.engines.main
+        """The main engine: serves every profile without an `engine` field."""
         self.limits = limits or Limits()
         """Protocol and resource limits every connection applies."""
         self.catalog = catalog
-        self.preparer = preparer or VoicePreparer(catalog, engine)
+        self.preparer = preparer or VoicePreparer(catalog, self.engines)
         """Prepares new or changed voices in the background (hot reload) and leaves broken ones out."""
         self.admission = Admission(max_concurrent)
         self.streaming = streaming
-        self.engine_note = engine_note
+        self.engine_note = engine_note or self.engines.note
         """Why the engine in use is not the configured one (fallback), shown in `info`."""
         self.tee = tee
         """Server-side sinks (config `sinks:`) that get a copy of every reply."""
         self._finishing: set[asyncio.Task[object]] = set()
 
-    def audio_format(self) -> tuple[int, int, int]:
-        """(rate, width, channels) of everything this service streams."""
-        return (self.engine.sample_rate, self.engine.sample_width, self.engine.channels)
+    def engine_for(self, profile: VoiceProfile) -> Engine:
+        """The engine that serves `profile` (VoiceNotFound when it is not running)."""
+        return self.engines.engine_for(profile)
+
+    def audio_format(self, profile: Optional[VoiceProfile] = None) -> tuple[int, int, int]:
+        """(rate, width, channels) of the audio streamed for `profile` (default: the main engine's)."""
+        engine = self.engine if profile is None else self.engine_for(profile)
+        return (engine.sample_rate, engine.sample_width, engine.channels)
 
     def info(self) -> Info:
         """Build `info` from the current usable voice profiles (rebuilt on every describe; cheap)."""
@@ -133,8 +142,10 @@ class Service:
         health = self.engine.health()
         facts = ", ".join(f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine")
         description = f"CosyVoice voice cloning TTS (engine: {self.engine.name}{'; ' + facts if facts else ''})"
-        if self.engine_note:
-            description += f" [{self.engine_note}]"
+        notes = [self.engine_note] if self.engine_note else []
+        notes += [n for n in self.engines.notes() if n != self.engine_note]
+        if notes:
+            description += f" [{'; '.join(notes)}]"
         voices = [
             TtsVoice(
                 name=p.name,
@@ -157,12 +168,12 @@ class Service:
         )
         return Info(tts=[program])
 
-    def open_reply(self, voice: str) -> ReplyTap:
+    def open_reply(self, profile: VoiceProfile) -> ReplyTap:
         """A tap for one reply's audio (one file or stream per reply on each configured sink)."""
         if not self.tee:
             return ReplyTap(None, self._finishing)
-        fmt = AudioFormat(*self.audio_format())
-        stream = self.tee.open(fmt, StreamInfo(label=f"r{next(_REPLY_IDS)}", voice=voice))
+        fmt = AudioFormat(*self.audio_format(profile))
+        stream = self.tee.open(fmt, StreamInfo(label=f"r{next(_REPLY_IDS)}", voice=profile.name))
         return ReplyTap(stream, self._finishing)
 
     async def close_sinks(self, timeout: float = 10.0) -> None:
@@ -182,7 +193,7 @@ class Service:
             options = SynthesisOptions(
                 speed=profile.speed, request_id=stats.request_id, timeout=self.limits.engine_timeout_s
             )
-            chunks = self.engine.synthesize(text, profile, options)
+            chunks = self.engine_for(profile).synthesize(text, profile, options)
             try:
                 async for chunk in chunks:
                     if stats.first_audio is None:

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Collection, Optional
 
 from ..config import Config
 from ..errors import ConfigError, VoiceError, VoiceNotFound
@@ -74,9 +74,15 @@ class ProfileCheck:
         return "broken" if self.error else "warning" if self.warnings else "ok"
 
 
-def check_profile(profile: VoiceProfile) -> ProfileCheck:
-    """Validate a profile's reference audio and transcript (reads the audio; writes nothing)."""
+def check_profile(profile: VoiceProfile, engines: Optional[Collection[str]] = None) -> ProfileCheck:
+    """Validate a profile's engine name (against `engines`, the registered ones), reference audio and transcript."""
     result = ProfileCheck(profile)
+    if profile.engine is not None and engines is not None and profile.engine not in engines:
+        registered = ", ".join(engines) or "none"
+        result.error = problem_line(
+            profile.source, profile.name, f"needs engine {profile.engine}, which is not registered ({registered})"
+        )
+        return result
     if profile.reference_audio is None:
         if profile.mode != "sft":
             result.warnings.append("no reference audio: only engines that do not clone (espeak) can use it")
@@ -100,6 +106,11 @@ def check_profile(profile: VoiceProfile) -> ProfileCheck:
 
 def load_catalog(config: Config) -> VoiceCatalog:
     """The catalog of every configured provider (plugins loaded as the server would)."""
+    return load_voices(config)[0]
+
+
+def load_voices(config: Config) -> tuple[VoiceCatalog, list[str]]:
+    """The catalog of every configured provider and the registered engine names (plugins loaded as the server would)."""
     from ..plugins import Plugins
 
     # The commands print every skipped profile themselves; the providers' log lines would say it twice.
@@ -107,7 +118,8 @@ def load_catalog(config: Config) -> VoiceCatalog:
         logging.getLogger("wyoming_cosyvoice_plugins").setLevel(logging.ERROR)
     from ..server import build_catalog
 
-    return build_catalog(config, Plugins(config.server.plugins_dir))
+    plugins = Plugins(config.server.plugins_dir)
+    return build_catalog(config, plugins), list(plugins.registry["engines"])
 
 
 def _short(path: Optional[Path]) -> str:
@@ -121,8 +133,8 @@ def _short(path: Optional[Path]) -> str:
 
 def run_list(args: argparse.Namespace) -> int:
     """Print each profile: default mark, name, state, mode, languages, reference, description."""
-    catalog = load_catalog(read_config(args.config))
-    checks = [check_profile(p) for p in catalog.all_profiles]
+    catalog, engines = load_voices(read_config(args.config))
+    checks = [check_profile(p, engines) for p in catalog.all_profiles]
     default = next((c.profile.name for c in checks if c.profile.default and not c.error), None)
     default = default or next((c.profile.name for c in checks if not c.error), None)
     if args.json:
@@ -162,7 +174,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """Check the named profiles (or all) and any --audio files; exit 1 when something is broken."""
-    catalog = load_catalog(read_config(args.config))
+    catalog, engines = load_voices(read_config(args.config))
     profiles = catalog.all_profiles
     if args.names:
         known = {p.name: p for p in profiles}
@@ -172,11 +184,13 @@ def run_check(args: argparse.Namespace) -> int:
         profiles = [known[n] for n in args.names]
     failed = False
     for profile in profiles:
-        result = check_profile(profile)
+        result = check_profile(profile, engines)
         failed |= result.error is not None
         print(f"{profile.name}: {result.state}")
         print(f"  defined in: {profile.source}")
         print(f"  languages: {', '.join(profile.languages)}; mode: {profile.mode}")
+        if profile.engine:
+            print(f"  engine: {profile.engine} (started with the server; its voices are unavailable if it cannot start)")
         if result.reference:
             print(f"  reference: {profile.reference_audio}: {result.reference.summary()}")
         elif profile.reference_audio is None:

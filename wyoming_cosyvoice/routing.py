@@ -1,0 +1,147 @@
+"""Which engine serves which voice profile: the main engine, the extra engines profiles name, and those that failed.
+
+Engines are started once, at startup: the configured one (or its fallback) serves every profile without an `engine`
+field; every other engine named by a profile's `engine` field is started from its own `engines.<name>` section. An
+extra engine that cannot start makes only its profiles unusable; engines are never started while serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterable, Optional, Union
+
+from .config import Config
+from .engine import Engine
+from .errors import CosyVoiceServiceError, EngineUnavailable, PluginError, VoiceNotFound
+from .plugins import Plugins
+from .voices import VoiceProfile, problem_line
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class Engines:
+    """The running engines by registered name, the main one, and why the others named in config could not start."""
+
+    def __init__(self, main: Engine, main_name: Optional[str] = None, note: str = "") -> None:
+        self.main = main
+        """Serves every profile without an `engine` field (the configured engine, or its fallback)."""
+        self.main_name = main_name or main.name
+        """Registered name of the main engine."""
+        self.running: dict[str, Engine] = {self.main_name: main}
+        """Started engines by registered name, the main one first."""
+        self.failed: dict[str, str] = {}
+        """Engines that could not start here: name -> why (one line)."""
+        self.note = note
+        """Why the main engine is not the configured one (fallback), shown in `info`."""
+        self.fallback_from: Optional[str] = None
+        """The configured engine that could not start when the main one is its fallback."""
+
+    @classmethod
+    def of(cls, engine: Union[Engine, "Engines"]) -> "Engines":
+        """`engine` itself when it is already an Engines, else a set holding only it."""
+        return engine if isinstance(engine, Engines) else cls(engine)
+
+    def problem(self, profile: VoiceProfile) -> Optional[str]:
+        """Why no running engine can serve `profile` (None: one can)."""
+        name = profile.engine
+        if name is None or name in self.running:
+            return None
+        if name in self.failed:
+            return f"needs engine {name}, which could not start here: {self.failed[name]}"
+        return f"engine {name} is not running (restart the server to start it)"
+
+    def engine_for(self, profile: VoiceProfile) -> Engine:
+        """The engine that serves `profile`; VoiceNotFound when that engine is not running."""
+        problem = self.problem(profile)
+        if problem is not None:
+            raise VoiceNotFound(f"{problem_line(profile.source, profile.name, problem)} (voice unavailable)")
+        return self.running[profile.engine] if profile.engine else self.main
+
+    def summary(self) -> str:
+        """`espeak, tone` (running engines, main first) for log lines."""
+        return ", ".join(self.running)
+
+    def notes(self) -> list[str]:
+        """Short facts about the engines besides the main one, for `info`'s program description."""
+        notes = [self.note] if self.note else []
+        notes += [f"also engine {name} ({engine.sample_rate} Hz)" for name, engine in self.running.items()
+                  if engine is not self.main]
+        notes += [f"engine {name} could not start: {why}" for name, why in self.failed.items()
+                  if name != self.fallback_from]
+        return notes
+
+    async def warmup(self) -> None:
+        """Warm up every engine; an extra engine that fails is closed and its profiles become unusable."""
+        await self.main.warmup()
+        for name, engine in list(self.running.items()):
+            if engine is self.main:
+                continue
+            try:
+                await engine.warmup()
+            except CosyVoiceServiceError as err:
+                self._drop(name, f"warm-up failed: {err}")
+                await _close(engine)
+
+    async def close(self) -> None:
+        """Close every running engine (one that fails to close does not keep the others open)."""
+        for engine in self.running.values():
+            await _close(engine)
+
+    def _drop(self, name: str, why: str) -> None:
+        self.running.pop(name, None)
+        self.failed[name] = why
+        _LOGGER.error("Engine %r could not start (%s); the voices that name it are unavailable", name, why)
+
+
+async def _close(engine: Engine) -> None:
+    try:
+        await engine.close()
+    except Exception:  # shutdown goes on for the other engines
+        _LOGGER.exception("Engine %s failed to close", engine.name)
+
+
+def _create(config: Config, plugins: Plugins, name: str) -> Engine:
+    engine: Engine = plugins.factory("engines", name)(config.section("engines", name))
+    return engine
+
+
+async def start_engines(config: Config, plugins: Plugins, wanted: Iterable[str] = ()) -> Engines:
+    """Start the configured engine (or the fallback when it cannot start here), then every other engine in `wanted`."""
+    name = config.engine.name
+    try:
+        main = _create(config, plugins, name)
+        await main.start()
+        engines = Engines(main, name)
+    except (EngineUnavailable, PluginError) as err:
+        fallback = config.engine.fallback
+        if not fallback or fallback == name:
+            raise
+        _LOGGER.warning(
+            "Engine %r unavailable (%s); serving with the embedded %r engine. To enable CosyVoice, set "
+            "engines.cosyvoice.repo and engines.cosyvoice.model_dir in %s (README: 'GPU engine: CosyVoice').",
+            name,
+            err,
+            fallback,
+            config.source,
+        )
+        main = _create(config, plugins, fallback)
+        await main.start()
+        engines = Engines(main, fallback, note=f"fallback from {name}: {err}")
+        engines.fallback_from = name
+        engines.failed[name] = str(err)  # a profile that names it is not silently served by the fallback
+    for extra in sorted(set(wanted) - set(engines.running) - set(engines.failed)):
+        try:
+            engine = _create(config, plugins, extra)
+        except PluginError as err:
+            engines._drop(extra, str(err))
+            continue
+        try:
+            await engine.start()
+        except (EngineUnavailable, PluginError) as err:
+            engines._drop(extra, str(err))
+            with contextlib.suppress(Exception):
+                await engine.close()
+            continue
+        engines.running[extra] = engine
+    return engines
