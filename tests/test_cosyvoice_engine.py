@@ -342,3 +342,38 @@ async def test_start_errors(tmp_path: Path) -> None:
         assert expected in str(err.value) and "\n" not in str(err.value)
         assert engine.state == "failed"
         await engine.close()
+
+
+async def test_forget_drops_spk2info_entries_but_keeps_shared_ones_and_the_disk_cache(tmp_path: Path) -> None:
+    low, high = write_prompt(tmp_path / "low.wav", pitch=150.0), write_prompt(tmp_path / "high.wav", pitch=260.0)
+    a, b = voice(low, name="a"), voice(high, name="b")
+    twin = voice(low, name="twin", speed=1.5)  # same prompt as `a`: the same speaker entry
+    engine = await started(settings(tmp_path), (a, b, twin))
+    try:
+        spk2info = engine.model.frontend.spk2info
+        ids = {p.name: engine._voice(p).spk_id for p in (a, b, twin)}
+        assert ids["a"] == ids["twin"] != ids["b"] and {ids["a"], ids["b"]} <= set(spk2info)
+        cached = sorted((tmp_path / "cache" / "voices").glob("*.pt"))
+        assert len(cached) == 2 and health_value(engine, "voices_prepared") == 3
+
+        threads: list[str] = []
+        drop = engine._drop
+        engine._drop = lambda names: (threads.append(threading.current_thread().name), drop(names))[1]  # type: ignore[method-assign]
+        await engine.forget(["b"])
+        assert ids["b"] not in spk2info and ids["a"] in spk2info
+        assert threads and threads[0].startswith("cosyvoice-worker")  # on the thread that owns the model
+        await engine.forget(["a"])
+        assert ids["a"] in spk2info, "still used by twin"
+        await engine.forget(["twin", "never-prepared"])
+        assert ids["a"] not in spk2info and not any(k.startswith("wcv-") for k in spk2info)
+        assert engine._prepared == {} and health_value(engine, "voices_prepared") == 0
+        assert sorted((tmp_path / "cache" / "voices").glob("*.pt")) == cached  # kept: keyed by content
+
+        # The voice comes back: prepared from the disk cache, and it speaks in its own voice again.
+        await engine.prepare([b])
+        assert (engine.cache.hits, engine.cache.misses) == (1, 2)
+        assert ids["b"] in spk2info
+        audio = np.concatenate(await speak(engine, LONG_TEXT, b))
+        assert abs(dominant_frequency(audio, 24000) - 260.0) < 3.0
+    finally:
+        await engine.close()

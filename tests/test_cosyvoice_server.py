@@ -149,3 +149,37 @@ def test_serve_command_prints_one_line(tmp_path: Path) -> None:
         f"error: cosyvoice engine: CosyVoice checkout {tmp_path / 'CosyVoice'} not found "
         f"(git clone --recursive https://github.com/FunAudioLLM/CosyVoice.git {tmp_path / 'CosyVoice'})"
     )
+
+
+async def test_hot_reload_makes_the_engine_forget_removed_and_changed_voices(tmp_path: Path) -> None:
+    import yaml
+
+    low, high = write_prompt(tmp_path / "low.wav", pitch=150.0), write_prompt(tmp_path / "high.wav", pitch=260.0)
+    path = cosyvoice_config(tmp_path, [{"name": "tars", "reference_audio": str(low)},
+                                       {"name": "nova", "reference_audio": str(high)}])
+    async with running_server(load_config(path)) as server:
+        engine = server.service.engine
+        spk2info = engine.model.frontend.spk2info
+        before = {name: engine._prepared[sig].spk_id for name, sig in engine._signatures.items()}
+        assert set(before) == {"tars", "nova"} and set(before.values()) <= set(spk2info)
+
+        # nova removed, tars now cloned from the other recording.
+        third = write_prompt(tmp_path / "third.wav", pitch=200.0)
+        voices = tmp_path / "cfg" / "voices.yaml"
+        voices.write_text(yaml.safe_dump({"voices": [{"name": "tars", "reference_audio": str(third)}]}))
+        async with connect(server) as client:
+            await client.write_event(Describe().event())
+            assert [v.name for v in Info.from_event(await read(client)).tts[0].voices] == ["tars"]
+        await asyncio.wait_for(server.service.preparer.wait_idle(), 30)
+        assert not set(before.values()) & set(spk2info), "old entries dropped from upstream's spk2info"
+        assert set(engine._signatures) == {"tars"} and len(engine._prepared) == 1
+        assert health_value(engine) == 1
+        assert len(list((tmp_path / "cache" / "voices").glob("*.pt"))) == 3  # the disk cache keeps all three
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="Cloned from the new recording now.").event())
+            reply = await collect(client)
+            assert not reply.errors and abs(dominant_frequency(reply.samples(), 24000) - 200.0) < 3.0
+
+
+def health_value(engine: Any) -> Any:
+    return engine.health()["voices_prepared"]

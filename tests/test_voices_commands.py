@@ -160,3 +160,19 @@ def test_make_assets_script_reproduces_the_shipped_recordings(tmp_path: Path) ->
         a, b = sf.info(str(made)), sf.info(str(shipped))
         assert (a.samplerate, a.channels, a.subtype) == (b.samplerate, b.channels, b.subtype)
         assert abs(a.duration - b.duration) < 0.05 * b.duration  # same words at the same rate
+
+
+def test_list_and_check_report_a_voice_naming_an_unregistered_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = write_config(tmp_path / "cfg", voices=[{"name": "plain", "engine": "espeak"},
+                                                   {"name": "ghost", "engine": "nosuch"}])
+    assert main(["voices", "list", "--json", "--config", str(server)]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["voices"]}
+    assert rows["plain"]["state"] == "warning" and rows["ghost"]["state"] == "broken"
+    assert rows["ghost"]["problem"] == (f"{tmp_path / 'cfg' / 'voices.yaml'}: voice 'ghost': needs engine nosuch, "
+                                        "which is not registered (cosyvoice, espeak)")
+    assert main(["voices", "check", "--config", str(server)]) == 1
+    out = capsys.readouterr().out
+    assert "plain: warning\n" in out and "  engine: espeak (started with the server;" in out
+    assert "ghost: broken\n" in out and "needs engine nosuch, which is not registered" in out
