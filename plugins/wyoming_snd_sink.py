@@ -13,6 +13,7 @@ from wyoming.client import AsyncClient
 from wyoming.snd import Played
 
 from wyoming_cosyvoice.audio import PcmConverter
+from wyoming_cosyvoice.client import open_client
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.errors import SinkError
 from wyoming_cosyvoice.hookspecs import hookimpl
@@ -129,13 +130,7 @@ class WyomingSndSink:
         """Connect and send audio-start in the receiver's format."""
         s = self.settings
         dst = AudioFormat(s.rate or fmt.rate, s.width or fmt.width, s.channels or fmt.channels)
-        client = AsyncClient.from_uri(s.uri, connect_timeout=s.connect_timeout)
-        try:
-            await client.connect()
-        except asyncio.TimeoutError:
-            raise SinkError(f"cannot connect to {s.uri}: no answer within {s.connect_timeout:g} s") from None
-        except OSError as err:
-            raise SinkError(f"cannot connect to {s.uri}: {err.strerror or err}") from None
+        client = await open_client(s.uri, s.connect_timeout, SinkError)
         try:
             await client.write_event(AudioStart(rate=dst.rate, width=dst.width, channels=dst.channels).event())
         except BaseException:

@@ -28,7 +28,7 @@ from wyoming.tts import (
 )
 
 from .audio import PcmConverter
-from .errors import ClientError, RemoteError
+from .errors import ClientError, CosyVoiceServiceError, RemoteError
 from .sinks import AudioFormat
 
 _LOGGER = logging.getLogger(__name__)
@@ -138,6 +138,23 @@ def _voice(voice: Optional[str], language: Optional[str]) -> Optional[Synthesize
     return SynthesizeVoice(name=voice or None, language=language or None)
 
 
+async def open_client(
+    uri: str, connect_timeout: Optional[float], error: type[CosyVoiceServiceError] = ClientError
+) -> AsyncClient:
+    """A connected `wyoming` AsyncClient for `uri`; a bad URI, a timeout or a refusal raises `error` (one line)."""
+    try:
+        client = AsyncClient.from_uri(uri, connect_timeout=connect_timeout)
+    except ValueError as err:
+        raise error(f"{uri}: {err}") from None
+    try:
+        await client.connect()
+    except asyncio.TimeoutError:
+        raise error(f"cannot connect to {uri}: no answer within {connect_timeout:g} s") from None
+    except OSError as err:
+        raise error(f"cannot connect to {uri}: {err.strerror or err}") from None
+    return client
+
+
 class TtsClient:
     """One connection to a Wyoming TTS server; requests run one after another."""
 
@@ -158,17 +175,7 @@ class TtsClient:
 
     async def connect(self) -> None:
         """Open the connection; failures are one-line ClientErrors."""
-        try:
-            client = AsyncClient.from_uri(self.uri, connect_timeout=self.connect_timeout)
-        except ValueError as err:
-            raise ClientError(f"{self.uri}: {err}") from None
-        try:
-            await client.connect()
-        except asyncio.TimeoutError:
-            raise ClientError(f"cannot connect to {self.uri}: no answer within {self.connect_timeout:g} s") from None
-        except OSError as err:
-            raise ClientError(f"cannot connect to {self.uri}: {err.strerror or err}") from None
-        self._client = client
+        self._client = await open_client(self.uri, self.connect_timeout, ClientError)
 
     async def close(self) -> None:
         """Close the connection."""

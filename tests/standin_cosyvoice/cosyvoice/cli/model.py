@@ -4,7 +4,6 @@ import threading
 import time
 import uuid
 from contextlib import nullcontext
-from typing import Generator
 
 import numpy as np
 import torch
