@@ -234,3 +234,16 @@ def fault_plugins() -> Plugins:
     from . import fault_engine
 
     return Plugins(extra=(fault_engine,))
+
+
+async def cli(*args: str, stdin: Optional[bytes] = None, env: Optional[dict[str, str]] = None) -> tuple[int, str, str]:
+    """Run `wyoming-cosyvoice ARGS` in a subprocess while the test's event loop keeps serving; (rc, out, err)."""
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wyoming_cosyvoice", *args, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), TIMEOUT * 2)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

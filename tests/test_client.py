@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator
 
 import numpy as np
 import pytest
@@ -20,7 +20,7 @@ from wyoming_cosyvoice.commands.describe import parse_health
 from wyoming_cosyvoice.config import Config
 from wyoming_cosyvoice.errors import ClientError, RemoteError
 
-from .helpers import TIMEOUT, assert_speech, running_server
+from .helpers import TIMEOUT, assert_speech, cli, running_server
 from .peers import ForeignTts, serve
 
 
@@ -36,17 +36,6 @@ async def lines(*texts: str, delay: float = 0.0) -> AsyncIterator[str]:
         if delay:
             await asyncio.sleep(delay)
         yield text
-
-
-async def cli(*args: str, stdin: Optional[bytes] = None, env: Optional[dict[str, str]] = None) -> tuple[int, str, str]:
-    """Run `wyoming-cosyvoice ARGS` in a subprocess while this test's event loop keeps serving."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "wyoming_cosyvoice", *args, env=env,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(stdin), TIMEOUT * 2)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def wait_for_file(pattern_dir: Path, glob: str, min_bytes: int) -> Path:

@@ -6,14 +6,11 @@ ALSA_CONFIG_PATH points at a config written here; sounddevice is imported only t
 
 from __future__ import annotations
 
-import asyncio
 import ctypes.util
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -22,7 +19,7 @@ import soundfile
 from wyoming_cosyvoice.audio import PcmConverter
 from wyoming_cosyvoice_plugins.speaker_sink import choose_rate
 
-from .helpers import TIMEOUT
+from .helpers import cli
 from .peers import ForeignTts, serve
 
 pytestmark = pytest.mark.skipif(
@@ -65,22 +62,11 @@ def alsa(tmp_path: Path) -> Alsa:
     return Alsa({**os.environ, "ALSA_CONFIG_PATH": str(conf)}, default, capture)
 
 
-async def cli(env: dict[str, str], *args: str, stdin: Optional[bytes] = None) -> tuple[int, str, str]:
-    """Run `wyoming-cosyvoice ARGS` in a subprocess (the test's event loop keeps serving meanwhile)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "wyoming_cosyvoice", *args, env=env,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(stdin), TIMEOUT * 2)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_speaker_plays_exactly_what_was_streamed(alsa: Alsa, tmp_path: Path) -> None:
     tts = ForeignTts(rate=16000, runs=2, chunks_per_run=5)
     async with serve(tts.factory()) as port:
-        rc, out, err = await cli(alsa.env, "say", "Hello there", "--uri", f"tcp://127.0.0.1:{port}",
-                                 "--sink", "speaker", "--sink", f"wav:{tmp_path / 'copy.wav'}")
+        rc, out, err = await cli("say", "Hello there", "--uri", f"tcp://127.0.0.1:{port}",
+                                 "--sink", "speaker", "--sink", f"wav:{tmp_path / 'copy.wav'}", env=alsa.env)
     assert rc == 0, err
     played = alsa.default.read_bytes()
     assert len(played) == len(tts.sent) == 2 * 5 * 1600 * 2
@@ -93,7 +79,7 @@ async def test_speaker_plays_exactly_what_was_streamed(alsa: Alsa, tmp_path: Pat
 async def test_speaker_resamples_when_asked_for_another_device_rate(alsa: Alsa) -> None:
     tts = ForeignTts(rate=16000, runs=1, chunks_per_run=8)
     async with serve(tts.factory()) as port:
-        rc, out, err = await cli(alsa.env, "say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--device-rate", "48000")
+        rc, out, err = await cli("say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--device-rate", "48000", env=alsa.env)
     assert rc == 0, err
     played = np.frombuffer(alsa.default.read_bytes(), "<i2")
     expected = np.frombuffer(PcmConverter((16000, 2, 1), (48000, 2, 1)).convert(bytes(tts.sent)), "<i2")
@@ -106,17 +92,17 @@ async def test_speaker_resamples_when_asked_for_another_device_rate(alsa: Alsa) 
 async def test_speaker_device_by_name_and_by_index(alsa: Alsa) -> None:
     tts = ForeignTts(rate=22050, runs=1, chunks_per_run=3)
     async with serve(tts.factory()) as port:
-        rc, out, err = await cli(alsa.env, "say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--device", "capture")
+        rc, out, err = await cli("say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--device", "capture", env=alsa.env)
         assert rc == 0, err
         assert alsa.capture.read_bytes() == bytes(tts.sent)
         assert not alsa.default.exists() or alsa.default.stat().st_size == 0
         alsa.capture.unlink()
-        rc, listing, err = await cli(alsa.env, "say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--device", "nope")
+        rc, listing, err = await cli("say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--device", "nope", env=alsa.env)
         assert rc == 2 and "no output device matching 'nope'" in err and "capture" in err, err
         index = re.search(r"(\d+): capture", err)
         assert index, err
-        rc, out, err = await cli(alsa.env, "say", "Hi", "--uri", f"tcp://127.0.0.1:{port}",
-                                 "--sink", f"speaker:{index.group(1)}")
+        rc, out, err = await cli("say", "Hi", "--uri", f"tcp://127.0.0.1:{port}",
+                                 "--sink", f"speaker:{index.group(1)}", env=alsa.env)
         assert rc == 0, err
         assert alsa.capture.read_bytes() == bytes(tts.sent)[: len(alsa.capture.read_bytes())]
         assert alsa.capture.stat().st_size == len(tts.sent) // 2
@@ -125,12 +111,12 @@ async def test_speaker_device_by_name_and_by_index(alsa: Alsa) -> None:
 async def test_jitter_buffer_delays_the_first_sound(alsa: Alsa) -> None:
     tts = ForeignTts(rate=16000, runs=1, chunks_per_run=6, chunk_delay=0.1)
     async with serve(tts.factory()) as port:
-        rc, out, err = await cli(alsa.env, "say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--jitter-ms", "300")
+        rc, out, err = await cli("say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--jitter-ms", "300", env=alsa.env)
         assert rc == 0, err
         buffered = int(re.search(r"sound after (\d+) ms", out).group(1))  # type: ignore[union-attr]
         assert buffered >= 150, out  # three 100 ms chunks had to arrive first (~200 ms after the first)
         alsa.default.unlink()
-        rc, out, err = await cli(alsa.env, "say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--jitter-ms", "0")
+        rc, out, err = await cli("say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--jitter-ms", "0", env=alsa.env)
         assert rc == 0, err
         immediate = int(re.search(r"sound after (\d+) ms", out).group(1))  # type: ignore[union-attr]
     assert immediate < buffered
@@ -142,13 +128,13 @@ async def test_no_audio_device_is_a_clear_error(tmp_path: Path) -> None:
     # What a machine without a sound card looks like to ALSA: the default device names a card that is not there.
     conf.write_text("pcm.!default {\n type hw\n card 99\n}\nctl.!default {\n type hw\n card 99\n}\n")
     env = {**os.environ, "ALSA_CONFIG_PATH": str(conf)}
-    rc, out, err = await cli(env, "say", "Hello", "--uri", "tcp://127.0.0.1:9")
+    rc, out, err = await cli("say", "Hello", "--uri", "tcp://127.0.0.1:9", env=env)
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2, err
     assert lines[-1].startswith("error: speaker: no audio output device available")
     assert "use --out FILE.wav" in lines[-1]
     assert "Traceback" not in err
-    rc, out, err = await cli(env, "say", "Hello", "--uri", "tcp://127.0.0.1:9", "--device", "nothing")
+    rc, out, err = await cli("say", "Hello", "--uri", "tcp://127.0.0.1:9", "--device", "nothing", env=env)
     assert rc == 2 and "no output device matching 'nothing' (output devices: none)" in err, err
 
 
