@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
@@ -238,8 +243,6 @@ def fault_plugins() -> Plugins:
 
 async def cli(*args: str, stdin: Optional[bytes] = None, env: Optional[dict[str, str]] = None) -> tuple[int, str, str]:
     """Run `wyoming-cosyvoice ARGS` in a subprocess while the test's event loop keeps serving; (rc, out, err)."""
-    import sys
-
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "wyoming_cosyvoice", *args, env=env,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -247,3 +250,28 @@ async def cli(*args: str, stdin: Optional[bytes] = None, env: Optional[dict[str,
     out, err = await asyncio.wait_for(proc.communicate(stdin), TIMEOUT * 2)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+def start_server(config: Path, env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen[str], int]:
+    """Start `python -m wyoming_cosyvoice serve` on an ephemeral port; return it with the port from "Ready on"."""
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wyoming_cosyvoice", "serve", "--config", str(config), "--uri", "tcp://127.0.0.1:0"],
+        cwd=Path(__file__).resolve().parents[1],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**(env or os.environ), "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 60
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(r"Ready on tcp://127\.0\.0\.1:(\d+)", line)
+        if match:
+            return proc, int(match.group(1))
+    proc.kill()
+    raise AssertionError("server did not start:\n" + "".join(lines))

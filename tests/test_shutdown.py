@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,33 +12,9 @@ import pytest
 from wyoming.client import AsyncTcpClient
 from wyoming.tts import Synthesize
 
-from .helpers import TIMEOUT, collect, write_config
+from .helpers import TIMEOUT, collect, start_server, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def start_server(config: Path) -> tuple[subprocess.Popen[str], int]:
-    """Start the server on an ephemeral port and return it with the port from its "Ready on" log line."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wyoming_cosyvoice", "serve", "--config", str(config), "--uri", "tcp://127.0.0.1:0"],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 60
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"Ready on tcp://127\.0\.0\.1:(\d+)", line)
-        if match:
-            return proc, int(match.group(1))
-    proc.kill()
-    raise AssertionError("server did not start:\n" + "".join(lines))
 
 
 def archived(folder: Path) -> list[float]:

@@ -19,7 +19,7 @@ import soundfile
 from wyoming_cosyvoice.audio import PcmConverter
 from wyoming_cosyvoice_plugins.speaker_sink import choose_rate
 
-from .helpers import cli
+from .helpers import TIMEOUT, cli, collect, start_server, write_config
 from .peers import ForeignTts, serve
 
 pytestmark = pytest.mark.skipif(
@@ -142,3 +142,33 @@ def test_choose_rate() -> None:
     assert choose_rate(22050, None, lambda r: True, 48000) == 22050
     assert choose_rate(22050, None, lambda r: r == 48000, 48000) == 48000
     assert choose_rate(22050, 44100, lambda r: True, 48000) == 44100
+
+
+async def test_server_side_speaker_plays_each_reply(alsa: Alsa, tmp_path: Path) -> None:
+    """`sinks: {speaker: ...}` in server.yaml: the server also plays every reply on its own audio device."""
+    import asyncio
+    import signal
+
+    from wyoming.client import AsyncTcpClient
+    from wyoming.tts import Synthesize
+
+    config = write_config(tmp_path / "cfg", sinks={"speaker": {"device": "capture", "jitter_ms": 50}})
+    proc, port = await asyncio.to_thread(start_server, config, alsa.env)
+    try:
+        client = AsyncTcpClient("127.0.0.1", port)
+        await asyncio.wait_for(client.connect(), TIMEOUT)
+        await client.write_event(Synthesize(text="Hello from the server's own speaker.").event())
+        reply = await collect(client)
+        await client.disconnect()
+        assert not reply.errors and reply.stops == 1 and len(reply.audio) > 22050
+        proc.send_signal(signal.SIGTERM)  # shutdown waits for sinks to finish their replies
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    log = proc.stderr.read()
+    assert "Traceback" not in log, log
+    played = alsa.capture.read_bytes()
+    assert played == bytes(reply.audio), (len(played), len(reply.audio))
