@@ -16,10 +16,11 @@ from wyoming.audio import AudioStart, AudioStop
 from wyoming.client import AsyncClient
 from wyoming.error import Error
 from wyoming.event import Event
-from wyoming.info import Describe, Info
+from wyoming.info import Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped, SynthesizeVoice
 
-from .errors import ClientError, UsageError
+from .client import TtsClient
+from .errors import ClientError, RemoteError, UsageError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -293,22 +294,14 @@ async def measure_request(settings: BenchSettings, index: int) -> RequestResult:
 async def describe(uri: str, timeout: float = 10.0) -> dict[str, Any]:
     """The server's first TTS program (name, description, voice names); ClientError when it does not answer."""
 
-    async def ask() -> Optional[Info]:
-        client = await _connect(uri)
-        try:
-            await client.write_event(Describe().event())
-            while True:
-                event = await client.read_event()
-                if event is None:
-                    return None
-                if Info.is_type(event.type):
-                    return Info.from_event(event)
-        finally:
-            await client.disconnect()
-
     try:
-        info = await asyncio.wait_for(ask(), timeout)
-    except (OSError, asyncio.TimeoutError) as err:
+        AsyncClient.from_uri(uri)
+    except ValueError as err:
+        raise UsageError(f"--uri {uri}: {err}") from None
+    try:
+        async with TtsClient(uri, connect_timeout=timeout, read_timeout=timeout) as client:
+            info: Optional[Info] = await asyncio.wait_for(client.describe(), timeout)
+    except (ClientError, RemoteError, asyncio.TimeoutError) as err:
         raise ClientError(f"{uri}: no Wyoming server answered describe ({type(err).__name__}: {err})") from None
     if info is None or not info.tts:
         raise ClientError(f"{uri}: the server describes no text-to-speech program")

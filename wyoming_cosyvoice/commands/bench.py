@@ -7,6 +7,8 @@ import asyncio
 import sys
 from pathlib import Path
 
+from .say import DEFAULT_URI
+
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register the `bench` subcommand."""
@@ -16,7 +18,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         description="Send requests from concurrent clients (a new connection per request, as Home Assistant does) "
         "and print min/median/p90/p99/max of time to first audio, total time, audio length and real-time factor.",
     )
-    parser.add_argument("--uri", default="tcp://127.0.0.1:10200", help="server (default: %(default)s)")
+    parser.add_argument("--uri", default=DEFAULT_URI, help=f"server (default: {DEFAULT_URI})")
     parser.add_argument("--voice", help="voice name (default: the server's default voice)")
     parser.add_argument("--concurrency", type=int, default=1, help="clients at once (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=10, help="measured requests in total (default: %(default)s)")
