@@ -70,7 +70,8 @@ async def test_grace_period_over_closes_connections_and_exits_0(tmp_path: Path) 
     try:
         client = AsyncTcpClient("127.0.0.1", port)
         await asyncio.wait_for(client.connect(), TIMEOUT)
-        await client.write_event(Synthesize(text="A very long text that will not finish in time. " * 40).event())
+        # ~9600 characters, about 10 minutes of speech: espeak needs seconds for it, far more than the 0.5 s grace.
+        await client.write_event(Synthesize(text="A very long text that will not finish in time. " * 200).event())
         assert (await asyncio.wait_for(client.read_event(), TIMEOUT)).type == "audio-start"
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
