@@ -68,6 +68,9 @@ def write_config(directory: Path) -> Path:
     doc = {
         # max_concurrent defaults to 4; 64 clients need room, queued requests wait for the engine.
         "server": {"uri": "tcp://127.0.0.1:10200", "max_concurrent": 256, "plugins_dir": str(PLUGINS_DIR)},
+        # A client that reconnects at once can reach the server before the server has seen its last connection
+        # close; with 64 clients at the default limit of 64 those are refused (ServerBusy), so leave room.
+        "limits": {"max_connections": 256},
         "engine": {"name": "espeak", "fallback": None},
         "voice_providers": {"yaml": {"path": "voices.yaml"}},
     }
