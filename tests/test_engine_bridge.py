@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -159,4 +159,38 @@ async def test_worker_waits_when_consumer_is_far_behind() -> None:
     await asyncio.sleep(0.3)
     assert limit_chunks <= engine.produced <= limit_chunks + 2
     await stream.aclose()
+    await engine.close()
+
+
+async def until(condition: Callable[[], bool], limit: float = 10.0) -> bool:
+    """Poll `condition` every 10 ms for up to `limit` s; its last value."""
+    deadline = time.monotonic() + limit
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return condition()
+
+
+async def test_waiting_worker_resumes_in_bursts_and_delivers_everything() -> None:
+    """A worker stopped at the bound waits until the consumer is back under half of it, then goes on in a burst."""
+    engine = CountingEngine(delay=0.0)
+    limit_chunks = engine.max_ahead_bytes() // 320
+    total = limit_chunks * 3
+    stream = engine.synthesize(str(total), PROFILE, SynthesisOptions(timeout=10.0))
+    taken = 1
+    await stream.__anext__()
+    assert await until(lambda: engine.produced >= limit_chunks), "the worker runs ahead up to the bound"
+    await asyncio.sleep(0.3)
+    stopped_at = engine.produced
+    assert stopped_at <= limit_chunks + 2, "and stops there"
+    for _ in range(limit_chunks // 2 - 10):  # still above half the bound: the worker stays put
+        await stream.__anext__()
+        taken += 1
+    await asyncio.sleep(0.3)
+    assert engine.produced == stopped_at, "no trickle of one chunk per chunk taken"
+    for _ in range(12):  # now under half: it resumes and fills up to the bound again
+        await stream.__anext__()
+        taken += 1
+    assert await until(lambda: engine.produced >= taken + limit_chunks - 2), "resumed with a burst"
+    rest = [chunk async for chunk in stream]
+    assert taken + len(rest) == total == engine.produced
     await engine.close()

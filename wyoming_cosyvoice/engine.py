@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -241,17 +242,41 @@ class ThreadedEngine(Engine):
     ) -> AsyncIterator[AudioChunk]:
         """Run `render` on the worker thread and hand each chunk to the event loop as it is made."""
         loop = asyncio.get_running_loop()
-        queue_: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        # Hand-over from the worker: a deque plus at most one scheduled wake-up of the loop at a time, so a worker
+        # that runs ahead costs no loop wake-up (self-pipe write) per chunk and the consumer no await per chunk.
+        pending: "collections.deque[tuple[str, Any]]" = collections.deque()
+        ready = asyncio.Event()
+        wake_lock = threading.Lock()
+        wake_scheduled = [False]
         cancel = threading.Event()
         room = threading.Condition()
         ahead = [0]  # bytes handed to the loop and not yet taken by the consumer
         limit = self.max_ahead_bytes()
+        low_water = limit // 2  # a waiting worker resumes once the consumer is back under this
+
+        def wake() -> None:  # on the loop
+            with wake_lock:
+                wake_scheduled[0] = False
+            ready.set()
 
         def post(kind: str, item: Any) -> None:
+            pending.append((kind, item))
+            with wake_lock:
+                if wake_scheduled[0]:
+                    return  # the wake-up already on its way finds this item too
+                wake_scheduled[0] = True
             try:
-                loop.call_soon_threadsafe(queue_.put_nowait, (kind, item))
+                loop.call_soon_threadsafe(wake)
             except RuntimeError:  # event loop closed: nobody is listening any more
                 cancel.set()
+
+        async def take() -> tuple[str, Any]:
+            while not pending:
+                ready.clear()
+                if pending:  # posted between the check and the clear
+                    break
+                await wait_within(ready.wait(), options.timeout)
+            return pending.popleft()
 
         def produce() -> None:
             if cancel.is_set():  # cancelled while waiting for the worker
@@ -262,12 +287,14 @@ class ThreadedEngine(Engine):
             def emit(pcm: bytes) -> None:
                 if not pcm:
                     return
-                # Backpressure: wait while the client is MAX_AHEAD_SECONDS behind, but notice cancellation.
+                # Backpressure: at MAX_AHEAD_SECONDS ahead of the client, wait until it is back under half of that
+                # (then go on in a burst, not a wake-up per chunk), but notice cancellation.
                 with room:
-                    while ahead[0] >= limit:
-                        if cancel.is_set():
-                            raise Cancelled()
-                        room.wait(0.1)
+                    if ahead[0] >= limit:
+                        while ahead[0] > low_water:
+                            if cancel.is_set():
+                                raise Cancelled()
+                            room.wait(0.1)
                     ahead[0] += len(pcm)
                 if cancel.is_set():
                     raise Cancelled()
@@ -310,7 +337,7 @@ class ThreadedEngine(Engine):
         try:
             while True:
                 try:
-                    kind, item = await wait_within(queue_.get(), options.timeout)
+                    kind, item = await take()
                 except asyncio.TimeoutError:
                     raise EngineTimeout(
                         f"{self.name} engine produced no audio for {options.timeout:g} s; request abandoned "
@@ -319,7 +346,8 @@ class ThreadedEngine(Engine):
                 if kind == "chunk":
                     with room:
                         ahead[0] -= len(item)
-                        room.notify()
+                        if ahead[0] <= low_water:  # wake a waiting worker once, for a burst, not per chunk
+                            room.notify()
                     yield AudioChunk(item, self.sample_rate, self.sample_width, self.channels)
                 elif kind == "error":
                     finished = True
