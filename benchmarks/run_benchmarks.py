@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wyoming_cosyvoice.bench import BenchSettings, describe, percentile, run_bench, sentence  # noqa: E402
+from wyoming_cosyvoice.bench import BenchResult, BenchSettings, describe, percentile, run_bench, sentence  # noqa: E402
 from wyoming_cosyvoice.config import load_config  # noqa: E402
 from wyoming_cosyvoice.engine import Engine, SynthesisOptions  # noqa: E402
 from wyoming_cosyvoice.errors import ClientError, CosyVoiceServiceError  # noqa: E402
@@ -239,6 +240,14 @@ async def compare_engine(name: str, config: Any, server: ServerProcess, quick: b
     return rows
 
 
+def failures(result: BenchResult) -> str:
+    """"; N failed (reason xK, ...)" for a progress line, or "" when every request succeeded."""
+    reasons = collections.Counter(r.error for r in result.requests if r.error)
+    if not reasons:
+        return ""
+    return f"; {sum(reasons.values())} FAILED (" + ", ".join(f"{k} x{n}" for k, n in reasons.most_common()) + ")"
+
+
 async def streaming_throughput(server: ServerProcess, engine: str, quick: bool) -> dict[str, Any]:
     """64 concurrent streaming requests of 60 s audio each; audio delivered per CPU second of the server."""
     clients = 64
@@ -274,7 +283,8 @@ async def streaming_throughput(server: ServerProcess, engine: str, quick: bool) 
     print(
         f"  {engine}: {audio:.0f} s audio in {result.wall_s:.2f} s; server CPU {server_cpu:.2f} s -> "
         f"{row['x_real_time_per_server_core']:.0f}x real time per server core; "
-        f"{row['behind_real_time']} of {count} streams fell behind real time (max stall {row['max_stall_ms']:.1f} ms)",
+        f"{row['behind_real_time']} of {count} streams fell behind real time (max stall {row['max_stall_ms']:.1f} ms)"
+        f"{failures(result)}",
         flush=True,
     )
     return row
@@ -335,20 +345,20 @@ def machine() -> dict[str, Any]:
 def print_markdown(results: dict[str, Any]) -> None:
     """The tables for docs/benchmarks.md."""
     print("\n## Server overhead on time to first audio (ms; 20-word sentence; through the server minus direct)\n")
-    print("| engine | clients | requests | direct median | direct p99 | server median | server p99 "
+    print("| engine | clients | requests | failed | direct median | direct p99 | server median | server p99 "
           "| overhead median | overhead p99 | overhead median, quietest round | ratio (median) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["overhead"]:
-        print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['direct_median_ms']:.3f} | "
+        print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['failed']} | {r['direct_median_ms']:.3f} | "
               f"{r['direct_p99_ms']:.3f} | {r['server_median_ms']:.3f} | {r['server_p99_ms']:.3f} | "
               f"{r['overhead_median_ms']:+.3f} | {r['overhead_p99_ms']:+.3f} | "
               f"{r['overhead_median_best_round_ms']:+.3f} | {r['ratio_median']:.2f} |")
     print("\n## Streaming throughput (64 concurrent streams, 24 kHz 16-bit, 60 s audio each)\n")
-    print("| engine | requests | audio (s) | wall (s) | server CPU (s) | x real time per server core "
+    print("| engine | requests | failed | audio (s) | wall (s) | server CPU (s) | x real time per server core "
           "| x real time per core (wall, client included) | fell behind | max stall (ms) | slowest stream |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["streaming"]:
-        print(f"| {r['engine']} | {r['requests']} | {r['audio_s']:.0f} | {r['wall_s']:.2f} | {r['server_cpu_s']:.2f} | "
+        print(f"| {r['engine']} | {r['requests']} | {r['failed']} | {r['audio_s']:.0f} | {r['wall_s']:.2f} | {r['server_cpu_s']:.2f} | "
               f"{r['x_real_time_per_server_core']:.0f}x | {r['x_real_time_per_core_wall']:.0f}x | "
               f"{r['behind_real_time']} | {r['max_stall_ms']:.1f} | {r['slowest_stream_x_real_time']:.0f}x |")
     ready = results["readiness"]
