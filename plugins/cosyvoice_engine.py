@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from wyoming_cosyvoice import cosyvoice_stream
 from wyoming_cosyvoice import cosyvoice_upstream as upstream
 from wyoming_cosyvoice.audio import float_to_pcm16
 from wyoming_cosyvoice.config import Section
@@ -53,6 +54,7 @@ class CosyVoiceEngine(ThreadedEngine):
         self._voice_names: set[str] = set()
         self._first_profile: Optional[VoiceProfile] = None
         self._initial_hop: Optional[int] = None
+        self._cancel: Optional[threading.Event] = None  # the running request's (worker thread)
         self._active = 0
         self.warmup_report = ""
 
@@ -105,7 +107,10 @@ class CosyVoiceEngine(ThreadedEngine):
             ) from None
         if plans is not None:
             upstream.adopt_plan(*plans)
-        self._install_hop_reset(model.model)
+        if not cosyvoice_stream.install(model.model, self._stop_requested, self.settings.early_first_chunk):
+            _LOGGER.info("CosyVoice %s lacks a part of the streaming loop this engine uses; upstream's own loop "
+                         "streams (100 ms polling, upstream's first chunk)", info.class_name)
+            self._install_hop_reset(model.model)
         self.model, self.info, self.plan = model, info, plan
         self.sample_rate = int(model.sample_rate)
         self._prepared.clear()
@@ -115,6 +120,11 @@ class CosyVoiceEngine(ThreadedEngine):
             "Loaded %s from %s on %s in %.1f s (%s Hz; %s)", info.class_name, info.path, plan.device,
             time.perf_counter() - started, self.sample_rate, "; ".join(plan.notes) or "defaults",
         )
+
+    def _stop_requested(self) -> bool:
+        """The running request was cancelled (its client left): our streaming loop stops the LLM and returns."""
+        cancel = self._cancel
+        return cancel is not None and cancel.is_set()
 
     def _install_hop_reset(self, inner: Any) -> None:
         """Upstream doubles `token_hop_len` on the shared model during a stream and never resets it (the third
@@ -277,6 +287,7 @@ class CosyVoiceEngine(ThreadedEngine):
         kwargs = {"stream": stream, "speed": 1.0 if stream else speed}
         with self._model_lock:
             model = self.model
+            self._cancel = cancel
             before = _session_keys(model.model)
             if voice.method == "sft":
                 outputs = model.inference_sft(text, voice.spk_id, **kwargs)
@@ -298,6 +309,7 @@ class CosyVoiceEngine(ThreadedEngine):
             finally:
                 outputs.close()
                 _reap_sessions(model.model, before)
+                self._cancel = None
 
     # --- warm-up, health, close --------------------------------------------------------------------
 

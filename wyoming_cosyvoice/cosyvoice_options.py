@@ -46,6 +46,10 @@ class CosyVoiceSettings:
     stream: bool = True
     """Stream chunks as the model makes them (a voice with speed != 1.0 is synthesized whole: upstream limitation)."""
 
+    early_first_chunk: bool = True
+    """CosyVoice 2/3: end the first chunk early (at the prompt's padding, >= 10 tokens) when this request's LLM is
+    fast enough for the next chunk to arrive before that audio has played; false = upstream's first chunk size."""
+
     max_queue: int = 4
     """Requests running or waiting for the GPU; more are refused with ServerBusy."""
 

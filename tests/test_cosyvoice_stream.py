@@ -1,0 +1,134 @@
+"""Our CosyVoice 2/3 streaming loop (cosyvoice_stream) on the stand-in checkout: chunk sizes, the early first
+chunk, stopping the LLM of a closed call, LLM failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from wyoming_cosyvoice.cosyvoice_stream import fast_enough, first_hop  # noqa: E402
+from wyoming_cosyvoice.engine import SynthesisOptions  # noqa: E402
+from wyoming_cosyvoice.errors import EngineError  # noqa: E402
+
+from .cosyvoice_support import write_prompt  # noqa: E402
+from .test_cosyvoice_engine import LONG_TEXT, fresh_import, settings, speak, started, voice  # noqa: E402,F401
+
+TOKEN = 960  # samples per speech token at 24 kHz (25 tokens per second)
+
+
+def test_first_hop_is_upstreams_or_the_prompt_padding_alone() -> None:
+    assert first_hop(75, 25) == (25, 0), "a prompt of a multiple of 25 tokens: nothing to end early at"
+    assert first_hop(60, 25) == (40, 15), "upstream: 25 + 15 padding; early: the 15 alone"
+    assert first_hop(70, 25) == (30, 0), "5 tokens of padding are too short for a chunk of their own"
+    assert first_hop(51, 25) == (49, 24)
+
+
+def test_fast_enough_weighs_the_llms_rate_against_the_early_chunks_audio() -> None:
+    # 15 tokens early = 0.44 s playable; the next 25 tokens at 1000 tokens/s take 25 ms (x1.5 safety): in time.
+    assert fast_enough(15, 25, 18, 0.018)
+    # At 20 tokens/s they take 1.25 s: the early chunk would run dry, so upstream's first chunk is kept.
+    assert not fast_enough(15, 25, 18, 0.9)
+    assert not fast_enough(15, 25, 0, 0.0)
+
+
+async def chunk_sizes(tmp_path: Path, text: str, **overrides: Any) -> list[np.ndarray]:
+    prompt = write_prompt(tmp_path / "p.wav", seconds=2.4)  # 60 prompt tokens: padding 15 to the next 25
+    engine = await started(settings(tmp_path, **overrides), (tars := voice(prompt),))
+    try:
+        return await speak(engine, text, tars)
+    finally:
+        await engine.close()
+
+
+async def test_fast_llm_gets_an_early_first_chunk_and_the_same_audio(tmp_path: Path) -> None:
+    early = await chunk_sizes(tmp_path / "a", LONG_TEXT)
+    upstream = await chunk_sizes(tmp_path / "b", LONG_TEXT, early_first_chunk=False)
+    assert [len(c) // TOKEN for c in early][:4] == [15, 25, 50, 100], "the padding alone, then upstream's steps"
+    assert [len(c) // TOKEN for c in upstream][:3] == [40, 50, 100], "upstream: 25 + padding, then doubled"
+    # Chunk ends stay on the same token grid: the audio is the same, only cut differently.
+    np.testing.assert_allclose(np.concatenate(early), np.concatenate(upstream), atol=1e-4)
+
+
+async def test_slow_llm_keeps_upstreams_first_chunk(tmp_path: Path) -> None:
+    # 20 tokens per second: the next 25 tokens would take longer than an early 15-token chunk plays.
+    prompt = write_prompt(tmp_path / "p.wav", seconds=2.4)
+    engine = await started(settings(tmp_path, knobs={"token_s": 0.05}), (tars := voice(prompt),))
+    try:
+        stream = engine.synthesize(LONG_TEXT, tars, SynthesisOptions())
+        first = await asyncio.wait_for(stream.__anext__(), 30)
+        await stream.aclose()
+        assert first.samples // TOKEN == 40
+    finally:
+        await engine.close()
+
+
+def count_tokens(engine: Any) -> list[int]:
+    """Wrap the stand-in LLM's inference so the test can count the tokens it really made."""
+    llm = engine.model.model.llm
+    original = llm.inference
+    made = [0]
+
+    def inference(*args: Any, **kwargs: Any) -> Iterator[int]:
+        for token in original(*args, **kwargs):
+            made[0] += 1
+            yield token
+
+    llm.inference = inference
+    return made
+
+
+async def test_closing_a_call_stops_its_llm_at_the_next_token(tmp_path: Path) -> None:
+    errors: list[Any] = []
+    previous = threading.excepthook
+    threading.excepthook = errors.append
+    prompt = write_prompt(tmp_path / "p.wav")
+    engine = await started(settings(tmp_path, knobs={"token_s": 0.01}), (tars := voice(prompt),))
+    try:
+        made = count_tokens(engine)
+        stream = engine.synthesize(LONG_TEXT * 4, tars, SynthesisOptions())
+        await asyncio.wait_for(stream.__anext__(), 30)  # 28 tokens made by now
+        await stream.aclose()  # the client left
+        await asyncio.wait_for(engine.run_in_worker(lambda: None), 30)
+        stopped_at = made[0]
+        assert stopped_at < 60, f"the LLM went on to {stopped_at} tokens (the text asks for several hundred)"
+        assert not [t for t in threading.enumerate() if t.name.startswith("cosyvoice-llm-")]
+        await asyncio.sleep(0.1)
+        assert made[0] == stopped_at
+        inner = engine.model.model
+        assert inner.tts_speech_token_dict == {} and inner.llm_end_dict == {} and inner.hift_cache_dict == {}
+        assert errors == []
+        assert len((await speak(engine, "The next one is whole.", tars))[0]) == 25 * TOKEN
+    finally:
+        threading.excepthook = previous
+        await engine.close()
+
+
+async def test_llm_failure_is_an_engine_error_not_a_hang(tmp_path: Path) -> None:
+    prompt = write_prompt(tmp_path / "p.wav")
+    engine = await started(settings(tmp_path), (tars := voice(prompt),))
+    try:
+        llm = engine.model.model.llm
+        original = llm.inference
+
+        def failing(*args: Any, **kwargs: Any) -> Iterator[int]:
+            for n, token in enumerate(original(*args, **kwargs)):
+                if n == 40:
+                    raise RuntimeError("CUDA error: device-side assert triggered")
+                yield token
+
+        llm.inference = failing
+        with pytest.raises(EngineError, match="device-side assert"):
+            await asyncio.wait_for(speak(engine, LONG_TEXT, tars), 30)
+        llm.inference = original
+        assert len(np.concatenate(await speak(engine, "Fine again.", tars))) > 0
+        inner = engine.model.model
+        assert inner.tts_speech_token_dict == {} and inner.llm_end_dict == {}
+    finally:
+        await engine.close()
