@@ -271,6 +271,8 @@ class ThreadedEngine(Engine):
                 cancel.set()
 
         async def take() -> tuple[str, Any]:
+            if pending:
+                await asyncio.sleep(0)  # a turn for the other streams between chunks, as when waiting for one
             while not pending:
                 ready.clear()
                 if pending:  # posted between the check and the clear
