@@ -96,10 +96,7 @@ async def test_token_hop_len_growth_is_reset_per_request(tmp_path: Path) -> None
         await engine.close()
 
 
-async def test_cancel_stops_generation_and_leaves_nothing_behind(tmp_path: Path) -> None:
-    errors: list[Any] = []
-    previous = threading.excepthook
-    threading.excepthook = errors.append
+async def test_cancel_stops_generation_and_leaves_nothing_behind(tmp_path: Path, thread_errors: list[Any]) -> None:
     prompt = write_prompt(tmp_path / "p.wav")
     engine = await started(settings(tmp_path, knobs={"token_s": 0.004}), (tars := voice(prompt),))
     try:
@@ -114,9 +111,8 @@ async def test_cancel_stops_generation_and_leaves_nothing_behind(tmp_path: Path)
         assert engine._active == 0
         # The next request is served normally, with a fresh hop length.
         assert len((await speak(engine, LONG_TEXT, tars))[0]) == 24000
-        assert errors == [], "the abandoned call's LLM thread must not crash"
+        assert thread_errors == [], "the abandoned call's LLM thread must not crash"
     finally:
-        threading.excepthook = previous
         await engine.close()
 
 

@@ -84,10 +84,7 @@ def count_tokens(engine: Any) -> list[int]:
     return made
 
 
-async def test_closing_a_call_stops_its_llm_at_the_next_token(tmp_path: Path) -> None:
-    errors: list[Any] = []
-    previous = threading.excepthook
-    threading.excepthook = errors.append
+async def test_closing_a_call_stops_its_llm_at_the_next_token(tmp_path: Path, thread_errors: list[Any]) -> None:
     prompt = write_prompt(tmp_path / "p.wav")
     engine = await started(settings(tmp_path, knobs={"token_s": 0.01}), (tars := voice(prompt),))
     try:
@@ -103,10 +100,9 @@ async def test_closing_a_call_stops_its_llm_at_the_next_token(tmp_path: Path) ->
         assert made[0] == stopped_at
         inner = engine.model.model
         assert inner.tts_speech_token_dict == {} and inner.llm_end_dict == {} and inner.hift_cache_dict == {}
-        assert errors == []
+        assert thread_errors == []
         assert len((await speak(engine, "The next one is whole.", tars))[0]) == 25 * TOKEN
     finally:
-        threading.excepthook = previous
         await engine.close()
 
 

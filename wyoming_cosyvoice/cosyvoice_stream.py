@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 _LOGGER = logging.getLogger(__name__)
 
