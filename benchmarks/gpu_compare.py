@@ -40,7 +40,8 @@ class ForcedTokens:
         """Tokens actually yielded per LLM call (checked after the run)."""
 
     def install(self) -> None:
-        """Replace `Qwen2LM.inference_wrapper` (used by `inference`; min_len = max_len = count); 0 = leave it."""
+        """Replace `Qwen2LM.inference_wrapper` (used by `inference`; min_len = max_len = count) and keep its
+        sampler off every stop token until then; 0 = leave the model alone."""
         if not self.count:
             return
         try:
@@ -59,6 +60,19 @@ class ForcedTokens:
             forced.calls.append(produced)
 
         llm_module.Qwen2LM.inference_wrapper = inference_wrapper
+
+        # `min_len` only masks the end-of-speech token; random weights can still draw one of the other stop tokens
+        # (CosyVoice 2 has 3, CosyVoice 3 has 200) and end the call early. Mask them all while the minimum holds.
+        sampling_ids: Callable[..., Any] = llm_module.Qwen2LM.sampling_ids
+
+        def no_stop_sampling_ids(self: Any, weighted_scores: Any, decoded_tokens: Any, sampling: int,
+                                 ignore_eos: bool = True) -> Any:
+            if ignore_eos:
+                stops = [t for t in getattr(self, "stop_token_ids", []) if t < weighted_scores.shape[-1]]
+                weighted_scores[stops] = -float("inf")
+            return sampling_ids(self, weighted_scores, decoded_tokens, sampling, ignore_eos)
+
+        llm_module.Qwen2LM.sampling_ids = no_stop_sampling_ids
 
 
 def _setting_path(config: Config, data: dict[str, Any], key: str) -> Path:
