@@ -1,6 +1,7 @@
-"""Build a tiny random-weight CosyVoice2 model directory with the REAL CosyVoice classes (for the opt-in test).
+"""Build a random-weight CosyVoice2 model directory with the REAL CosyVoice classes: tiny (for the opt-in test) or
+with CosyVoice2-0.5B's layer sizes (for timing on a GPU without downloading the weights).
 
-Usage: python -m tests.tiny_cosyvoice2 --repo /path/to/CosyVoice --out /tmp/tiny-cosyvoice2
+Usage: python -m tests.tiny_cosyvoice2 --repo /path/to/CosyVoice --out /tmp/tiny-cosyvoice2 [--size 0.5b]
 The audio it makes is noise; every code path (tokenizer, LLM, flow, vocoder, frontend, streaming) is upstream's.
 Needs CosyVoice's Python dependencies (see docs/cosyvoice.md "Integration test").
 """
@@ -13,7 +14,19 @@ import sys
 from pathlib import Path
 
 SPEECH_TOKENS = 6561
-HIDDEN = 64
+
+SIZES = {
+    # A few MB: every code path, a fraction of the compute.
+    "tiny": dict(hidden=64, qwen_layers=1, qwen_heads=2, qwen_kv_heads=1, qwen_ffn=128, qwen_vocab=0,
+                 enc_heads=2, enc_units=64, enc_blocks=1, dec_channels=32, dec_head_dim=16, dec_blocks=1,
+                 dec_mid_blocks=1, dec_heads=2, hift_channels=16, hift_kernels=[3], hift_dilations=[[1, 3, 5]]),
+    # The layer sizes of CosyVoice2-0.5B (Qwen2-0.5B LLM, the released flow and HiFT configs): the same compute
+    # per token as the real model, for timing (about 2.5 GB of random weights).
+    "0.5b": dict(hidden=896, qwen_layers=24, qwen_heads=14, qwen_kv_heads=2, qwen_ffn=4864, qwen_vocab=151936,
+                 enc_heads=8, enc_units=2048, enc_blocks=6, dec_channels=256, dec_head_dim=64, dec_blocks=4,
+                 dec_mid_blocks=12, dec_heads=8, hift_channels=512, hift_kernels=[3, 7, 11],
+                 hift_dilations=[[1, 3, 5], [1, 3, 5], [1, 3, 5]]),
+}
 
 YAML = """\
 sample_rate: 24000
@@ -53,9 +66,9 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
     pre_lookahead_len: 3
     encoder: !new:cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder
         output_size: 512
-        attention_heads: 2
-        linear_units: 64
-        num_blocks: 1
+        attention_heads: {enc_heads}
+        linear_units: {enc_units}
+        num_blocks: {enc_blocks}
         dropout_rate: 0.0
         positional_dropout_rate: 0.0
         attention_dropout_rate: 0.0
@@ -82,19 +95,19 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
         estimator: !new:cosyvoice.flow.decoder.CausalConditionalDecoder
             in_channels: 320
             out_channels: 80
-            channels: [32]
+            channels: [{dec_channels}]
             dropout: 0.0
-            attention_head_dim: 16
-            n_blocks: 1
-            num_mid_blocks: 1
-            num_heads: 2
+            attention_head_dim: {dec_head_dim}
+            n_blocks: {dec_blocks}
+            num_mid_blocks: {dec_mid_blocks}
+            num_heads: {dec_heads}
             act_fn: 'gelu'
             static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
             num_decoding_left_chunks: !ref <num_decoding_left_chunks>
 
 hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
     in_channels: 80
-    base_channels: 16
+    base_channels: {hift_channels}
     nb_harmonics: 8
     sampling_rate: !ref <sample_rate>
     nsf_alpha: 0.1
@@ -105,8 +118,8 @@ hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
     istft_params:
         n_fft: 16
         hop_len: 4
-    resblock_kernel_sizes: [3]
-    resblock_dilation_sizes: [[1, 3, 5]]
+    resblock_kernel_sizes: {hift_kernels}
+    resblock_dilation_sizes: {hift_dilations}
     source_resblock_kernel_sizes: [7, 7, 11]
     source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
     lrelu_slope: 0.1
@@ -114,7 +127,7 @@ hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
     f0_predictor: !new:cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor
         num_class: 1
         in_channels: 80
-        cond_channels: 16
+        cond_channels: {hift_channels}
 
 get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
     token_path: !ref <qwen_pretrain_path>
@@ -137,8 +150,8 @@ CORPUS = [
 ]
 
 
-def build_blank_en(out: Path) -> int:
-    """A byte-level BPE tokenizer saved as a Qwen2 tokenizer, and a 1-layer Qwen2 model; returns the vocab size."""
+def build_blank_en(out: Path, size: dict) -> int:
+    """A byte-level BPE tokenizer saved as a Qwen2 tokenizer, and a Qwen2 model of `size`; returns the vocab size."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2TokenizerFast
 
@@ -149,10 +162,11 @@ def build_blank_en(out: Path) -> int:
     tokenizer = Qwen2TokenizerFast(vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt"),
                                    unk_token=None, bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tokenizer.save_pretrained(str(out))
-    vocab = len(tokenizer) + 64  # room for the special tokens CosyVoice adds
-    config = Qwen2Config(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         tie_word_embeddings=False)
+    vocab = max(len(tokenizer) + 64, size["qwen_vocab"])  # room for the special tokens CosyVoice adds
+    config = Qwen2Config(vocab_size=vocab, hidden_size=size["hidden"], intermediate_size=size["qwen_ffn"],
+                         num_hidden_layers=size["qwen_layers"], num_attention_heads=size["qwen_heads"],
+                         num_key_value_heads=size["qwen_kv_heads"], max_position_embeddings=32768,
+                         tie_word_embeddings=size["qwen_vocab"] > 0)
     Qwen2ForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
     return vocab
 
@@ -189,7 +203,7 @@ def build_onnx(out: Path) -> None:
               str(out / "speech_tokenizer_v2.onnx"))
 
 
-def build(repo: Path, out: Path) -> Path:
+def build(repo: Path, out: Path, size_name: str = "tiny") -> Path:
     """Write the whole model directory and return it."""
     import torch
 
@@ -199,8 +213,9 @@ def build(repo: Path, out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    build_blank_en(out / "CosyVoice-BlankEN")
-    text = YAML.format(hidden=HIDDEN, tokens=SPEECH_TOKENS)
+    size = SIZES[size_name]
+    build_blank_en(out / "CosyVoice-BlankEN", size)
+    text = YAML.format(tokens=SPEECH_TOKENS, **{k: v for k, v in size.items() if not k.startswith("qwen_")})
     (out / "cosyvoice2.yaml").write_text(text)
     configs = load_hyperpyyaml(text, overrides={"qwen_pretrain_path": str(out / "CosyVoice-BlankEN")})
     llm = configs["llm"]
@@ -211,7 +226,8 @@ def build(repo: Path, out: Path) -> Path:
     torch.save(configs["flow"].state_dict(), out / "flow.pt")
     torch.save(configs["hift"].state_dict(), out / "hift.pt")
     build_onnx(out)
-    (out / "tiny-model.json").write_text(json.dumps({"note": "random weights, tests only"}))
+    (out / "tiny-model.json").write_text(json.dumps({"note": "random weights, tests and timing only",
+                                                     "size": size_name}))
     return out
 
 
@@ -220,8 +236,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, required=True, help="CosyVoice checkout")
     parser.add_argument("--out", type=Path, required=True, help="model directory to create")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                        help="tiny (tests) or 0.5b (CosyVoice2-0.5B's layer sizes, for timing)")
     args = parser.parse_args()
-    print(build(args.repo.resolve(), args.out))
+    print(build(args.repo.resolve(), args.out, args.size))
 
 
 if __name__ == "__main__":
