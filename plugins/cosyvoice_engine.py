@@ -55,6 +55,8 @@ class CosyVoiceEngine(ThreadedEngine):
         self._first_profile: Optional[VoiceProfile] = None
         self._initial_hop: Optional[int] = None
         self._cancel: Optional[threading.Event] = None  # the running request's (worker thread)
+        self.streaming = ""
+        """How chunks are streamed: own loop (CosyVoice 2/3), upstream loop, or off."""
         self._active = 0
         self.warmup_report = ""
 
@@ -107,9 +109,13 @@ class CosyVoiceEngine(ThreadedEngine):
             ) from None
         if plans is not None:
             upstream.adopt_plan(*plans)
+        self.streaming = "off" if not self.settings.stream else (
+            "own loop, early first chunk" if self.settings.early_first_chunk else "own loop")
         if not cosyvoice_stream.install(model.model, self._stop_requested, self.settings.early_first_chunk):
-            _LOGGER.info("CosyVoice %s lacks a part of the streaming loop this engine uses; upstream's own loop "
-                         "streams (100 ms polling, upstream's first chunk)", info.class_name)
+            self.streaming = "upstream loop" if self.settings.stream else "off"
+            if info.version != 1:  # CosyVoice 1 streams with upstream's loop by design
+                _LOGGER.info("CosyVoice %s lacks a part of the streaming loop this engine uses; upstream's own loop "
+                             "streams (100 ms polling, upstream's first chunk)", info.class_name)
             self._install_hop_reset(model.model)
         self.model, self.info, self.plan = model, info, plan
         self.sample_rate = int(model.sample_rate)
@@ -364,6 +370,8 @@ class CosyVoiceEngine(ThreadedEngine):
             facts["device"] = self.plan.device
             facts["precision"] = "fp16" if self.plan.fp16 else "fp32"
             facts["tensorrt"] = "on" if self.plan.load_trt else "off"
+        if self.streaming:
+            facts["streaming"] = self.streaming
         facts["voices_prepared"] = len(self._voice_names)
         if self._voice_errors:
             facts["voices_failed"] = ", ".join(sorted(self._voice_errors))
