@@ -143,3 +143,24 @@ async def test_health_says_how_chunks_are_streamed(tmp_path: Path, version: int,
         assert engine.health()["streaming"] == expected
     finally:
         await engine.close()
+
+
+async def test_with_vllm_a_closed_call_lets_its_llm_finish(tmp_path: Path, thread_errors: list[Any]) -> None:
+    """vLLM keeps per-request state inside upstream's loop: its LLM runs to the end and the tokens are dropped."""
+    prompt = write_prompt(tmp_path / "p.wav")
+    engine = await started(settings(tmp_path), (tars := voice(prompt),))
+    try:
+        engine.model.model.llm.vllm = object()  # what upstream's load_vllm attaches to the LLM
+        made = count_tokens(engine)
+        await speak(engine, LONG_TEXT, tars)
+        whole, made[0] = made[0], 0
+        stream = engine.synthesize(LONG_TEXT, tars, SynthesisOptions())
+        await asyncio.wait_for(stream.__anext__(), 30)
+        await stream.aclose()
+        await asyncio.wait_for(engine.run_in_worker(lambda: None), 30)
+        assert made[0] == whole > 60
+        assert thread_errors == []
+        inner = engine.model.model
+        assert inner.tts_speech_token_dict == {} and inner.llm_end_dict == {} and inner.hift_cache_dict == {}
+    finally:
+        await engine.close()

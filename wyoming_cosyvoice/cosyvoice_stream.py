@@ -8,7 +8,8 @@ Upstream's loop (`CosyVoice2Model.tts`, also used by CosyVoice 3) has four costs
   arrive before that audio has played (`early_first_hop`): chunk ends stay on multiples of 25 tokens counted from
   the prompt's start, the boundaries of the flow model's chunk attention, so no chunk sees a different context
   than in upstream's own stream;
-- a call closed early leaves its LLM thread running to the end of the text (here it stops at its next token).
+- a call closed early leaves its LLM thread running to the end of the text (here it stops at its next token;
+  with vLLM, which keeps its own request state, it still runs to the end, and its tokens are dropped).
 
 Everything else is upstream's own code: `llm_job` (the LLM), `token2wav` (flow + vocoder, with its caches) and the
 per-call dictionaries, called with the same arguments as upstream's loop calls them. Non-streaming calls and voice
@@ -48,16 +49,20 @@ class StopLLM(Exception):
 
 
 class _Tokens(list):  # type: ignore[type-arg]
-    """A call's speech-token list: wakes the streaming loop on every token; refuses tokens once the call stopped."""
+    """A call's speech-token list: wakes the streaming loop on every token; once the call stopped, it ends the LLM
+    thread (`stoppable`) or drops the tokens until that thread ends by itself."""
 
-    def __init__(self, wake: threading.Condition) -> None:
+    def __init__(self, wake: threading.Condition, stoppable: bool) -> None:
         super().__init__()
         self.wake = wake
+        self.stoppable = stoppable
         self.stopped = False
 
     def append(self, token: Any) -> None:
         if self.stopped:
-            raise StopLLM()
+            if self.stoppable:
+                raise StopLLM()
+            return
         with self.wake:
             super().append(token)
             self.wake.notify_all()
@@ -117,7 +122,8 @@ def stream_tts(inner: Any, call: dict, hop: int, should_stop: Callable[[], bool]
 
     key = str(uuid.uuid1())
     wake = threading.Condition()
-    tokens = _Tokens(wake)
+    # vLLM keeps its own request state, which an exception in the middle of upstream's loop would leave behind.
+    tokens = _Tokens(wake, stoppable=not hasattr(inner.llm, "vllm"))
     failure: list[BaseException] = []
     with inner.lock:
         inner.tts_speech_token_dict[key], inner.llm_end_dict[key] = tokens, False
@@ -185,9 +191,9 @@ def stream_tts(inner: Any, call: dict, hop: int, should_stop: Callable[[], bool]
         yield chunk(len(tokens), offset, True)
     finally:
         tokens.stopped = True
-        thread.join(60.0)
+        thread.join(120.0)
         if thread.is_alive():
-            _LOGGER.warning("CosyVoice LLM thread of a closed call still running after 60 s")
+            _LOGGER.warning("CosyVoice LLM thread of a closed call still running after 120 s")
         with inner.lock:
             for table in (inner.tts_speech_token_dict, inner.llm_end_dict, inner.hift_cache_dict):
                 table.pop(key, None)
