@@ -109,14 +109,18 @@ class CosyVoiceEngine(ThreadedEngine):
             ) from None
         if plans is not None:
             upstream.adopt_plan(*plans)
-        self.streaming = "off" if not self.settings.stream else (
-            "own loop, early first chunk" if self.settings.early_first_chunk else "own loop")
-        if not cosyvoice_stream.install(model.model, self._stop_requested, self.settings.early_first_chunk):
-            self.streaming = "upstream loop" if self.settings.stream else "off"
+        own_loop = cosyvoice_stream.install(model.model, self._stop_requested, self.settings.early_first_chunk)
+        if not own_loop:
             if info.version != 1:  # CosyVoice 1 streams with upstream's loop by design
                 _LOGGER.info("CosyVoice %s lacks a part of the streaming loop this engine uses; upstream's own loop "
                              "streams (100 ms polling, upstream's first chunk)", info.class_name)
             self._install_hop_reset(model.model)
+        if not self.settings.stream:
+            self.streaming = "off"
+        elif not own_loop:
+            self.streaming = "upstream loop"
+        else:
+            self.streaming = "own loop, early first chunk" if self.settings.early_first_chunk else "own loop"
         self.model, self.info, self.plan = model, info, plan
         self.sample_rate = int(model.sample_rate)
         self._prepared.clear()
