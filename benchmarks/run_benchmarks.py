@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import platform
@@ -242,7 +241,7 @@ async def compare_engine(name: str, config: Any, server: ServerProcess, quick: b
 
 def failures(result: BenchResult) -> str:
     """"; N failed (reason xK, ...)" for a progress line, or "" when every request succeeded."""
-    reasons = collections.Counter(r.error for r in result.requests if r.error)
+    reasons = result.error_counts()
     if not reasons:
         return ""
     return f"; {sum(reasons.values())} FAILED (" + ", ".join(f"{k} x{n}" for k, n in reasons.most_common()) + ")"

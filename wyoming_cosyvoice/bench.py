@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
@@ -143,6 +144,10 @@ class BenchResult:
     server: dict[str, Any] = field(default_factory=dict)
     """The TTS program the server described (name, description, voices)."""
 
+    def error_counts(self) -> "collections.Counter[str]":
+        """How many requests failed for each reason."""
+        return collections.Counter(r.error for r in self.requests if r.error)
+
     @property
     def ok(self) -> list[RequestResult]:
         """Successful requests."""
@@ -194,7 +199,7 @@ class BenchResult:
             f"{summary['wall_s']:.2f} s = {summary['x_real_time']:.1f}x real time; "
             f"{summary['behind_real_time']} fell behind real time"
         )
-        errors = sorted({r.error for r in self.requests if r.error})
+        errors = sorted(self.error_counts())
         if errors:
             lines.append("errors: " + "; ".join(errors[:5]))
         return "\n".join(lines)
