@@ -14,12 +14,12 @@ import pytest
 pytest.importorskip("torch")
 
 from wyoming_cosyvoice.audio import pcm16_to_float  # noqa: E402
-from wyoming_cosyvoice.cosyvoice_options import CosyVoiceSettings, LoadPlan  # noqa: E402
+from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings, LoadPlan  # noqa: E402
 from wyoming_cosyvoice.engine import SynthesisOptions  # noqa: E402
 from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, ServerBusy, VoiceError  # noqa: E402
 from wyoming_cosyvoice.voices import VoiceProfile  # noqa: E402
-from wyoming_cosyvoice_plugins import cosyvoice_engine  # noqa: E402
-from wyoming_cosyvoice_plugins.cosyvoice_engine import CosyVoiceEngine  # noqa: E402
+from wyoming_cosyvoice_plugins.cosyvoice import engine as cosyvoice_engine  # noqa: E402
+from wyoming_cosyvoice_plugins.cosyvoice.engine import CosyVoiceEngine  # noqa: E402
 
 from .cosyvoice_support import STANDIN_REPO, dominant_frequency, forget_cosyvoice, make_model_dir, write_prompt  # noqa: E402
 
@@ -284,7 +284,7 @@ async def test_upstream_logging_and_progress_bars_are_silenced(tmp_path: Path, c
             root.addHandler(handler)
         root.setLevel(saved[1])
     messages = [(r.name, r.levelno, r.getMessage()) for r in ours.records]
-    assert any(name.endswith("cosyvoice_engine") and "Loaded CosyVoice2" in text for name, _, text in messages)
+    assert any(name.endswith("cosyvoice.engine") and "Loaded CosyVoice2" in text for name, _, text in messages)
     assert not [m for m in messages if m[0] == "root" and m[1] < logging.WARNING], "upstream per-chunk INFO dropped"
     assert ("root", logging.WARNING, "a root-logger warning, as upstream logs them") in messages
     err = capfd.readouterr().err

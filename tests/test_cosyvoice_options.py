@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from wyoming_cosyvoice import cosyvoice_upstream as upstream
+from wyoming_cosyvoice_plugins.cosyvoice import upstream
 from wyoming_cosyvoice.config import ConfigError, build
-from wyoming_cosyvoice.cosyvoice_options import CosyVoiceSettings, plan_load
+from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings, plan_load
 from wyoming_cosyvoice.errors import EngineUnavailable
 from wyoming_cosyvoice.gpu import gpu_facts
 

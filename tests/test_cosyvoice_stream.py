@@ -1,4 +1,4 @@
-"""Our CosyVoice 2/3 streaming loop (cosyvoice_stream) on the stand-in checkout: chunk sizes, the early first
+"""Our CosyVoice 2/3 streaming loop (plugins/cosyvoice/stream.py) on the stand-in checkout: chunk sizes, the early first
 chunk, stopping the LLM of a closed call, LLM failures."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from wyoming_cosyvoice.cosyvoice_stream import fast_enough, first_hop  # noqa: E402
+from wyoming_cosyvoice_plugins.cosyvoice.stream import fast_enough, first_hop  # noqa: E402
 from wyoming_cosyvoice.engine import SynthesisOptions  # noqa: E402
 from wyoming_cosyvoice.errors import EngineError  # noqa: E402
 

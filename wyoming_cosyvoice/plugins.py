@@ -18,7 +18,7 @@ from .errors import PluginError
 _LOGGER = logging.getLogger(__name__)
 
 BUILTIN_PLUGINS = (
-    "wyoming_cosyvoice_plugins.cosyvoice_engine",
+    "wyoming_cosyvoice_plugins.cosyvoice",
     "wyoming_cosyvoice_plugins.espeak_engine",
     "wyoming_cosyvoice_plugins.yaml_voices",
     "wyoming_cosyvoice_plugins.folder_voices",

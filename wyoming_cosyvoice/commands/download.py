@@ -85,7 +85,7 @@ def download(name: str, target: Path, source: str = "auto") -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Download, check the result, and print the config line to use."""
-    from ..cosyvoice_upstream import inspect_model_dir
+    from wyoming_cosyvoice_plugins.cosyvoice.upstream import inspect_model_dir
 
     target = args.dir or Path("pretrained_models") / args.model
     path = download(args.model, target, args.source)

@@ -18,8 +18,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def checks(settings: Any) -> tuple[list[tuple[str, str]], bool]:
     """(key, value) rows and whether every piece the engine needs is present."""
-    from .. import cosyvoice_upstream as upstream
-    from ..cosyvoice_options import plan_load
+    from wyoming_cosyvoice_plugins.cosyvoice import upstream  # moves into the plugin with register_commands
+    from wyoming_cosyvoice_plugins.cosyvoice.options import plan_load
 
     rows: list[tuple[str, str]] = []
     try:
@@ -47,7 +47,7 @@ def checks(settings: Any) -> tuple[list[tuple[str, str]], bool]:
 
 def run(args: argparse.Namespace) -> int:
     """Print GPU facts and engine checks; exit 1 when the CosyVoice engine could not start."""
-    from ..cosyvoice_options import CosyVoiceSettings
+    from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings
     from ..gpu import gpu_facts
 
     config = read_config(args.config)

@@ -7,8 +7,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import VoiceError
-from .voices import VoiceProfile
+from wyoming_cosyvoice.errors import VoiceError
+from wyoming_cosyvoice.voices import VoiceProfile
 
 END_OF_PROMPT = "<|endofprompt|>"
 CV3_SYSTEM = "You are a helpful assistant."

@@ -12,17 +12,16 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from wyoming_cosyvoice import cosyvoice_stream
-from wyoming_cosyvoice import cosyvoice_upstream as upstream
+from . import stream as cosyvoice_stream
+from . import upstream
 from wyoming_cosyvoice.audio import float_to_pcm16
 from wyoming_cosyvoice.config import Section
-from wyoming_cosyvoice.cosyvoice_options import CosyVoiceSettings, LoadPlan, plan_load
+from .options import CosyVoiceSettings, LoadPlan, plan_load
 from wyoming_cosyvoice.engine import AudioChunk, Cancelled, SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, ServerBusy, VoiceError
 from wyoming_cosyvoice.gpu import gpu_facts
-from wyoming_cosyvoice.hookspecs import hookimpl
-from wyoming_cosyvoice.cosyvoice_voices import PreparedVoice, recipe, speakable, synthetic_prompt, v1_language_tag
-from wyoming_cosyvoice.prompts import PromptCache, default_cache_dir, prompt_key
+from .recipes import PreparedVoice, recipe, speakable, synthetic_prompt, v1_language_tag
+from .prompts import PromptCache, default_cache_dir, prompt_key
 from wyoming_cosyvoice.reference import normalized_reference
 from wyoming_cosyvoice.voices import VoiceProfile
 
@@ -426,8 +425,3 @@ def create_engine(section: Section) -> CosyVoiceEngine:
     """Factory: `engines.cosyvoice` settings -> engine (nothing heavy happens before start())."""
     return CosyVoiceEngine(section.parse(CosyVoiceSettings))
 
-
-@hookimpl
-def register_engines(register: Callable[..., None]) -> None:
-    """Register the CosyVoice GPU engine."""
-    register("cosyvoice", create_engine)

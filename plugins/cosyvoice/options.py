@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from .errors import EngineUnavailable
+from wyoming_cosyvoice.errors import EngineUnavailable
 
 PREFIX = "cosyvoice engine: "
 

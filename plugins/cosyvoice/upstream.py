@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import EngineUnavailable
+from wyoming_cosyvoice.errors import EngineUnavailable
 from .prompts import soundfile_load_wav
 
 _LOGGER = logging.getLogger(__name__)

@@ -1,0 +1,28 @@
+"""The CosyVoice engine: the official CosyVoice code from a checkout, behind the engine interface.
+
+Modules: `engine` (the engine: loading, prepared voices, synthesis on one worker thread), `options` (settings and
+load options per GPU), `upstream` (checkout and model-dir checks, lazy import, upstream quirks, TensorRT plans),
+`stream` (our streaming loop for CosyVoice 2/3), `recipes` (profile -> upstream call per model version), `prompts`
+(prompt audio loading and the prepared-voice cache). The core never imports this package; torch and CosyVoice are
+imported only when the engine starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wyoming_cosyvoice.config import Section
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
+
+
+def create_engine(section: Section) -> Any:
+    """Factory: `engines.cosyvoice` settings -> engine (nothing heavy happens before start())."""
+    from .engine import create_engine as create
+
+    return create(section)
+
+
+@hookimpl
+def register_engines(register: Register) -> None:
+    """Register the CosyVoice GPU engine."""
+    register("cosyvoice", create_engine)
