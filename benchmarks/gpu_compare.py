@@ -65,8 +65,9 @@ class ForcedTokens:
         # (CosyVoice 2 has 3, CosyVoice 3 has 200) and end the call early. Mask them all while the minimum holds.
         sampling_ids: Callable[..., Any] = llm_module.Qwen2LM.sampling_ids
 
-        def no_stop_sampling_ids(self: Any, weighted_scores: Any, decoded_tokens: Any, sampling: int,
-                                 ignore_eos: bool = True) -> Any:
+        def no_stop_sampling_ids(
+            self: Any, weighted_scores: Any, decoded_tokens: Any, sampling: int, ignore_eos: bool = True
+        ) -> Any:
             if ignore_eos:
                 stops = [t for t in getattr(self, "stop_token_ids", []) if t < weighted_scores.shape[-1]]
                 weighted_scores[stops] = -float("inf")
@@ -97,7 +98,9 @@ def _soundfile_load_wav(wav: Any, target_sr: int, min_sr: int = 16000) -> Any:
     return speech
 
 
-def load_upstream(engine: Engine, repo: Path, model_dir: Path, data: dict[str, Any], prompt_wav: Path) -> tuple[Any, str]:
+def load_upstream(
+    engine: Engine, repo: Path, model_dir: Path, data: dict[str, Any], prompt_wav: Path
+) -> tuple[Any, str]:
     """Upstream's model with the class and load options our engine chose (fp16, TensorRT, ...), and a note."""
     for path in (repo, repo / "third_party" / "Matcha-TTS"):
         if str(path) not in sys.path:
@@ -114,8 +117,11 @@ def load_upstream(engine: Engine, repo: Path, model_dir: Path, data: dict[str, A
         notes.append(f"load_wav via soundfile ({type(err).__name__} from torchaudio.load)")
     info, plan = getattr(engine, "info", None), getattr(engine, "plan", None)
     if info is not None and plan is not None:  # the cosyvoice engine's model facts and load plan
-        kwargs: dict[str, Any] = {"load_trt": plan.load_trt, "fp16": plan.fp16,
-                                  "trt_concurrent": int(data.get("trt_concurrent", 1))}
+        kwargs: dict[str, Any] = {
+            "load_trt": plan.load_trt,
+            "fp16": plan.fp16,
+            "trt_concurrent": int(data.get("trt_concurrent", 1)),
+        }
         if info.version != 3:
             kwargs["load_jit"] = plan.load_jit
         if info.version != 1:
@@ -181,16 +187,16 @@ def gpu_facts() -> dict[str, Any]:
     try:
         facts["driver"] = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
     return facts
 
 
-async def gpu_compare(
-    config_path: Path, voice: Optional[str], tokens: int, requests: int, text: str
-) -> dict[str, Any]:
+async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requests: int, text: str) -> dict[str, Any]:
     """Load both paths, alternate requests (ours, upstream) after one warm-up each, print and return the table."""
     config = load_config(config_path)
     plugins = Plugins(config.server.plugins_dir)
@@ -204,8 +210,9 @@ async def gpu_compare(
     data = dict(section.data)
     repo, model_dir = _setting_path(config, data, "repo"), _setting_path(config, data, "model_dir")
 
-    print(f"GPU: our cosyvoice engine vs upstream inference_zero_shot(stream=True), {tokens} tokens per call:",
-          flush=True)
+    print(
+        f"GPU: our cosyvoice engine vs upstream inference_zero_shot(stream=True), {tokens} tokens per call:", flush=True
+    )
     started = time.perf_counter()
     engine: Engine = plugins.factory("engines", "cosyvoice")(section)
     await engine.start()
@@ -227,39 +234,66 @@ async def gpu_compare(
         if i:
             ours.append(a)
             theirs.append(b)
-        print(f"  round {i}: ours {a[0]:.0f} ms first audio / {a[2]:.2f} s audio; "
-              f"upstream {b[0]:.0f} ms / {b[2]:.2f} s", flush=True)
+        print(
+            f"  round {i}: ours {a[0]:.0f} ms first audio / {a[2]:.2f} s audio; upstream {b[0]:.0f} ms / {b[2]:.2f} s",
+            flush=True,
+        )
 
     # Ours through the server, as Home Assistant reaches it (same engine object, loopback, one client).
     service = Service(engine, catalog, max_concurrent=4)
     server = Server(service, "tcp://127.0.0.1:0")
     await server.start()
     try:
-        served = await run_bench(BenchSettings(uri=f"tcp://127.0.0.1:{server.port}", text=text, voice=profile.name,
-                                               requests=requests, warmup=1, timeout=600))
+        served = await run_bench(
+            BenchSettings(
+                uri=f"tcp://127.0.0.1:{server.port}",
+                text=text,
+                voice=profile.name,
+                requests=requests,
+                warmup=1,
+                timeout=600,
+            )
+        )
     finally:
         await server.shutdown(grace=5.0)
     summary = served.summary()
     result = {
-        "facts": {**gpu_facts(), "model_dir": str(model_dir), "engine_settings": data, "engine": engine.health(),
-                  "tokens_per_call": tokens, "llm_calls_tokens": sorted(set(forced.calls)), "adaptation": note,
-                  "engine_ready_s": ready_s, "voice": profile.name},
+        "facts": {
+            **gpu_facts(),
+            "model_dir": str(model_dir),
+            "engine_settings": data,
+            "engine": engine.health(),
+            "tokens_per_call": tokens,
+            "llm_calls_tokens": sorted(set(forced.calls)),
+            "adaptation": note,
+            "engine_ready_s": ready_s,
+            "voice": profile.name,
+        },
         "ours_direct": _stats(ours),
         "upstream": _stats(theirs),
-        "ours_server": {"requests": summary["requests"], "failed": summary["failed"],
-                        "ttfa_median_ms": summary["ttfa_ms"]["median"], "ttfa_p90_ms": summary["ttfa_ms"]["p90"],
-                        "rtf_median": summary["rtf"]["median"], "audio_median_s": summary["audio_s"]["median"]},
+        "ours_server": {
+            "requests": summary["requests"],
+            "failed": summary["failed"],
+            "ttfa_median_ms": summary["ttfa_ms"]["median"],
+            "ttfa_p90_ms": summary["ttfa_ms"]["p90"],
+            "rtf_median": summary["rtf"]["median"],
+            "audio_median_s": summary["audio_s"]["median"],
+        },
     }
     print("\n## GPU: CosyVoice engine vs upstream streaming loop\n")
     print("| path | requests | first audio median (ms) | p90 | max | total median (ms) | audio (s) | RTF median |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, key in (("ours (engine, prepared voice)", "ours_direct"), ("upstream inference_zero_shot", "upstream")):
         r = result[key]
-        print(f"| {label} | {r['requests']} | {r['ttfa_median_ms']:.0f} | {r['ttfa_p90_ms']:.0f} | "
-              f"{r['ttfa_max_ms']:.0f} | {r['total_median_ms']:.0f} | {r['audio_median_s']:.2f} | "
-              f"{r['rtf_median']:.3f} |")
+        print(
+            f"| {label} | {r['requests']} | {r['ttfa_median_ms']:.0f} | {r['ttfa_p90_ms']:.0f} | "
+            f"{r['ttfa_max_ms']:.0f} | {r['total_median_ms']:.0f} | {r['audio_median_s']:.2f} | "
+            f"{r['rtf_median']:.3f} |"
+        )
     r = result["ours_server"]
-    print(f"| ours through the server | {r['requests']} | {r['ttfa_median_ms']:.0f} | {r['ttfa_p90_ms']:.0f} | | | "
-          f"{r['audio_median_s']:.2f} | {r['rtf_median']:.3f} |")
+    print(
+        f"| ours through the server | {r['requests']} | {r['ttfa_median_ms']:.0f} | {r['ttfa_p90_ms']:.0f} | | | "
+        f"{r['audio_median_s']:.2f} | {r['rtf_median']:.3f} |"
+    )
     print(f"\nfacts: {result['facts']}")
     return result

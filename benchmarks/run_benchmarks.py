@@ -86,8 +86,19 @@ class ServerProcess:
         self.port = free_port()
         self.uri = f"tcp://127.0.0.1:{self.port}"
         self.log = log.open("ab")
-        cmd = [sys.executable, "-m", "wyoming_cosyvoice", "serve", "--config", str(config), "--engine", engine,
-               "--no-fallback", "--uri", self.uri]
+        cmd = [
+            sys.executable,
+            "-m",
+            "wyoming_cosyvoice",
+            "serve",
+            "--config",
+            str(config),
+            "--engine",
+            engine,
+            "--no-fallback",
+            "--uri",
+            self.uri,
+        ]
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.ready_s = float("nan")
@@ -240,7 +251,7 @@ async def compare_engine(name: str, config: Any, server: ServerProcess, quick: b
 
 
 def failures(result: BenchResult) -> str:
-    """"; N failed (reason xK, ...)" for a progress line, or "" when every request succeeded."""
+    """ "; N failed (reason xK, ...)" for a progress line, or "" when every request succeeded."""
     reasons = result.error_counts()
     if not reasons:
         return ""
@@ -251,8 +262,9 @@ async def streaming_throughput(server: ServerProcess, engine: str, quick: bool) 
     """64 concurrent streaming requests of 60 s audio each; audio delivered per CPU second of the server."""
     clients = 64
     count = clients if quick else 2 * clients
-    settings = BenchSettings(uri=server.uri, text=STREAM_TEXT, concurrency=clients, requests=count, stream=True,
-                             warmup=1, timeout=300)
+    settings = BenchSettings(
+        uri=server.uri, text=STREAM_TEXT, concurrency=clients, requests=count, stream=True, warmup=1, timeout=300
+    )
     cpu_before = server.cpu_seconds()
     client_before = time.process_time()
     result = await run_bench(settings)
@@ -344,22 +356,30 @@ def machine() -> dict[str, Any]:
 def print_markdown(results: dict[str, Any]) -> None:
     """The tables for docs/benchmarks.md."""
     print("\n## Server overhead on time to first audio (ms; 20-word sentence; through the server minus direct)\n")
-    print("| engine | clients | requests | failed | direct median | direct p99 | server median | server p99 "
-          "| overhead median | overhead p99 | overhead median, quietest round | ratio (median) |")
+    print(
+        "| engine | clients | requests | failed | direct median | direct p99 | server median | server p99 "
+        "| overhead median | overhead p99 | overhead median, quietest round | ratio (median) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["overhead"]:
-        print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['failed']} | {r['direct_median_ms']:.3f} | "
-              f"{r['direct_p99_ms']:.3f} | {r['server_median_ms']:.3f} | {r['server_p99_ms']:.3f} | "
-              f"{r['overhead_median_ms']:+.3f} | {r['overhead_p99_ms']:+.3f} | "
-              f"{r['overhead_median_best_round_ms']:+.3f} | {r['ratio_median']:.2f} |")
+        print(
+            f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['failed']} | {r['direct_median_ms']:.3f} | "
+            f"{r['direct_p99_ms']:.3f} | {r['server_median_ms']:.3f} | {r['server_p99_ms']:.3f} | "
+            f"{r['overhead_median_ms']:+.3f} | {r['overhead_p99_ms']:+.3f} | "
+            f"{r['overhead_median_best_round_ms']:+.3f} | {r['ratio_median']:.2f} |"
+        )
     print("\n## Streaming throughput (64 concurrent streams, 24 kHz 16-bit, 60 s audio each)\n")
-    print("| engine | requests | failed | audio (s) | wall (s) | server CPU (s) | x real time per server core "
-          "| x real time per core (wall, client included) | fell behind | max stall (ms) | slowest stream |")
+    print(
+        "| engine | requests | failed | audio (s) | wall (s) | server CPU (s) | x real time per server core "
+        "| x real time per core (wall, client included) | fell behind | max stall (ms) | slowest stream |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["streaming"]:
-        print(f"| {r['engine']} | {r['requests']} | {r['failed']} | {r['audio_s']:.0f} | {r['wall_s']:.2f} | {r['server_cpu_s']:.2f} | "
-              f"{r['x_real_time_per_server_core']:.0f}x | {r['x_real_time_per_core_wall']:.0f}x | "
-              f"{r['behind_real_time']} | {r['max_stall_ms']:.1f} | {r['slowest_stream_x_real_time']:.0f}x |")
+        print(
+            f"| {r['engine']} | {r['requests']} | {r['failed']} | {r['audio_s']:.0f} | {r['wall_s']:.2f} | {r['server_cpu_s']:.2f} | "
+            f"{r['x_real_time_per_server_core']:.0f}x | {r['x_real_time_per_core_wall']:.0f}x | "
+            f"{r['behind_real_time']} | {r['max_stall_ms']:.1f} | {r['slowest_stream_x_real_time']:.0f}x |"
+        )
     ready = results["readiness"]
     espeak = {r["clients"]: r for r in results["overhead"] if r["engine"] == "espeak"}
     pcm = {r["clients"]: r for r in results["overhead"] if r["engine"] == "pcm"}
@@ -369,34 +389,51 @@ def print_markdown(results: dict[str, Any]) -> None:
     print("|---|---|")
     for level in (1, 16):
         if level in pcm:
-            print(f"| overhead median < 1 ms, p99 < 5 ms at {level} client(s) (zero-cost pcm engine) | "
-                  f"{pcm[level]['overhead_median_ms']:+.3f} ms / {pcm[level]['overhead_p99_ms']:+.3f} ms |")
+            print(
+                f"| overhead median < 1 ms, p99 < 5 ms at {level} client(s) (zero-cost pcm engine) | "
+                f"{pcm[level]['overhead_median_ms']:+.3f} ms / {pcm[level]['overhead_p99_ms']:+.3f} ms |"
+            )
         if level in espeak:
-            print(f"| same, espeak engine, {level} client(s) | "
-                  f"{espeak[level]['overhead_median_ms']:+.3f} ms / {espeak[level]['overhead_p99_ms']:+.3f} ms |")
+            print(
+                f"| same, espeak engine, {level} client(s) | "
+                f"{espeak[level]['overhead_median_ms']:+.3f} ms / {espeak[level]['overhead_p99_ms']:+.3f} ms |"
+            )
     if "pcm" in stream:
         s = stream["pcm"]
-        print(f"| streaming >= 500x real time per core (pcm) | {s['x_real_time_per_server_core']:.0f}x per server "
-              f"core; {s['x_real_time_per_core_wall']:.0f}x per core counting the 64 clients on the same machine |")
-        print(f"| 64 streams, none behind real time | {s['behind_real_time']} behind (max stall "
-              f"{s['max_stall_ms']:.1f} ms) |")
+        print(
+            f"| streaming >= 500x real time per core (pcm) | {s['x_real_time_per_server_core']:.0f}x per server "
+            f"core; {s['x_real_time_per_core_wall']:.0f}x per core counting the 64 clients on the same machine |"
+        )
+        print(
+            f"| 64 streams, none behind real time | {s['behind_real_time']} behind (max stall "
+            f"{s['max_stall_ms']:.1f} ms) |"
+        )
     if 1 in espeak:
-        print(f"| espeak through the server: first audio < 30 ms (20 words) | median "
-              f"{espeak[1]['server_median_ms']:.2f} ms, p99 {espeak[1]['server_p99_ms']:.2f} ms |")
+        print(
+            f"| espeak through the server: first audio < 30 ms (20 words) | median "
+            f"{espeak[1]['server_median_ms']:.2f} ms, p99 {espeak[1]['server_p99_ms']:.2f} ms |"
+        )
     print(f"| ready < 1.5 s after start | {', '.join(f'{t:.2f}' for t in ready['ready_s'])} s |")
-    print(f"| idle RSS < 80 MB, no torch | {ready['idle_rss_mb']:.1f} MB; torch mapped: "
-          f"{'yes' if ready['torch_mapped'] else 'no'} |")
+    print(
+        f"| idle RSS < 80 MB, no torch | {ready['idle_rss_mb']:.1f} MB; torch mapped: "
+        f"{'yes' if ready['torch_mapped'] else 'no'} |"
+    )
     m = results["machine"]
-    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['date']}; load average "
-          f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}; CPU pressure at start: {m['cpu_pressure_start']}; "
-          f"at end: {m['cpu_pressure_end']}")
+    print(
+        f"\nmachine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['date']}; load average "
+        f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}; CPU pressure at start: {m['cpu_pressure_start']}; "
+        f"at end: {m['cpu_pressure_end']}"
+    )
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything, in order; servers are stopped at the end."""
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "text": TEXT}
-    print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, load "
-          f"{results['machine']['loadavg_start']}, CPU pressure {results['machine']['cpu_pressure_start']}", flush=True)
+    print(
+        f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, load "
+        f"{results['machine']['loadavg_start']}, CPU pressure {results['machine']['cpu_pressure_start']}",
+        flush=True,
+    )
     if args.gpu:  # first: it fails fast on a missing checkout, model or GPU
         from gpu_compare import gpu_compare  # benchmarks/gpu_compare.py; imports torch
 
@@ -442,11 +479,19 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write all results to this JSON file")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES), help="engines to compare")
     parser.add_argument("--gpu", action="store_true", help="also compare the CosyVoice engine with upstream (GPU)")
-    parser.add_argument("--config", type=Path, default=ROOT / "config" / "server.yaml",
-                        help="server.yaml with engines.cosyvoice.repo/model_dir and voices (for --gpu)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=ROOT / "config" / "server.yaml",
+        help="server.yaml with engines.cosyvoice.repo/model_dir and voices (for --gpu)",
+    )
     parser.add_argument("--gpu-voice", help="voice profile with reference_audio + transcript (default: the default)")
-    parser.add_argument("--gpu-tokens", type=int, default=250,
-                        help="speech tokens forced per LLM call (25 per s of audio; 0: do not force)")
+    parser.add_argument(
+        "--gpu-tokens",
+        type=int,
+        default=250,
+        help="speech tokens forced per LLM call (25 per s of audio; 0: do not force)",
+    )
     parser.add_argument("--gpu-requests", type=int, default=10, help="requests per path (after one warm-up)")
     parser.add_argument("--gpu-only", action="store_true", help="with --gpu: skip the CPU benchmarks")
     args = parser.parse_args()

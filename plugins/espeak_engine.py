@@ -140,9 +140,7 @@ class EspeakEngine(ThreadedEngine):
         lib.espeak_SetVoiceByName.restype = ctypes.c_int
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_SetParameter.restype = ctypes.c_int
-        rate = lib.espeak_Initialize(
-            _AUDIO_OUTPUT_SYNCHRONOUS, self.settings.chunk_ms, str(data_dir).encode(), 0
-        )
+        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, self.settings.chunk_ms, str(data_dir).encode(), 0)
         if rate <= 0:
             raise EngineUnavailable(f"espeak engine: espeak_Initialize failed for data folder {data_dir}")
         self._callback = _SYNTH_CALLBACK(self._on_audio)

@@ -149,7 +149,9 @@ class FolderVoiceProvider:
             if text_file is not None:
                 data[key] = read_text_file(text_file, filename) or None
         if "mode" not in data:
-            data["mode"] = "instruct" if data.get("instruct") else "zero_shot" if data.get("transcript") else "cross_lingual"
+            data["mode"] = (
+                "instruct" if data.get("instruct") else "zero_shot" if data.get("transcript") else "cross_lingual"
+            )
         try:
             profile = build(VoiceProfile, data, source="profile.yaml", base_dir=voice_dir)
         except ConfigError as err:

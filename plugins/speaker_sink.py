@@ -208,13 +208,9 @@ class _SpeakerStream:
         if player.error is not None:
             raise SinkError(f"speaker: playback failed: {player.error}")
         seconds = player.played_bytes / player.out_bps
-        start = (
-            f", sound after {(player.first_sound - player.opened) * 1000:.0f} ms" if player.first_sound else ""
-        )
+        start = f", sound after {(player.first_sound - player.opened) * 1000:.0f} ms" if player.first_sound else ""
         state = "" if ok else " (stopped early)"
-        return (
-            f"played {seconds:.2f} s at {player.rate} Hz{start}, underruns: {player.underruns}{state}"
-        )
+        return f"played {seconds:.2f} s at {player.rate} Hz{start}, underruns: {player.underruns}{state}"
 
 
 class SpeakerSink:

@@ -65,8 +65,12 @@ class _WavStream:
 
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self._file = soundfile.SoundFile(
-            str(self.tmp), "w", samplerate=self.fmt.rate, channels=self.fmt.channels,
-            subtype=_SUBTYPES[self.fmt.width], format="WAV",
+            str(self.tmp),
+            "w",
+            samplerate=self.fmt.rate,
+            channels=self.fmt.channels,
+            subtype=_SUBTYPES[self.fmt.width],
+            format="WAV",
         )
 
     def _write(self, pcm: bytes) -> None:
@@ -163,4 +167,3 @@ class WavSink:
 def register_sinks(register: Callable[[str, Callable[[Section], Any]], None]) -> None:
     """Register the `wav` sink."""
     register("wav", lambda section: WavSink(section.parse(WavSettings)))
-

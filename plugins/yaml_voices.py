@@ -68,7 +68,9 @@ class YamlVoiceProvider:
         except FileNotFoundError:
             if initial:
                 raise ConfigError(f"{self.path}: voices file not found") from None
-            _LOGGER.error("%s: voices file was removed; keeping the %d voices loaded before", self.path, len(self._profiles))
+            _LOGGER.error(
+                "%s: voices file was removed; keeping the %d voices loaded before", self.path, len(self._profiles)
+            )
             return
         stamp = (stat.st_mtime_ns, stat.st_size)
         if stamp == self._stamp:
@@ -101,8 +103,9 @@ class YamlVoiceProvider:
         if top.default is not None:
             names = [p.name for p in profiles]
             if top.default in skipped:
-                _LOGGER.warning("%s:default: voice %r is skipped; the first usable voice is the default",
-                                source, top.default)
+                _LOGGER.warning(
+                    "%s:default: voice %r is skipped; the first usable voice is the default", source, top.default
+                )
             elif top.default not in names:
                 problems.append(f"{source}:default: no voice named {top.default!r}")
                 _LOGGER.error("%s:default: no voice named %r; using %s", source, top.default, names[:1])

@@ -244,8 +244,14 @@ def fault_plugins() -> Plugins:
 async def cli(*args: str, stdin: Optional[bytes] = None, env: Optional[dict[str, str]] = None) -> tuple[int, str, str]:
     """Run `wyoming-cosyvoice ARGS` in a subprocess while the test's event loop keeps serving; (rc, out, err)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "wyoming_cosyvoice", *args, env=env,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "wyoming_cosyvoice",
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(stdin), TIMEOUT * 2)
     assert proc.returncode is not None

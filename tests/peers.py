@@ -134,11 +134,23 @@ class ForeignTts:
     def info(self) -> Info:
         """A piper-like info."""
         attribution = Attribution(name="test", url="https://example.invalid")
-        voice = TtsVoice(name="en_US-test", description="Test voice", attribution=attribution, installed=True,
-                         version="1.0", languages=["en_US"])
-        program = TtsProgram(name="foreign-tts", description="Not CosyVoice", attribution=attribution,
-                             installed=True, version="9.9", voices=[voice],
-                             supports_synthesize_streaming=self.streaming)
+        voice = TtsVoice(
+            name="en_US-test",
+            description="Test voice",
+            attribution=attribution,
+            installed=True,
+            version="1.0",
+            languages=["en_US"],
+        )
+        program = TtsProgram(
+            name="foreign-tts",
+            description="Not CosyVoice",
+            attribution=attribution,
+            installed=True,
+            version="9.9",
+            voices=[voice],
+            supports_synthesize_streaming=self.streaming,
+        )
         return Info(tts=[program])
 
 

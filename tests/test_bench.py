@@ -29,7 +29,9 @@ def _check_ordered(row: dict, count: int) -> None:
     assert row["min"] <= row["mean"] <= row["max"]
 
 
-async def test_bench_command_measures_real_requests(config: Config, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+async def test_bench_command_measures_real_requests(
+    config: Config, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """The CLI sends the requests, prints the summary and writes JSON whose percentiles come from those requests."""
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"
@@ -73,8 +75,13 @@ async def test_bench_streaming_counts_every_request(config: Config) -> None:
     """Streaming synthesis: each request ends with synthesize-stopped and carries audio."""
     async with running_server(config) as server:
         settings = BenchSettings(
-            uri=f"tcp://127.0.0.1:{server.port}", text=sentence(8), voice="anna", concurrency=3, requests=4,
-            stream=True, timeout=60,
+            uri=f"tcp://127.0.0.1:{server.port}",
+            text=sentence(8),
+            voice="anna",
+            concurrency=3,
+            requests=4,
+            stream=True,
+            timeout=60,
         )
         result = await asyncio.wait_for(run_bench(settings), CLI_TIMEOUT)
     assert len(result.requests) == 4 and all(r.ok for r in result.requests)
@@ -88,8 +95,19 @@ async def test_bench_records_server_errors(config: Config, tmp_path: Path, capsy
     """Requests the server refuses are counted as failed with the server's error code; the exit status is 1."""
     out = tmp_path / "bench.json"
     async with running_server(config) as server:
-        argv = ["bench", "--uri", f"tcp://127.0.0.1:{server.port}", "--voice", "nobody", "--requests", "3",
-                "--warmup", "0", "--json", str(out)]
+        argv = [
+            "bench",
+            "--uri",
+            f"tcp://127.0.0.1:{server.port}",
+            "--voice",
+            "nobody",
+            "--requests",
+            "3",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+        ]
         status = await asyncio.wait_for(asyncio.to_thread(main, argv), CLI_TIMEOUT)
     assert status == 1
     doc = json.loads(out.read_text())

@@ -196,8 +196,17 @@ async def test_say_ctrl_c_keeps_a_valid_wav(tmp_path: Path) -> None:
     out = tmp_path / "stopped.wav"
     async with serve(tts.factory()) as port:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wyoming_cosyvoice", "say", "Hello", "--uri", f"tcp://127.0.0.1:{port}",
-            "--out", str(out), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "wyoming_cosyvoice",
+            "say",
+            "Hello",
+            "--uri",
+            f"tcp://127.0.0.1:{port}",
+            "--out",
+            str(out),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         await wait_for_file(tmp_path, ".stopped.wav.*.part", 44 + 3 * 1600 * 2)
         proc.send_signal(signal.SIGINT)
@@ -213,8 +222,17 @@ async def test_say_stream_audio_begins_before_stdin_closes(config: Config, tmp_p
     out = tmp_path / "streamed.wav"
     async with running_server(config) as server:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wyoming_cosyvoice", "say", "--stream", "--uri", f"tcp://127.0.0.1:{server.port}",
-            "--out", str(out), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "wyoming_cosyvoice",
+            "say",
+            "--stream",
+            "--uri",
+            f"tcp://127.0.0.1:{server.port}",
+            "--out",
+            str(out),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         assert proc.stdin is not None
@@ -237,8 +255,16 @@ async def test_say_stream_reads_a_file(config: Config, tmp_path: Path) -> None:
     text = tmp_path / "text.txt"
     text.write_text("Line one.\nLine two is here.\n")
     async with running_server(config) as server:
-        rc, stdout, err = await cli("say", "--stream", "--file", str(text), "--uri", f"tcp://127.0.0.1:{server.port}",
-                                    "--out", str(tmp_path / "f.wav"))
+        rc, stdout, err = await cli(
+            "say",
+            "--stream",
+            "--file",
+            str(text),
+            "--uri",
+            f"tcp://127.0.0.1:{server.port}",
+            "--out",
+            str(tmp_path / "f.wav"),
+        )
     assert rc == 0, err
     data, rate = soundfile.read(tmp_path / "f.wav", dtype="float32")
     assert_speech(data, rate, 6)
@@ -249,8 +275,7 @@ async def test_say_usage_errors() -> None:
     assert rc == 2 and err.strip() == "error: nothing to say: give TEXT, '-' to read standard input, or --stream"
     rc, _, err = await cli("say", "Hi", "--uri", "tcp://127.0.0.1:9", "--sink", "wav:x.txt")
     assert rc == 2 and "--sink wav.path: expected a .wav file name" in err
-    rc, _, err = await cli("say", "Hi", "--uri", "tcp://127.0.0.1:9", "--out", "/tmp/never-written.wav",
-                           "--overwrite")
+    rc, _, err = await cli("say", "Hi", "--uri", "tcp://127.0.0.1:9", "--out", "/tmp/never-written.wav", "--overwrite")
     assert rc == 1 and "error: cannot connect to tcp://127.0.0.1:9" in err
 
 
@@ -282,6 +307,10 @@ async def test_describe_a_foreign_server() -> None:
 
 def test_parse_health() -> None:
     text = "CosyVoice voice cloning TTS (engine: cosyvoice; gpu=NVIDIA H200, state=ready) [fallback from x: y]"
-    assert parse_health(text) == {"engine": "cosyvoice", "gpu": "NVIDIA H200", "state": "ready",
-                                  "note": "fallback from x: y"}
+    assert parse_health(text) == {
+        "engine": "cosyvoice",
+        "gpu": "NVIDIA H200",
+        "state": "ready",
+        "note": "fallback from x: y",
+    }
     assert parse_health("Piper TTS") is None

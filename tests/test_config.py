@@ -86,8 +86,13 @@ def test_shipped_config_loads_and_paths_resolve() -> None:
 def test_cli_flags_override_yaml(tmp_path: Path) -> None:
     config = load_config(DEFAULT_CONFIG_DIR / "server.yaml")
     args = argparse.Namespace(
-        uri="tcp://127.0.0.1:1234", plugins_dir=None, max_concurrent=2, zeroconf=True, engine="espeak",
-        no_fallback=True, voices=tmp_path / "v.yaml",
+        uri="tcp://127.0.0.1:1234",
+        plugins_dir=None,
+        max_concurrent=2,
+        zeroconf=True,
+        engine="espeak",
+        no_fallback=True,
+        voices=tmp_path / "v.yaml",
     )
     config = apply_overrides(config, args)
     assert config.server.uri == "tcp://127.0.0.1:1234"

@@ -26,7 +26,9 @@ def test_download_without_hub_client_explains_what_to_do(tmp_path: Path) -> None
     result = cli("download", "CosyVoice2-0.5B", "--dir", str(tmp_path / "m"), prelude=NO_HUBS)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: cannot download CosyVoice2-0.5B: neither modelscope nor huggingface_hub is installed")
+    assert line.startswith(
+        "error: cannot download CosyVoice2-0.5B: neither modelscope nor huggingface_hub is installed"
+    )
     assert f"git lfs install && git clone https://huggingface.co/FunAudioLLM/CosyVoice2-0.5B {tmp_path / 'm'}" in line
     assert "https://www.modelscope.cn/iic/CosyVoice2-0.5B.git" in line
     assert not (tmp_path / "m").exists()
@@ -47,18 +49,26 @@ def _fake_hub(tmp_path: Path, body: str) -> str:
 
 
 def test_download_network_failure_gives_the_manual_way(tmp_path: Path) -> None:
-    prelude = _fake_hub(tmp_path, """
+    prelude = _fake_hub(
+        tmp_path,
+        """
         def snapshot_download(repo_id, local_dir=None, **kwargs):
             raise OSError("Failed to resolve 'huggingface.co'")
-    """)
+    """,
+    )
     result = cli("download", "Fun-CosyVoice3-0.5B", "--dir", str(tmp_path / "m"), prelude=prelude)
     assert result.returncode == 2
-    assert "downloading Fun-CosyVoice3-0.5B from huggingface_hub failed (Failed to resolve 'huggingface.co')" in result.stderr
+    assert (
+        "downloading Fun-CosyVoice3-0.5B from huggingface_hub failed (Failed to resolve 'huggingface.co')"
+        in result.stderr
+    )
     assert "git clone https://huggingface.co/FunAudioLLM/Fun-CosyVoice3-0.5B-2512" in result.stderr
 
 
 def test_download_success_checks_the_model_dir(tmp_path: Path) -> None:
-    prelude = _fake_hub(tmp_path, f"""
+    prelude = _fake_hub(
+        tmp_path,
+        f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
@@ -69,7 +79,8 @@ def test_download_success_checks_the_model_dir(tmp_path: Path) -> None:
             assert repo_id == "FunAudioLLM/CosyVoice2-0.5B", repo_id
             make_model_dir(Path(local_dir), 2)
             return local_dir
-    """)
+    """,
+    )
     result = cli("download", "CosyVoice2-0.5B", "--dir", str(tmp_path / "m"), prelude=prelude)
     assert result.returncode == 0, result.stderr
     assert f"CosyVoice2 model ready in {tmp_path / 'm'}" in result.stdout
@@ -77,8 +88,11 @@ def test_download_success_checks_the_model_dir(tmp_path: Path) -> None:
 
 
 def test_health_reports_gpu_and_checks(tmp_path: Path) -> None:
-    path = write_config(tmp_path / "cfg", engine={"name": "cosyvoice", "fallback": "espeak"},
-                        engines={"cosyvoice": {"repo": str(STANDIN_REPO), "model_dir": str(tmp_path / "nope")}})
+    path = write_config(
+        tmp_path / "cfg",
+        engine={"name": "cosyvoice", "fallback": "espeak"},
+        engines={"cosyvoice": {"repo": str(STANDIN_REPO), "model_dir": str(tmp_path / "nope")}},
+    )
     result = cli("health", "--config", str(path))
     assert result.returncode == 1
     assert "gpu: " in result.stdout and "engine: cosyvoice (fallback: espeak)" in result.stdout

@@ -201,7 +201,9 @@ async def test_cosyvoice1_sft_and_instruct_at_22050(tmp_path: Path) -> None:
         audio = np.concatenate(await speak(engine, "Short one.", profiles[1]))
         assert abs(dominant_frequency(audio, 22050) - 200.0) < 3.0
         assert engine.health()["voices_failed"] == "bad"
-        with pytest.raises(VoiceError, match=r"voice 'bad': mode sft needs `speaker` set to a built-in speaker \(英文女, 中文男\)"):
+        with pytest.raises(
+            VoiceError, match=r"voice 'bad': mode sft needs `speaker` set to a built-in speaker \(英文女, 中文男\)"
+        ):
             await speak(engine, "Hello.", profiles[2])
     finally:
         await engine.close()
@@ -215,9 +217,19 @@ async def test_voice_errors_are_one_line(tmp_path: Path) -> None:
         (VoiceProfile(name="b", mode="cross_lingual"), "voice 'b': mode cross_lingual needs reference_audio"),
         (VoiceProfile(name="c", mode="instruct", reference_audio=prompt), "mode instruct needs `instruct` text"),
         (VoiceProfile(name="d", mode="sft", speaker="x"), "none: this model has no built-in speakers"),
-        (voice(write_prompt(tmp_path / "8k.wav", rate=8000), name="e"), "sample rate 8000 Hz is below the minimum of 16000 Hz"),
-        (voice(write_prompt(tmp_path / "long.wav", seconds=31.0, rate=16000), name="f", mode="zero_shot",
-               transcript="Too long for a transcript."), "31.0 s of sound is longer than 30 s"),
+        (
+            voice(write_prompt(tmp_path / "8k.wav", rate=8000), name="e"),
+            "sample rate 8000 Hz is below the minimum of 16000 Hz",
+        ),
+        (
+            voice(
+                write_prompt(tmp_path / "long.wav", seconds=31.0, rate=16000),
+                name="f",
+                mode="zero_shot",
+                transcript="Too long for a transcript.",
+            ),
+            "31.0 s of sound is longer than 30 s",
+        ),
         (voice(tmp_path / "none.wav", name="g"), "file not found"),
     ]
     try:
@@ -311,7 +323,9 @@ async def test_warmup_checks_output_is_finite(tmp_path: Path, monkeypatch: pytes
     forced["auto"] = False
     engine = await started(settings(tmp_path, knobs={"nonfinite_if_fp16": True}))
     try:
-        with pytest.raises(EngineError, match="fp16 warm-up produced NaN/inf audio on this GPU; set engines.cosyvoice.fp16: false"):
+        with pytest.raises(
+            EngineError, match="fp16 warm-up produced NaN/inf audio on this GPU; set engines.cosyvoice.fp16: false"
+        ):
             await engine.warmup()
     finally:
         await engine.close()

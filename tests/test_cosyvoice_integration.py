@@ -40,8 +40,13 @@ TEXT = "The quick brown fox jumps over the lazy dog, and the whole path from cli
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "CosyVoice2-tiny"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "tests.tiny_cosyvoice2", "--repo", str(REPO), "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "tests.tiny_cosyvoice2", "--repo", str(REPO), "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     print(f"\ntiny CosyVoice2 model built in {time.perf_counter() - started:.1f} s")
     return out
 
@@ -56,9 +61,17 @@ def fresh_import() -> Any:
 def prompt(tmp_path: Path) -> dict:
     shared = SHARED_VOICES / "zero_shot_prompt.wav"
     if shared.is_file():
-        return {"name": "prompt", "reference_audio": str(shared), "mode": "zero_shot",
-                "transcript": "希望你以后能够做的比我还好呦。"}
-    return {"name": "prompt", "reference_audio": str(write_prompt(tmp_path / "p.wav", rate=24000)), "mode": "cross_lingual"}
+        return {
+            "name": "prompt",
+            "reference_audio": str(shared),
+            "mode": "zero_shot",
+            "transcript": "希望你以后能够做的比我还好呦。",
+        }
+    return {
+        "name": "prompt",
+        "reference_audio": str(write_prompt(tmp_path / "p.wav", rate=24000)),
+        "mode": "cross_lingual",
+    }
 
 
 async def timed(client: Any, text: str) -> tuple[int, np.ndarray, list[int], float, float]:
@@ -84,10 +97,18 @@ async def timed(client: Any, text: str) -> tuple[int, np.ndarray, list[int], flo
 async def test_real_cosyvoice2_streams_through_the_server(tmp_path: Path, tiny_model: Path) -> None:
     import torch
 
-    section = {"repo": REPO, "model_dir": str(tiny_model), "cache_dir": str(tmp_path / "cache"),
-               "require_gpu": bool(torch.cuda.is_available())}
-    path = write_config(tmp_path / "cfg", voices=[prompt(tmp_path)], engine={"name": "cosyvoice", "fallback": None},
-                        engines={"cosyvoice": section})
+    section = {
+        "repo": REPO,
+        "model_dir": str(tiny_model),
+        "cache_dir": str(tmp_path / "cache"),
+        "require_gpu": bool(torch.cuda.is_available()),
+    }
+    path = write_config(
+        tmp_path / "cfg",
+        voices=[prompt(tmp_path)],
+        engine={"name": "cosyvoice", "fallback": None},
+        engines={"cosyvoice": section},
+    )
     started = time.perf_counter()
     async with running_server(load_config(path)) as server:
         print(f"server ready (load + prepare + warm-up) in {time.perf_counter() - started:.1f} s")
@@ -101,8 +122,10 @@ async def test_real_cosyvoice2_streams_through_the_server(tmp_path: Path, tiny_m
                 seconds = len(samples) / 24000
                 assert rate == 24000 and len(sizes) >= 2 and seconds > 1.0
                 assert np.isfinite(samples).all() and np.abs(samples).max() <= 1.0
-                print(f"request {n + 1}: {len(sizes)} chunks, {seconds:.2f} s audio, first audio {first * 1000:.0f} ms, "
-                      f"total {total:.2f} s, rtf {total / seconds:.2f}")
+                print(
+                    f"request {n + 1}: {len(sizes)} chunks, {seconds:.2f} s audio, first audio {first * 1000:.0f} ms, "
+                    f"total {total:.2f} s, rtf {total / seconds:.2f}"
+                )
             # Upstream's token_hop_len growth would make later first chunks longer; the engine resets it.
             # (Measured on the engine's own chunks: the server splits them into <= 0.5 s Wyoming chunks.)
             profile = server.service.catalog.default

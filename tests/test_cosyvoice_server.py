@@ -49,10 +49,17 @@ def cosyvoice_config(tmp_path: Path, voices: list[dict], fallback: Any = None, *
 
 async def test_streams_cloned_voice_through_the_server(tmp_path: Path) -> None:
     prompt = write_prompt(tmp_path / "tars.wav", pitch=170.0, rate=44100)
-    path = cosyvoice_config(tmp_path, [
-        {"name": "tars", "reference_audio": str(prompt), "mode": "zero_shot", "transcript": "Hello there."},
-        {"name": "nova", "reference_audio": str(write_prompt(tmp_path / "nova.wav", pitch=240.0)), "languages": ["de-DE"]},
-    ])
+    path = cosyvoice_config(
+        tmp_path,
+        [
+            {"name": "tars", "reference_audio": str(prompt), "mode": "zero_shot", "transcript": "Hello there."},
+            {
+                "name": "nova",
+                "reference_audio": str(write_prompt(tmp_path / "nova.wav", pitch=240.0)),
+                "languages": ["de-DE"],
+            },
+        ],
+    )
     async with running_server(load_config(path)) as server:
         async with connect(server) as client:
             await client.write_event(Describe().event())
@@ -101,8 +108,10 @@ async def test_client_leaving_cancels_and_others_are_served(tmp_path: Path) -> N
             assert not reply.errors and reply.seconds > 0.5
 
 
-@pytest.mark.skipif(not (SHARED_VOICES / "interstellar-tars-01-resemble-denoised.wav").is_file(),
-                    reason="shared test voices not present")
+@pytest.mark.skipif(
+    not (SHARED_VOICES / "interstellar-tars-01-resemble-denoised.wav").is_file(),
+    reason="shared test voices not present",
+)
 async def test_real_reference_recording(tmp_path: Path) -> None:
     tars = SHARED_VOICES / "interstellar-tars-01-resemble-denoised.wav"
     path = cosyvoice_config(tmp_path, [{"name": "tars", "reference_audio": str(tars), "mode": "cross_lingual"}])
@@ -115,8 +124,11 @@ async def test_real_reference_recording(tmp_path: Path) -> None:
 
 
 async def test_falls_back_to_espeak_with_one_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = write_config(tmp_path / "cfg", engine={"name": "cosyvoice", "fallback": "espeak"},
-                        engines={"cosyvoice": {"repo": str(STANDIN_REPO), "model_dir": str(tmp_path / "no-model")}})
+    path = write_config(
+        tmp_path / "cfg",
+        engine={"name": "cosyvoice", "fallback": "espeak"},
+        engines={"cosyvoice": {"repo": str(STANDIN_REPO), "model_dir": str(tmp_path / "no-model")}},
+    )
     with caplog.at_level(logging.WARNING):
         async with running_server(load_config(path)) as server:
             assert server.service.engine.name == "espeak"
@@ -128,22 +140,34 @@ async def test_falls_back_to_espeak_with_one_log_line(tmp_path: Path, caplog: py
                 reply = await collect(client)
                 assert not reply.errors and reply.rate == 22050 and reply.seconds > 0.3
     lines = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
-    assert len(lines) == 1 and "README: 'GPU engine: CosyVoice'" in lines[0] and "wyoming-cosyvoice download" in lines[0]
+    assert (
+        len(lines) == 1 and "README: 'GPU engine: CosyVoice'" in lines[0] and "wyoming-cosyvoice download" in lines[0]
+    )
 
 
 async def test_no_fallback_refuses_to_start(tmp_path: Path) -> None:
-    path = write_config(tmp_path / "cfg", engine={"name": "cosyvoice", "fallback": None},
-                        engines={"cosyvoice": {"model_dir": str(tmp_path)}})
+    path = write_config(
+        tmp_path / "cfg",
+        engine={"name": "cosyvoice", "fallback": None},
+        engines={"cosyvoice": {"model_dir": str(tmp_path)}},
+    )
     config = load_config(path)
     with pytest.raises(EngineUnavailable, match=r"^cosyvoice engine: engines.cosyvoice.repo is not set"):
         await build_service(config, Plugins(config.server.plugins_dir))
 
 
 def test_serve_command_prints_one_line(tmp_path: Path) -> None:
-    path = write_config(tmp_path / "cfg", engine={"name": "cosyvoice", "fallback": None},
-                        engines={"cosyvoice": {"repo": str(tmp_path / "CosyVoice"), "model_dir": str(tmp_path)}})
-    result = subprocess.run([sys.executable, "-m", "wyoming_cosyvoice", "serve", "--config", str(path)],
-                            capture_output=True, text=True, timeout=120)
+    path = write_config(
+        tmp_path / "cfg",
+        engine={"name": "cosyvoice", "fallback": None},
+        engines={"cosyvoice": {"repo": str(tmp_path / "CosyVoice"), "model_dir": str(tmp_path)}},
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "wyoming_cosyvoice", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: cosyvoice engine: CosyVoice checkout {tmp_path / 'CosyVoice'} not found "
@@ -155,8 +179,9 @@ async def test_hot_reload_makes_the_engine_forget_removed_and_changed_voices(tmp
     import yaml
 
     low, high = write_prompt(tmp_path / "low.wav", pitch=150.0), write_prompt(tmp_path / "high.wav", pitch=260.0)
-    path = cosyvoice_config(tmp_path, [{"name": "tars", "reference_audio": str(low)},
-                                       {"name": "nova", "reference_audio": str(high)}])
+    path = cosyvoice_config(
+        tmp_path, [{"name": "tars", "reference_audio": str(low)}, {"name": "nova", "reference_audio": str(high)}]
+    )
     async with running_server(load_config(path)) as server:
         engine = server.service.engine
         spk2info = engine.model.frontend.spk2info

@@ -130,14 +130,18 @@ async def test_llm_failure_is_an_engine_error_not_a_hang(tmp_path: Path) -> None
         await engine.close()
 
 
-@pytest.mark.parametrize(("version", "overrides", "expected"), [
-    (2, {}, "own loop, early first chunk"),
-    (3, {"early_first_chunk": False}, "own loop"),
-    (1, {}, "upstream loop"),
-    (2, {"stream": False}, "off"),
-])
-async def test_health_says_how_chunks_are_streamed(tmp_path: Path, version: int, overrides: dict,
-                                                   expected: str) -> None:
+@pytest.mark.parametrize(
+    ("version", "overrides", "expected"),
+    [
+        (2, {}, "own loop, early first chunk"),
+        (3, {"early_first_chunk": False}, "own loop"),
+        (1, {}, "upstream loop"),
+        (2, {"stream": False}, "off"),
+    ],
+)
+async def test_health_says_how_chunks_are_streamed(
+    tmp_path: Path, version: int, overrides: dict, expected: str
+) -> None:
     engine = await started(settings(tmp_path, version=version, **overrides))
     try:
         assert engine.health()["streaming"] == expected

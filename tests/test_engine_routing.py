@@ -91,15 +91,22 @@ def _events() -> Any:
     EVENTS.clear()
 
 
-def _config(tmp_path: Path, voices: list[dict[str, Any]], main: str = "espeak", fallback: Optional[str] = None,
-            **engines: Any) -> Config:
-    return load_config(write_config(
-        tmp_path / "cfg",
-        voices=voices,
-        engine={"name": main, "fallback": fallback},
-        engines={"tone": {"sample_rate": 24000}, "tone-rec": {"sample_rate": 48000}, "fault": {"sample_rate": 16000},
-                 **engines},
-    ))
+def _config(
+    tmp_path: Path, voices: list[dict[str, Any]], main: str = "espeak", fallback: Optional[str] = None, **engines: Any
+) -> Config:
+    return load_config(
+        write_config(
+            tmp_path / "cfg",
+            voices=voices,
+            engine={"name": main, "fallback": fallback},
+            engines={
+                "tone": {"sample_rate": 24000},
+                "tone-rec": {"sample_rate": 48000},
+                "fault": {"sample_rate": 16000},
+                **engines,
+            },
+        )
+    )
 
 
 async def describe(server: Any) -> Info:
@@ -135,11 +142,14 @@ def _write_voices(tmp_path: Path, voices: list[dict[str, Any]]) -> None:
 
 
 async def test_each_voice_is_served_by_its_engine_at_its_rate(tmp_path: Path) -> None:
-    config = _config(tmp_path, [
-        {"name": "robot", "languages": ["en-US"]},
-        {"name": "beep", "engine": "tone"},
-        {"name": "buzz", "engine": "fault"},
-    ])
+    config = _config(
+        tmp_path,
+        [
+            {"name": "robot", "languages": ["en-US"]},
+            {"name": "beep", "engine": "tone"},
+            {"name": "buzz", "engine": "fault"},
+        ],
+    )
     async with running_server(config, plugins()) as server:
         engines = server.service.engines
         assert list(engines.running) == ["espeak", "fault", "tone"] and engines.failed == {}
@@ -173,13 +183,17 @@ async def test_each_voice_is_served_by_its_engine_at_its_rate(tmp_path: Path) ->
 async def test_an_engine_that_cannot_start_breaks_only_its_voices(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = _config(tmp_path, [
-        {"name": "robot"},
-        {"name": "beep", "engine": "tone-rec"},
-        {"name": "dead", "engine": "unstartable"},
-        {"name": "dead2", "engine": "unstartable"},
-        {"name": "ghost", "engine": "nosuch"},
-    ], main="espeak-rec")
+    config = _config(
+        tmp_path,
+        [
+            {"name": "robot"},
+            {"name": "beep", "engine": "tone-rec"},
+            {"name": "dead", "engine": "unstartable"},
+            {"name": "dead2", "engine": "unstartable"},
+            {"name": "ghost", "engine": "nosuch"},
+        ],
+        main="espeak-rec",
+    )
     voices_file = tmp_path / "cfg" / "voices.yaml"
     Unstartable.closed = 0
     with caplog.at_level(logging.WARNING):
@@ -192,8 +206,10 @@ async def test_an_engine_that_cannot_start_breaks_only_its_voices(
 
             (error,) = (await speak(server, "dead")).errors
             assert error.code == "VoiceNotFound"
-            assert error.text == (f"{voices_file}: voice 'dead': needs engine unstartable, which could not start here: "
-                                  "unstartable engine: no device here (voice unavailable)")
+            assert error.text == (
+                f"{voices_file}: voice 'dead': needs engine unstartable, which could not start here: "
+                "unstartable engine: no device here (voice unavailable)"
+            )
             (error,) = (await speak(server, "ghost")).errors
             assert error.code == "VoiceNotFound"
             assert "voice 'ghost': needs engine nosuch, which could not start here: " in error.text
@@ -206,8 +222,10 @@ async def test_an_engine_that_cannot_start_breaks_only_its_voices(
     started = [r.getMessage() for r in caplog.records if "could not start (" in r.getMessage()]
     assert len(started) == 2  # once per engine, not per voice or describe
     assert started[0].startswith("Engine 'nosuch' could not start (no engine named 'nosuch' (registered: ")
-    assert started[1] == ("Engine 'unstartable' could not start (unstartable engine: no device here); the voices "
-                          "that name it are unavailable")
+    assert started[1] == (
+        "Engine 'unstartable' could not start (unstartable engine: no device here); the voices "
+        "that name it are unavailable"
+    )
     skipped = [r.getMessage() for r in caplog.records if "(voice skipped)" in r.getMessage()]
     assert len(skipped) == 3  # dead, dead2, ghost: once each, not on every describe
 
@@ -216,11 +234,17 @@ async def test_a_voice_needing_the_engine_that_fell_back_is_broken_not_served_by
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    config = _config(tmp_path, [
-        {"name": "robot"},
-        {"name": "clone", "engine": "cosyvoice"},
-        {"name": "plain", "engine": "espeak"},
-    ], main="cosyvoice", fallback="espeak", cosyvoice={"model_dir": str(tmp_path / "no-model")})
+    config = _config(
+        tmp_path,
+        [
+            {"name": "robot"},
+            {"name": "clone", "engine": "cosyvoice"},
+            {"name": "plain", "engine": "espeak"},
+        ],
+        main="cosyvoice",
+        fallback="espeak",
+        cosyvoice={"model_dir": str(tmp_path / "no-model")},
+    )
     async with running_server(config, plugins()) as server:
         assert list(server.service.engines.running) == ["espeak"]  # the fallback serves; no second espeak
         info = await describe(server)
@@ -250,8 +274,9 @@ async def test_hot_reload_routes_new_voices_and_never_starts_an_engine(
         assert (await speak(server, "beep2")).rate == 48000
         (error,) = (await speak(server, "late")).errors
         assert error.code == "VoiceNotFound"
-        assert error.text.endswith("voice 'late': engine fault is not running (restart the server to start it) "
-                                   "(voice unavailable)")
+        assert error.text.endswith(
+            "voice 'late': engine fault is not running (restart the server to start it) (voice unavailable)"
+        )
         assert list(server.service.engines.running) == ["espeak-rec", "tone-rec"]  # nothing started at runtime
         await describe(server)
         assert sum("voice 'late'" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records) == 1
@@ -266,8 +291,9 @@ async def test_removed_and_changed_voices_are_forgotten_by_the_engine_that_prepa
         EVENTS.clear()
 
         # beep changes (forgotten, then prepared again), moved switches engine, robot goes away.
-        _write_voices(tmp_path, [{"name": "beep", "engine": "tone-rec", "speed": 1.5},
-                                 {"name": "moved", "engine": "tone-rec"}])
+        _write_voices(
+            tmp_path, [{"name": "beep", "engine": "tone-rec", "speed": 1.5}, {"name": "moved", "engine": "tone-rec"}]
+        )
         assert await names(server) == ["beep", "moved"]
         await preparer.wait_idle()
         assert ("espeak-rec", "forget", "robot") in EVENTS

@@ -28,8 +28,19 @@ from .helpers import fault_config, fault_plugins
 EXAMPLES = {"raw": 1500, "mutated": 1500, "structured": 1000}
 """Inputs per strategy (4000 in all); about 30 s on a 2-core CI machine (most of it generating inputs)."""
 
-TYPES = ["describe", "ping", "synthesize", "synthesize-start", "synthesize-chunk", "synthesize-stop", "audio-chunk",
-         "audio-start", "info", "error", ""]
+TYPES = [
+    "describe",
+    "ping",
+    "synthesize",
+    "synthesize-start",
+    "synthesize-chunk",
+    "synthesize-stop",
+    "audio-chunk",
+    "audio-start",
+    "info",
+    "error",
+    "",
+]
 
 
 def encode(event_type: str, data: Optional[dict[str, Any]] = None, payload: bytes = b"") -> bytes:
@@ -49,11 +60,18 @@ VALID = [
     encode("audio-chunk", {"rate": 16000, "width": 2, "channels": 1}, b"\x00\x01" * 8),
 ]
 
-scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.sampled_from([1.5, -0.0, 1e308]) | st.text(
-    max_size=12
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.sampled_from([1.5, -0.0, 1e308])
+    | st.text(max_size=12)
 )
-json_values = scalars | st.lists(scalars, max_size=3) | st.dictionaries(st.sampled_from(["name", "text", "x"]),
-                                                                         scalars, max_size=3)
+json_values = (
+    scalars
+    | st.lists(scalars, max_size=3)
+    | st.dictionaries(st.sampled_from(["name", "text", "x"]), scalars, max_size=3)
+)
 
 
 @st.composite
@@ -88,8 +106,13 @@ def structured(draw: st.DrawFn) -> bytes:
     out = b""
     for _ in range(draw(st.integers(1, 3))):
         header: dict[str, Any] = {"type": draw(st.sampled_from(TYPES) | st.text(max_size=12) | json_values)}
-        data = draw(st.dictionaries(st.sampled_from(["text", "voice", "rate", "name", "language"]) |
-                                    st.text(max_size=5), json_values, max_size=4))
+        data = draw(
+            st.dictionaries(
+                st.sampled_from(["text", "voice", "rate", "name", "language"]) | st.text(max_size=5),
+                json_values,
+                max_size=4,
+            )
+        )
         body = json.dumps(data).encode() if draw(st.booleans()) else draw(st.binary(max_size=40))
         if draw(st.booleans()):
             header["data"] = draw(json_values)
@@ -174,7 +197,7 @@ def parse(received: bytes) -> list[Event]:
     events = []
     while stream.tell() < len(received):
         event = read_event(stream)
-        assert event is not None, f"server sent a malformed event: {received[stream.tell():][:200]!r}"
+        assert event is not None, f"server sent a malformed event: {received[stream.tell() :][:200]!r}"
         events.append(event)
     return events
 
@@ -192,8 +215,11 @@ def speak(port: int, text: str, timeout: float = 10.0) -> list[Event]:
 
 
 def test_fuzz_live_server(tmp_path: Path) -> None:
-    config = fault_config(tmp_path, limits={"idle_timeout_s": 5.0, "max_text_chars": 2000},
-                          engine={"chunk_ms": 0, "chunk_bytes": 64, "chunks_per_word": 1})
+    config = fault_config(
+        tmp_path,
+        limits={"idle_timeout_s": 5.0, "max_text_chars": 2000},
+        engine={"chunk_ms": 0, "chunk_bytes": 64, "chunks_per_word": 1},
+    )
     server = ServerThread(config)
     port = server.start()
     counts = {name: 0 for name in EXAMPLES}
@@ -213,8 +239,13 @@ def test_fuzz_live_server(tmp_path: Path) -> None:
                 assert isinstance(error.data.get("text"), str) and isinstance(error.data.get("code"), str)
 
         def common(name: str) -> settings:
-            return settings(max_examples=EXAMPLES[name], deadline=None, database=None,
-                            suppress_health_check=list(HealthCheck), print_blob=True)
+            return settings(
+                max_examples=EXAMPLES[name],
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+                print_blob=True,
+            )
 
         @common("raw")
         @given(st.binary(max_size=3000))

@@ -123,8 +123,7 @@ def test_duplicate_name_is_an_error_naming_both(tmp_path: Path) -> None:
 
 def test_misspelled_hook_fails_loudly(tmp_path: Path) -> None:
     (tmp_path / "typo.py").write_text(
-        "from wyoming_cosyvoice.hookspecs import hookimpl\n\n"
-        "@hookimpl\ndef register_engine(register):\n    pass\n"
+        "from wyoming_cosyvoice.hookspecs import hookimpl\n\n@hookimpl\ndef register_engine(register):\n    pass\n"
     )
     with pytest.raises(PluginError, match="register_engine"):
         Plugins(tmp_path)

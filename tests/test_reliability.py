@@ -90,8 +90,10 @@ async def test_client_that_stops_reading_is_bounded_then_dropped(tmp_path: Path)
         # What left the engine is bounded by the socket buffers (kernel) plus the transport's high-water mark and
         # the engine's own bound on audio made ahead, not by the length of the text (3000 chunks).
         bound = sndbuf + 2 * 4096 + 64 * 1024 + engine.max_ahead_bytes() + 2 * 32000
-        print(f"stalled client: engine made {engine.produced} chunks ({engine.produced * 32000} B), "
-              f"server SO_SNDBUF {sndbuf} B, transport buffer peak {peak} B")
+        print(
+            f"stalled client: engine made {engine.produced} chunks ({engine.produced * 32000} B), "
+            f"server SO_SNDBUF {sndbuf} B, transport buffer peak {peak} B"
+        )
         assert engine.produced * 32000 <= bound, f"engine ran ahead: {engine.produced} chunks"
         assert peak <= 64 * 1024 + 2 * 32000 + 1024, f"server buffered {peak} bytes for one client"
         await wait_for(lambda: not server._connections)

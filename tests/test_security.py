@@ -17,15 +17,32 @@ from wyoming_cosyvoice.config import DEFAULT_CONFIG_DIR, Config, Limits, load_co
 from wyoming_cosyvoice.errors import ConfigError
 from wyoming_cosyvoice.guard import ConnectionGuard
 
-from .helpers import collect, connect, fault_config, fault_plugins, raw_connection, read, read_until_closed, running_server
+from .helpers import (
+    collect,
+    connect,
+    fault_config,
+    fault_plugins,
+    raw_connection,
+    read,
+    read_until_closed,
+    running_server,
+)
 
 _AUDIT: list[tuple[str, tuple[Any, ...]]] = []
 _AUDIT_ON = threading.Event()
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if _AUDIT_ON.is_set() and event in ("open", "os.listdir", "os.scandir", "socket.connect", "socket.getaddrinfo",
-                                        "subprocess.Popen", "os.system", "urllib.Request"):
+    if _AUDIT_ON.is_set() and event in (
+        "open",
+        "os.listdir",
+        "os.scandir",
+        "socket.connect",
+        "socket.getaddrinfo",
+        "subprocess.Popen",
+        "os.system",
+        "urllib.Request",
+    ):
         _AUDIT.append((event, args))
 
 

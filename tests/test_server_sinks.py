@@ -31,10 +31,12 @@ async def test_every_reply_is_archived_and_forwarded(tmp_path: Path) -> None:
     receiver = SoundReceiver()
     archive = tmp_path / "archive"
     async with serve(receiver.factory()) as port:
-        config = load_config(write_config(
-            tmp_path / "cfg", sinks={"wav": {"dir": str(archive)},
-                                     "wyoming": {"uri": f"tcp://127.0.0.1:{port}", "rate": 16000}},
-        ))
+        config = load_config(
+            write_config(
+                tmp_path / "cfg",
+                sinks={"wav": {"dir": str(archive)}, "wyoming": {"uri": f"tcp://127.0.0.1:{port}", "rate": 16000}},
+            )
+        )
         async with running_server(config) as server:
             async with connect(server) as client:
                 await client.write_event(Synthesize(text="Archive this reply.").event())
@@ -44,8 +46,14 @@ async def test_every_reply_is_archived_and_forwarded(tmp_path: Path) -> None:
                     await client.write_event(SynthesizeChunk(text=text).event())
                 await client.write_event(SynthesizeStop().event())
                 streamed = await collect(client, until="synthesize-stopped")
-            await wait_until(lambda: len(list(archive.glob("*.wav"))) == 2 and len(receiver.streams) == 2
-                             and all(s.stopped for s in receiver.streams), "both replies in both sinks")
+            await wait_until(
+                lambda: (
+                    len(list(archive.glob("*.wav"))) == 2
+                    and len(receiver.streams) == 2
+                    and all(s.stopped for s in receiver.streams)
+                ),
+                "both replies in both sinks",
+            )
     files = sorted(archive.glob("*.wav"), key=lambda p: p.name)
     assert "-tars" in files[0].name and "-anna" in files[1].name
     for path, reply in zip(files, (one_shot, streamed)):
@@ -87,9 +95,12 @@ async def test_a_receiver_that_is_down_only_fails_its_sink(tmp_path: Path, caplo
     async with serve(SoundReceiver().factory()) as port:
         pass
     archive = tmp_path / "archive"
-    config = load_config(write_config(
-        tmp_path / "cfg", sinks={"wyoming": {"uri": f"tcp://127.0.0.1:{port}"}, "wav": {"dir": str(archive)}},
-    ))
+    config = load_config(
+        write_config(
+            tmp_path / "cfg",
+            sinks={"wyoming": {"uri": f"tcp://127.0.0.1:{port}"}, "wav": {"dir": str(archive)}},
+        )
+    )
     async with running_server(config) as server:
         async with connect(server) as client:
             await client.write_event(Synthesize(text="Hello.").event())

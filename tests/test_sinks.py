@@ -190,8 +190,10 @@ async def test_tee_drops_a_sink_that_falls_too_far_behind(tmp_path: Path, plugin
     receiver = SoundReceiver(hold=asyncio.Event())
     async with serve(receiver.factory()) as port:
         out = tmp_path / "b.wav"
-        tee = Tee([sink_from_spec(plugins, f"wyoming:tcp://127.0.0.1:{port}"), sink_from_spec(plugins, f"wav:{out}")],
-                  max_lag_seconds=5.0)
+        tee = Tee(
+            [sink_from_spec(plugins, f"wyoming:tcp://127.0.0.1:{port}"), sink_from_spec(plugins, f"wav:{out}")],
+            max_lag_seconds=5.0,
+        )
         stream = tee.open(AudioFormat(48000, 2, 2))
         pcm = tone(60.0, 48000, channels=2)  # ~11 MB: more than loopback socket buffers hold
         in_write = 0.0
@@ -269,11 +271,13 @@ async def test_wyoming_slow_receiver_never_stalls_the_others(tmp_path: Path, plu
     fmt = AudioFormat(48000, 2, 2)
     async with serve(stalled.factory()) as slow_port, serve(fast.factory()) as fast_port:
         out = tmp_path / "d.wav"
-        tee = Tee([
-            sink_from_spec(plugins, f"wyoming:tcp://127.0.0.1:{slow_port}"),
-            sink_from_spec(plugins, f"wyoming:tcp://127.0.0.1:{fast_port}"),
-            sink_from_spec(plugins, f"wav:{out}"),
-        ])
+        tee = Tee(
+            [
+                sink_from_spec(plugins, f"wyoming:tcp://127.0.0.1:{slow_port}"),
+                sink_from_spec(plugins, f"wyoming:tcp://127.0.0.1:{fast_port}"),
+                sink_from_spec(plugins, f"wav:{out}"),
+            ]
+        )
         stream = tee.open(fmt)
         for piece in chunks_of(pcm, 19200):
             stream.write(piece)

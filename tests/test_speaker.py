@@ -65,8 +65,17 @@ def alsa(tmp_path: Path) -> Alsa:
 async def test_speaker_plays_exactly_what_was_streamed(alsa: Alsa, tmp_path: Path) -> None:
     tts = ForeignTts(rate=16000, runs=2, chunks_per_run=5)
     async with serve(tts.factory()) as port:
-        rc, out, err = await cli("say", "Hello there", "--uri", f"tcp://127.0.0.1:{port}",
-                                 "--sink", "speaker", "--sink", f"wav:{tmp_path / 'copy.wav'}", env=alsa.env)
+        rc, out, err = await cli(
+            "say",
+            "Hello there",
+            "--uri",
+            f"tcp://127.0.0.1:{port}",
+            "--sink",
+            "speaker",
+            "--sink",
+            f"wav:{tmp_path / 'copy.wav'}",
+            env=alsa.env,
+        )
     assert rc == 0, err
     played = alsa.default.read_bytes()
     assert len(played) == len(tts.sent) == 2 * 5 * 1600 * 2
@@ -79,7 +88,9 @@ async def test_speaker_plays_exactly_what_was_streamed(alsa: Alsa, tmp_path: Pat
 async def test_speaker_resamples_when_asked_for_another_device_rate(alsa: Alsa) -> None:
     tts = ForeignTts(rate=16000, runs=1, chunks_per_run=8)
     async with serve(tts.factory()) as port:
-        rc, out, err = await cli("say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--device-rate", "48000", env=alsa.env)
+        rc, out, err = await cli(
+            "say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--device-rate", "48000", env=alsa.env
+        )
     assert rc == 0, err
     played = np.frombuffer(alsa.default.read_bytes(), "<i2")
     expected = np.frombuffer(PcmConverter((16000, 2, 1), (48000, 2, 1)).convert(bytes(tts.sent)), "<i2")
@@ -101,8 +112,9 @@ async def test_speaker_device_by_name_and_by_index(alsa: Alsa) -> None:
         assert rc == 2 and "no output device matching 'nope'" in err and "capture" in err, err
         index = re.search(r"(\d+): capture", err)
         assert index, err
-        rc, out, err = await cli("say", "Hi", "--uri", f"tcp://127.0.0.1:{port}",
-                                 "--sink", f"speaker:{index.group(1)}", env=alsa.env)
+        rc, out, err = await cli(
+            "say", "Hi", "--uri", f"tcp://127.0.0.1:{port}", "--sink", f"speaker:{index.group(1)}", env=alsa.env
+        )
         assert rc == 0, err
         assert alsa.capture.read_bytes() == bytes(tts.sent)[: len(alsa.capture.read_bytes())]
         assert alsa.capture.stat().st_size == len(tts.sent) // 2

@@ -93,7 +93,9 @@ def test_check_a_recording_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "warning: 2 channels mixed down to mono" in out and "warning: too quiet" in out
 
 
-def test_add_validates_then_writes_a_folder_the_server_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_add_validates_then_writes_a_folder_the_server_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     server = _server(tmp_path)
     folder = tmp_path / "cfg" / "voices"
     phone = tmp_path / "cfg" / "phone.wav"
@@ -107,10 +109,22 @@ def test_add_validates_then_writes_a_folder_the_server_reads(tmp_path: Path, cap
         source = audiogen.write(tmp_path / "float.wav", 3.5, 24000, subtype="FLOAT")
     transcript = tmp_path / "words.txt"
     transcript.write_text("希望你以后能够做的比我还好呦。\n")
-    code = main([
-        "voices", "add", "mei", str(source), "--transcript-file", str(transcript), "--language", "zh-CN",
-        "--description", "Mei (中文)", "--config", str(server),
-    ])
+    code = main(
+        [
+            "voices",
+            "add",
+            "mei",
+            str(source),
+            "--transcript-file",
+            str(transcript),
+            "--language",
+            "zh-CN",
+            "--description",
+            "Mei (中文)",
+            "--config",
+            str(server),
+        ]
+    )
     assert code == 0
     assert "added voice 'mei' (zh-CN, zero_shot)" in capsys.readouterr().out
     voice = folder / "zh_CN" / "mei"
@@ -126,8 +140,21 @@ def test_add_validates_then_writes_a_folder_the_server_reads(tmp_path: Path, cap
     assert "not a valid voice name" in capsys.readouterr().err
 
     flac = audiogen.write(tmp_path / "new.flac", 4.0, 44100, subtype="PCM_24")
-    code = main(["voices", "add", "mei", str(flac), "--language", "zh-CN", "--force", "--instruct", "用开心的语气说",
-                 "--config", str(server)])
+    code = main(
+        [
+            "voices",
+            "add",
+            "mei",
+            str(flac),
+            "--language",
+            "zh-CN",
+            "--force",
+            "--instruct",
+            "用开心的语气说",
+            "--config",
+            str(server),
+        ]
+    )
     assert code == 0
     assert "added voice 'mei' (zh-CN, instruct)" in capsys.readouterr().out
     assert sorted(p.name for p in voice.iterdir()) == ["instruct.txt", "reference.flac"]
@@ -151,7 +178,10 @@ def test_project_assets_are_valid_and_have_transcripts() -> None:
 def test_make_assets_script_reproduces_the_shipped_recordings(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(ROOT / "script" / "make-assets"), str(tmp_path)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHON": sys.executable},
     )
     assert result.returncode == 0, result.stderr
     for shipped in sorted(ASSET_DIR.glob("*.wav")):
@@ -165,13 +195,16 @@ def test_make_assets_script_reproduces_the_shipped_recordings(tmp_path: Path) ->
 def test_list_and_check_report_a_voice_naming_an_unregistered_engine(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server = write_config(tmp_path / "cfg", voices=[{"name": "plain", "engine": "espeak"},
-                                                   {"name": "ghost", "engine": "nosuch"}])
+    server = write_config(
+        tmp_path / "cfg", voices=[{"name": "plain", "engine": "espeak"}, {"name": "ghost", "engine": "nosuch"}]
+    )
     assert main(["voices", "list", "--json", "--config", str(server)]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["voices"]}
     assert rows["plain"]["state"] == "warning" and rows["ghost"]["state"] == "broken"
-    assert rows["ghost"]["problem"] == (f"{tmp_path / 'cfg' / 'voices.yaml'}: voice 'ghost': needs engine nosuch, "
-                                        "which is not registered (cosyvoice, espeak)")
+    assert rows["ghost"]["problem"] == (
+        f"{tmp_path / 'cfg' / 'voices.yaml'}: voice 'ghost': needs engine nosuch, "
+        "which is not registered (cosyvoice, espeak)"
+    )
     assert main(["voices", "check", "--config", str(server)]) == 1
     out = capsys.readouterr().out
     assert "plain: warning\n" in out and "  engine: espeak (started with the server;" in out

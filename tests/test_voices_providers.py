@@ -105,7 +105,9 @@ def test_default_tars_found_in_the_cosyvoice_checkout(tmp_path: Path) -> None:
     assert tars.reference_audio == checkout / "asset" / TARS
     assert tars.mode == "cross_lingual" and tars.transcript is None
     # With a transcript beside it, the same profile becomes zero-shot.
-    (checkout / "asset" / TARS.replace(".wav", ".txt")).write_text("Everybody good? Plenty of slaves for my robot colony?")
+    (checkout / "asset" / TARS.replace(".wav", ".txt")).write_text(
+        "Everybody good? Plenty of slaves for my robot colony?"
+    )
     _touch_later(cfg / "voices.yaml")
     assert catalog.refresh()[0].mode == "zero_shot"
 

@@ -135,7 +135,10 @@ async def test_voice_added_changed_broken_fixed_removed_while_serving(
         reply = await speak(server, "alice")
         (error,) = reply.errors
         assert error.code == "VoiceNotFound"
-        assert f"{folder}: voice 'alice': reference audio {folder.resolve() / 'reference.wav'}: sample rate 8000 Hz" in error.text
+        assert (
+            f"{folder}: voice 'alice': reference audio {folder.resolve() / 'reference.wav'}: sample rate 8000 Hz"
+            in error.text
+        )
         assert not (await speak(server, "robot")).errors  # the others keep working
         for _ in range(3):
             await describe(server)
@@ -159,7 +162,8 @@ async def test_yaml_edit_is_seen_by_the_next_describe(tmp_path: Path) -> None:
     async with running_server(config, Plugins(extra=(RecordingPlugin,))) as server:
         assert await describe(server) == ["robot"]
         voices.write_text(
-            voices.read_text() + "- name: anna\n  description: Anna\n  languages: [de-DE]\n  reference_audio: robot.wav\n"
+            voices.read_text()
+            + "- name: anna\n  description: Anna\n  languages: [de-DE]\n  reference_audio: robot.wav\n"
         )
         stamp = voices.stat().st_mtime + 5
         os.utime(voices, (stamp, stamp))
@@ -182,7 +186,9 @@ async def test_engine_refusal_and_broken_default_do_not_stop_the_server(tmp_path
     async with running_server(config, Plugins(extra=(RecordingPlugin,))) as server:
         assert await describe(server) == ["robot"]
         problems = server.service.catalog.problems
-        assert any(p.endswith("voice 'picky': cannot use reference " + str(tmp_path / "cfg" / "robot.wav")) for p in problems)
+        assert any(
+            p.endswith("voice 'picky': cannot use reference " + str(tmp_path / "cfg" / "robot.wav")) for p in problems
+        )
         assert any("voice 'phone': reference audio" in p and "8000 Hz" in p for p in problems)
         reply = await speak(server, None)  # the default is broken: the first usable voice speaks
         assert not reply.errors and reply.seconds > 0.5

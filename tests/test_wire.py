@@ -27,8 +27,14 @@ from .helpers import (
     running_server,
 )
 
-LIMITS = {"max_header_bytes": 1024, "max_data_bytes": 4096, "max_payload_bytes": 4096, "max_text_chars": 500,
-          "max_stream_chars": 2000, "idle_timeout_s": 2.0}
+LIMITS = {
+    "max_header_bytes": 1024,
+    "max_data_bytes": 4096,
+    "max_payload_bytes": 4096,
+    "max_text_chars": 500,
+    "max_stream_chars": 2000,
+    "idle_timeout_s": 2.0,
+}
 
 
 def header(obj: object) -> bytes:
@@ -57,15 +63,21 @@ CASES = [
     ("gigantic header", b'{"type": "describe", "x": "' + b"a" * 5000 + b'"}\n', "LimitExceeded"),
     ("gigantic header, no newline", b"{" * 4000, "LimitExceeded"),
     ("deeply nested header", b"[" * 900 + b"]" * 900 + b"\n", "LimitExceeded"),
-    ("nesting inside data", header({"type": "synthesize", "data_length": 2000}) + b"[" * 1000 + b"]" * 1000,
-     "ProtocolError"),
+    (
+        "nesting inside data",
+        header({"type": "synthesize", "data_length": 2000}) + b"[" * 1000 + b"]" * 1000,
+        "ProtocolError",
+    ),
     ("data_length negative", header({"type": "synthesize", "data_length": -5}), "ProtocolError"),
     ("data_length a string", header({"type": "synthesize", "data_length": "12"}), "ProtocolError"),
     ("data_length a float", header({"type": "synthesize", "data_length": 1.5}), "ProtocolError"),
     ("data_length true", header({"type": "synthesize", "data_length": True}), "ProtocolError"),
     ("data_length huge", header({"type": "synthesize", "data_length": 10**30}), "LimitExceeded"),
-    ("data_length longer than what follows", header({"type": "synthesize", "data_length": 100}) + b'{"text"',
-     "ProtocolError"),
+    (
+        "data_length longer than what follows",
+        header({"type": "synthesize", "data_length": 100}) + b'{"text"',
+        "ProtocolError",
+    ),
     ("payload_length negative", header({"type": "describe", "payload_length": -1}), "ProtocolError"),
     ("payload_length huge", header({"type": "describe", "payload_length": 2**40}), "LimitExceeded"),
     ("payload shorter than announced", header({"type": "ping", "payload_length": 50}) + b"abc", "ProtocolError"),
@@ -139,8 +151,12 @@ async def test_blank_lines_between_events_are_tolerated(tmp_path: Path) -> None:
 async def test_reader_accepts_inline_data_and_merges_data_section() -> None:
     reader = asyncio.StreamReader(limit=2048)
     body = b'{"text": "hi"}'
-    reader.feed_data(header({"type": "synthesize", "data": {"voice": {"name": "tars"}}, "data_length": len(body),
-                             "version": "1.5.3"}) + body)
+    reader.feed_data(
+        header(
+            {"type": "synthesize", "data": {"voice": {"name": "tars"}}, "data_length": len(body), "version": "1.5.3"}
+        )
+        + body
+    )
     reader.feed_data(header({"type": "describe", "payload_length": 3}) + b"xyz")
     reader.feed_eof()
     first = await read_event(reader, Limits())

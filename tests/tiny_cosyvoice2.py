@@ -17,15 +17,46 @@ SPEECH_TOKENS = 6561
 
 SIZES = {
     # A few MB: every code path, a fraction of the compute.
-    "tiny": dict(hidden=64, qwen_layers=1, qwen_heads=2, qwen_kv_heads=1, qwen_ffn=128, qwen_vocab=0,
-                 enc_heads=2, enc_units=64, enc_blocks=1, dec_channels=32, dec_head_dim=16, dec_blocks=1,
-                 dec_mid_blocks=1, dec_heads=2, hift_channels=16, hift_kernels=[3], hift_dilations=[[1, 3, 5]]),
+    "tiny": dict(
+        hidden=64,
+        qwen_layers=1,
+        qwen_heads=2,
+        qwen_kv_heads=1,
+        qwen_ffn=128,
+        qwen_vocab=0,
+        enc_heads=2,
+        enc_units=64,
+        enc_blocks=1,
+        dec_channels=32,
+        dec_head_dim=16,
+        dec_blocks=1,
+        dec_mid_blocks=1,
+        dec_heads=2,
+        hift_channels=16,
+        hift_kernels=[3],
+        hift_dilations=[[1, 3, 5]],
+    ),
     # The layer sizes of CosyVoice2-0.5B (Qwen2-0.5B LLM, the released flow and HiFT configs): the same compute
     # per token as the real model, for timing (about 2.5 GB of random weights).
-    "0.5b": dict(hidden=896, qwen_layers=24, qwen_heads=14, qwen_kv_heads=2, qwen_ffn=4864, qwen_vocab=151936,
-                 enc_heads=8, enc_units=2048, enc_blocks=6, dec_channels=256, dec_head_dim=64, dec_blocks=4,
-                 dec_mid_blocks=12, dec_heads=8, hift_channels=512, hift_kernels=[3, 7, 11],
-                 hift_dilations=[[1, 3, 5], [1, 3, 5], [1, 3, 5]]),
+    "0.5b": dict(
+        hidden=896,
+        qwen_layers=24,
+        qwen_heads=14,
+        qwen_kv_heads=2,
+        qwen_ffn=4864,
+        qwen_vocab=151936,
+        enc_heads=8,
+        enc_units=2048,
+        enc_blocks=6,
+        dec_channels=256,
+        dec_head_dim=64,
+        dec_blocks=4,
+        dec_mid_blocks=12,
+        dec_heads=8,
+        hift_channels=512,
+        hift_kernels=[3, 7, 11],
+        hift_dilations=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+    ),
 }
 
 YAML = """\
@@ -145,8 +176,10 @@ feat_extractor: !name:matcha.utils.audio.mel_spectrogram
 """
 
 CORPUS = [
-    "the quick brown fox jumps over the lazy dog", "hello world, this is a test of the tiny model",
-    "home assistant speaks with a cloned voice", "one two three four five six seven eight nine ten",
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is a test of the tiny model",
+    "home assistant speaks with a cloned voice",
+    "one two three four five six seven eight nine ten",
 ]
 
 
@@ -159,14 +192,26 @@ def build_blank_en(out: Path, size: dict) -> int:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(CORPUS * 4, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
     bpe.save_model(str(out))
-    tokenizer = Qwen2TokenizerFast(vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt"),
-                                   unk_token=None, bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = Qwen2TokenizerFast(
+        vocab_file=str(out / "vocab.json"),
+        merges_file=str(out / "merges.txt"),
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     tokenizer.save_pretrained(str(out))
     vocab = max(len(tokenizer) + 64, size["qwen_vocab"])  # room for the special tokens CosyVoice adds
-    config = Qwen2Config(vocab_size=vocab, hidden_size=size["hidden"], intermediate_size=size["qwen_ffn"],
-                         num_hidden_layers=size["qwen_layers"], num_attention_heads=size["qwen_heads"],
-                         num_key_value_heads=size["qwen_kv_heads"], max_position_embeddings=32768,
-                         tie_word_embeddings=size["qwen_vocab"] > 0)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=size["hidden"],
+        intermediate_size=size["qwen_ffn"],
+        num_hidden_layers=size["qwen_layers"],
+        num_attention_heads=size["qwen_heads"],
+        num_key_value_heads=size["qwen_kv_heads"],
+        max_position_embeddings=32768,
+        tie_word_embeddings=size["qwen_vocab"] > 0,
+    )
     Qwen2ForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
     return vocab
 
@@ -179,28 +224,45 @@ def build_onnx(out: Path) -> None:
 
     weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(80, 192)).astype(np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1], keepdims=0),
-         helper.make_node("MatMul", ["mean", "w"], ["embedding"])],
-        "campplus", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, "T", 80])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 192])], [weight])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(out / "campplus.onnx"))
+        [
+            helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["mean", "w"], ["embedding"]),
+        ],
+        "campplus",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, "T", 80])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 192])],
+        [weight],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(out / "campplus.onnx")
+    )
 
-    consts = [numpy_helper.from_array(np.array(v, dtype=np.int64), n) for n, v in
-              (("starts", [0]), ("ends", [2**62]), ("axes", [1]), ("steps", [4]), ("modulus", [SPEECH_TOKENS]))]
+    consts = [
+        numpy_helper.from_array(np.array(v, dtype=np.int64), n)
+        for n, v in (("starts", [0]), ("ends", [2**62]), ("axes", [1]), ("steps", [4]), ("modulus", [SPEECH_TOKENS]))
+    ]
     consts.append(numpy_helper.from_array(np.array([1000.0], dtype=np.float32), "scale"))
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["feats"], ["m"], axes=[1], keepdims=0),
-         helper.make_node("Slice", ["m", "starts", "ends", "axes", "steps"], ["s"]),
-         helper.make_node("Abs", ["s"], ["a"]),
-         helper.make_node("Mul", ["a", "scale"], ["b"]),
-         helper.make_node("Cast", ["b"], ["c"], to=TensorProto.INT64),
-         helper.make_node("Mod", ["c", "modulus"], ["tokens"])],
+        [
+            helper.make_node("ReduceMean", ["feats"], ["m"], axes=[1], keepdims=0),
+            helper.make_node("Slice", ["m", "starts", "ends", "axes", "steps"], ["s"]),
+            helper.make_node("Abs", ["s"], ["a"]),
+            helper.make_node("Mul", ["a", "scale"], ["b"]),
+            helper.make_node("Cast", ["b"], ["c"], to=TensorProto.INT64),
+            helper.make_node("Mod", ["c", "modulus"], ["tokens"]),
+        ],
         "speech_tokenizer",
-        [helper.make_tensor_value_info("feats", TensorProto.FLOAT, [1, 128, "T"]),
-         helper.make_tensor_value_info("feats_length", TensorProto.INT32, [1])],
-        [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, "N"])], consts)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8),
-              str(out / "speech_tokenizer_v2.onnx"))
+        [
+            helper.make_tensor_value_info("feats", TensorProto.FLOAT, [1, 128, "T"]),
+            helper.make_tensor_value_info("feats_length", TensorProto.INT32, [1]),
+        ],
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, "N"])],
+        consts,
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8),
+        str(out / "speech_tokenizer_v2.onnx"),
+    )
 
 
 def build(repo: Path, out: Path, size_name: str = "tiny") -> Path:
@@ -226,8 +288,9 @@ def build(repo: Path, out: Path, size_name: str = "tiny") -> Path:
     torch.save(configs["flow"].state_dict(), out / "flow.pt")
     torch.save(configs["hift"].state_dict(), out / "hift.pt")
     build_onnx(out)
-    (out / "tiny-model.json").write_text(json.dumps({"note": "random weights, tests and timing only",
-                                                     "size": size_name}))
+    (out / "tiny-model.json").write_text(
+        json.dumps({"note": "random weights, tests and timing only", "size": size_name})
+    )
     return out
 
 
@@ -236,8 +299,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, required=True, help="CosyVoice checkout")
     parser.add_argument("--out", type=Path, required=True, help="model directory to create")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny",
-                        help="tiny (tests) or 0.5b (CosyVoice2-0.5B's layer sizes, for timing)")
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="tiny",
+        help="tiny (tests) or 0.5b (CosyVoice2-0.5B's layer sizes, for timing)",
+    )
     args = parser.parse_args()
     print(build(args.repo.resolve(), args.out, args.size))
 

@@ -300,8 +300,14 @@ class Limits:
         """Check ranges and network syntax."""
         import ipaddress
 
-        for name in ("max_header_bytes", "max_data_bytes", "max_payload_bytes", "max_text_chars",
-                     "max_stream_chars", "max_connections"):
+        for name in (
+            "max_header_bytes",
+            "max_data_bytes",
+            "max_payload_bytes",
+            "max_text_chars",
+            "max_stream_chars",
+            "max_connections",
+        ):
             if getattr(self, name) < 1:
                 return (name, "must be at least 1")
         if self.max_header_bytes < 256:

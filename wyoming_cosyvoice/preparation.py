@@ -41,9 +41,7 @@ def fingerprint(profile: VoiceProfile) -> _Fingerprint:
 class VoicePreparer:
     """Checks and prepares new or changed profiles off the event loop; marks broken ones in the catalog."""
 
-    def __init__(
-        self, catalog: VoiceCatalog, engine: Union[Engine, Engines], cache_dir: Optional[Path] = None
-    ) -> None:
+    def __init__(self, catalog: VoiceCatalog, engine: Union[Engine, Engines], cache_dir: Optional[Path] = None) -> None:
         self.catalog = catalog
         self.engines = Engines.of(engine)
         """The running engines; each profile is prepared by the one that serves it."""

@@ -303,7 +303,9 @@ def _atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
-def profile_reference(profile: "VoiceProfile", cache_dir: Optional[Path] = None) -> Optional[tuple[Path, ReferenceInfo]]:
+def profile_reference(
+    profile: "VoiceProfile", cache_dir: Optional[Path] = None
+) -> Optional[tuple[Path, ReferenceInfo]]:
     """(normalized WAV, info) for a profile's reference, None without one; errors name file, profile and problem."""
     if profile.reference_audio is None:
         return None

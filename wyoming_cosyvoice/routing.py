@@ -65,10 +65,14 @@ class Engines:
     def notes(self) -> list[str]:
         """Short facts about the engines besides the main one, for `info`'s program description."""
         notes = [self.note] if self.note else []
-        notes += [f"also engine {name} ({engine.sample_rate} Hz)" for name, engine in self.running.items()
-                  if engine is not self.main]
-        notes += [f"engine {name} could not start: {why}" for name, why in self.failed.items()
-                  if name != self.fallback_from]
+        notes += [
+            f"also engine {name} ({engine.sample_rate} Hz)"
+            for name, engine in self.running.items()
+            if engine is not self.main
+        ]
+        notes += [
+            f"engine {name} could not start: {why}" for name, why in self.failed.items() if name != self.fallback_from
+        ]
         return notes
 
     async def warmup(self) -> None:

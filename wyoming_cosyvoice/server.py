@@ -29,6 +29,7 @@ from .voices import VoiceCatalog
 
 _LOGGER = logging.getLogger(__name__)
 
+
 def build_catalog(config: Config, plugins: Plugins) -> VoiceCatalog:
     """Create every configured voice-profile provider and the catalog over them."""
     providers = [
@@ -49,8 +50,11 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
     preparer.recheck()  # an extra engine that failed its warm-up takes its voices with it
     for name, engine in engines.running.items():
         _LOGGER.info("Engine %s ready: %s", name, engine.health())
-    _LOGGER.info("Voices: %s (default: %s)", ", ".join(p.name for p in catalog.profiles) or "none",
-                 catalog.default.name if catalog.default else "none")
+    _LOGGER.info(
+        "Voices: %s (default: %s)",
+        ", ".join(p.name for p in catalog.profiles) or "none",
+        catalog.default.name if catalog.default else "none",
+    )
     return Service(
         engines,
         catalog,
@@ -111,7 +115,8 @@ class Server:
             return
         if self.guard.full() or self.service.admission.closing:
             busy = ServerBusy(
-                "server is shutting down" if self.service.admission.closing
+                "server is shutting down"
+                if self.service.admission.closing
                 else f"too many connections (limits.max_connections = {self.guard.max_connections})"
             )
             _LOGGER.warning("connection from %s refused: %s", peername, busy)
@@ -243,6 +248,7 @@ async def run(config: Config, plugins: Plugins) -> None:
     where = config.server.uri
     if server.port is not None:
         where = f"tcp://{urlparse(where).hostname}:{server.port}"
-    _LOGGER.info("Ready on %s (engines %s, started in %.2f s)", where, service.engines.summary(),
-                 time.perf_counter() - started)
+    _LOGGER.info(
+        "Ready on %s (engines %s, started in %.2f s)", where, service.engines.summary(), time.perf_counter() - started
+    )
     await server.serve_until_stopped()

@@ -7,9 +7,7 @@ import re
 # A Latin terminator only ends a sentence when whitespace follows ("3.5", "e.g." mid-word stay whole);
 # CJK full-width terminators end one immediately. Newlines always end one.
 _BOUNDARY = re.compile(r"(?<=[.!?…;:])([\"'”’)\]]*)\s+|(?<=[。！？；])|\n+")
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st vs etc e.g i.e fig no approx dept est inc ltd co".split()
-)
+_ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st vs etc e.g i.e fig no approx dept est inc ltd co".split())
 
 
 def _ends_with_abbreviation(sentence: str) -> bool:

@@ -139,7 +139,9 @@ class VoiceCatalog:
             for profile in provider.load():
                 if profile.name in seen:
                     self._duplicates.append(
-                        problem_line(profile.source, profile.name, f"ignored: already defined in {seen[profile.name].source}")
+                        problem_line(
+                            profile.source, profile.name, f"ignored: already defined in {seen[profile.name].source}"
+                        )
                     )
                     if (profile.name, profile.source) in self._duplicates_logged:
                         continue  # refresh runs on every describe: say it once

@@ -89,12 +89,21 @@ class CosyVoiceEngine(ThreadedEngine):
         plans: Optional[tuple[Path, Path]] = None
         if plan.load_trt:
             keyed = upstream.keyed_plan_path(
-                self.cache.directory, info.identity, plan.fp16, torch.cuda.get_device_name(), capability, trt_version or ""
+                self.cache.directory,
+                info.identity,
+                plan.fp16,
+                torch.cuda.get_device_name(),
+                capability,
+                trt_version or "",
             )
             plans = (upstream.upstream_plan_path(info.path, plan.fp16), keyed)
             if not upstream.link_plan(*plans):
                 _LOGGER.info("Building the TensorRT plan for this GPU (first start only; takes minutes)")
-        kwargs: dict[str, Any] = {"load_trt": plan.load_trt, "fp16": plan.fp16, "trt_concurrent": self.settings.trt_concurrent}
+        kwargs: dict[str, Any] = {
+            "load_trt": plan.load_trt,
+            "fp16": plan.fp16,
+            "trt_concurrent": self.settings.trt_concurrent,
+        }
         if info.version != 3:
             kwargs["load_jit"] = plan.load_jit
         if info.version != 1:
@@ -111,8 +120,11 @@ class CosyVoiceEngine(ThreadedEngine):
         own_loop = cosyvoice_stream.install(model.model, self._stop_requested, self.settings.early_first_chunk)
         if not own_loop:
             if info.version != 1:  # CosyVoice 1 streams with upstream's loop by design
-                _LOGGER.info("CosyVoice %s lacks a part of the streaming loop this engine uses; upstream's own loop "
-                             "streams (100 ms polling, upstream's first chunk)", info.class_name)
+                _LOGGER.info(
+                    "CosyVoice %s lacks a part of the streaming loop this engine uses; upstream's own loop "
+                    "streams (100 ms polling, upstream's first chunk)",
+                    info.class_name,
+                )
             self._install_hop_reset(model.model)
         if not self.settings.stream:
             self.streaming = "off"
@@ -126,8 +138,13 @@ class CosyVoiceEngine(ThreadedEngine):
         self._signatures.clear()
         self._voice_names.clear()
         _LOGGER.info(
-            "Loaded %s from %s on %s in %.1f s (%s Hz; %s)", info.class_name, info.path, plan.device,
-            time.perf_counter() - started, self.sample_rate, "; ".join(plan.notes) or "defaults",
+            "Loaded %s from %s on %s in %.1f s (%s Hz; %s)",
+            info.class_name,
+            info.path,
+            plan.device,
+            time.perf_counter() - started,
+            self.sample_rate,
+            "; ".join(plan.notes) or "defaults",
         )
 
     def _stop_requested(self) -> bool:
@@ -210,8 +227,15 @@ class CosyVoiceEngine(ThreadedEngine):
                 stamp = (stat.st_mtime_ns, stat.st_size)
             except OSError:
                 stamp = ("missing",)
-        return (profile.mode, str(profile.reference_audio), stamp, profile.transcript, profile.instruct,
-                profile.speaker, profile.languages[:1])
+        return (
+            profile.mode,
+            str(profile.reference_audio),
+            stamp,
+            profile.transcript,
+            profile.instruct,
+            profile.speaker,
+            profile.languages[:1],
+        )
 
     def _voice(self, profile: VoiceProfile) -> PreparedVoice:
         """The prepared voice for `profile`, preparing it now on first use (worker thread)."""
@@ -244,8 +268,10 @@ class CosyVoiceEngine(ThreadedEngine):
             try:
                 self.model.add_zero_shot_spk(prompt_text, str(reference), spk_id)
             except Exception as err:  # upstream asserts and raises on prompts it cannot use
-                raise VoiceError(f"voice {profile.name!r}: CosyVoice could not prepare {profile.reference_audio}: "
-                                 f"{type(err).__name__}: {err}") from None
+                raise VoiceError(
+                    f"voice {profile.name!r}: CosyVoice could not prepare {profile.reference_audio}: "
+                    f"{type(err).__name__}: {err}"
+                ) from None
             return frontend.spk2info[spk_id]
 
         entry, hit = self.cache.get_or_compute(key, compute, map_location=getattr(frontend, "device", None))
@@ -255,12 +281,16 @@ class CosyVoiceEngine(ThreadedEngine):
 
     # --- synthesis ---------------------------------------------------------------------------------
 
-    async def synthesize(self, text: str, profile: VoiceProfile, options: SynthesisOptions) -> AsyncIterator[AudioChunk]:
+    async def synthesize(
+        self, text: str, profile: VoiceProfile, options: SynthesisOptions
+    ) -> AsyncIterator[AudioChunk]:
         """Queue for the worker (bounded by max_queue), then stream its chunks."""
         if self.model is None:
             raise EngineError(f"cosyvoice engine is not ready (state: {self.state})")
         if self._active >= self.settings.max_queue:
-            raise ServerBusy(f"cosyvoice engine busy: {self._active} requests queued (max_queue {self.settings.max_queue})")
+            raise ServerBusy(
+                f"cosyvoice engine busy: {self._active} requests queued (max_queue {self.settings.max_queue})"
+            )
         self._active += 1
         try:
             async for chunk in super().synthesize(text, profile, options):
@@ -268,8 +298,14 @@ class CosyVoiceEngine(ThreadedEngine):
         finally:
             self._active -= 1
 
-    def render(self, text: str, profile: VoiceProfile, options: SynthesisOptions,
-               emit: Callable[[bytes], None], cancel: threading.Event) -> None:
+    def render(
+        self,
+        text: str,
+        profile: VoiceProfile,
+        options: SynthesisOptions,
+        emit: Callable[[bytes], None],
+        cancel: threading.Event,
+    ) -> None:
         """Emit each chunk; the generator is closed explicitly so upstream's per-call state is cleaned now."""
         chunks = self.generate(text, profile, options, cancel)
         try:
@@ -280,14 +316,16 @@ class CosyVoiceEngine(ThreadedEngine):
         finally:
             chunks.close()
 
-    def generate(self, text: str, profile: VoiceProfile, options: SynthesisOptions,
-                 cancel: threading.Event) -> Iterator[bytes]:
+    def generate(
+        self, text: str, profile: VoiceProfile, options: SynthesisOptions, cancel: threading.Event
+    ) -> Iterator[bytes]:
         """16-bit PCM chunks at the model's rate, as upstream yields them."""
         for samples in self._outputs(text, profile, options.speed, cancel):
             yield float_to_pcm16(samples)
 
-    def _outputs(self, text: str, profile: VoiceProfile, speed: float,
-                 cancel: Optional[threading.Event] = None) -> Iterator[np.ndarray]:
+    def _outputs(
+        self, text: str, profile: VoiceProfile, speed: float, cancel: Optional[threading.Event] = None
+    ) -> Iterator[np.ndarray]:
         text = text.strip()
         if not speakable(text):
             return
@@ -356,12 +394,16 @@ class CosyVoiceEngine(ThreadedEngine):
                 return
             self.state = "failed"
             if self.plan.fp16:
-                raise EngineError(upstream.PREFIX + "fp16 warm-up produced NaN/inf audio on this GPU; "
-                                  "set engines.cosyvoice.fp16: false")
+                raise EngineError(
+                    upstream.PREFIX + "fp16 warm-up produced NaN/inf audio on this GPU; "
+                    "set engines.cosyvoice.fp16: false"
+                )
             raise EngineError(upstream.PREFIX + "warm-up produced NaN/inf audio (damaged model files?)")
         seconds = samples / self.sample_rate
-        self.warmup_report = (f"first chunk {((first or started) - started) * 1000:.0f} ms, "
-                              f"rtf {total / seconds if seconds else float('nan'):.2f}")
+        self.warmup_report = (
+            f"first chunk {((first or started) - started) * 1000:.0f} ms, "
+            f"rtf {total / seconds if seconds else float('nan'):.2f}"
+        )
         _LOGGER.info("Warm-up: %.2f s of audio in %.2f s (%s)", seconds, total, self.warmup_report)
 
     def health(self) -> dict[str, Any]:
@@ -424,4 +466,3 @@ def _reap_sessions(inner: Any, before: set[str], timeout: float = 120.0) -> None
 def create_engine(section: Section) -> CosyVoiceEngine:
     """Factory: `engines.cosyvoice` settings -> engine (nothing heavy happens before start())."""
     return CosyVoiceEngine(section.parse(CosyVoiceSettings))
-

@@ -115,7 +115,8 @@ def plan_load(
     if not cuda:
         if settings.require_gpu:
             raise EngineUnavailable(
-                PREFIX + "no CUDA GPU visible to torch (CPU-only torch, no NVIDIA driver, or CUDA_VISIBLE_DEVICES empty); "
+                PREFIX
+                + "no CUDA GPU visible to torch (CPU-only torch, no NVIDIA driver, or CUDA_VISIBLE_DEVICES empty); "
                 "set engines.cosyvoice.require_gpu: false to run on the CPU (slow)"
             )
         return LoadPlan("cpu", False, False, False, False, False, ("no CUDA: CPU, fp32, no TensorRT/JIT/vLLM",))
@@ -150,13 +151,17 @@ def plan_load(
         notes.append(f"TensorRT {trt_version} flow decoder, {'fp16' if fp16 else 'fp32'} plan")
     if settings.load_jit:
         if version == 3:
-            raise EngineUnavailable(PREFIX + "load_jit is not supported by CosyVoice3 (set engines.cosyvoice.load_jit: false)")
+            raise EngineUnavailable(
+                PREFIX + "load_jit is not supported by CosyVoice3 (set engines.cosyvoice.load_jit: false)"
+            )
         missing = [name for name in jit_files(version, fp16) if not (Path(model_dir) / name).is_file()]
         if missing:
             raise EngineUnavailable(PREFIX + f"load_jit is true but {', '.join(missing)} missing in {model_dir}")
     if settings.load_vllm:
         if version == 1:
-            raise EngineUnavailable(PREFIX + "load_vllm needs CosyVoice2 or CosyVoice3 (set engines.cosyvoice.load_vllm: false)")
+            raise EngineUnavailable(
+                PREFIX + "load_vllm needs CosyVoice2 or CosyVoice3 (set engines.cosyvoice.load_vllm: false)"
+            )
         if vllm_installed is None:
             vllm_installed = importlib.util.find_spec("vllm") is not None
         if not vllm_installed:

@@ -75,8 +75,10 @@ def recipe(profile: VoiceProfile, version: int, speakers: Sequence[str]) -> Reci
     if mode == "zero_shot":
         transcript = (profile.transcript or "").strip()
         if not transcript:
-            raise VoiceError(f"voice {name!r}: mode zero_shot needs the transcript of its reference audio "
-                             "(or use mode cross_lingual)")
+            raise VoiceError(
+                f"voice {name!r}: mode zero_shot needs the transcript of its reference audio "
+                "(or use mode cross_lingual)"
+            )
         if version == 3 and END_OF_PROMPT not in transcript:
             transcript = CV3_SYSTEM + END_OF_PROMPT + transcript
         return Recipe("zero_shot", transcript)

@@ -27,8 +27,19 @@ from typing import Any, Callable, Iterator
 
 _LOGGER = logging.getLogger(__name__)
 
-NEEDS = ("llm_job", "token2wav", "tts", "lock", "tts_speech_token_dict", "llm_end_dict", "hift_cache_dict",
-         "token_hop_len", "token_max_hop_len", "stream_scale_factor", "flow")
+NEEDS = (
+    "llm_job",
+    "token2wav",
+    "tts",
+    "lock",
+    "tts_speech_token_dict",
+    "llm_end_dict",
+    "hift_cache_dict",
+    "token_hop_len",
+    "token_max_hop_len",
+    "stream_scale_factor",
+    "flow",
+)
 """What the loop uses on upstream's model object (CosyVoice2Model / CosyVoice3Model)."""
 
 MIN_FIRST_HOP = 10
@@ -112,8 +123,9 @@ def install(inner: Any, should_stop: Callable[[], bool], early_first_hop: bool) 
     return True
 
 
-def stream_tts(inner: Any, call: dict, hop: int, should_stop: Callable[[], bool],
-               early_first_hop: bool) -> Iterator[dict]:
+def stream_tts(
+    inner: Any, call: dict, hop: int, should_stop: Callable[[], bool], early_first_hop: bool
+) -> Iterator[dict]:
     """Upstream's streaming `tts`, woken per token, with a call-local hop, an optional early first chunk and an
     LLM thread that stops when the call is closed. Yields {'tts_speech': tensor[1, N]} like upstream."""
     if should_stop():
@@ -131,8 +143,9 @@ def stream_tts(inner: Any, call: dict, hop: int, should_stop: Callable[[], bool]
 
     def job() -> None:
         try:
-            inner.llm_job(call["text"], call["prompt_text"], call["llm_prompt_speech_token"], call["llm_embedding"],
-                          key)
+            inner.llm_job(
+                call["text"], call["prompt_text"], call["llm_prompt_speech_token"], call["llm_embedding"], key
+            )
         except StopLLM:
             pass
         except BaseException as err:  # upstream's thread would die silently and its loop wait forever
@@ -162,9 +175,16 @@ def stream_tts(inner: Any, call: dict, hop: int, should_stop: Callable[[], bool]
         return True
 
     def chunk(end: int, offset: int, finalize: bool) -> dict:
-        speech = inner.token2wav(token=torch.tensor(tokens[:end]).unsqueeze(dim=0), prompt_token=prompt_token,
-                                 prompt_feat=call["prompt_speech_feat"], embedding=call["flow_embedding"],
-                                 token_offset=offset, uuid=key, stream=not finalize, finalize=finalize)
+        speech = inner.token2wav(
+            token=torch.tensor(tokens[:end]).unsqueeze(dim=0),
+            prompt_token=prompt_token,
+            prompt_feat=call["prompt_speech_feat"],
+            embedding=call["flow_embedding"],
+            token_offset=offset,
+            uuid=key,
+            stream=not finalize,
+            finalize=finalize,
+        )
         return {"tts_speech": speech.cpu()}
 
     try:

@@ -64,7 +64,8 @@ def inspect_model_dir(model_dir: Optional[Path]) -> ModelInfo:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise EngineUnavailable(
-            PREFIX + f"model directory {model_dir} not found (fetch one with: wyoming-cosyvoice download CosyVoice2-0.5B)"
+            PREFIX
+            + f"model directory {model_dir} not found (fetch one with: wyoming-cosyvoice download CosyVoice2-0.5B)"
         )
     versions = [v for v, name in _YAMLS.items() if (model_dir / name).is_file()]
     if not versions:
@@ -161,7 +162,9 @@ def import_cosyvoice(repo: Path) -> types.ModuleType:
             "(install the GPU dependencies: pip install -e '.[gpu]', see docs/cosyvoice.md)"
         ) from None
     except Exception as err:  # a broken checkout can raise anything at import
-        raise EngineUnavailable(PREFIX + f"importing CosyVoice from {repo} failed: {type(err).__name__}: {err}") from None
+        raise EngineUnavailable(
+            PREFIX + f"importing CosyVoice from {repo} failed: {type(err).__name__}: {err}"
+        ) from None
     finally:
         # cosyvoice.utils.file_utils calls logging.basicConfig(level=DEBUG) at import: undo it.
         root.setLevel(level)

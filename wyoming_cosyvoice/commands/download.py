@@ -37,8 +37,12 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser = subparsers.add_parser("download", help="download a CosyVoice model (ModelScope or Hugging Face)")
     parser.add_argument("model", help=f"model name: {', '.join(MODELS)}")
     parser.add_argument("--dir", type=Path, help="target model directory (default: pretrained_models/<model>)")
-    parser.add_argument("--source", choices=("auto", "modelscope", "huggingface"), default="auto",
-                        help="hub to download from (auto: ModelScope when installed, else Hugging Face)")
+    parser.add_argument(
+        "--source",
+        choices=("auto", "modelscope", "huggingface"),
+        default="auto",
+        help="hub to download from (auto: ModelScope when installed, else Hugging Face)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -54,8 +58,11 @@ def manual_steps(name: str, target: Path) -> str:
 
 
 def _client(source: str) -> tuple[str, Optional[object]]:
-    order = {"auto": ("modelscope", "huggingface_hub"), "modelscope": ("modelscope",),
-             "huggingface": ("huggingface_hub",)}[source]
+    order = {
+        "auto": ("modelscope", "huggingface_hub"),
+        "modelscope": ("modelscope",),
+        "huggingface": ("huggingface_hub",),
+    }[source]
     for module_name in order:
         try:
             return module_name, importlib.import_module(module_name)
@@ -79,7 +86,9 @@ def download(name: str, target: Path, source: str = "auto") -> Path:
         client.snapshot_download(hub_id, local_dir=str(target))  # type: ignore[attr-defined]
     except Exception as err:  # network, authentication, disk: all end in the same advice
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DownloadError(f"downloading {name} from {client_name} failed ({first}); " + manual_steps(name, target)) from None
+        raise DownloadError(
+            f"downloading {name} from {client_name} failed ({first}); " + manual_steps(name, target)
+        ) from None
     return target
 
 

@@ -33,12 +33,22 @@ def checks(settings: Any) -> tuple[list[tuple[str, str]], bool]:
             return rows, False
         cuda = bool(torch.cuda.is_available())
         capability = tuple(torch.cuda.get_device_capability()) if cuda else None
-        rows.append(("torch", f"{torch.__version__}, CUDA {'available: ' + torch.cuda.get_device_name() if cuda else 'not available'}"))
+        rows.append(
+            (
+                "torch",
+                f"{torch.__version__}, CUDA {'available: ' + torch.cuda.get_device_name() if cuda else 'not available'}",
+            )
+        )
         trt = upstream.tensorrt_version() if cuda else None
         rows.append(("tensorrt", trt or "not installed"))
         plan = plan_load(settings, info.version, info.path, cuda, capability, trt)  # type: ignore[arg-type]
-        rows.append(("would load", f"{plan.device}, {'fp16' if plan.fp16 else 'fp32'}, TensorRT {'on' if plan.load_trt else 'off'}"
-                     f"{'; ' + '; '.join(plan.notes) if plan.notes else ''}"))
+        rows.append(
+            (
+                "would load",
+                f"{plan.device}, {'fp16' if plan.fp16 else 'fp32'}, TensorRT {'on' if plan.load_trt else 'off'}"
+                f"{'; ' + '; '.join(plan.notes) if plan.notes else ''}",
+            )
+        )
     except CosyVoiceServiceError as err:
         rows.append(("problem", str(err)))
         return rows, False

@@ -34,19 +34,27 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser.add_argument("--uri", default=DEFAULT_URI, help=f"TTS server (default: {DEFAULT_URI})")
     parser.add_argument("--voice", help="voice name (default: the server's default voice)")
     parser.add_argument("--language", help="language tag, e.g. en-US (servers may pick a voice by it)")
-    parser.add_argument("--out", type=Path, metavar="FILE.wav",
-                        help="save the audio to a WAV file (same as --sink wav:FILE)")
+    parser.add_argument(
+        "--out", type=Path, metavar="FILE.wav", help="save the audio to a WAV file (same as --sink wav:FILE)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing WAV file")
     parser.add_argument(
-        "--sink", action="append", default=[], metavar="NAME[:ARG]",
+        "--sink",
+        action="append",
+        default=[],
+        metavar="NAME[:ARG]",
         help="where audio goes, repeatable: speaker[:DEVICE], wav:FILE, wyoming:tcp://HOST:PORT (default: speaker)",
     )
-    parser.add_argument("--stream", action="store_true",
-                        help="read text line by line from standard input (or --file) and stream it as it comes")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="read text line by line from standard input (or --file) and stream it as it comes",
+    )
     parser.add_argument("--file", type=Path, help="with --stream: read lines from this file instead of stdin")
     parser.add_argument("--device", help="speaker output device: index or part of its name")
-    parser.add_argument("--jitter-ms", type=int, default=None,
-                        help="speaker: audio buffered before playback (default 150)")
+    parser.add_argument(
+        "--jitter-ms", type=int, default=None, help="speaker: audio buffered before playback (default 150)"
+    )
     parser.add_argument("--device-rate", type=int, default=None, help="speaker: play at this rate (resampled)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply event (default 60)")
     parser.add_argument("--plugins-dir", type=Path, help="extra plugins folder (for third-party sinks)")
@@ -148,8 +156,11 @@ async def speak(args: argparse.Namespace, sinks: list[Sink], out: IO[str]) -> in
         if stats.fmt is not None or ok:
             print(stats.line(), file=out)
             if args.stream and stats.input_closed is not None and stats.first_audio is not None:
-                print(f"first audio {'before' if stats.first_audio < stats.input_closed else 'after'} the input "
-                      f"ended ({stats.first_audio:.2f} s vs {stats.input_closed:.2f} s)", file=out)
+                print(
+                    f"first audio {'before' if stats.first_audio < stats.input_closed else 'after'} the input "
+                    f"ended ({stats.first_audio:.2f} s vs {stats.input_closed:.2f} s)",
+                    file=out,
+                )
         for result in results:
             print(result.line(), file=out)
     if isinstance(problem, KeyboardInterrupt):

@@ -22,9 +22,15 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser.add_argument("--no-fallback", action="store_true", help="refuse to start when the engine cannot load")
     parser.add_argument("--voices", type=Path, help="voices YAML file (overrides voice_providers.yaml.path)")
     parser.add_argument("--plugins-dir", type=Path, help="extra plugins folder (overrides server.plugins_dir)")
-    parser.add_argument("--max-concurrent", type=int, help="admitted requests at once (overrides server.max_concurrent)")
-    parser.add_argument("--zeroconf", action=argparse.BooleanOptionalAction, default=None,
-                        help="announce via mDNS for Home Assistant discovery")
+    parser.add_argument(
+        "--max-concurrent", type=int, help="admitted requests at once (overrides server.max_concurrent)"
+    )
+    parser.add_argument(
+        "--zeroconf",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="announce via mDNS for Home Assistant discovery",
+    )
     parser.set_defaults(func=run)
 
 

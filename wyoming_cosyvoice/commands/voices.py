@@ -162,8 +162,9 @@ def run_list(args: argparse.Namespace) -> int:
         if c.reference:
             ref += f" ({c.reference.kept_seconds:.1f} s)"
         mark = "*" if c.profile.name == default else ""
-        table.append((mark, c.profile.name, c.state, c.profile.mode, ",".join(c.profile.languages), ref,
-                      c.profile.description))
+        table.append(
+            (mark, c.profile.name, c.state, c.profile.mode, ",".join(c.profile.languages), ref, c.profile.description)
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
@@ -190,7 +191,9 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"  defined in: {profile.source}")
         print(f"  languages: {', '.join(profile.languages)}; mode: {profile.mode}")
         if profile.engine:
-            print(f"  engine: {profile.engine} (started with the server; its voices are unavailable if it cannot start)")
+            print(
+                f"  engine: {profile.engine} (started with the server; its voices are unavailable if it cannot start)"
+            )
         if result.reference:
             print(f"  reference: {profile.reference_audio}: {result.reference.summary()}")
         elif profile.reference_audio is None:
