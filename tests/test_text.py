@@ -20,6 +20,13 @@ def test_numbers_and_abbreviations_stay_whole() -> None:
     ]
 
 
+def test_dotted_abbreviations_do_not_end_a_sentence() -> None:
+    assert split_sentences("Wir haben z.B. einen Hund, d.h. viel Arbeit. In the U.S. it is fine.") == [
+        "Wir haben z.B. einen Hund, d.h. viel Arbeit.",
+        "In the U.S. it is fine.",
+    ]
+
+
 def test_cjk_and_newlines() -> None:
     assert split_sentences("希望你以后能够做的比我还好呦。你好！\nline two\n\nthree") == [
         "希望你以后能够做的比我还好呦。",
@@ -120,6 +127,7 @@ def test_numbers_and_abbreviations_are_never_cut() -> None:
         "We saw many big animals e.g., lions and tigers.",
         "We saw many big animals i.e., lions and tigers.",
         "Wir sahen viele große Tiere z.B., Löwen und Tiger.",
+        "Wir sahen viele große Tiere z.B. Löwen und Tiger.",
         "Between one two three 3 - 5 people came along.",
         "The meeting starts at 10:30 in the big hall today.",
         "One two three four five,six seven eight.",  # no white space after the mark

@@ -12,6 +12,7 @@ import re
 # CJK full-width terminators end one immediately. Newlines always end one.
 _BOUNDARY = re.compile(r"(?<=[.!?…;:])([\"'”’)\]]*)\s+|(?<=[。！？；])|\n+")
 _ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st vs etc e.g i.e fig no approx dept est inc ltd co".split())
+_DOTTED = re.compile(r"(?:[^\W\d_]\.)+[^\W\d_]")  # single letters joined by periods: "z.B.", "d.h.", "U.S."
 
 
 def _ends_with_abbreviation(sentence: str) -> bool:
@@ -19,7 +20,7 @@ def _ends_with_abbreviation(sentence: str) -> bool:
     if not words:
         return False
     last = words[-1].lower().rstrip(".")
-    return last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha())
+    return last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha()) or _DOTTED.fullmatch(last) is not None
 
 
 MAX_SENTENCE_CHARS = 1000
