@@ -31,6 +31,7 @@ def _error(tmp_path: Path, text: str) -> str:
         ("sever:\n  uri: x\n", ":sever: unknown key"),
         ("server:\n  max_concurrent: four\n", ":server.max_concurrent: expected an integer, got 'four'"),
         ("server:\n  max_concurrent: 0\n", ":server.max_concurrent: must be at least 1"),
+        ("server:\n  first_clause_words: -1\n", ":server.first_clause_words: must be 0 (off) or more"),
         ("server:\n  zeroconf: 'yes'\n", ":server.zeroconf: expected true or false, got 'yes'"),
         ("server:\n  log_level: LOUD\n", ":server.log_level: expected one of 'DEBUG', 'INFO'"),
         ("server:\n  uri: http://x:1\n", ":server.uri: expected tcp://HOST:PORT"),

@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping, Optional, TypeVar, Union
 import yaml
 
 from .errors import ConfigError
+from .text import DEFAULT_FIRST_CLAUSE_WORDS
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -230,6 +231,10 @@ class ServerSettings:
     streaming: bool = True
     """Advertise streaming synthesis to clients (streaming events are accepted either way)."""
 
+    first_clause_words: int = DEFAULT_FIRST_CLAUSE_WORDS
+    """A stream's first piece is spoken from its first clause boundary (`,` `;` `:` ` - ` `，、；：`) once it has at
+    least this many words (a CJK character counts as one); 0: from its first sentence's end."""
+
     max_concurrent: int = 4
     """Synthesis requests admitted at once (running plus queued for the engine); more get `ServerBusy`."""
 
@@ -243,6 +248,8 @@ class ServerSettings:
         """Check values that types alone cannot."""
         if self.max_concurrent < 1:
             return ("max_concurrent", "must be at least 1")
+        if self.first_clause_words < 0:
+            return ("first_clause_words", "must be 0 (off) or more")
         if not self.uri.startswith(("tcp://", "unix://", "stdio://")):
             return ("uri", f"expected tcp://HOST:PORT, unix://PATH or stdio://, got {self.uri!r}")
         return None

@@ -203,7 +203,7 @@ class TtsEventHandler(AsyncEventHandler):
             if self._stream is not None:
                 raise BadRequest("synthesize-start while a stream is already open")
             name, language = _voice_fields(event.data)
-            self._stream = _Stream(name, language)
+            self._stream = _Stream(name, language, SentenceSplitter(self.service.first_clause_words))
             return True
         if SynthesizeChunk.is_type(event.type):
             if self._stream is None:

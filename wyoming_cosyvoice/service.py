@@ -20,6 +20,7 @@ from .errors import ServerBusy
 from .preparation import VoicePreparer
 from .routing import Engines
 from .sinks import AudioFormat, StreamInfo, Tee, TeeStream
+from .text import DEFAULT_FIRST_CLAUSE_WORDS
 from .voices import VoiceCatalog, VoiceProfile
 
 _LOGGER = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class Service:
         tee: Optional[Tee] = None,
         limits: Optional[Limits] = None,
         preparer: Optional[VoicePreparer] = None,
+        first_clause_words: int = DEFAULT_FIRST_CLAUSE_WORDS,
     ) -> None:
         self.engines = Engines.of(engine)
         """Every running engine; `engine_for` picks the one for a profile."""
@@ -121,6 +123,8 @@ class Service:
         """Prepares new or changed voices in the background (hot reload) and leaves broken ones out."""
         self.admission = Admission(max_concurrent)
         self.streaming = streaming
+        self.first_clause_words = first_clause_words
+        """Words a stream's first piece needs before it may end at a clause (`server.first_clause_words`; 0: off)."""
         self.engine_note = engine_note or self.engines.note
         """Why the engine in use is not the configured one (fallback), shown in `info`."""
         self.tee = tee

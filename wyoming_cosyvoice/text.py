@@ -1,4 +1,8 @@
-"""Sentence boundaries for streamed text: emit each sentence as soon as it is certainly complete."""
+"""Sentence boundaries for streamed text: emit each sentence as soon as it is certainly complete.
+
+A stream's first piece may end earlier, at its first clause boundary (`first_clause_words`), so that speech starts
+before a long first sentence has been typed out; every later piece is a whole sentence.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import re
 # CJK full-width terminators end one immediately. Newlines always end one.
 _BOUNDARY = re.compile(r"(?<=[.!?…;:])([\"'”’)\]]*)\s+|(?<=[。！？；])|\n+")
 _ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st vs etc e.g i.e fig no approx dept est inc ltd co".split())
+_DOTTED = re.compile(r"(?:[^\W\d_]\.)+[^\W\d_]")  # single letters joined by periods: "z.B.", "d.h.", "U.S."
 
 
 def _ends_with_abbreviation(sentence: str) -> bool:
@@ -15,7 +20,7 @@ def _ends_with_abbreviation(sentence: str) -> bool:
     if not words:
         return False
     last = words[-1].lower().rstrip(".")
-    return last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha())
+    return last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha()) or _DOTTED.fullmatch(last) is not None
 
 
 MAX_SENTENCE_CHARS = 1000
@@ -25,21 +30,90 @@ arrives in tiny pieces, and rescanning an ever-growing buffer would cost quadrat
 _TERMINATORS = ".!?…;:"
 _CLOSERS = "\"'”’)]"
 
+DEFAULT_FIRST_CLAUSE_WORDS = 5
+"""Default of `server.first_clause_words`: words a stream's first piece needs before it may end at a clause."""
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and Han: one syllable, one "word" each
+# A Latin word may hold inner apostrophes, periods, commas and hyphens ("don't", "e.g", "1,000", "3.5", "well-known").
+_WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+(?:['’.,\-][^\W_{_CJK}]+)*")
+_CLAUSE_CLOSERS = "\"'”’)\\]}»」』）》〉】"
+# A clause ends at a mark right after a word (a letter or digit, then perhaps closing quotes or brackets) and only
+# once the next character has arrived: white space after a Latin comma, semicolon or colon ("3,5", "1,000" and
+# "e.g.," never end one), a spaced dash after a letter ("3 - 5" is a range), any character but a closer after a CJK
+# mark. The match ends where the clause does (after its mark and closers).
+_CLAUSE = re.compile(
+    rf"(?<=[^\W_])[{_CLAUSE_CLOSERS}]*[,;:][{_CLAUSE_CLOSERS}]*(?=\s)"
+    rf"|(?<=[^\W\d_])[{_CLAUSE_CLOSERS}]*[ \t]+(?:--|[-–—])(?=\s)"
+    rf"|(?<=[^\W_])[{_CLAUSE_CLOSERS}]*[，、；：][{_CLAUSE_CLOSERS}]*(?=[^{_CLAUSE_CLOSERS}])"
+)
+
+
+def count_words(text: str) -> int:
+    """Words in `text` for the first-clause rule: white-space separated words, and each CJK character (kana, Han)."""
+    return len(_WORD.findall(text))
+
+
+def first_clause_end(text: str, min_words: int) -> int:
+    """End index of the first clause of `text` with at least `min_words` words, or 0 when none has ended yet."""
+    if min_words <= 0:
+        return 0
+    words, start = 0, 0
+    for match in _CLAUSE.finditer(text):
+        # Marks need white space or a CJK mark next to them, so no word spans two segments.
+        words += count_words(text[start : match.start()])
+        start = match.start()
+        if words >= min_words:
+            return match.end()
+    return 0
+
 
 class SentenceSplitter:
     """Accumulates text chunks and returns complete sentences; `flush` returns the rest.
+
+    With `first_clause_words` > 0 the first piece returned ends at the first clause boundary (comma, semicolon,
+    colon, spaced dash, and the CJK marks `，、；：`) after at least that many words, when one comes before the first
+    sentence's end; the pieces are the same however the text is cut into chunks.
 
     Work per chunk is proportional to the chunk plus at most one unfinished sentence: only text that can hold a new
     boundary is scanned again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, first_clause_words: int = 0) -> None:
+        self.first_clause_words = first_clause_words
         self._pending = ""  # the current sentence up to an abbreviation that did not end it
         self._rest = ""  # text after the last boundary
         self._scan = 0  # a new boundary cannot start before this index of _rest
+        self._first = True  # no piece returned yet
 
     def feed(self, text: str) -> list[str]:
-        """Add a chunk; return the sentences it completed (stripped, non-empty)."""
+        """Add a chunk; return the pieces it completed (stripped, non-empty)."""
+        sentences = self._feed_sentences(text)
+        if not self._first or self.first_clause_words <= 0:
+            return sentences
+        if sentences:
+            self._first = False
+            head = sentences[0]
+            cut = first_clause_end(head + " ", self.first_clause_words)
+            if cut and head[cut:].strip():
+                sentences[0:1] = [head[:cut].strip(), head[cut:].strip()]
+            return sentences
+        unfinished = self._pending + self._rest
+        cut = first_clause_end(unfinished, self.first_clause_words)
+        if not cut:
+            return []
+        self._first = False
+        self._drop(cut)
+        return [unfinished[:cut].strip()]
+
+    def _drop(self, count: int) -> None:
+        """Remove the first `count` characters of the unfinished sentence (a clause returned early)."""
+        taken = min(count, len(self._pending))
+        self._pending = self._pending[taken:]
+        count -= taken
+        self._rest = self._rest[count:]
+        self._scan = max(0, self._scan - count)
+
+    def _feed_sentences(self, text: str) -> list[str]:
         rest = self._rest + text
         pending = self._pending
         sentences: list[str] = []
@@ -73,7 +147,7 @@ class SentenceSplitter:
     def flush(self) -> str:
         """Return whatever text remains (the last, unterminated sentence) and reset."""
         rest = (self._pending + self._rest).strip()
-        self._pending, self._rest, self._scan = "", "", 0
+        self._pending, self._rest, self._scan, self._first = "", "", 0, True
         return rest
 
 
