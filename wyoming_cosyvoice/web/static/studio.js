@@ -127,11 +127,13 @@ function voiceCard(voice) {
   const length = voice.seconds == null ? (voice.has_reference ? "—" : "no reference")
     : `${seconds(voice.seconds)} (${seconds(voice.kept_seconds)} kept)`;
   const reasons = el("ul", { class: "reason" });
-  if (voice.problem) reasons.append(el("li", { class: "bad", text: voice.problem }));
+  // The card already names the voice: show the problem without its "folder: voice 'name':" prefix.
+  if (voice.problem) reasons.append(el("li", { class: "bad", text: voice.problem.replace(/^.*?voice '[^']*': /, "") }));
   for (const warning of voice.warnings) reasons.append(el("li", { class: "warn", text: warning }));
-  reasons.className = voice.problem ? "reason bad" : "reason warn";
-  const actions = el("div", { class: "actions" },
-    el("button", { type: "button", class: "ghost", text: "▶ Audition", onclick: () => pickForAudition(voice.name) }));
+  const actions = el("div", { class: "actions" });
+  if (voice.state !== "broken") {
+    actions.append(el("button", { type: "button", class: "ghost", text: "▶ Audition", onclick: () => pickForAudition(voice.name) }));
+  }
   if (voice.editable) {
     actions.append(el("button", { type: "button", class: "ghost", text: "Edit", onclick: () => openEdit(voice) }));
     actions.append(el("button", { type: "button", class: "danger", text: "Remove", "data-remove": voice.name,
@@ -193,7 +195,7 @@ function openEdit(voice) {
   $("edit-languages").value = voice.languages.join(", ");
   $("edit-transcript").value = voice.transcript;
   const dialog = $("edit-dialog");
-  dialog.dataset.voice = voice.name;
+  dialog.dataset.editing = voice.name;
   dialog.returnValue = "";
   dialog.showModal();
 }
@@ -201,7 +203,7 @@ function openEdit(voice) {
 async function saveEdit() {
   const dialog = $("edit-dialog");
   if (dialog.returnValue !== "save") return;
-  const name = dialog.dataset.voice;
+  const name = dialog.dataset.editing;
   const body = { description: $("edit-description").value, languages: $("edit-languages").value,
     transcript: $("edit-transcript").value };
   try {
@@ -436,6 +438,7 @@ async function startRecording() {
     const level = $("rec-level");
     level.style.width = `${Math.max(0, Math.min(100, (db + 60) / 60 * 100))}%`;
     level.dataset.peakDb = db.toFixed(1);
+    level.className = db > -1 ? "level clip" : db > -9 ? "level hot" : "level"; // red near clipping, amber loud
     $("rec-time").textContent = `${(recorder.frames / recorder.rate).toFixed(1)} s`;
     if (recorder.frames / recorder.rate >= limit) stopRecording();
   };
