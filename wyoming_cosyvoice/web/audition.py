@@ -93,6 +93,8 @@ async def audition(request: web.Request) -> web.StreamResponse:
     studio = request.app[STUDIO_KEY]
     service = studio.service
     form = request[FORM_KEY]
+    if service.admission.closing:
+        return problem(503, "server is shutting down")
     text = form.get("text").strip()
     if not text:
         return problem(400, "type a sentence to hear")
