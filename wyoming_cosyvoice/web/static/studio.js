@@ -44,13 +44,20 @@ async function api(path, options = {}) {
   let body = null;
   try { body = await response.json(); } catch (_) { body = null; }
   if (!response.ok) {
-    if (response.status === 401) $("token-box").hidden = false;
+    if (response.status === 401) askForToken();
     const error = new Error((body && body.error) || `${response.status} ${response.statusText}`);
     error.status = response.status;
     error.body = body;
     throw error;
   }
   return body;
+}
+
+function askForToken() {
+  const box = $("token-box");
+  box.hidden = false;
+  box.scrollIntoView({ block: "start" });
+  $("token").focus();
 }
 
 function notify(text, isError = false) {
@@ -247,7 +254,7 @@ async function audition(event) {
     if (!response.ok) {
       let message = `${response.status}`;
       try { message = (await response.json()).error || message; } catch (_) { /* not JSON */ }
-      if (response.status === 401) $("token-box").hidden = false;
+      if (response.status === 401) askForToken();
       throw new Error(message);
     }
     auditionStats({ engineMs: response.headers.get("X-First-Audio-Ms") || "" });
