@@ -333,6 +333,38 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The `web:` section: the voice studio page, served by the same process and event loop (docs/studio.md)."""
+
+    enabled: bool = False
+    """Serve the voice studio (needs the `web` extra: pip install 'wyoming-cosyvoice[web]')."""
+
+    host: str = "127.0.0.1"
+    """Address the page listens on; 127.0.0.1 keeps it to this machine."""
+
+    port: int = 10201
+    """TCP port of the page (0: any free port, logged at startup)."""
+
+    token: Optional[str] = None
+    """Access token every request that changes something must carry (null: none; env WYOMING_COSYVOICE_WEB_TOKEN)."""
+
+    max_upload_bytes: int = 16 * 1024 * 1024
+    """Largest accepted reference upload, in bytes (a 30 s 48 kHz stereo 32-bit WAV is 11.5 MB)."""
+
+    def validate(self) -> Optional[tuple[str, str]]:
+        """Check ranges."""
+        if not 0 <= self.port <= 65535:
+            return ("port", "must be between 0 and 65535")
+        if not self.host:
+            return ("host", "must not be empty")
+        if self.max_upload_bytes < 65536:
+            return ("max_upload_bytes", "must be at least 65536")
+        if self.token is not None and len(self.token) < 8:
+            return ("token", "must have at least 8 characters (or be null for none)")
+        return None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole server configuration (`config/server.yaml`)."""
 
@@ -353,6 +385,9 @@ class Config:
 
     limits: Limits = field(default_factory=Limits)
     """Protocol, resource and access limits (see the README's "Limits and security")."""
+
+    web: WebSettings = field(default_factory=WebSettings)
+    """The voice studio page (off by default)."""
 
     _source: str = field(default="(defaults)", compare=False)
     _base_dir: Path = field(default=Path("."), compare=False)

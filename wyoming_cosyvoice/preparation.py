@@ -138,6 +138,10 @@ class VoicePreparer:
         if problem is not None:
             raise VoiceNotFound(f"{problem} (voice unavailable)")
 
+    def preparing(self) -> set[str]:
+        """Names of the profiles being checked and prepared right now."""
+        return {name for name, task in self._tasks.items() if not task.done()}
+
     async def wait_idle(self) -> None:
         """Wait for every preparation in progress (tests, shutdown)."""
         pending = [t for t in [*self._tasks.values(), *self._forgetting] if not t.done()]

@@ -244,6 +244,11 @@ def inspect_reference(path: Path, *, has_transcript: bool = False) -> ReferenceI
     return _analyse(_read(Path(path)), Path(path), has_transcript)[0]
 
 
+def inspect_reference_data(data: bytes, label: Path, *, has_transcript: bool = False) -> ReferenceInfo:
+    """Validate a recording held in memory (an upload) without writing anything (blocking); `label` names it."""
+    return _analyse(data, Path(label), has_transcript)[0]
+
+
 _memo: dict[tuple[str, int, int, bool, str], tuple[Path, ReferenceInfo]] = {}
 _memo_lock = threading.Lock()
 

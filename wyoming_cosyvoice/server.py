@@ -82,6 +82,8 @@ class Server:
         self._zeroconf: Any = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
+        self.studio: Any = None
+        """The voice studio page served on this loop (web.enabled), closed first at shutdown."""
 
     @property
     def port(self) -> Optional[int]:
@@ -195,6 +197,9 @@ class Server:
         self._listener = None
         self.service.admission.closing = True
         listener.close()
+        if self.studio is not None:  # auditions end with the page; Wyoming clients get their grace period
+            studio, self.studio = self.studio, None
+            await studio.close()
         deadline = time.monotonic() + grace
         while self.busy_connections() and time.monotonic() < deadline and not self._force.is_set():
             await asyncio.sleep(0.05)
@@ -235,17 +240,39 @@ async def serve_stdio(service: Service) -> None:
     await service.engines.close()
 
 
+async def _start_studio(config: Config, service: Service) -> Any:
+    """The voice studio page on this loop when `web.enabled` (None otherwise); aiohttp is imported only then."""
+    if not config.web.enabled:
+        return None
+    from .voice_store import voices_folder
+    from .web import start_studio
+
+    return await start_studio(service, config.web, voices_folder(config), config_dir=config.base_dir)
+
+
 async def run(config: Config, plugins: Plugins) -> None:
-    """Build the service and serve on `config.server.uri` until stopped."""
+    """Build the service and serve on `config.server.uri` (and the studio page when enabled) until stopped."""
     started = time.perf_counter()
+    if config.web.enabled:
+        from .web import missing_dependency
+
+        missing = missing_dependency()  # before the engine loads: a missing extra should not cost a model load
+        if missing:
+            raise ConfigError(f"{config.source}:web.enabled: {missing}")
     service = await build_service(config, plugins)
     if config.server.uri.startswith("stdio://"):
-        await serve_stdio(service)
+        studio = await _start_studio(config, service)
+        try:
+            await serve_stdio(service)
+        finally:
+            if studio is not None:
+                await studio.close()
         return
     server = Server(
         service, config.server.uri, zeroconf=config.server.zeroconf, zeroconf_name=config.server.zeroconf_name
     )
     await server.start()
+    server.studio = await _start_studio(config, service)
     where = config.server.uri
     if server.port is not None:
         where = f"tcp://{urlparse(where).hostname}:{server.port}"

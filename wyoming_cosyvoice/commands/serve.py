@@ -31,6 +31,11 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         default=None,
         help="announce via mDNS for Home Assistant discovery",
     )
+    parser.add_argument(
+        "--web", action="store_true", help="also serve the voice studio page (web.enabled; needs the web extra)"
+    )
+    parser.add_argument("--web-host", help="address of the studio page (overrides web.host; default 127.0.0.1)")
+    parser.add_argument("--web-port", type=int, help="port of the studio page (overrides web.port; default 10201)")
     parser.set_defaults(func=run)
 
 
@@ -53,12 +58,20 @@ def apply_overrides(config: Config, args: argparse.Namespace) -> Config:
     providers = dict(config.voice_providers)
     if args.voices:
         providers["yaml"] = {**(providers.get("yaml") or {}), "path": str(args.voices.resolve())}
-    problem = server.validate()
-    if problem:
-        from ..errors import ConfigError
+    web = config.web
+    if getattr(args, "web", False):
+        web = dataclasses.replace(web, enabled=True)
+    if getattr(args, "web_host", None):
+        web = dataclasses.replace(web, host=args.web_host)
+    if getattr(args, "web_port", None) is not None:
+        web = dataclasses.replace(web, port=args.web_port)
+    for prefix, settings in (("", server), ("web-", web)):
+        problem = settings.validate()
+        if problem:
+            from ..errors import ConfigError
 
-        raise ConfigError(f"command line: --{problem[0].replace('_', '-')}: {problem[1]}")
-    return dataclasses.replace(config, server=server, engine=engine, voice_providers=providers)
+            raise ConfigError(f"command line: --{prefix}{problem[0].replace('_', '-')}: {problem[1]}")
+    return dataclasses.replace(config, server=server, engine=engine, voice_providers=providers, web=web)
 
 
 def run(args: argparse.Namespace) -> int:

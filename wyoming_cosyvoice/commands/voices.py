@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Optional
 
 from ..config import Config
 from ..errors import ConfigError, VoiceError, VoiceNotFound
+from ..voice_store import transcript_warning, voices_folder, write_voice
 from ..voices import LANGUAGE_PATTERN, NAME_PATTERN, VoiceCatalog, VoiceProfile, problem_line
 from . import add_config_argument, read_config
 
@@ -94,13 +93,9 @@ def check_profile(profile: VoiceProfile, engines: Optional[Collection[str]] = No
         return result
     result.reference = info
     result.warnings.extend(info.warnings)
-    if profile.transcript:
-        rate = len(profile.transcript) / info.kept_seconds
-        if rate > 35:
-            result.warnings.append(
-                f"transcript has {len(profile.transcript)} characters for {info.kept_seconds:.1f} s of audio: "
-                "does it match the recording?"
-            )
+    mismatch = transcript_warning(profile.transcript, info.kept_seconds)
+    if mismatch:
+        result.warnings.append(mismatch)
     return result
 
 
@@ -224,22 +219,11 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def _voices_folder(config: Config, given: Optional[Path]) -> Path:
-    if given is not None:
-        return given
-    if "folder" not in config.voice_providers:
-        raise ConfigError(
-            f"{config.source}:voice_providers.folder: not configured; add `folder: {{path: voices}}` there "
-            "or pass --folder"
-        )
-    from wyoming_cosyvoice_plugins.folder_voices import FolderVoicesSettings
-
-    return config.section("voice_providers", "folder").parse(FolderVoicesSettings).path
+    return given if given is not None else voices_folder(config)
 
 
 def run_add(args: argparse.Namespace) -> int:
     """Validate the recording, then write `<folder>/<language>/<name>/` atomically (a running server sees it whole)."""
-    from wyoming_cosyvoice_plugins.folder_voices import folder_language
-
     name, language = args.name, args.language.replace("_", "-")
     if not NAME_PATTERN.match(name):
         raise VoiceError(f"voice {name!r}: not a valid voice name (letters, digits, '_', '.', '-'; max 64)")
@@ -258,7 +242,6 @@ def run_add(args: argparse.Namespace) -> int:
         raise VoiceError(problem_line(str(args.audio), name, str(err))) from None
     config = read_config(args.config)
     folder = _voices_folder(config, args.folder)
-    target = folder / folder_language(language) / name
     if not args.force:
         clash = next((p for p in folder.glob(f"*/{name}") if p.is_dir()), None) if folder.is_dir() else None
         if clash is not None:
@@ -269,30 +252,18 @@ def run_add(args: argparse.Namespace) -> int:
             existing = {}
         if name in existing:
             raise VoiceError(problem_line(existing[name].source, name, "a voice of this name exists already"))
-    target.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".flac" if info.format.startswith("FLAC") else ".wav"
-    staging = Path(tempfile.mkdtemp(prefix=f".add-{name}-", dir=target.parent))  # hidden: scanners skip it
-    try:
-        shutil.copyfile(args.audio, staging / f"reference{suffix}")
-        if transcript:
-            (staging / "transcript.txt").write_text(transcript + "\n", encoding="utf-8")
-        if args.instruct:
-            (staging / "instruct.txt").write_text(args.instruct.strip() + "\n", encoding="utf-8")
-        if args.description:
-            import yaml
-
-            (staging / "profile.yaml").write_text(yaml.safe_dump({"description": args.description}, allow_unicode=True))
-        staging.chmod(0o755)
-        old = None
-        if target.exists():
-            old = target.parent / f".old-{name}-{staging.name}"
-            target.rename(old)
-        staging.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    target = write_voice(
+        folder,
+        name,
+        language,
+        args.audio,
+        suffix,
+        transcript=transcript,
+        instruct=args.instruct,
+        description=args.description,
+        force=args.force,
+    )
     mode = "instruct" if args.instruct else "zero_shot" if transcript else "cross_lingual"
     print(f"added voice {name!r} ({language}, {mode}) in {target}: {info.summary()}")
     for warning in info.warnings:

@@ -1,0 +1,37 @@
+"""The voice studio: a web page to list, add, check, audition, edit and remove voices (docs/studio.md).
+
+Served by aiohttp on the Wyoming server's own event loop when `web.enabled` (or `serve --web`). aiohttp is an
+optional extra, so nothing here imports it at module level: `start_studio` imports the app on use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from ..config import WebSettings
+    from ..service import Service
+    from .app import Studio
+
+INSTALL_HINT = "pip install 'wyoming-cosyvoice[web]'"
+
+
+def missing_dependency() -> Optional[str]:
+    """One line saying what to install when the studio cannot run here (None: it can)."""
+    try:
+        import aiohttp  # noqa: F401  (only called when the studio is enabled)
+    except ImportError:
+        return f"the voice studio (web.enabled / serve --web) needs aiohttp: {INSTALL_HINT}"
+    return None
+
+
+async def start_studio(
+    service: "Service", settings: "WebSettings", voices_dir: Path, *, config_dir: Optional[Path] = None
+) -> "Studio":
+    """Start serving the studio page on `settings.host:settings.port` in the running event loop."""
+    from .app import Studio
+
+    studio = Studio(service, settings, voices_dir, config_dir=config_dir)
+    await studio.start()
+    return studio

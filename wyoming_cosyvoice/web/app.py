@@ -1,0 +1,239 @@
+"""The studio's aiohttp application: the page, its API routes, and the guard every request passes.
+
+The guard: a page bound to a loopback address answers only loopback host names (no DNS rebinding); a request that
+changes anything must come from the page's own origin (no cross-site form posts) and, when `web.token` is set, carry
+the token (header `X-Studio-Token`, `Authorization: Bearer`, or form field `token`; compared in constant time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import html
+import ipaddress
+import logging
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional, TypeVar
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from ..config import WebSettings
+from ..service import Service
+from .forms import Form, FormError, read_form
+
+_LOGGER = logging.getLogger(__name__)
+
+TOKEN_ENV = "WYOMING_COSYVOICE_WEB_TOKEN"
+"""Environment variable that sets the access token when `web.token` is null."""
+
+CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+"""Methods that change something (or run the engine): origin-checked and token-protected."""
+
+_ASSETS = {
+    "studio.js": "text/javascript",
+    "studio.css": "text/css",
+    "icon.svg": "image/svg+xml",
+}
+_INGRESS_PATH = re.compile(r"^/[A-Za-z0-9_./-]{0,200}$")
+_ABSOLUTE = re.compile(r"(?<![\w.])(?:~|[A-Za-z]:)?(?:[/\\][^\s/\\:'\"(),]+)*[/\\]([^\s/\\:'\"(),]+)")
+_LOOPBACK_NAMES = ("localhost", "localhost.")
+_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'self'"
+)
+
+STUDIO_KEY: "web.AppKey[Studio]" = web.AppKey("studio", object)  # type: ignore[arg-type]
+FORM_KEY: Any = web.RequestKey("form", Form) if hasattr(web, "RequestKey") else "form"
+"""Where the guard leaves a changing request's parsed body."""
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def problem(status: int, message: str, **extra: Any) -> web.Response:
+    """A JSON error answer: `{"error": message, ...}`."""
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(host_header: str) -> str:
+    """The name part of a Host header (`[::1]:8080` -> `::1`, `example:80` -> `example`)."""
+    return (urlsplit(f"//{host_header}").hostname or "").lower()
+
+
+class Studio:
+    """The studio web app over a running Service: start, serve, close."""
+
+    def __init__(
+        self, service: Service, settings: WebSettings, voices_dir: Path, *, config_dir: Optional[Path] = None
+    ) -> None:
+        self.service = service
+        self.settings = settings
+        self.voices_dir = Path(voices_dir)
+        """Where voices are written: the folder provider's `voice_providers.folder.path`."""
+        self.config_dir = config_dir
+        self.token = settings.token or os.environ.get(TOKEN_ENV) or None
+        self.write_lock = asyncio.Lock()
+        """One change to the voices folder at a time."""
+        self.loopback_only = _is_loopback_host(settings.host)
+        self._changes: set[asyncio.Future[Any]] = set()
+        self._runner: Optional[web.AppRunner] = None
+        self._site: Optional[web.TCPSite] = None
+        self._assets = {name: resources.files(__package__).joinpath("static", name).read_bytes() for name in _ASSETS}
+        self._index = resources.files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
+
+    def build_app(self) -> web.Application:
+        """The aiohttp application with every route."""
+        from . import audition, voices_api
+
+        app = web.Application(middlewares=[self._guard], client_max_size=self.settings.max_upload_bytes + 65536)
+        app[STUDIO_KEY] = self
+        app.on_response_prepare.append(self._headers)
+        app.router.add_get("/", self._page)
+        app.router.add_get("/static/{name}", self._asset)
+        app.router.add_get("/api/status", audition.status)
+        app.router.add_post("/api/audition", audition.audition)
+        voices_api.add_routes(app.router)
+        return app
+
+    async def start(self) -> None:
+        """Bind `host:port` and start serving on the running loop."""
+        # handler_cancellation: a browser that leaves cancels its request, so an audition stops the engine at once.
+        self._runner = web.AppRunner(
+            self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0, handler_cancellation=True
+        )
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port, reuse_address=True)
+        try:
+            await self._site.start()
+        except OSError as err:
+            await self._runner.cleanup()
+            self._runner = None
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"web: cannot listen on {self.settings.host}:{self.settings.port} ({err.strerror or err})"
+            ) from None
+        _LOGGER.info(
+            "Voice studio on http://%s:%s/ (%s)",
+            self.settings.host if ":" not in self.settings.host else f"[{self.settings.host}]",
+            self.port,
+            "token required for changes" if self.token else "no token set: anyone who reaches it can change voices",
+        )
+
+    @property
+    def port(self) -> Optional[int]:
+        """The bound port (useful with port 0)."""
+        server = getattr(self._site, "_server", None)
+        sockets = getattr(server, "sockets", None)
+        return sockets[0].getsockname()[1] if sockets else None
+
+    async def close(self) -> None:
+        """Stop serving (open audition streams are closed, their synthesis cancelled)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def unhurried(self, change: Awaitable[T]) -> T:
+        """Run a change to the voices folder to its end even when the browser leaves (its request is cancelled)."""
+        task = asyncio.ensure_future(change)
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        return await asyncio.shield(task)
+
+    def redact(self, text: str) -> str:
+        """`text` with server paths hidden: the voices folder as `voices/`, other absolute paths as their last part."""
+        if not text:
+            return text
+        for root in {str(self.voices_dir.resolve()), str(self.voices_dir)}:
+            text = text.replace(root + os.sep, "voices/").replace(root, "voices")
+        if self.config_dir is not None:
+            for root in {str(self.config_dir.resolve()), str(self.config_dir)}:
+                text = text.replace(root + os.sep, "").replace(root, "config")
+        return _ABSOLUTE.sub(lambda m: m.group(1), text)
+
+    # -- the guard ---------------------------------------------------------------------------------------------
+
+    def token_ok(self, request: web.Request, form: Optional[Form]) -> bool:
+        """True when no token is set, or the request carries it (header, bearer or form field)."""
+        if not self.token:
+            return True
+        given = request.headers.get("X-Studio-Token", "")
+        auth = request.headers.get("Authorization", "")
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not given and form is not None:
+            given = form.get("token")
+        return hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode("utf-8"))
+
+    def _cross_site(self, request: web.Request) -> Optional[str]:
+        """Why a changing request is refused as coming from another site (None: it is the page's own)."""
+        if request.headers.get("Sec-Fetch-Site", "") in ("cross-site", "same-site"):
+            return "cross-site request refused"
+        origin = request.headers.get("Origin")
+        if origin and "Sec-Fetch-Site" not in request.headers and "X-Ingress-Path" not in request.headers:
+            if origin == "null" or urlsplit(origin).netloc.lower() != request.host.lower():
+                return "cross-origin request refused"
+        return None
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.loopback_only and not _is_loopback_host(_host_name(request.host)):
+            return problem(421, "this page answers only on localhost / 127.0.0.1 (web.host is a loopback address)")
+        if request.method in CHANGING:
+            refused = self._cross_site(request)
+            if refused:
+                return problem(403, refused)
+            has_header = bool(request.headers.get("X-Studio-Token") or request.headers.get("Authorization"))
+            if self.token and has_header and not self.token_ok(request, None):
+                return problem(401, "wrong access token")
+            try:
+                form = await read_form(request, self.settings.max_upload_bytes)
+            except FormError as err:
+                return problem(err.status, str(err))
+            if not self.token_ok(request, form):
+                return problem(401, "this studio needs its access token (web.token) for changes")
+            request[FORM_KEY] = form
+        try:
+            return await handler(request)
+        except web.HTTPException as err:
+            return problem(err.status, err.reason)
+
+    @staticmethod
+    async def _headers(request: web.Request, response: web.StreamResponse) -> None:
+        """Every answer: no scripts or frames from elsewhere, no sniffing, no caching, no referrer."""
+        response.headers.setdefault("Content-Security-Policy", _CSP)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("Cache-Control", "no-store")
+
+    # -- the page ----------------------------------------------------------------------------------------------
+
+    def base_href(self, request: web.Request) -> str:
+        """Where the page's relative URLs start: Home Assistant's ingress path when proxied, else `./`."""
+        ingress = request.headers.get("X-Ingress-Path", "")
+        if ingress and _INGRESS_PATH.match(ingress) and ".." not in ingress:
+            return ingress.rstrip("/") + "/"
+        return "./"
+
+    async def _page(self, request: web.Request) -> web.Response:
+        page = self._index.replace("{{BASE}}", html.escape(self.base_href(request), quote=True))
+        return web.Response(text=page, content_type="text/html", charset="utf-8")
+
+    async def _asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in _ASSETS:
+            return problem(404, "not found")
+        return web.Response(body=self._assets[name], content_type=_ASSETS[name])
