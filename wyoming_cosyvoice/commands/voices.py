@@ -154,7 +154,7 @@ def run_list(args: argparse.Namespace) -> int:
             }
             for c in checks
         ]
-        print(json.dumps({"voices": rows, "skipped": catalog.problems}, indent=2))
+        print(json.dumps({"voices": rows, "skipped": catalog.problems, "notes": catalog.notes}, indent=2))
         return 0
     table = [("", "NAME", "STATE", "MODE", "LANGUAGES", "REFERENCE", "DESCRIPTION")]
     for c in checks:
@@ -170,6 +170,8 @@ def run_list(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
     for line in catalog.problems:
         print(f"skipped: {line}")
+    for line in catalog.notes:
+        print(f"note: {line}")
     return 0
 
 
@@ -210,6 +212,8 @@ def run_check(args: argparse.Namespace) -> int:
         for line in catalog.problems:
             failed = True
             print(f"skipped: {line}")
+        for line in catalog.notes:
+            print(f"note: {line}")
     for audio in args.audio:
         try:
             info = inspect_reference(audio)
