@@ -133,7 +133,7 @@ def _short(path: Optional[Path]) -> str:
 
 def run_list(args: argparse.Namespace) -> int:
     """Print each profile: default mark, name, state, mode, languages, reference, description."""
-    catalog, engines = load_voices(read_config(args.config))
+    catalog, engines = load_voices(read_config(args.config, args.data_dir))
     checks = [check_profile(p, engines) for p in catalog.all_profiles]
     default = next((c.profile.name for c in checks if c.profile.default and not c.error), None)
     default = default or next((c.profile.name for c in checks if not c.error), None)
@@ -177,7 +177,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """Check the named profiles (or all) and any --audio files; exit 1 when something is broken."""
-    catalog, engines = load_voices(read_config(args.config))
+    catalog, engines = load_voices(read_config(args.config, args.data_dir))
     profiles = catalog.all_profiles
     if args.names:
         known = {p.name: p for p in profiles}
@@ -260,7 +260,7 @@ def run_add(args: argparse.Namespace) -> int:
         info = inspect_reference(args.audio, has_transcript=bool(transcript))
     except VoiceError as err:
         raise VoiceError(problem_line(str(args.audio), name, str(err))) from None
-    config = read_config(args.config)
+    config = read_config(args.config, args.data_dir)
     folder = _voices_folder(config, args.folder)
     target = folder / folder_language(language) / name
     if not args.force:
