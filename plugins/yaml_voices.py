@@ -4,7 +4,10 @@ Paths in the file are trusted (the administrator wrote them): relative ones reso
 bare file name for `reference_audio` (no folder part) that is not beside the file is looked up in `search` folders,
 the project's `asset/` and the configured CosyVoice checkout's `asset/` (`engines.cosyvoice.repo`). Without a
 `transcript`, a `.txt` file of the same name beside the audio is used. Without a `mode`: `instruct` when an
-instruction is given, `zero_shot` with a transcript, else `cross_lingual`.
+instruction is given, `zero_shot` with a transcript, else `cross_lingual`. A profile with `optional: true` whose
+bare reference file name is found nowhere is left out with one info line saying how to add it (no warning, no
+problem): the shipped `tars` voice, whose recording comes with CosyVoice, not with this project; the file is looked
+for again on every reload, so copying it into place adds the voice.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ MAX_TRANSCRIPT_BYTES = 16384
 """Transcript files larger than this are refused (a 30 s reference has a few hundred characters)."""
 
 _LOGGER = logging.getLogger(__name__)
+
+
+class _NotSetUp(Exception):
+    """An optional profile whose recording is not there (yet): left out quietly."""
+
+    def __init__(self, note: str, looked: Sequence[Path]) -> None:
+        super().__init__(note)
+        self.looked = list(looked)
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,10 @@ class YamlVoiceProvider:
         self._profiles: list[VoiceProfile] = []
         self.problems: list[str] = []
         """One line per profile (or file) that could not be loaded at the last read."""
+        self.notes: list[str] = []
+        """One line per optional profile left out because its recording is not there (how to add it)."""
+        self._awaited: list[Path] = []
+        """Where the recordings of those profiles would be found (a reload rereads the file when one appears)."""
         self._read(initial=True)
 
     def _read(self, initial: bool = False) -> None:
@@ -73,7 +88,7 @@ class YamlVoiceProvider:
             )
             return
         stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp == self._stamp:
+        if stamp == self._stamp and not any(p.is_file() for p in self._awaited):
             return
         self._stamp = stamp
         try:
@@ -86,12 +101,23 @@ class YamlVoiceProvider:
             return
         profiles: list[VoiceProfile] = []
         problems: list[str] = []
+        notes: list[str] = []
+        awaited: list[Path] = []
         skipped: set[str] = set()
+        absent: set[str] = set()
         for index, entry in enumerate(top.voices):
             name = str(entry.get("name", f"voices[{index}]")) if isinstance(entry, dict) else f"voices[{index}]"
             try:
                 entry = self._complete(entry, index, source)
                 profile = build(VoiceProfile, entry, source=source, key=f"voices[{index}]", base_dir=self.path.parent)
+            except _NotSetUp as missing:
+                default = "; until then the first usable voice is the default" if name == top.default else ""
+                notes.append(problem_line(source, name, f"{missing}{default}"))
+                awaited.extend(missing.looked)
+                absent.add(name)
+                if notes[-1] not in self.notes:
+                    _LOGGER.info("%s", notes[-1])
+                continue
             except ConfigError as err:
                 text = str(err)
                 text = text[len(source) + 1 :].lstrip() if text.startswith(source + ":") else text
@@ -106,12 +132,14 @@ class YamlVoiceProvider:
                 _LOGGER.warning(
                     "%s:default: voice %r is skipped; the first usable voice is the default", source, top.default
                 )
+            elif top.default in absent:
+                pass  # an optional voice not set up: the first usable voice is the default, as its note says
             elif top.default not in names:
                 problems.append(f"{source}:default: no voice named {top.default!r}")
                 _LOGGER.error("%s:default: no voice named %r; using %s", source, top.default, names[:1])
             else:
                 profiles = [dataclasses.replace(p, default=p.name == top.default) for p in profiles]
-        self._profiles, self.problems = profiles, problems
+        self._profiles, self.problems, self.notes, self._awaited = profiles, problems, notes, awaited
 
     def _complete(self, entry: Any, index: int, source: str) -> Any:
         """Find a bare reference file name, read a sidecar transcript, pick the mode when none is given."""
@@ -119,16 +147,30 @@ class YamlVoiceProvider:
             return entry
         entry = dict(entry)
         key = f"{source}:voices[{index}]"
+        optional = entry.pop("optional", False)
+        if not isinstance(optional, bool):
+            raise ConfigError(f"{key}.optional: expected true or false, got {optional!r}")
         ref = entry.get("reference_audio")
         audio: Optional[Path] = None
         if isinstance(ref, str) and ref:
             given = Path(ref).expanduser()
             if given.is_absolute() or len(given.parts) > 1:
                 audio = given if given.is_absolute() else self.path.parent / given
+                if not audio.is_file() and optional:
+                    raise _NotSetUp(
+                        f"not set up: its recording {audio} was not found; copy it there to add it", [audio]
+                    )
                 if not audio.is_file():
                     raise ConfigError(f"{key}.reference_audio: file not found: {audio}")
             else:
                 audio = next((d / given for d in self.search if (d / given).is_file()), None)
+                if audio is None and optional:
+                    raise _NotSetUp(
+                        f"not set up: its recording {ref!r} was not found (looked in: "
+                        f"{', '.join(str(d) for d in self.search)}); to add it, copy the file into {self.path.parent} "
+                        "(or set engines.cosyvoice.repo to a CosyVoice checkout whose asset/ folder has it)",
+                        [d / given for d in self.search],
+                    )
                 if audio is None:
                     looked = ", ".join(str(d) for d in self.search)
                     raise ConfigError(f"{key}.reference_audio: {ref!r} not found (looked in: {looked})")

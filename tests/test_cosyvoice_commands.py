@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 from .cosyvoice_support import STANDIN_REPO, make_model_dir
 from .helpers import write_config
@@ -63,6 +66,24 @@ def test_download_network_failure_gives_the_manual_way(tmp_path: Path) -> None:
         in result.stderr
     )
     assert "git clone https://huggingface.co/FunAudioLLM/Fun-CosyVoice3-0.5B-2512" in result.stderr
+
+
+def test_download_with_real_hub_client_and_no_network_says_the_hub_is_unreachable(tmp_path: Path) -> None:
+    """huggingface_hub installed, its endpoint unreachable: the message names the network, not a missing client."""
+    pytest.importorskip("huggingface_hub")
+    with socket.socket() as probe:  # a port nothing listens on: connection refused, as with no network
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    prelude = f"import os\nos.environ['HF_ENDPOINT'] = {endpoint!r}\n"
+    result = cli(
+        "download", "CosyVoice2-0.5B", "--dir", str(tmp_path / "m"), "--source", "huggingface", prelude=prelude
+    )
+    assert result.returncode == 2
+    (line,) = [text for text in result.stderr.strip().splitlines() if text.startswith("error:")]
+    assert line.startswith(f"error: cannot download CosyVoice2-0.5B: {endpoint} is unreachable from this machine (")
+    assert "Connection refused" in line and "check the network" in line
+    assert "install a hub client" not in line
+    assert f"git clone https://huggingface.co/FunAudioLLM/CosyVoice2-0.5B {tmp_path / 'm'}" in line
 
 
 def test_download_success_checks_the_model_dir(tmp_path: Path) -> None:

@@ -156,7 +156,10 @@ async def test_worker_waits_when_consumer_is_far_behind() -> None:
     limit_chunks = engine.max_ahead_bytes() // per_chunk
     stream = engine.synthesize(str(limit_chunks * 3), PROFILE, SynthesisOptions())
     await stream.__anext__()
-    await asyncio.sleep(0.3)
+    # Poll for the bound (a loaded machine takes longer than any fixed sleep to make 3000 chunks)...
+    assert await until(lambda: engine.produced >= limit_chunks), "the worker runs ahead up to the bound"
+    # ...then give a worker that did not stop there time to show it (this wait can only miss a bug, never fail).
+    await asyncio.sleep(0.1)
     assert limit_chunks <= engine.produced <= limit_chunks + 2
     await stream.aclose()
     await engine.close()

@@ -260,6 +260,21 @@ async def test_a_voice_needing_the_engine_that_fell_back_is_broken_not_served_by
     assert len(said) == 1 and said[0].startswith("Engine 'cosyvoice' unavailable (cosyvoice engine: ")
 
 
+async def test_an_engine_never_set_up_falls_back_with_an_info_line_not_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fresh install: cosyvoice has neither repo nor model_dir, so espeak serving is expected, not a problem."""
+    caplog.set_level(logging.INFO)
+    config = _config(tmp_path, [{"name": "robot"}], main="cosyvoice", fallback="espeak")
+    async with running_server(config, plugins()) as server:
+        assert list(server.service.engines.running) == ["espeak"]
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "wyoming_cosyvoice.routing"]
+    assert len(said) == 1 and said[0][0] == "INFO"
+    assert said[0][1].startswith("Engine 'cosyvoice' unavailable (cosyvoice engine: engines.cosyvoice.repo is not set")
+    assert "To enable CosyVoice, set engines.cosyvoice.repo and engines.cosyvoice.model_dir" in said[0][1]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 async def test_hot_reload_routes_new_voices_and_never_starts_an_engine(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -112,8 +113,12 @@ def test_default_tars_found_in_the_cosyvoice_checkout(tmp_path: Path) -> None:
     assert catalog.refresh()[0].mode == "zero_shot"
 
 
-def test_shipped_voices_without_tars_fall_back_to_the_project_voice(tmp_path: Path) -> None:
-    """A fresh install: TARS is not found, it is reported, and the default is the project's own recording."""
+def test_shipped_voices_without_tars_fall_back_to_the_project_voice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fresh install: TARS is not found, one info line says how to add it, the default is the project's voice."""
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="wyoming_cosyvoice_plugins")  # the voices commands quiet it in-process
     shipped = Path(__file__).parents[1] / "config" / "voices.yaml"
     cfg = tmp_path / "cfg"
     server = write_config(cfg)
@@ -122,10 +127,37 @@ def test_shipped_voices_without_tars_fall_back_to_the_project_voice(tmp_path: Pa
     assert [p.name for p in catalog.profiles] == ["robot-en", "robot-de"]
     assert catalog.resolve(None, None).name == "robot-en"
     assert catalog.resolve(None, "de").name == "robot-de"
-    assert any(line.startswith(f"{cfg / 'voices.yaml'}: voice 'tars': ") for line in catalog.problems)
+    assert catalog.problems == [], "a voice that is optional and not set up is no problem (voices check passes)"
+    (note,) = catalog.notes
+    assert note.startswith(f"{cfg / 'voices.yaml'}: voice 'tars': not set up: its recording '{TARS}' was not found")
+    assert f"copy the file into {cfg}" in note and "until then the first usable voice is the default" in note
+    said = [r for r in caplog.records if r.name.startswith("wyoming_cosyvoice")]
+    assert [(r.levelname, r.getMessage()) for r in said] == [("INFO", note)], "one info line, no warning"
     for profile in catalog.profiles:
         assert profile.reference_audio is not None and profile.reference_audio.parent == ASSET_DIR
         assert profile.mode == "zero_shot" and profile.transcript
+    # Copying the recording into place adds the voice at the next reload, as the default (voices.yaml untouched).
+    audiogen.write(cfg / TARS)
+    assert [p.name for p in catalog.refresh()] == ["tars", "robot-en", "robot-de"]
+    assert catalog.resolve(None, None).name == "tars" and catalog.notes == []
+
+
+def test_optional_voice_with_a_path_and_a_bad_optional_value(tmp_path: Path) -> None:
+    """`optional` works for a path too; anything but true/false is a problem naming the key."""
+    path = _voices_file(
+        tmp_path / "voices.yaml",
+        [
+            {"name": "later", "reference_audio": "refs/later.wav", "optional": True},
+            {"name": "odd", "reference_audio": "refs/later.wav", "optional": "yes"},
+            {"name": "robot"},
+        ],
+    )
+    provider = YamlVoiceProvider(path)
+    assert [p.name for p in provider.load()] == ["robot"]
+    (note,) = provider.notes
+    assert f"voice 'later': not set up: its recording {tmp_path / 'refs' / 'later.wav'} was not found" in note
+    (problem,) = provider.problems
+    assert problem.endswith("voice 'odd': voices[1].optional: expected true or false, got 'yes'")
 
 
 def test_yaml_bad_entries_are_skipped_and_named(tmp_path: Path) -> None:

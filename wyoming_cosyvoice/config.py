@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping, Optional, TypeVar, Union
 import yaml
 
 from .errors import ConfigError
+from .paths import defaults_dir
 from .text import DEFAULT_FIRST_CLAUSE_WORDS
 
 _LOGGER = logging.getLogger(__name__)
@@ -21,8 +22,8 @@ _LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 _MAPPINGS = (dict, Mapping, collections.abc.Mapping)
 
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
-"""The project's `config/` folder (a source checkout or an editable install)."""
+DEFAULT_CONFIG_DIR = defaults_dir()
+"""The default server.yaml and voices.yaml: `config/` in a source checkout, package data in an installed copy."""
 
 
 def _type_name(tp: Any) -> str:

@@ -30,6 +30,10 @@ class EngineUnavailable(CosyVoiceServiceError):
     """An engine cannot start here (missing model, checkout, library or GPU)."""
 
 
+class EngineNotConfigured(EngineUnavailable):
+    """An engine was never set up (a setting it needs is empty): the fallback serves, and that is no warning."""
+
+
 class EngineError(CosyVoiceServiceError):
     """An engine failed while synthesizing a request."""
 

@@ -25,6 +25,7 @@ import numpy as np
 import soundfile as sf
 
 from .errors import VoiceError
+from .paths import asset_dir, cache_dir
 
 if TYPE_CHECKING:
     from .voices import VoiceProfile
@@ -72,8 +73,9 @@ _MARGIN_SECONDS = 0.1
 _VERSION = "1"
 """Bump when the normalization changes, so cached files are rebuilt."""
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "asset"
-"""The project's own reference recordings (with transcripts), made by `script/make-assets`."""
+ASSET_DIR = asset_dir()
+"""The project's own reference recordings (with transcripts), made by `script/make-assets`; package data when
+installed."""
 
 
 @dataclass(frozen=True)
@@ -116,12 +118,8 @@ class ReferenceInfo:
 
 
 def default_cache_dir() -> Path:
-    """Where normalized references are cached: $WYOMING_COSYVOICE_CACHE/references, else the XDG cache folder."""
-    root = os.environ.get("WYOMING_COSYVOICE_CACHE")
-    if root:
-        return Path(root).expanduser() / "references"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "wyoming-cosyvoice" / "references"
+    """Where normalized references are cached: `references/` in the project's cache folder (`paths.cache_dir`)."""
+    return cache_dir() / "references"
 
 
 def _dbfs(value: float) -> float:

@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Union
 
 from .config import Config
 from .engine import Engine
-from .errors import CosyVoiceServiceError, EngineUnavailable, PluginError, VoiceNotFound
+from .errors import CosyVoiceServiceError, EngineNotConfigured, EngineUnavailable, PluginError, VoiceNotFound
 from .plugins import Plugins
 from .voices import VoiceProfile, problem_line
 
@@ -121,7 +121,9 @@ async def start_engines(config: Config, plugins: Plugins, wanted: Iterable[str] 
         fallback = config.engine.fallback
         if not fallback or fallback == name:
             raise
-        _LOGGER.warning(
+        # Never set up (a fresh install) is the expected way to run without a GPU: info, not a warning.
+        _LOGGER.log(
+            logging.INFO if isinstance(err, EngineNotConfigured) else logging.WARNING,
             "Engine %r unavailable (%s); serving with the embedded %r engine. To enable CosyVoice, set "
             "engines.cosyvoice.repo and engines.cosyvoice.model_dir in %s (README: 'GPU engine: CosyVoice').",
             name,

@@ -103,7 +103,8 @@ class VoiceProvider(Protocol):
         """Return the current profiles (cheap enough to call on every `describe`)."""
         ...
 
-    # Optional: `problems: list[str]`, one line per profile the provider skipped at its last read.
+    # Optional: `problems: list[str]`, one line per profile the provider skipped at its last read, and
+    # `notes: list[str]`, one line per optional profile left out because it is not set up (not a problem).
 
 
 def _lang_matches(wanted: str, languages: Sequence[str]) -> int:
@@ -172,6 +173,11 @@ class VoiceCatalog:
         """One line per profile that a provider skipped or that was found broken."""
         lines = [line for provider in self.providers for line in getattr(provider, "problems", ())]
         return lines + self._duplicates + [self.broken[p.name] for p in self._profiles if p.name in self.broken]
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per optional profile a provider left out because it is not set up, saying how to add it."""
+        return [line for provider in self.providers for line in getattr(provider, "notes", ())]
 
     @property
     def default(self) -> Optional[VoiceProfile]:

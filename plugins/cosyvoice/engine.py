@@ -18,7 +18,7 @@ from wyoming_cosyvoice.audio import float_to_pcm16
 from wyoming_cosyvoice.config import Section
 from .options import CosyVoiceSettings, LoadPlan, plan_load
 from wyoming_cosyvoice.engine import AudioChunk, Cancelled, SynthesisOptions, ThreadedEngine
-from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, ServerBusy, VoiceError
+from wyoming_cosyvoice.errors import EngineError, EngineNotConfigured, EngineUnavailable, ServerBusy, VoiceError
 from wyoming_cosyvoice.gpu import gpu_facts
 from .recipes import PreparedVoice, recipe, speakable, synthetic_prompt, v1_language_tag
 from .prompts import PromptCache, default_cache_dir, prompt_key
@@ -73,6 +73,9 @@ class CosyVoiceEngine(ThreadedEngine):
 
     def _load(self, force_fp16: Optional[bool]) -> None:
         started = time.perf_counter()
+        if self.settings.repo is None and self.settings.model_dir is None:
+            # Never set up (a fresh install without a GPU model): the fallback serves, and that is no warning.
+            raise EngineNotConfigured(upstream.PREFIX + f"engines.cosyvoice.repo is not set ({upstream.README_HINT})")
         repo = upstream.check_checkout(self.settings.repo)
         info = upstream.inspect_model_dir(self.settings.model_dir)
         try:

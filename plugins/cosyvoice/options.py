@@ -41,7 +41,7 @@ class CosyVoiceSettings:
     """TensorRT execution contexts (requests still run one at a time on the engine's worker thread)."""
 
     cache_dir: Optional[Path] = None
-    """Prepared voices and TensorRT plans (default: ~/.cache/wyoming-cosyvoice)."""
+    """Prepared voices and TensorRT plans (default: $WYOMING_COSYVOICE_CACHE, else ~/.cache/wyoming-cosyvoice)."""
 
     stream: bool = True
     """Stream chunks as the model makes them (a voice with speed != 1.0 is synthesized whole: upstream limitation)."""

@@ -11,6 +11,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from wyoming_cosyvoice.paths import cache_dir
+
 _LOGGER = logging.getLogger(__name__)
 
 MIN_PROMPT_RATE = 16000
@@ -54,9 +56,8 @@ def prompt_key(audio_sha256: str, prompt_text: str, model_identity: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/wyoming-cosyvoice` (default ~/.cache/wyoming-cosyvoice)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "wyoming-cosyvoice"
+    """The project's cache folder: `$WYOMING_COSYVOICE_CACHE`, else ~/.cache/wyoming-cosyvoice (`paths.cache_dir`)."""
+    return cache_dir()
 
 
 class PromptCache:

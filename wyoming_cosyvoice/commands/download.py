@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -46,15 +48,55 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser.set_defaults(func=run)
 
 
-def manual_steps(name: str, target: Path) -> str:
+def manual_steps(name: str, target: Path, client_installed: bool = False) -> str:
     """What to type when this program cannot download by itself."""
     source = MODELS[name]
+    first = "" if client_installed else "install a hub client and rerun (pip install huggingface_hub, or pip install "
+    first += "" if client_installed else "modelscope), or "
     return (
-        f"install a hub client and rerun (pip install huggingface_hub, or pip install modelscope), or fetch it with "
-        f"git: git lfs install && git clone https://huggingface.co/{source.huggingface} {target} "
+        f"{first}fetch it with git: git lfs install && git clone https://huggingface.co/{source.huggingface} {target} "
         f"(or from ModelScope: git clone https://www.modelscope.cn/{source.modelscope}.git {target}); "
-        f"then set engines.cosyvoice.model_dir: {target} in config/server.yaml"
+        f"then set engines.cosyvoice.model_dir: {target} in server.yaml"
     )
+
+
+_NETWORK_ERRORS = (
+    "ConnectError",
+    "ConnectTimeout",
+    "ConnectionError",
+    "LocalEntryNotFoundError",
+    "MaxRetryError",
+    "NameResolutionError",
+    "NewConnectionError",
+    "OfflineModeIsEnabled",
+    "ReadTimeout",
+)
+"""Exception class names (huggingface_hub, httpx, requests, urllib3) that mean the hub could not be reached."""
+
+
+def unreachable_cause(err: BaseException) -> Optional[str]:
+    """When `err` (or what caused it) says the hub could not be reached: the innermost cause, else None."""
+    found: Optional[BaseException] = None
+    seen: set[int] = set()
+    current: Optional[BaseException] = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConnectionError, TimeoutError, socket.gaierror)) or any(
+            klass.__name__ in _NETWORK_ERRORS for klass in type(current).__mro__
+        ):
+            found = current
+        current = current.__cause__ or current.__context__
+    if found is None:
+        return None
+    text = str(found).strip().splitlines()[0] if str(found).strip() else ""
+    return f"{type(found).__name__}: {text}" if text else type(found).__name__
+
+
+def hub_host(client_name: str) -> str:
+    """The host a hub client talks to (huggingface_hub honours HF_ENDPOINT)."""
+    if client_name == "modelscope":
+        return "www.modelscope.cn"
+    return os.environ.get("HF_ENDPOINT") or "huggingface.co"
 
 
 def _client(source: str) -> tuple[str, Optional[object]]:
@@ -85,9 +127,17 @@ def download(name: str, target: Path, source: str = "auto") -> Path:
     try:
         client.snapshot_download(hub_id, local_dir=str(target))  # type: ignore[attr-defined]
     except Exception as err:  # network, authentication, disk: all end in the same advice
+        cause = unreachable_cause(err)
+        if cause is not None:
+            raise DownloadError(
+                f"cannot download {name}: {hub_host(client_name)} is unreachable from this machine ({cause}); check "
+                "the network (a proxy: HTTPS_PROXY; a Hugging Face mirror: HF_ENDPOINT) and rerun, or on a machine "
+                "that reaches the hub " + manual_steps(name, target, client_installed=True)
+            ) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DownloadError(
-            f"downloading {name} from {client_name} failed ({first}); " + manual_steps(name, target)
+            f"downloading {name} from {client_name} failed ({first}); "
+            + manual_steps(name, target, client_installed=True)
         ) from None
     return target
 
@@ -103,5 +153,5 @@ def run(args: argparse.Namespace) -> int:
     except EngineUnavailable as err:
         raise DownloadError(f"downloaded, but the model directory is not usable: {err}") from None
     print(f"{info.class_name} model ready in {path.resolve()}")
-    print(f"Set in config/server.yaml:  engines: {{cosyvoice: {{model_dir: {path.resolve()}}}}}")
+    print(f"Set in server.yaml:  engines: {{cosyvoice: {{model_dir: {path.resolve()}}}}}")
     return 0

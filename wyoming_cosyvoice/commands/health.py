@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings
     from ..gpu import gpu_facts
 
-    config = read_config(args.config)
+    config = read_config(args.config, args.data_dir)
     for key, value in gpu_facts().as_dict().items():
         print(f"{key}: {value}")
     print(f"engine: {config.engine.name} (fallback: {config.engine.fallback or 'none'})")

@@ -19,7 +19,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def run(args: argparse.Namespace) -> int:
     """Print each plugin with origin, hooks and registered names."""
-    config = read_config(args.config)
+    config = read_config(args.config, args.data_dir)
     rows = Plugins(config.server.plugins_dir).describe()
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -12,6 +12,8 @@ from ..config import Config
 from ..plugins import Plugins
 from . import add_config_argument, read_config
 
+_LOGGER = logging.getLogger(__name__)
+
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register the `serve` subcommand."""
@@ -78,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
     """Load config and plugins, then serve until SIGINT/SIGTERM."""
     from .. import server
 
-    config = apply_overrides(read_config(args.config), args)
+    config = apply_overrides(read_config(args.config, args.data_dir), args)
     if not args.debug:
         logging.getLogger().setLevel(config.server.log_level)
+    _LOGGER.info("Configuration: %s", config.source)
     plugins = Plugins(config.server.plugins_dir)
     asyncio.run(server.run(config, plugins))
     return 0

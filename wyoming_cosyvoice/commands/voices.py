@@ -128,7 +128,7 @@ def _short(path: Optional[Path]) -> str:
 
 def run_list(args: argparse.Namespace) -> int:
     """Print each profile: default mark, name, state, mode, languages, reference, description."""
-    catalog, engines = load_voices(read_config(args.config))
+    catalog, engines = load_voices(read_config(args.config, args.data_dir))
     checks = [check_profile(p, engines) for p in catalog.all_profiles]
     default = next((c.profile.name for c in checks if c.profile.default and not c.error), None)
     default = default or next((c.profile.name for c in checks if not c.error), None)
@@ -149,7 +149,7 @@ def run_list(args: argparse.Namespace) -> int:
             }
             for c in checks
         ]
-        print(json.dumps({"voices": rows, "skipped": catalog.problems}, indent=2))
+        print(json.dumps({"voices": rows, "skipped": catalog.problems, "notes": catalog.notes}, indent=2))
         return 0
     table = [("", "NAME", "STATE", "MODE", "LANGUAGES", "REFERENCE", "DESCRIPTION")]
     for c in checks:
@@ -165,12 +165,14 @@ def run_list(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
     for line in catalog.problems:
         print(f"skipped: {line}")
+    for line in catalog.notes:
+        print(f"note: {line}")
     return 0
 
 
 def run_check(args: argparse.Namespace) -> int:
     """Check the named profiles (or all) and any --audio files; exit 1 when something is broken."""
-    catalog, engines = load_voices(read_config(args.config))
+    catalog, engines = load_voices(read_config(args.config, args.data_dir))
     profiles = catalog.all_profiles
     if args.names:
         known = {p.name: p for p in profiles}
@@ -205,6 +207,8 @@ def run_check(args: argparse.Namespace) -> int:
         for line in catalog.problems:
             failed = True
             print(f"skipped: {line}")
+        for line in catalog.notes:
+            print(f"note: {line}")
     for audio in args.audio:
         try:
             info = inspect_reference(audio)
@@ -240,7 +244,7 @@ def run_add(args: argparse.Namespace) -> int:
         info = inspect_reference(args.audio, has_transcript=bool(transcript))
     except VoiceError as err:
         raise VoiceError(problem_line(str(args.audio), name, str(err))) from None
-    config = read_config(args.config)
+    config = read_config(args.config, args.data_dir)
     folder = _voices_folder(config, args.folder)
     if not args.force:
         clash = next((p for p in folder.glob(f"*/{name}") if p.is_dir()), None) if folder.is_dir() else None
