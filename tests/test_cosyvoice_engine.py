@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,24 @@ async def test_start_errors(tmp_path: Path) -> None:
     (broken / "cosyvoice" / "cli" / "__init__.py").write_text("")
     (broken / "cosyvoice" / "cli" / "cosyvoice.py").write_text("import hyperpyyaml_not_installed\n")
     cases.append((settings(tmp_path, repo=broken), "missing Python package 'hyperpyyaml_not_installed'"))
+    # What to install is named exactly, also where the import name is not the pip name.
+    failures = {
+        "raise ModuleNotFoundError(\"No module named 'whisper'\", name='whisper')": (
+            "missing Python package 'whisper' (pip install 'openai-whisper')"
+        ),
+        "raise ModuleNotFoundError(\"No module named 'x_transformers'\", name='x_transformers')": (
+            "missing Python package 'x_transformers' (pip install 'x-transformers')"
+        ),
+        "raise ImportError(\"cannot import name 'Qwen2ForCausalLM'\", name='transformers')": (
+            "does not fit: pip install 'transformers>=4.51.3,<4.53')"
+        ),
+        "raise OSError('Could not load this library: torchaudio/lib/libtorchaudio.so')": ("torchaudio"),
+    }
+    for n, (code, expected) in enumerate(failures.items()):
+        checkout = tmp_path / f"broken{n}"
+        shutil.copytree(broken, checkout)
+        (checkout / "cosyvoice" / "cli" / "cosyvoice.py").write_text(code + "\n")
+        cases.append((settings(tmp_path, repo=checkout), expected))
     for cfg, expected in cases:
         forget_cosyvoice()
         engine = CosyVoiceEngine(cfg)
