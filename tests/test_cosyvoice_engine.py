@@ -406,3 +406,17 @@ async def test_forget_drops_spk2info_entries_but_keeps_shared_ones_and_the_disk_
         assert abs(dominant_frequency(audio, 24000) - 260.0) < 3.0
     finally:
         await engine.close()
+
+
+async def test_a_missing_text_normalizer_is_a_warning_that_says_what_to_install(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The stand-in's frontend has no normalizer, as upstream's when neither ttsfrd nor wetext is installed.
+    with caplog.at_level(logging.INFO, logger="wyoming_cosyvoice_plugins.cosyvoice.engine"):
+        engine = await started(settings(tmp_path))
+    try:
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("No text normalizer" in w and "pip install wetext" in w for w in warnings), warnings
+        assert health_value(engine, "text_normalizer") == "none"
+    finally:
+        await engine.close()
