@@ -156,6 +156,9 @@ async def test_worker_waits_when_consumer_is_far_behind() -> None:
     limit_chunks = engine.max_ahead_bytes() // per_chunk
     stream = engine.synthesize(str(limit_chunks * 3), PROFILE, SynthesisOptions())
     await stream.__anext__()
+    # Poll for the limit (a fixed sleep fell short on a loaded machine: 2599 of 3000 after 0.3 s), then give the
+    # worker time to overrun it if it would.
+    assert await until(lambda: engine.produced >= limit_chunks), engine.produced
     await asyncio.sleep(0.3)
     assert limit_chunks <= engine.produced <= limit_chunks + 2
     await stream.aclose()
