@@ -1,4 +1,4 @@
-"""Fixtures: a config folder per test, and exceptions that end threads."""
+"""Fixtures: a config folder per test, exceptions that end threads, the real upstream CosyVoice (tests/realcode.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import pytest
 from wyoming_cosyvoice.config import Config, load_config
 
 from .helpers import write_config
+from .realcode import cosyvoice_repo, skip_summary, tiny_cosyvoice1, tiny_cosyvoice2, tiny_cosyvoice3
+
+__all__ = ["cosyvoice_repo", "tiny_cosyvoice1", "tiny_cosyvoice2", "tiny_cosyvoice3"]
 
 
 @pytest.fixture
@@ -25,3 +28,10 @@ def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     errors: list[Any] = []
     monkeypatch.setattr(threading, "excepthook", errors.append)
     return errors
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line when the real-code CosyVoice tests could not run here."""
+    line = skip_summary()
+    if line:
+        terminalreporter.write_line(line, yellow=True)

@@ -62,7 +62,5 @@ def dominant_frequency(samples: np.ndarray, rate: int) -> float:
 
 def forget_cosyvoice() -> None:
     """Drop imported `cosyvoice` modules so the next engine start imports (and patches) them afresh."""
-    for name in [
-        m for m in sys.modules if m == "cosyvoice" or m.startswith("cosyvoice.") or m in ("matcha", "modelscope")
-    ]:
+    for name in [m for m in sys.modules if m.split(".")[0] in ("cosyvoice", "matcha") or m == "modelscope"]:
         del sys.modules[name]

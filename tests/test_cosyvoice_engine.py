@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,24 @@ async def test_start_errors(tmp_path: Path) -> None:
     (broken / "cosyvoice" / "cli" / "__init__.py").write_text("")
     (broken / "cosyvoice" / "cli" / "cosyvoice.py").write_text("import hyperpyyaml_not_installed\n")
     cases.append((settings(tmp_path, repo=broken), "missing Python package 'hyperpyyaml_not_installed'"))
+    # What to install is named exactly, also where the import name is not the pip name.
+    failures = {
+        "raise ModuleNotFoundError(\"No module named 'whisper'\", name='whisper')": (
+            "missing Python package 'whisper' (pip install 'openai-whisper')"
+        ),
+        "raise ModuleNotFoundError(\"No module named 'x_transformers'\", name='x_transformers')": (
+            "missing Python package 'x_transformers' (pip install 'x-transformers')"
+        ),
+        "raise ImportError(\"cannot import name 'Qwen2ForCausalLM'\", name='transformers')": (
+            "does not fit: pip install 'transformers>=4.51.3,<4.53')"
+        ),
+        "raise OSError('Could not load this library: torchaudio/lib/libtorchaudio.so')": ("torchaudio"),
+    }
+    for n, (code, expected) in enumerate(failures.items()):
+        checkout = tmp_path / f"broken{n}"
+        shutil.copytree(broken, checkout)
+        (checkout / "cosyvoice" / "cli" / "cosyvoice.py").write_text(code + "\n")
+        cases.append((settings(tmp_path, repo=checkout), expected))
     for cfg, expected in cases:
         forget_cosyvoice()
         engine = CosyVoiceEngine(cfg)
@@ -385,5 +404,19 @@ async def test_forget_drops_spk2info_entries_but_keeps_shared_ones_and_the_disk_
         assert ids["b"] in spk2info
         audio = np.concatenate(await speak(engine, LONG_TEXT, b))
         assert abs(dominant_frequency(audio, 24000) - 260.0) < 3.0
+    finally:
+        await engine.close()
+
+
+async def test_a_missing_text_normalizer_is_a_warning_that_says_what_to_install(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The stand-in's frontend has no normalizer, as upstream's when neither ttsfrd nor wetext is installed.
+    with caplog.at_level(logging.INFO, logger="wyoming_cosyvoice_plugins.cosyvoice.engine"):
+        engine = await started(settings(tmp_path))
+    try:
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("No text normalizer" in w and "pip install wetext" in w for w in warnings), warnings
+        assert health_value(engine, "text_normalizer") == "none"
     finally:
         await engine.close()

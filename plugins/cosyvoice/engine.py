@@ -58,6 +58,8 @@ class CosyVoiceEngine(ThreadedEngine):
         """How chunks are streamed: own loop (CosyVoice 2/3), upstream loop, or off."""
         self._active = 0
         self.warmup_report = ""
+        self.text_normalizer = ""
+        """Upstream's text normalizer: ttsfrd, wetext or none (numbers and symbols read as written)."""
 
     # --- loading -----------------------------------------------------------------------------------
 
@@ -137,6 +139,7 @@ class CosyVoiceEngine(ThreadedEngine):
             self.streaming = "own loop, early first chunk" if self.settings.early_first_chunk else "own loop"
         self.model, self.info, self.plan = model, info, plan
         self.sample_rate = int(model.sample_rate)
+        self.text_normalizer = self._text_normalizer(model)
         self._prepared.clear()
         self._signatures.clear()
         self._voice_names.clear()
@@ -149,6 +152,21 @@ class CosyVoiceEngine(ThreadedEngine):
             self.sample_rate,
             "; ".join(plan.notes) or "defaults",
         )
+
+    @staticmethod
+    def _text_normalizer(model: Any) -> str:
+        """Which normalizer upstream's frontend picked (ttsfrd, else wetext, else none), logged once per load."""
+        name = getattr(model.frontend, "text_frontend", None)
+        if name is None:
+            return "unknown"
+        if name:
+            _LOGGER.info("Text normalization: %s", name)
+            return str(name)
+        _LOGGER.warning(
+            "No text normalizer (upstream uses ttsfrd, else wetext): numbers and symbols are read as written "
+            '("$12.50" becomes "$twelve.fifty"); install one: pip install wetext'
+        )
+        return "none"
 
     def _stop_requested(self) -> bool:
         """The running request was cancelled (its client left): our streaming loop stops the LLM and returns."""
@@ -260,6 +278,10 @@ class CosyVoiceEngine(ThreadedEngine):
         if plan.prompt_text is None:
             return PreparedVoice(plan.method, plan.speaker, instruct_text=plan.instruct_text)
         prompt_text = plan.prompt_text
+        if plan.method == "zero_shot":
+            # Upstream's inference_zero_shot normalizes the transcript (add_zero_shot_spk does not); that same call
+            # leaves a text with a `<|...|>` marker as it is (CosyVoice 3's prompt).
+            prompt_text = self.model.frontend.text_normalize(" ".join(prompt_text.split()), split=False)
         # Validated, trimmed, mono 16-bit WAV at >= 16 kHz and <= 30 s; CosyVoice gets it by path.
         reference = normalized_reference(profile, self.cache.directory / "references")
         audio_hash = hashlib.sha256(reference.read_bytes()).hexdigest()
@@ -329,7 +351,9 @@ class CosyVoiceEngine(ThreadedEngine):
     def _outputs(
         self, text: str, profile: VoiceProfile, speed: float, cancel: Optional[threading.Event] = None
     ) -> Iterator[np.ndarray]:
-        text = text.strip()
+        # One space for every run of white space: wetext (0.1.x) fails on a blank line (AssertionError) and joins
+        # lines without a space ("on.\nAnything" -> "on.Anything"); upstream's sentence split ignores line breaks.
+        text = " ".join(text.split())
         if not speakable(text):
             return
         voice = self._voice(profile)
@@ -347,9 +371,9 @@ class CosyVoiceEngine(ThreadedEngine):
                 outputs = model.inference_zero_shot(text, "", "", zero_shot_spk_id=voice.spk_id, **kwargs)
             elif voice.method == "instruct2":
                 outputs = model.inference_instruct2(text, "", "", zero_shot_spk_id=voice.spk_id, **kwargs)
+            elif self.info is not None and self.info.version == 1 and v1_language_tag(profile):
+                outputs = _tagged_cross_lingual(model, text, v1_language_tag(profile), voice.spk_id, kwargs)
             else:
-                if self.info is not None and self.info.version == 1:
-                    text = v1_language_tag(profile) + text
                 outputs = model.inference_cross_lingual(text, "", zero_shot_spk_id=voice.spk_id, **kwargs)
             try:
                 for output in outputs:
@@ -420,6 +444,8 @@ class CosyVoiceEngine(ThreadedEngine):
             facts["tensorrt"] = "on" if self.plan.load_trt else "off"
         if self.streaming:
             facts["streaming"] = self.streaming
+        if self.text_normalizer:
+            facts["text_normalizer"] = self.text_normalizer
         facts["voices_prepared"] = len(self._voice_names)
         if self._voice_errors:
             facts["voices_failed"] = ", ".join(sorted(self._voice_errors))
@@ -438,6 +464,13 @@ class CosyVoiceEngine(ThreadedEngine):
                 pass
         self.state = "closed"
         await super().close()
+
+
+def _tagged_cross_lingual(model: Any, text: str, tag: str, spk_id: str, kwargs: dict) -> Iterator[dict]:
+    """CosyVoice 1 cross-lingual: upstream's own normalization and sentence split first, then the language tag on
+    each segment (a tag in front of the whole text makes upstream skip both)."""
+    for segment in model.frontend.text_normalize(text, split=True):
+        yield from model.inference_cross_lingual(tag + segment, "", zero_shot_spk_id=spk_id, **kwargs)
 
 
 def _session_keys(inner: Any) -> set[str]:

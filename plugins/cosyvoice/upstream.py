@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 import types
 import warnings
@@ -136,6 +137,80 @@ def _ensure_modelscope() -> None:
     sys.modules["modelscope"] = placeholder
 
 
+PIP_REQUIREMENTS = {
+    "conformer": "conformer",
+    "diffusers": "diffusers==0.29.0",
+    "einops": "einops",
+    "gdown": "gdown",
+    "hydra": "hydra-core",
+    "hyperpyyaml": "hyperpyyaml",
+    "inflect": "inflect",
+    "librosa": "librosa",
+    "lightning": "lightning",
+    "matplotlib": "matplotlib",
+    "more_itertools": "more-itertools",
+    "numba": "numba",
+    "omegaconf": "omegaconf",
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime-gpu",
+    "PIL": "pillow",
+    "regex": "regex",
+    "rich": "rich",
+    "scipy": "scipy",
+    "sklearn": "scikit-learn",
+    "soundfile": "soundfile",
+    "tiktoken": "tiktoken",
+    "torchaudio": "torchaudio==2.11.*",
+    "tqdm": "tqdm",
+    "transformers": "transformers>=4.51.3,<4.53",
+    "wetext": "wetext",
+    "wget": "wget",
+    "whisper": "openai-whisper",
+    "x_transformers": "x-transformers",
+    "yaml": "pyyaml",
+}
+"""Import name -> what to `pip install` for it (the `gpu` extra's pins; the names differ for whisper, hydra, ...)."""
+
+
+def pip_requirement(module: str) -> str:
+    """The pip requirement that provides import name `module` (its top-level package)."""
+    top = module.split(".")[0]
+    return PIP_REQUIREMENTS.get(top, top.replace("_", "-"))
+
+
+def _version(requirement: str) -> str:
+    """Installed version of the distribution a requirement names ("not installed" when absent)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(re.split(r"[<>=!~;\s]", requirement)[0])
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _import_failure(repo: Path, err: BaseException) -> EngineUnavailable:
+    """One line that names the package to install (or the pair of versions that do not fit) for an import error."""
+    where = f"importing CosyVoice from {repo} failed: "
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        requirement = pip_requirement(err.name)
+        return EngineUnavailable(
+            PREFIX + where + f"missing Python package {err.name.split('.')[0]!r} (pip install '{requirement}')"
+        )
+    if isinstance(err, OSError) and "torchaudio" in str(err):
+        # A torchaudio built for another torch: its native libraries fail to load.
+        return EngineUnavailable(
+            PREFIX + where + f"torchaudio {_version('torchaudio')} cannot load its native libraries with torch "
+            f"{_version('torch')}; install a matching pair: pip install 'torch==2.11.*' 'torchaudio==2.11.*'"
+        )
+    if isinstance(err, ImportError) and err.name:
+        top = err.name.split(".")[0]
+        requirement = pip_requirement(top)
+        return EngineUnavailable(
+            PREFIX + where + f"{err} ({top} {_version(requirement)} does not fit: pip install '{requirement}')"
+        )
+    return EngineUnavailable(PREFIX + where + f"{type(err).__name__}: {err}")
+
+
 def import_cosyvoice(repo: Path) -> types.ModuleType:
     """`cosyvoice.cli.cosyvoice` from `repo`, imported once, with upstream's logging/tqdm/load_wav quirks fixed."""
     repo = Path(repo).resolve()
@@ -155,16 +230,8 @@ def import_cosyvoice(repo: Path) -> types.ModuleType:
         module = importlib.import_module("cosyvoice.cli.cosyvoice")
         file_utils = importlib.import_module("cosyvoice.utils.file_utils")
         frontend = importlib.import_module("cosyvoice.cli.frontend")
-    except ImportError as err:
-        missing = getattr(err, "name", None) or str(err)
-        raise EngineUnavailable(
-            PREFIX + f"importing CosyVoice from {repo} failed: missing Python package {missing!r} "
-            "(install the GPU dependencies: pip install -e '.[gpu]', see docs/cosyvoice.md)"
-        ) from None
-    except Exception as err:  # a broken checkout can raise anything at import
-        raise EngineUnavailable(
-            PREFIX + f"importing CosyVoice from {repo} failed: {type(err).__name__}: {err}"
-        ) from None
+    except Exception as err:  # a missing package, a mismatched build, or a broken checkout (anything at import)
+        raise _import_failure(repo, err) from None
     finally:
         # cosyvoice.utils.file_utils calls logging.basicConfig(level=DEBUG) at import: undo it.
         root.setLevel(level)
