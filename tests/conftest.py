@@ -1,8 +1,11 @@
-"""Fixtures: a config folder per test, and exceptions that end threads."""
+"""Fixtures: a config folder per test, exceptions that end threads, the tiny real CosyVoice2 model."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,7 @@ import pytest
 
 from wyoming_cosyvoice.config import Config, load_config
 
+from .cosyvoice_support import ROOT, real_code_missing, upstream_repo
 from .helpers import write_config
 
 
@@ -25,3 +29,24 @@ def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     errors: list[Any] = []
     monkeypatch.setattr(threading, "excepthook", errors.append)
     return errors
+
+
+@pytest.fixture(scope="session")
+def tiny_cosyvoice2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(upstream checkout, tiny random-weight CosyVoice2 model directory), built once per session by
+    tests/tiny_cosyvoice2.py with the real classes; the test skips with one line when the real code cannot run."""
+    why = real_code_missing()
+    if why:
+        pytest.skip(why)
+    repo = upstream_repo()
+    out = tmp_path_factory.mktemp("tiny-cosyvoice2") / "CosyVoice2-tiny"
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "tests.tiny_cosyvoice2", "--repo", str(repo), "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    print(f"\ntiny CosyVoice2 model built in {time.perf_counter() - started:.1f} s")
+    return repo, out

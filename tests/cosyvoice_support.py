@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import soundfile
@@ -14,6 +16,42 @@ STANDIN_REPO = Path(__file__).resolve().parent / "standin_cosyvoice"
 """A fake CosyVoice checkout following the real API (see its README)."""
 
 YAMLS = {1: "cosyvoice.yaml", 2: "cosyvoice2.yaml", 3: "cosyvoice3.yaml"}
+
+ROOT = Path(__file__).resolve().parents[1]
+
+UPSTREAM_IMPORTS = (
+    "torch",
+    "torchaudio",
+    "hyperpyyaml",
+    "onnxruntime",
+    "onnx",
+    "transformers",
+    "diffusers",
+    "conformer",
+    "whisper",
+    "omegaconf",
+    "hydra",
+    "librosa",
+    "lightning",
+    "inflect",
+)
+"""Python packages upstream CosyVoice (and its Matcha-TTS) import for inference."""
+
+
+def upstream_repo() -> Path:
+    """The real upstream checkout: $COSYVOICE_REPO, else ../shared/cosyvoice-upstream beside the repository."""
+    return Path(os.environ.get("COSYVOICE_REPO") or ROOT.parent / "shared" / "cosyvoice-upstream")
+
+
+def real_code_missing() -> Optional[str]:
+    """One line saying why the real upstream code cannot run here, or None when it can."""
+    repo = upstream_repo()
+    if not (repo / "cosyvoice" / "cli" / "cosyvoice.py").is_file():
+        return f"real CosyVoice code not found at {repo} (set COSYVOICE_REPO to a checkout)"
+    for name in UPSTREAM_IMPORTS:
+        if importlib.util.find_spec(name) is None:
+            return f"real CosyVoice code needs the Python package {name!r} (docs/cosyvoice.md, 'Integration test')"
+    return None
 
 
 def make_model_dir(path: Path, version: int = 2, speakers: tuple[str, ...] = (), **knobs: Any) -> Path:
@@ -62,7 +100,5 @@ def dominant_frequency(samples: np.ndarray, rate: int) -> float:
 
 def forget_cosyvoice() -> None:
     """Drop imported `cosyvoice` modules so the next engine start imports (and patches) them afresh."""
-    for name in [
-        m for m in sys.modules if m == "cosyvoice" or m.startswith("cosyvoice.") or m in ("matcha", "modelscope")
-    ]:
-        del sys.modules[name]
+    for name in [m for m in sys.modules if m.split(".")[0] in ("cosyvoice", "matcha", "modelscope")]:
+        del sys.modules[name]  # submodules too: a new `matcha` package would lack the `utils` left behind

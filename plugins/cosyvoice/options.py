@@ -56,6 +56,10 @@ class CosyVoiceSettings:
     require_gpu: bool = True
     """Refuse to start without CUDA (false: run on the CPU, very slow; for tests and trials)."""
 
+    self_check: bool = True
+    """At load, compare upstream's cached LLM decoding with a full recompute (and fp16 with fp32 when fp16 is on);
+    a mismatch stops the engine (fallback rule). false skips it (timing runs with random weights only)."""
+
     warmup_text: str = "Hello, this is a warm-up."
     """Text synthesized once at startup (checks the output is finite, primes kernels and plans)."""
 
