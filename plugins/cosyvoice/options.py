@@ -47,8 +47,9 @@ class CosyVoiceSettings:
     """Stream chunks as the model makes them (a voice with speed != 1.0 is synthesized whole: upstream limitation)."""
 
     early_first_chunk: bool = True
-    """CosyVoice 2/3: end the first chunk early (at the prompt's padding, >= 10 tokens) when this request's LLM is
-    fast enough for the next chunk to arrive before that audio has played; false = upstream's first chunk size."""
+    """CosyVoice 2/3: end the first chunk early (at the prompt's padding, >= 10 tokens) when the model (this
+    request's LLM rate, the measured flow + vocoder cost) is fast enough for every next chunk to arrive before the
+    audio sent until then has played; false = upstream's first chunk size."""
 
     max_queue: int = 4
     """Requests running or waiting for the GPU; more are refused with ServerBusy."""
