@@ -4,15 +4,21 @@ own `inference_zero_shot(stream=True)` loop, on the same GPU, the same model dir
 Both paths run the same upstream LLM class, patched here to emit exactly `tokens` speech tokens per text segment
 (random weights rarely stop on their own; a fixed count makes both do equal work). Upstream's model object is
 loaded once and reused for every request, as a server built on it would do (so its hop-length growth between
-calls is part of what is measured). Needs torch, the CosyVoice checkout (`engines.cosyvoice.repo`) and a model
+calls is part of what is measured), after one non-streaming warm-up call (kernels primed; the hop untouched, as
+upstream grows it only while streaming). Figures are reported per request index (request 1, 2, 3...), ours and
+upstream's alternated (which goes first alternates too), because upstream's first chunk changes from its second
+streaming request on. Needs torch, the CosyVoice checkout (`engines.cosyvoice.repo`) and a model
 (`engines.cosyvoice.model_dir`; random weights are fine for timing). Upstream's model is built with the class and
 load options (fp16, TensorRT, JIT, vLLM) that our engine chose on this GPU, so both run the same configuration.
+On a CPU, run it with OMP_WAIT_POLICY=PASSIVE (run_benchmarks.py --gpu sets it): with OpenMP's default
+spin-waiting the LLM thread and the flow thread inflate each other's CPU time 4-6x on a busy machine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import statistics
 import subprocess
 import sys
@@ -133,37 +139,109 @@ def load_upstream(
     return cli.AutoModel(model_dir=str(model_dir), fp16=fp16), "; ".join(notes)
 
 
+@dataclasses.dataclass
+class Timing:
+    """One request: first audio, total time, audio made, and the first chunk's audio."""
+
+    first_ms: float
+    total_ms: float
+    audio_s: float
+    first_chunk_s: float
+    chunks: int
+
+    @property
+    def rtf(self) -> float:
+        """Real-time factor: total time / audio."""
+        return self.total_ms / 1000.0 / self.audio_s if self.audio_s > 0 else float("nan")
+
+    def row(self) -> tuple[float, float, float]:
+        """(first audio ms, total ms, audio s), as the tuple functions return."""
+        return self.first_ms, self.total_ms, self.audio_s
+
+
+def timed_upstream(model: Any, text: str, prompt_text: str, prompt_wav: Path, stream: bool = True) -> Timing:
+    """One upstream `inference_zero_shot` call, timed."""
+    started = time.perf_counter()
+    first = 0.0
+    samples, first_samples, chunks = 0, 0, 0
+    for out in model.inference_zero_shot(text, prompt_text, str(prompt_wav), stream=stream):
+        count = int(out["tts_speech"].shape[1])
+        if not first:
+            first, first_samples = time.perf_counter(), count
+        samples += count
+        chunks += 1
+    end = time.perf_counter()
+    rate = model.sample_rate
+    return Timing((first - started) * 1000.0, (end - started) * 1000.0, samples / rate, first_samples / rate, chunks)
+
+
 def time_upstream(model: Any, text: str, prompt_text: str, prompt_wav: Path) -> tuple[float, float, float]:
     """(first audio ms, total ms, audio s) of one upstream streaming call."""
-    started = time.perf_counter()
-    first = 0.0
-    samples = 0
-    for out in model.inference_zero_shot(text, prompt_text, str(prompt_wav), stream=True):
-        if not first:
-            first = time.perf_counter()
-        samples += int(out["tts_speech"].shape[1])
-    end = time.perf_counter()
-    return (first - started) * 1000.0, (end - started) * 1000.0, samples / model.sample_rate
+    return timed_upstream(model, text, prompt_text, prompt_wav).row()
 
 
-async def time_ours(engine: Engine, profile: VoiceProfile, text: str) -> tuple[float, float, float]:
-    """(first audio ms, total ms, audio s) of one call of our engine, in process."""
+async def timed_ours(engine: Engine, profile: VoiceProfile, text: str) -> Timing:
+    """One call of our engine, in process, timed."""
     started = time.perf_counter()
     first = 0.0
-    audio = 0.0
+    audio, first_audio, count = 0.0, 0.0, 0
     chunks = engine.synthesize(text, profile, SynthesisOptions())
     try:
         async for chunk in chunks:
             if not first:
-                first = time.perf_counter()
+                first, first_audio = time.perf_counter(), chunk.seconds
             audio += chunk.seconds
+            count += 1
     finally:
         await chunks.aclose()
     end = time.perf_counter()
-    return (first - started) * 1000.0, (end - started) * 1000.0, audio
+    return Timing((first - started) * 1000.0, (end - started) * 1000.0, audio, first_audio, count)
 
 
-def _stats(rows: list[tuple[float, float, float]]) -> dict[str, float]:
+async def time_ours(engine: Engine, profile: VoiceProfile, text: str) -> tuple[float, float, float]:
+    """(first audio ms, total ms, audio s) of one call of our engine, in process."""
+    return (await timed_ours(engine, profile, text)).row()
+
+
+def per_request(ours: list[Timing], theirs: list[Timing]) -> list[dict[str, float]]:
+    """Request index -> both paths' figures and the ratios (upstream / ours: > 1 means ours is faster)."""
+    return [
+        {
+            "request": i + 1,
+            "ours_first_ms": a.first_ms,
+            "upstream_first_ms": b.first_ms,
+            "first_ratio": b.first_ms / a.first_ms if a.first_ms else float("nan"),
+            "ours_rtf": a.rtf,
+            "upstream_rtf": b.rtf,
+            "rtf_ratio": b.rtf / a.rtf if a.rtf else float("nan"),
+            "ours_first_chunk_s": a.first_chunk_s,
+            "upstream_first_chunk_s": b.first_chunk_s,
+            "ours_chunks": a.chunks,
+            "upstream_chunks": b.chunks,
+            "ours_audio_s": a.audio_s,
+            "upstream_audio_s": b.audio_s,
+        }
+        for i, (a, b) in enumerate(zip(ours, theirs))
+    ]
+
+
+def per_request_markdown(rows: list[dict[str, float]]) -> str:
+    """The per-request table."""
+    lines = [
+        "| request | first audio, ours (ms) | first audio, upstream (ms) | upstream / ours | RTF, ours | RTF, upstream "
+        "| upstream / ours | first chunk, ours (s audio) | first chunk, upstream (s audio) | chunks, ours / upstream |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['request']} | {r['ours_first_ms']:.0f} | {r['upstream_first_ms']:.0f} | {r['first_ratio']:.2f} | "
+            f"{r['ours_rtf']:.3f} | {r['upstream_rtf']:.3f} | {r['rtf_ratio']:.2f} | {r['ours_first_chunk_s']:.2f} | "
+            f"{r['upstream_first_chunk_s']:.2f} | {r['ours_chunks']} / {r['upstream_chunks']} |"
+        )
+    return "\n".join(lines)
+
+
+def _stats(rows: list[tuple[float, float, float]]) -> dict[str, Any]:
     ttfa = sorted(r[0] for r in rows)
     return {
         "requests": len(rows),
@@ -180,7 +258,12 @@ def gpu_facts() -> dict[str, Any]:
     """GPU model, driver, torch and CUDA versions."""
     import torch
 
-    facts: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    facts: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "torch_threads": torch.get_num_threads(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+    }
     if torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name(0)
         facts["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
@@ -197,7 +280,8 @@ def gpu_facts() -> dict[str, Any]:
 
 
 async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requests: int, text: str) -> dict[str, Any]:
-    """Load both paths, alternate requests (ours, upstream) after one warm-up each, print and return the table."""
+    """Load both paths, warm both up, alternate requests (ours and upstream, the first of the pair alternating),
+    print and return the per-request table and the summary."""
     config = load_config(config_path)
     plugins = Plugins(config.server.plugins_dir)
     catalog = build_catalog(config, plugins)
@@ -226,18 +310,28 @@ async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requ
     if (model_dir / "cosyvoice3.yaml").exists() and "<|endofprompt|>" not in prompt_text:
         prompt_text = COSYVOICE3_PROMPT_PREFIX + prompt_text
 
-    ours: list[tuple[float, float, float]] = []
-    theirs: list[tuple[float, float, float]] = []
-    for i in range(requests + 1):  # the first round is the warm-up
-        a = await time_ours(engine, profile, text)
-        b = await asyncio.to_thread(time_upstream, upstream, text, prompt_text, profile.reference_audio)
-        if i:
-            ours.append(a)
-            theirs.append(b)
+    # Upstream's warm-up: not streaming, so its hop length stays as loaded (ours warmed up in engine.warmup()).
+    warm = await asyncio.to_thread(timed_upstream, upstream, text, prompt_text, profile.reference_audio, False)
+    print(f"  upstream warm-up (not streaming): {warm.total_ms:.0f} ms for {warm.audio_s:.2f} s", flush=True)
+    ours: list[Timing] = []
+    theirs: list[Timing] = []
+    load_before = os.getloadavg()
+    for i in range(requests):
+        pair: list[Any] = [None, None]
+        for which in (0, 1) if i % 2 == 0 else (1, 0):
+            if which == 0:
+                pair[0] = await timed_ours(engine, profile, text)
+            else:
+                pair[1] = await asyncio.to_thread(timed_upstream, upstream, text, prompt_text, profile.reference_audio)
+        a, b = pair
+        ours.append(a)
+        theirs.append(b)
         print(
-            f"  round {i}: ours {a[0]:.0f} ms first audio / {a[2]:.2f} s audio; upstream {b[0]:.0f} ms / {b[2]:.2f} s",
+            f"  request {i + 1}: first audio ours {a.first_ms:.0f} ms ({a.first_chunk_s:.2f} s chunk), upstream "
+            f"{b.first_ms:.0f} ms ({b.first_chunk_s:.2f} s chunk); RTF ours {a.rtf:.3f}, upstream {b.rtf:.3f}",
             flush=True,
         )
+    load_after = os.getloadavg()
 
     # Ours through the server, as Home Assistant reaches it (same engine object, loopback, one client).
     service = Service(engine, catalog, max_concurrent=4)
@@ -268,9 +362,12 @@ async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requ
             "adaptation": note,
             "engine_ready_s": ready_s,
             "voice": profile.name,
+            "loadavg": [load_before, load_after],
+            "upstream_warmup": dataclasses.asdict(warm),
         },
-        "ours_direct": _stats(ours),
-        "upstream": _stats(theirs),
+        "per_request": per_request(ours, theirs),
+        "ours_direct": _stats([t.row() for t in ours]),
+        "upstream": _stats([t.row() for t in theirs]),
         "ours_server": {
             "requests": summary["requests"],
             "failed": summary["failed"],
@@ -280,7 +377,9 @@ async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requ
             "audio_median_s": summary["audio_s"]["median"],
         },
     }
-    print("\n## GPU: CosyVoice engine vs upstream streaming loop\n")
+    print("\n## CosyVoice engine vs upstream streaming loop, per request\n")
+    print(per_request_markdown(result["per_request"]))
+    print("\n## Summary\n")
     print("| path | requests | first audio median (ms) | p90 | max | total median (ms) | audio (s) | RTF median |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, key in (("ours (engine, prepared voice)", "ours_direct"), ("upstream inference_zero_shot", "upstream")):
