@@ -203,40 +203,51 @@ async def time_ours(engine: Engine, profile: VoiceProfile, text: str) -> tuple[f
     return (await timed_ours(engine, profile, text)).row()
 
 
-def per_request(ours: list[Timing], theirs: list[Timing]) -> list[dict[str, float]]:
-    """Request index -> both paths' figures and the ratios (upstream / ours: > 1 means ours is faster)."""
-    return [
-        {
-            "request": i + 1,
-            "ours_first_ms": a.first_ms,
-            "upstream_first_ms": b.first_ms,
-            "first_ratio": b.first_ms / a.first_ms if a.first_ms else float("nan"),
-            "ours_rtf": a.rtf,
-            "upstream_rtf": b.rtf,
-            "rtf_ratio": b.rtf / a.rtf if a.rtf else float("nan"),
-            "ours_first_chunk_s": a.first_chunk_s,
-            "upstream_first_chunk_s": b.first_chunk_s,
-            "ours_chunks": a.chunks,
-            "upstream_chunks": b.chunks,
-            "ours_audio_s": a.audio_s,
-            "upstream_audio_s": b.audio_s,
-        }
-        for i, (a, b) in enumerate(zip(ours, theirs))
-    ]
+def per_request(ours: list[list[Timing]], theirs: list[list[Timing]]) -> list[dict[str, Any]]:
+    """Request index -> both paths' medians over the repeats and the ratios (upstream / ours: > 1 = ours faster)."""
+    rows = []
+    for i in range(min(len(run) for run in ours + theirs)):
+        a = [run[i] for run in ours]
+        b = [run[i] for run in theirs]
+        first_a, first_b = statistics.median(t.first_ms for t in a), statistics.median(t.first_ms for t in b)
+        rtf_a, rtf_b = statistics.median(t.rtf for t in a), statistics.median(t.rtf for t in b)
+        ratios = sorted(y.first_ms / x.first_ms for x, y in zip(a, b) if x.first_ms)
+        rows.append(
+            {
+                "request": i + 1,
+                "samples": len(a),
+                "ours_first_ms": first_a,
+                "upstream_first_ms": first_b,
+                "first_ratio": first_b / first_a if first_a else float("nan"),
+                "first_ratio_range": [ratios[0], ratios[-1]] if ratios else [],
+                "ours_rtf": rtf_a,
+                "upstream_rtf": rtf_b,
+                "rtf_ratio": rtf_b / rtf_a if rtf_a else float("nan"),
+                "ours_first_chunk_s": statistics.median(t.first_chunk_s for t in a),
+                "upstream_first_chunk_s": statistics.median(t.first_chunk_s for t in b),
+                "ours_chunks": statistics.median(t.chunks for t in a),
+                "upstream_chunks": statistics.median(t.chunks for t in b),
+                "ours_audio_s": statistics.median(t.audio_s for t in a),
+                "upstream_audio_s": statistics.median(t.audio_s for t in b),
+            }
+        )
+    return rows
 
 
-def per_request_markdown(rows: list[dict[str, float]]) -> str:
-    """The per-request table."""
+def per_request_markdown(rows: list[dict[str, Any]]) -> str:
+    """The per-request table (medians over the repeats; the range of the per-pair first-audio ratio)."""
     lines = [
-        "| request | first audio, ours (ms) | first audio, upstream (ms) | upstream / ours | RTF, ours | RTF, upstream "
-        "| upstream / ours | first chunk, ours (s audio) | first chunk, upstream (s audio) | chunks, ours / upstream |",
+        "| request | runs | first audio, ours (ms) | first audio, upstream (ms) | upstream / ours (range) | RTF, ours "
+        "| RTF, upstream | upstream / ours | first chunk, ours / upstream (s of audio) | chunks, ours / upstream |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        low, high = r["first_ratio_range"] or [float("nan")] * 2
         lines.append(
-            f"| {r['request']} | {r['ours_first_ms']:.0f} | {r['upstream_first_ms']:.0f} | {r['first_ratio']:.2f} | "
-            f"{r['ours_rtf']:.3f} | {r['upstream_rtf']:.3f} | {r['rtf_ratio']:.2f} | {r['ours_first_chunk_s']:.2f} | "
-            f"{r['upstream_first_chunk_s']:.2f} | {r['ours_chunks']} / {r['upstream_chunks']} |"
+            f"| {r['request']} | {r['samples']} | {r['ours_first_ms']:.0f} | {r['upstream_first_ms']:.0f} | "
+            f"{r['first_ratio']:.2f} ({low:.2f}-{high:.2f}) | {r['ours_rtf']:.3f} | {r['upstream_rtf']:.3f} | "
+            f"{r['rtf_ratio']:.2f} | {r['ours_first_chunk_s']:.2f} / {r['upstream_first_chunk_s']:.2f} | "
+            f"{r['ours_chunks']:g} / {r['upstream_chunks']:g} |"
         )
     return "\n".join(lines)
 
@@ -279,9 +290,12 @@ def gpu_facts() -> dict[str, Any]:
     return facts
 
 
-async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requests: int, text: str) -> dict[str, Any]:
+async def gpu_compare(
+    config_path: Path, voice: Optional[str], tokens: int, requests: int, text: str, repeats: int = 1
+) -> dict[str, Any]:
     """Load both paths, warm both up, alternate requests (ours and upstream, the first of the pair alternating),
-    print and return the per-request table and the summary."""
+    print and return the per-request table and the summary. `repeats` > 1 loads upstream's model afresh (a new
+    server built on it) and runs the requests again, so each request index gets that many samples."""
     config = load_config(config_path)
     plugins = Plugins(config.server.plugins_dir)
     catalog = build_catalog(config, plugins)
@@ -305,32 +319,43 @@ async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requ
     forced = ForcedTokens(tokens)
     forced.install()  # after start(): the engine put the checkout on the import path
     await engine.warmup()
-    upstream, note = await asyncio.to_thread(load_upstream, engine, repo, model_dir, data, profile.reference_audio)
     prompt_text = profile.transcript
     if (model_dir / "cosyvoice3.yaml").exists() and "<|endofprompt|>" not in prompt_text:
         prompt_text = COSYVOICE3_PROMPT_PREFIX + prompt_text
 
-    # Upstream's warm-up: not streaming, so its hop length stays as loaded (ours warmed up in engine.warmup()).
-    warm = await asyncio.to_thread(timed_upstream, upstream, text, prompt_text, profile.reference_audio, False)
-    print(f"  upstream warm-up (not streaming): {warm.total_ms:.0f} ms for {warm.audio_s:.2f} s", flush=True)
-    ours: list[Timing] = []
-    theirs: list[Timing] = []
+    ours_runs: list[list[Timing]] = []
+    theirs_runs: list[list[Timing]] = []
+    warmups: list[dict[str, Any]] = []
     load_before = os.getloadavg()
-    for i in range(requests):
-        pair: list[Any] = [None, None]
-        for which in (0, 1) if i % 2 == 0 else (1, 0):
-            if which == 0:
-                pair[0] = await timed_ours(engine, profile, text)
-            else:
-                pair[1] = await asyncio.to_thread(timed_upstream, upstream, text, prompt_text, profile.reference_audio)
-        a, b = pair
-        ours.append(a)
-        theirs.append(b)
-        print(
-            f"  request {i + 1}: first audio ours {a.first_ms:.0f} ms ({a.first_chunk_s:.2f} s chunk), upstream "
-            f"{b.first_ms:.0f} ms ({b.first_chunk_s:.2f} s chunk); RTF ours {a.rtf:.3f}, upstream {b.rtf:.3f}",
-            flush=True,
-        )
+    upstream: Any = None
+    for run in range(repeats):
+        upstream = None  # a fresh model object: upstream's hop state starts as loaded
+        upstream, note = await asyncio.to_thread(load_upstream, engine, repo, model_dir, data, profile.reference_audio)
+        # Upstream's warm-up: not streaming, so its hop length stays as loaded (ours warmed up in engine.warmup()).
+        warm = await asyncio.to_thread(timed_upstream, upstream, text, prompt_text, profile.reference_audio, False)
+        warmups.append(dataclasses.asdict(warm))
+        print(f"  run {run + 1}: upstream loaded, warm-up (not streaming) {warm.total_ms:.0f} ms", flush=True)
+        ours: list[Timing] = []
+        theirs: list[Timing] = []
+        for i in range(requests):
+            pair: list[Any] = [None, None]
+            for which in (0, 1) if (run + i) % 2 == 0 else (1, 0):
+                if which == 0:
+                    pair[0] = await timed_ours(engine, profile, text)
+                else:
+                    pair[1] = await asyncio.to_thread(
+                        timed_upstream, upstream, text, prompt_text, profile.reference_audio
+                    )
+            a, b = pair
+            ours.append(a)
+            theirs.append(b)
+            print(
+                f"  request {i + 1}: first audio ours {a.first_ms:.0f} ms ({a.first_chunk_s:.2f} s chunk), upstream "
+                f"{b.first_ms:.0f} ms ({b.first_chunk_s:.2f} s chunk); RTF ours {a.rtf:.3f}, upstream {b.rtf:.3f}",
+                flush=True,
+            )
+        ours_runs.append(ours)
+        theirs_runs.append(theirs)
     load_after = os.getloadavg()
 
     # Ours through the server, as Home Assistant reaches it (same engine object, loopback, one client).
@@ -343,7 +368,7 @@ async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requ
                 uri=f"tcp://127.0.0.1:{server.port}",
                 text=text,
                 voice=profile.name,
-                requests=requests,
+                requests=requests * repeats,
                 warmup=1,
                 timeout=600,
             )
@@ -363,11 +388,16 @@ async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requ
             "engine_ready_s": ready_s,
             "voice": profile.name,
             "loadavg": [load_before, load_after],
-            "upstream_warmup": dataclasses.asdict(warm),
+            "upstream_warmups": warmups,
+            "repeats": repeats,
         },
-        "per_request": per_request(ours, theirs),
-        "ours_direct": _stats([t.row() for t in ours]),
-        "upstream": _stats([t.row() for t in theirs]),
+        "per_request": per_request(ours_runs, theirs_runs),
+        "runs": {
+            "ours": [[dataclasses.asdict(t) for t in run] for run in ours_runs],
+            "upstream": [[dataclasses.asdict(t) for t in run] for run in theirs_runs],
+        },
+        "ours_direct": _stats([t.row() for run in ours_runs for t in run]),
+        "upstream": _stats([t.row() for run in theirs_runs for t in run]),
         "ours_server": {
             "requests": summary["requests"],
             "failed": summary["failed"],
