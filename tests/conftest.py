@@ -32,21 +32,26 @@ def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 
 @pytest.fixture(scope="session")
-def tiny_cosyvoice2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(upstream checkout, tiny random-weight CosyVoice2 model directory), built once per session by
-    tests/tiny_cosyvoice2.py with the real classes; the test skips with one line when the real code cannot run."""
+def cosyvoice_repo() -> Path:
+    """The real upstream checkout; the tests using it skip with one line when it or upstream's packages are missing."""
     why = real_code_missing()
     if why:
         pytest.skip(why)
-    repo = upstream_repo()
+    return upstream_repo()
+
+
+@pytest.fixture(scope="session")
+def tiny_cosyvoice2(cosyvoice_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight CosyVoice2 model directory, built once per session by tests/tiny_cosyvoice2.py with the
+    real classes."""
     out = tmp_path_factory.mktemp("tiny-cosyvoice2") / "CosyVoice2-tiny"
     started = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "tests.tiny_cosyvoice2", "--repo", str(repo), "--out", str(out)],
+        [sys.executable, "-m", "tests.tiny_cosyvoice2", "--repo", str(cosyvoice_repo), "--out", str(out)],
         cwd=ROOT,
         check=True,
         capture_output=True,
         timeout=600,
     )
     print(f"\ntiny CosyVoice2 model built in {time.perf_counter() - started:.1f} s")
-    return repo, out
+    return out

@@ -11,7 +11,6 @@ request got an early first chunk there is nothing to judge and the test says so 
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -65,13 +64,13 @@ def stall(chunks: list[tuple[float, float]]) -> float:
 
 
 async def test_no_stream_falls_behind_real_time(
-    tmp_path: Path, tiny_cosyvoice2: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cosyvoice_repo: Path, tiny_cosyvoice2: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from gpu_compare import ForcedTokens
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_compare import ForcedTokens  # the benchmark's equal-work patch of upstream's LLM
 
     forget_cosyvoice()
-    repo, model_dir = tiny_cosyvoice2
+    repo, model_dir = cosyvoice_repo, tiny_cosyvoice2
     # Voiced tones of 1.52 s and 1.04 s: 38 and 26 prompt tokens, padded by 12 and 24 to the next multiple of 25
     # (short prompts: the flow reruns over the prompt too, so each pass is cheaper and an early chunk more likely).
     voices = [

@@ -52,11 +52,10 @@ async def test_standin_and_cosyvoice1_say_not_applicable(tmp_path: Path) -> None
 
 
 @pytest.fixture
-def real(tiny_cosyvoice2: tuple[Path, Path]) -> Any:
+def real(cosyvoice_repo: Path, tiny_cosyvoice2: Path) -> Any:
     """Upstream's modules, imported fresh from the real checkout by the engine's own importer."""
     forget_cosyvoice()
-    repo, _ = tiny_cosyvoice2
-    upstream.import_cosyvoice(repo)
+    upstream.import_cosyvoice(cosyvoice_repo)
     from cosyvoice.llm import llm
 
     yield llm
@@ -104,9 +103,9 @@ async def describe(server: Any) -> str:
 
 
 async def test_passes_on_the_pinned_versions_and_shows_in_describe(
-    tmp_path: Path, tiny_cosyvoice2: tuple[Path, Path], real: Any
+    tmp_path: Path, cosyvoice_repo: Path, tiny_cosyvoice2: Path, real: Any
 ) -> None:
-    repo, model_dir = tiny_cosyvoice2
+    repo, model_dir = cosyvoice_repo, tiny_cosyvoice2
     path = write_config(
         tmp_path / "cfg",
         engine={"name": "cosyvoice", "fallback": None},
@@ -120,9 +119,9 @@ async def test_passes_on_the_pinned_versions_and_shows_in_describe(
 
 
 async def test_a_broken_attention_mask_falls_back_or_refuses(
-    tmp_path: Path, tiny_cosyvoice2: tuple[Path, Path], real: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cosyvoice_repo: Path, tiny_cosyvoice2: Path, real: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    repo, model_dir = tiny_cosyvoice2
+    repo, model_dir = cosyvoice_repo, tiny_cosyvoice2
     encoder = real.Qwen2Encoder
     monkeypatch.setattr(encoder, "forward_one_step", attends_to_position_0_only(encoder.forward_one_step))
     section = real_settings(tmp_path, model_dir, repo)
@@ -153,12 +152,12 @@ def test_the_message_names_the_version_found_and_the_fix() -> None:
 
 
 async def test_fp16_is_compared_with_fp32_on_the_real_model(
-    tmp_path: Path, tiny_cosyvoice2: tuple[Path, Path], real: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cosyvoice_repo: Path, tiny_cosyvoice2: Path, real: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """fp16 needs a GPU to run as upstream runs it; here the same comparison runs under the CPU's fp16 autocast, on a
     load plan that says fp16 (as on an Ampere GPU). An estimator that overflows in fp16 (as reported on some GPUs)
     makes automatic fp16 reload in fp32, and forced fp16 refuse with the fix."""
-    repo, model_dir = tiny_cosyvoice2
+    repo, model_dir = cosyvoice_repo, tiny_cosyvoice2
     real_plan = cosyvoice_engine.plan_load
     auto = {"fp16": True}
 
