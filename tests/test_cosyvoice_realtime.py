@@ -34,8 +34,8 @@ TEXT = "The quick brown fox jumps over the lazy dog, and the whole path from cli
 TOLERANCE_S = 0.05
 """Scheduling noise allowed per chunk (two processes' worth of wake-ups on a shared 2-core machine)."""
 
-FORCED_TOKENS = 150
-"""Speech tokens per LLM call (6 s of audio): equal work on every request, several chunks each."""
+FORCED_TOKENS = 125
+"""Speech tokens per LLM call (5 s of audio): equal work on every request, four chunks each."""
 
 
 async def stream_timeline(client: Any, text: str, voice: str) -> list[tuple[float, float]]:
@@ -103,7 +103,7 @@ async def test_no_stream_falls_behind_real_time(
             monkeypatch.setattr(stream, "keeps_ahead", recorded)
             rows = []
             async with connect(server) as client:
-                for n in range(6):
+                for n in range(4):
                     name = voices[n % 2]["name"]
                     chunks = await stream_timeline(client, TEXT, name)
                     assert len(decisions) == n + 1, "every request decided on its first chunk"
