@@ -4,15 +4,21 @@ own `inference_zero_shot(stream=True)` loop, on the same GPU, the same model dir
 Both paths run the same upstream LLM class, patched here to emit exactly `tokens` speech tokens per text segment
 (random weights rarely stop on their own; a fixed count makes both do equal work). Upstream's model object is
 loaded once and reused for every request, as a server built on it would do (so its hop-length growth between
-calls is part of what is measured). Needs torch, the CosyVoice checkout (`engines.cosyvoice.repo`) and a model
+calls is part of what is measured), after one non-streaming warm-up call (kernels primed; the hop untouched, as
+upstream grows it only while streaming). Figures are reported per request index (request 1, 2, 3...), ours and
+upstream's alternated (which goes first alternates too), because upstream's first chunk changes from its second
+streaming request on. Needs torch, the CosyVoice checkout (`engines.cosyvoice.repo`) and a model
 (`engines.cosyvoice.model_dir`; random weights are fine for timing). Upstream's model is built with the class and
 load options (fp16, TensorRT, JIT, vLLM) that our engine chose on this GPU, so both run the same configuration.
+On a CPU, run it with OMP_WAIT_POLICY=PASSIVE (run_benchmarks.py --gpu sets it): with OpenMP's default
+spin-waiting the LLM thread and the flow thread inflate each other's CPU time 4-6x on a busy machine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import statistics
 import subprocess
 import sys
@@ -133,37 +139,120 @@ def load_upstream(
     return cli.AutoModel(model_dir=str(model_dir), fp16=fp16), "; ".join(notes)
 
 
+@dataclasses.dataclass
+class Timing:
+    """One request: first audio, total time, audio made, and the first chunk's audio."""
+
+    first_ms: float
+    total_ms: float
+    audio_s: float
+    first_chunk_s: float
+    chunks: int
+
+    @property
+    def rtf(self) -> float:
+        """Real-time factor: total time / audio."""
+        return self.total_ms / 1000.0 / self.audio_s if self.audio_s > 0 else float("nan")
+
+    def row(self) -> tuple[float, float, float]:
+        """(first audio ms, total ms, audio s), as the tuple functions return."""
+        return self.first_ms, self.total_ms, self.audio_s
+
+
+def timed_upstream(model: Any, text: str, prompt_text: str, prompt_wav: Path, stream: bool = True) -> Timing:
+    """One upstream `inference_zero_shot` call, timed."""
+    started = time.perf_counter()
+    first = 0.0
+    samples, first_samples, chunks = 0, 0, 0
+    for out in model.inference_zero_shot(text, prompt_text, str(prompt_wav), stream=stream):
+        count = int(out["tts_speech"].shape[1])
+        if not first:
+            first, first_samples = time.perf_counter(), count
+        samples += count
+        chunks += 1
+    end = time.perf_counter()
+    rate = model.sample_rate
+    return Timing((first - started) * 1000.0, (end - started) * 1000.0, samples / rate, first_samples / rate, chunks)
+
+
 def time_upstream(model: Any, text: str, prompt_text: str, prompt_wav: Path) -> tuple[float, float, float]:
     """(first audio ms, total ms, audio s) of one upstream streaming call."""
-    started = time.perf_counter()
-    first = 0.0
-    samples = 0
-    for out in model.inference_zero_shot(text, prompt_text, str(prompt_wav), stream=True):
-        if not first:
-            first = time.perf_counter()
-        samples += int(out["tts_speech"].shape[1])
-    end = time.perf_counter()
-    return (first - started) * 1000.0, (end - started) * 1000.0, samples / model.sample_rate
+    return timed_upstream(model, text, prompt_text, prompt_wav).row()
 
 
-async def time_ours(engine: Engine, profile: VoiceProfile, text: str) -> tuple[float, float, float]:
-    """(first audio ms, total ms, audio s) of one call of our engine, in process."""
+async def timed_ours(engine: Engine, profile: VoiceProfile, text: str) -> Timing:
+    """One call of our engine, in process, timed."""
     started = time.perf_counter()
     first = 0.0
-    audio = 0.0
+    audio, first_audio, count = 0.0, 0.0, 0
     chunks = engine.synthesize(text, profile, SynthesisOptions())
     try:
         async for chunk in chunks:
             if not first:
-                first = time.perf_counter()
+                first, first_audio = time.perf_counter(), chunk.seconds
             audio += chunk.seconds
+            count += 1
     finally:
         await chunks.aclose()
     end = time.perf_counter()
-    return (first - started) * 1000.0, (end - started) * 1000.0, audio
+    return Timing((first - started) * 1000.0, (end - started) * 1000.0, audio, first_audio, count)
 
 
-def _stats(rows: list[tuple[float, float, float]]) -> dict[str, float]:
+async def time_ours(engine: Engine, profile: VoiceProfile, text: str) -> tuple[float, float, float]:
+    """(first audio ms, total ms, audio s) of one call of our engine, in process."""
+    return (await timed_ours(engine, profile, text)).row()
+
+
+def per_request(ours: list[list[Timing]], theirs: list[list[Timing]]) -> list[dict[str, Any]]:
+    """Request index -> both paths' medians over the repeats and the ratios (upstream / ours: > 1 = ours faster)."""
+    rows = []
+    for i in range(min(len(run) for run in ours + theirs)):
+        a = [run[i] for run in ours]
+        b = [run[i] for run in theirs]
+        first_a, first_b = statistics.median(t.first_ms for t in a), statistics.median(t.first_ms for t in b)
+        rtf_a, rtf_b = statistics.median(t.rtf for t in a), statistics.median(t.rtf for t in b)
+        ratios = sorted(y.first_ms / x.first_ms for x, y in zip(a, b) if x.first_ms)
+        rows.append(
+            {
+                "request": i + 1,
+                "samples": len(a),
+                "ours_first_ms": first_a,
+                "upstream_first_ms": first_b,
+                "first_ratio": first_b / first_a if first_a else float("nan"),
+                "first_ratio_range": [ratios[0], ratios[-1]] if ratios else [],
+                "ours_rtf": rtf_a,
+                "upstream_rtf": rtf_b,
+                "rtf_ratio": rtf_b / rtf_a if rtf_a else float("nan"),
+                "ours_first_chunk_s": statistics.median(t.first_chunk_s for t in a),
+                "upstream_first_chunk_s": statistics.median(t.first_chunk_s for t in b),
+                "ours_chunks": statistics.median(t.chunks for t in a),
+                "upstream_chunks": statistics.median(t.chunks for t in b),
+                "ours_audio_s": statistics.median(t.audio_s for t in a),
+                "upstream_audio_s": statistics.median(t.audio_s for t in b),
+            }
+        )
+    return rows
+
+
+def per_request_markdown(rows: list[dict[str, Any]]) -> str:
+    """The per-request table (medians over the repeats; the range of the per-pair first-audio ratio)."""
+    lines = [
+        "| request | runs | first audio, ours (ms) | first audio, upstream (ms) | upstream / ours (range) | RTF, ours "
+        "| RTF, upstream | upstream / ours | first chunk, ours / upstream (s of audio) | chunks, ours / upstream |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        low, high = r["first_ratio_range"] or [float("nan")] * 2
+        lines.append(
+            f"| {r['request']} | {r['samples']} | {r['ours_first_ms']:.0f} | {r['upstream_first_ms']:.0f} | "
+            f"{r['first_ratio']:.2f} ({low:.2f}-{high:.2f}) | {r['ours_rtf']:.3f} | {r['upstream_rtf']:.3f} | "
+            f"{r['rtf_ratio']:.2f} | {r['ours_first_chunk_s']:.2f} / {r['upstream_first_chunk_s']:.2f} | "
+            f"{r['ours_chunks']:g} / {r['upstream_chunks']:g} |"
+        )
+    return "\n".join(lines)
+
+
+def _stats(rows: list[tuple[float, float, float]]) -> dict[str, Any]:
     ttfa = sorted(r[0] for r in rows)
     return {
         "requests": len(rows),
@@ -180,7 +269,12 @@ def gpu_facts() -> dict[str, Any]:
     """GPU model, driver, torch and CUDA versions."""
     import torch
 
-    facts: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    facts: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "torch_threads": torch.get_num_threads(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+    }
     if torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name(0)
         facts["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
@@ -196,8 +290,12 @@ def gpu_facts() -> dict[str, Any]:
     return facts
 
 
-async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requests: int, text: str) -> dict[str, Any]:
-    """Load both paths, alternate requests (ours, upstream) after one warm-up each, print and return the table."""
+async def gpu_compare(
+    config_path: Path, voice: Optional[str], tokens: int, requests: int, text: str, repeats: int = 1
+) -> dict[str, Any]:
+    """Load both paths, warm both up, alternate requests (ours and upstream, the first of the pair alternating),
+    print and return the per-request table and the summary. `repeats` > 1 loads upstream's model afresh (a new
+    server built on it) and runs the requests again, so each request index gets that many samples."""
     config = load_config(config_path)
     plugins = Plugins(config.server.plugins_dir)
     catalog = build_catalog(config, plugins)
@@ -221,23 +319,44 @@ async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requ
     forced = ForcedTokens(tokens)
     forced.install()  # after start(): the engine put the checkout on the import path
     await engine.warmup()
-    upstream, note = await asyncio.to_thread(load_upstream, engine, repo, model_dir, data, profile.reference_audio)
     prompt_text = profile.transcript
     if (model_dir / "cosyvoice3.yaml").exists() and "<|endofprompt|>" not in prompt_text:
         prompt_text = COSYVOICE3_PROMPT_PREFIX + prompt_text
 
-    ours: list[tuple[float, float, float]] = []
-    theirs: list[tuple[float, float, float]] = []
-    for i in range(requests + 1):  # the first round is the warm-up
-        a = await time_ours(engine, profile, text)
-        b = await asyncio.to_thread(time_upstream, upstream, text, prompt_text, profile.reference_audio)
-        if i:
+    ours_runs: list[list[Timing]] = []
+    theirs_runs: list[list[Timing]] = []
+    warmups: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
+    upstream: Any = None
+    for run in range(repeats):
+        upstream = None  # a fresh model object: upstream's hop state starts as loaded
+        upstream, note = await asyncio.to_thread(load_upstream, engine, repo, model_dir, data, profile.reference_audio)
+        # Upstream's warm-up: not streaming, so its hop length stays as loaded (ours warmed up in engine.warmup()).
+        warm = await asyncio.to_thread(timed_upstream, upstream, text, prompt_text, profile.reference_audio, False)
+        warmups.append(dataclasses.asdict(warm))
+        print(f"  run {run + 1}: upstream loaded, warm-up (not streaming) {warm.total_ms:.0f} ms", flush=True)
+        ours: list[Timing] = []
+        theirs: list[Timing] = []
+        for i in range(requests):
+            pair: list[Any] = [None, None]
+            for which in (0, 1) if (run + i) % 2 == 0 else (1, 0):
+                if which == 0:
+                    pair[0] = await timed_ours(engine, profile, text)
+                else:
+                    pair[1] = await asyncio.to_thread(
+                        timed_upstream, upstream, text, prompt_text, profile.reference_audio
+                    )
+            a, b = pair
             ours.append(a)
             theirs.append(b)
-        print(
-            f"  round {i}: ours {a[0]:.0f} ms first audio / {a[2]:.2f} s audio; upstream {b[0]:.0f} ms / {b[2]:.2f} s",
-            flush=True,
-        )
+            print(
+                f"  request {i + 1}: first audio ours {a.first_ms:.0f} ms ({a.first_chunk_s:.2f} s chunk), upstream "
+                f"{b.first_ms:.0f} ms ({b.first_chunk_s:.2f} s chunk); RTF ours {a.rtf:.3f}, upstream {b.rtf:.3f}",
+                flush=True,
+            )
+        ours_runs.append(ours)
+        theirs_runs.append(theirs)
+    load_after = os.getloadavg()
 
     # Ours through the server, as Home Assistant reaches it (same engine object, loopback, one client).
     service = Service(engine, catalog, max_concurrent=4)
@@ -249,7 +368,7 @@ async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requ
                 uri=f"tcp://127.0.0.1:{server.port}",
                 text=text,
                 voice=profile.name,
-                requests=requests,
+                requests=requests * repeats,
                 warmup=1,
                 timeout=600,
             )
@@ -268,9 +387,17 @@ async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requ
             "adaptation": note,
             "engine_ready_s": ready_s,
             "voice": profile.name,
+            "loadavg": [load_before, load_after],
+            "upstream_warmups": warmups,
+            "repeats": repeats,
         },
-        "ours_direct": _stats(ours),
-        "upstream": _stats(theirs),
+        "per_request": per_request(ours_runs, theirs_runs),
+        "runs": {
+            "ours": [[dataclasses.asdict(t) for t in run] for run in ours_runs],
+            "upstream": [[dataclasses.asdict(t) for t in run] for run in theirs_runs],
+        },
+        "ours_direct": _stats([t.row() for run in ours_runs for t in run]),
+        "upstream": _stats([t.row() for run in theirs_runs for t in run]),
         "ours_server": {
             "requests": summary["requests"],
             "failed": summary["failed"],
@@ -280,7 +407,9 @@ async def gpu_compare(config_path: Path, voice: Optional[str], tokens: int, requ
             "audio_median_s": summary["audio_s"]["median"],
         },
     }
-    print("\n## GPU: CosyVoice engine vs upstream streaming loop\n")
+    print("\n## CosyVoice engine vs upstream streaming loop, per request\n")
+    print(per_request_markdown(result["per_request"]))
+    print("\n## Summary\n")
     print("| path | requests | first audio median (ms) | p90 | max | total median (ms) | audio (s) | RTF median |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, key in (("ours (engine, prepared voice)", "ours_direct"), ("upstream inference_zero_shot", "upstream")):

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from wyoming_cosyvoice_plugins.cosyvoice.stream import fast_enough, first_hop  # noqa: E402
+from wyoming_cosyvoice_plugins.cosyvoice.stream import ChunkCost, first_hop, keeps_ahead  # noqa: E402
 from wyoming_cosyvoice.engine import SynthesisOptions  # noqa: E402
 from wyoming_cosyvoice.errors import EngineError  # noqa: E402
 
@@ -30,18 +30,57 @@ def test_first_hop_is_upstreams_or_the_prompt_padding_alone() -> None:
     assert first_hop(51, 25) == (49, 24)
 
 
-def test_fast_enough_weighs_the_llms_rate_against_the_early_chunks_audio() -> None:
-    # 15 tokens early = 0.44 s playable; the next 25 tokens at 1000 tokens/s take 25 ms (x1.5 safety): in time.
-    assert fast_enough(15, 25, 18, 0.018)
-    # At 20 tokens/s they take 1.25 s: the early chunk would run dry, so upstream's first chunk is kept.
-    assert not fast_enough(15, 25, 18, 0.9)
-    assert not fast_enough(15, 25, 0, 0.0)
+def flat(seconds: float) -> Any:
+    return lambda tokens: seconds
+
+
+def test_keeps_ahead_weighs_llm_tokens_and_flow_plus_vocoder() -> None:
+    # 15 tokens early = 0.44 s out before the next chunk is due (4 tokens are held back for the cross-fade).
+    # LLM at 1000 tokens/s, flow + vocoder free: the next 25 tokens take 25 ms (x1.5): in time, and so on.
+    assert keeps_ahead(15, 25, 100, 2, 3, 60, 0.001, flat(0.0))
+    # At 20 tokens/s the next 25 tokens take 1.25 s: the early chunk would run dry, upstream's first chunk is kept.
+    assert not keeps_ahead(15, 25, 100, 2, 3, 60, 0.05, flat(0.0))
+    # A fast LLM but a flow + vocoder pass of 0.3 s: 0.325 s x 1.5 > 0.44 s. The LLM's rate alone said yes here,
+    # and the next chunk arrived after the early one had played (the stalls measured through the server).
+    assert not keeps_ahead(15, 25, 100, 2, 3, 60, 0.001, flat(0.3))
+    assert keeps_ahead(15, 25, 100, 2, 3, 60, 0.001, flat(0.2))  # 0.225 x 1.5 = 0.34 s <= 0.44 s
+    # No flow + vocoder call seen yet (the warm-up makes the first ones), or no LLM rate: no early chunk.
+    assert not keeps_ahead(15, 25, 100, 2, 3, 60, 0.001, lambda tokens: None)
+    assert not keeps_ahead(15, 25, 100, 2, 3, 60, 0.0, flat(0.0))
+
+
+def test_keeps_ahead_looks_past_the_second_chunk() -> None:
+    # Chunk 2 in time (25 ms + 0.2 s, x1.5 = 0.34 s <= 0.44 s), but the pass for chunk 3 (over 60 + 90 + 3 tokens)
+    # costs 0.9 s: 1.5 x (0.225 + 0.05 + 0.9) s > 1.44 s of audio out by then.
+    def jumping(tokens: int) -> float:
+        return 0.2 if tokens <= 103 else 0.9
+
+    assert not keeps_ahead(15, 25, 100, 2, 3, 60, 0.001, jumping)
+    # A short text ends before that chunk: its LLM makes at most 20 speech tokens per text token.
+    assert keeps_ahead(15, 25, 100, 2, 3, 60, 0.001, jumping, limit=40)
+
+
+def test_chunk_cost_fits_the_calls_seen() -> None:
+    cost = ChunkCost()
+    assert cost.predict(100) is None
+    cost.observe(100, 0.2)
+    assert cost.predict(50) == pytest.approx(0.2) and cost.predict(200) == pytest.approx(0.4), "scaled up, not down"
+    cost.observe(200, 0.3)
+    cost.observe(300, 0.4)
+    assert cost.predict(400) == pytest.approx(0.5) and cost.predict(0) == pytest.approx(0.1)
+    cost.observe(300, 0.1)  # noise can make the fitted slope negative: never predict less than the base
+    assert cost.predict(1000) >= 0
+    small = ChunkCost(keep=2)
+    for seconds in (5.0, 0.1, 0.1):
+        small.observe(100, seconds)
+    assert small.predict(100) == pytest.approx(0.1), "only the latest calls count (the load changes)"
 
 
 async def chunk_sizes(tmp_path: Path, text: str, **overrides: Any) -> list[np.ndarray]:
     prompt = write_prompt(tmp_path / "p.wav", seconds=2.4)  # 60 prompt tokens: padding 15 to the next 25
     engine = await started(settings(tmp_path, **overrides), (tars := voice(prompt),))
     try:
+        await engine.warmup()  # as the server does: the first flow + vocoder timings
         return await speak(engine, text, tars)
     finally:
         await engine.close()
@@ -56,17 +95,33 @@ async def test_fast_llm_gets_an_early_first_chunk_and_the_same_audio(tmp_path: P
     np.testing.assert_allclose(np.concatenate(early), np.concatenate(upstream), atol=1e-4)
 
 
-async def test_slow_llm_keeps_upstreams_first_chunk(tmp_path: Path) -> None:
-    # 20 tokens per second: the next 25 tokens would take longer than an early 15-token chunk plays.
+async def first_chunk_tokens(tmp_path: Path, knobs: dict[str, float], warmup: bool = True) -> int:
     prompt = write_prompt(tmp_path / "p.wav", seconds=2.4)
-    engine = await started(settings(tmp_path, knobs={"token_s": 0.05}), (tars := voice(prompt),))
+    engine = await started(settings(tmp_path, knobs=knobs), (tars := voice(prompt),))
     try:
+        if warmup:
+            await engine.warmup()
         stream = engine.synthesize(LONG_TEXT, tars, SynthesisOptions())
         first = await asyncio.wait_for(stream.__anext__(), 30)
         await stream.aclose()
-        assert first.samples // TOKEN == 40
+        return first.samples // TOKEN
     finally:
         await engine.close()
+
+
+async def test_slow_llm_keeps_upstreams_first_chunk(tmp_path: Path) -> None:
+    # 20 tokens per second: the next 25 tokens would take longer than an early 15-token chunk plays.
+    assert await first_chunk_tokens(tmp_path, {"token_s": 0.05}) == 40
+
+
+async def test_slow_flow_and_vocoder_keep_upstreams_first_chunk(tmp_path: Path) -> None:
+    # A fast LLM (500 tokens/s) but 4 ms per token of flow + vocoder: the pass for the second chunk (over the
+    # 60-token prompt and 43 tokens) takes 0.41 s, so the early chunk's 0.44 s would run dry. (Before the flow's
+    # cost was counted, this got the early chunk.)
+    assert await first_chunk_tokens(tmp_path / "slow", {"token_s": 0.002, "flow_s": 0.004}) == 40
+    # With a fast flow the same LLM gets the early chunk; with no flow + vocoder timing yet (no warm-up), not.
+    assert await first_chunk_tokens(tmp_path / "fast", {"token_s": 0.002, "flow_s": 0.0001}) == 15
+    assert await first_chunk_tokens(tmp_path / "cold", {"token_s": 0.002}, warmup=False) == 40
 
 
 def count_tokens(engine: Any) -> list[int]:

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from . import selfcheck
 from . import stream as cosyvoice_stream
 from . import upstream
 from wyoming_cosyvoice.audio import float_to_pcm16
@@ -60,6 +61,8 @@ class CosyVoiceEngine(ThreadedEngine):
         self.warmup_report = ""
         self.text_normalizer = ""
         """Upstream's text normalizer: ttsfrd, wetext or none (numbers and symbols read as written)."""
+        self.self_check = ""
+        """The self-check's summary at load (health, describe)."""
 
     # --- loading -----------------------------------------------------------------------------------
 
@@ -122,6 +125,15 @@ class CosyVoiceEngine(ThreadedEngine):
             ) from None
         if plans is not None:
             upstream.adopt_plan(*plans)
+        checked = self._self_check(model, plan)
+        if checked.problem is not None:
+            del model  # before the fallback engine starts or the fp32 copy loads
+            _empty_cuda_cache()
+            if checked.fp16 and plan.fp16_auto and force_fp16 is None:
+                _LOGGER.warning("%s; reloading in fp32", checked.problem)
+                self._load(False)
+                return
+            raise EngineUnavailable(upstream.PREFIX + checked.problem)
         own_loop = cosyvoice_stream.install(model.model, self._stop_requested, self.settings.early_first_chunk)
         if not own_loop:
             if info.version != 1:  # CosyVoice 1 streams with upstream's loop by design
@@ -168,6 +180,18 @@ class CosyVoiceEngine(ThreadedEngine):
         )
         return "none"
 
+    def _self_check(self, model: Any, plan: LoadPlan) -> selfcheck.Result:
+        """The self-check on the loaded model (cached LLM decoding; fp16 against fp32), unless switched off."""
+        if not self.settings.self_check:
+            result = selfcheck.Result("off (engines.cosyvoice.self_check: false)")
+        else:
+            device = getattr(getattr(model.model, "device", None), "type", plan.device)  # upstream's torch.device
+            result = selfcheck.run(model.model, plan.fp16, plan.load_trt, device)
+        self.self_check = result.summary
+        if result.problem is None:
+            _LOGGER.info("Self-check: %s", result.summary)
+        return result
+
     def _stop_requested(self) -> bool:
         """The running request was cancelled (its client left): our streaming loop stops the LLM and returns."""
         cancel = self._cancel
@@ -192,13 +216,7 @@ class CosyVoiceEngine(ThreadedEngine):
         if self.model is None:
             return
         self.model = None
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        _empty_cuda_cache()
 
     # --- voices ------------------------------------------------------------------------------------
 
@@ -446,6 +464,8 @@ class CosyVoiceEngine(ThreadedEngine):
             facts["streaming"] = self.streaming
         if self.text_normalizer:
             facts["text_normalizer"] = self.text_normalizer
+        if self.self_check:
+            facts["self_check"] = self.self_check
         facts["voices_prepared"] = len(self._voice_names)
         if self._voice_errors:
             facts["voices_failed"] = ", ".join(sorted(self._voice_errors))
@@ -471,6 +491,16 @@ def _tagged_cross_lingual(model: Any, text: str, tag: str, spk_id: str, kwargs: 
     each segment (a tag in front of the whole text makes upstream skip both)."""
     for segment in model.frontend.text_normalize(text, split=True):
         yield from model.inference_cross_lingual(tag + segment, "", zero_shot_spk_id=spk_id, **kwargs)
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 def _session_keys(inner: Any) -> set[str]:

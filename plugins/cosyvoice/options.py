@@ -47,14 +47,19 @@ class CosyVoiceSettings:
     """Stream chunks as the model makes them (a voice with speed != 1.0 is synthesized whole: upstream limitation)."""
 
     early_first_chunk: bool = True
-    """CosyVoice 2/3: end the first chunk early (at the prompt's padding, >= 10 tokens) when this request's LLM is
-    fast enough for the next chunk to arrive before that audio has played; false = upstream's first chunk size."""
+    """CosyVoice 2/3: end the first chunk early (at the prompt's padding, >= 10 tokens) when the model (this
+    request's LLM rate, the measured flow + vocoder cost) is fast enough for every next chunk to arrive before the
+    audio sent until then has played; false = upstream's first chunk size."""
 
     max_queue: int = 4
     """Requests running or waiting for the GPU; more are refused with ServerBusy."""
 
     require_gpu: bool = True
     """Refuse to start without CUDA (false: run on the CPU, very slow; for tests and trials)."""
+
+    self_check: bool = True
+    """At load, compare upstream's cached LLM decoding with a full recompute (and fp16 with fp32 when fp16 is on);
+    a mismatch stops the engine (fallback rule). false skips it (timing runs with random weights only)."""
 
     warmup_text: str = "Hello, this is a warm-up."
     """Text synthesized once at startup (checks the output is finite, primes kernels and plans)."""

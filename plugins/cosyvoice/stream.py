@@ -4,10 +4,10 @@ Upstream's loop (`CosyVoice2Model.tts`, also used by CosyVoice 3) has four costs
 - it polls for speech tokens every 100 ms, adding up to 100 ms to every chunk (here: woken on each token);
 - it grows `token_hop_len` on the shared model object and never resets it (here: the hop is local to the call);
 - its first chunk waits for `token_hop_len` (25) tokens plus the prompt's padding to a multiple of 25 plus the
-  look-ahead; here the first chunk may end at the padding alone when the LLM is fast enough for the next chunk to
-  arrive before that audio has played (`early_first_hop`): chunk ends stay on multiples of 25 tokens counted from
-  the prompt's start, the boundaries of the flow model's chunk attention, so no chunk sees a different context
-  than in upstream's own stream;
+  look-ahead; here the first chunk may end at the padding alone when the model is fast enough for every next chunk
+  (its LLM tokens, then flow + vocoder) to arrive before the audio sent so far has played (`early_first_hop`,
+  `keeps_ahead`): chunk ends stay on multiples of 25 tokens counted from the prompt's start, the boundaries of the
+  flow model's chunk attention, so no chunk sees a different context than in upstream's own stream;
 - a call closed early leaves its LLM thread running to the end of the text (here it stops at its next token;
   with vLLM, which keeps its own request state, it still runs to the end, and its tokens are dropped).
 
@@ -23,7 +23,8 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections import deque
+from typing import Any, Callable, Iterator, Optional
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -46,7 +47,13 @@ MIN_FIRST_HOP = 10
 """The shortest first chunk in tokens (0.4 s): the vocoder keeps 8 mel frames (4 tokens) back for cross-fading."""
 
 SAFETY = 1.5
-"""An early first chunk must cover this many times the time the next chunk's tokens are expected to take."""
+"""An early first chunk is taken only if every next chunk is predicted to arrive in 1/SAFETY of the audio time."""
+
+HORIZON_CHUNKS = 4
+"""Chunks after the early one that must keep ahead (25, 50, 100, 100 tokens: 11 s of audio after it)."""
+
+MAX_TOKEN_TEXT_RATIO = 20
+"""Upstream's LLM makes at most this many speech tokens per text token (`max_token_text_ratio`)."""
 
 TOKENS_PER_SECOND = 25
 """CosyVoice 2/3 speech tokens per second of audio."""
@@ -86,13 +93,66 @@ def first_hop(prompt_tokens: int, hop: int) -> tuple[int, int]:
     return hop + pad, (pad if pad >= MIN_FIRST_HOP else 0)
 
 
-def fast_enough(early: int, next_hop: int, tokens: int, seconds: float) -> bool:
-    """Emit an `early`-token first chunk now? Only if the LLM, at the rate seen so far in this call (`tokens` in
-    `seconds`, prefill included), makes the next `next_hop` tokens SAFETY times faster than that chunk plays."""
-    if seconds <= 0 or tokens <= 0:
+class ChunkCost:
+    """Seconds one `token2wav` call (flow + vocoder) takes as a function of the tokens the flow runs over (prompt plus
+    every token so far: each chunk reruns the flow from the start), fitted to the latest calls (warm-up included)."""
+
+    def __init__(self, keep: int = 32) -> None:
+        self.samples: deque[tuple[int, float]] = deque(maxlen=keep)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """Record one call."""
+        self.samples.append((tokens, seconds))
+
+    def predict(self, tokens: int) -> Optional[float]:
+        """Expected seconds for a call over `tokens` (None before any call was seen: no early chunk then).
+        A least-squares line with non-negative terms; with one size seen, that cost scaled up (never down)."""
+        if not self.samples:
+            return None
+        n = [float(t) for t, _ in self.samples]
+        y = [s for _, s in self.samples]
+        mean_n, mean_y = sum(n) / len(n), sum(y) / len(y)
+        spread = sum((a - mean_n) ** 2 for a in n)
+        if spread == 0:
+            return mean_y * max(1.0, tokens / mean_n) if mean_n > 0 else mean_y
+        slope = max(0.0, sum((a - mean_n) * (b - mean_y) for a, b in zip(n, y)) / spread)
+        base = max(0.0, mean_y - slope * mean_n)
+        return base + slope * tokens
+
+
+def keeps_ahead(
+    early: int,
+    hop: int,
+    max_hop: int,
+    scale: int,
+    lookahead: int,
+    prompt_tokens: int,
+    seconds_per_token: float,
+    cost: Callable[[int], Optional[float]],
+    limit: Optional[int] = None,
+) -> bool:
+    """Take an `early`-token first chunk? Only if, after it, each of the next chunks (`hop`, then scaled up to
+    `max_hop`; HORIZON_CHUNKS of them, or up to `limit` tokens, the most this call's LLM can make) is predicted to
+    arrive before the audio sent until then has played, with SAFETY margin. Predicted pessimistically, one thing at
+    a time: the early chunk's flow + vocoder, then per chunk its new tokens at this call's LLM rate (prefill
+    included) plus its flow + vocoder (`cost` of the tokens the flow runs over); no overlap between LLM and flow."""
+    first = cost(prompt_tokens + early + lookahead)
+    if first is None or seconds_per_token <= 0:
         return False
-    playable = (early - HELD_BACK_TOKENS) / TOKENS_PER_SECOND
-    return SAFETY * next_hop * seconds / tokens <= playable
+    clock, end, step = 0.0, early, hop
+    for _ in range(HORIZON_CHUNKS):
+        if limit is not None and end >= limit:
+            break
+        sent = (end - HELD_BACK_TOKENS) / TOKENS_PER_SECOND  # audio out when this chunk is due
+        end += step
+        flow = cost(prompt_tokens + end + lookahead)
+        if flow is None:
+            return False
+        clock += step * seconds_per_token + flow
+        if SAFETY * clock > sent:
+            return False
+        step = min(max_hop, step * scale)
+    return True
 
 
 def supports(inner: Any) -> bool:
@@ -107,6 +167,7 @@ def install(inner: Any, should_stop: Callable[[], bool], early_first_hop: bool) 
     original = inner.tts
     signature = inspect.signature(original)
     hop = int(inner.token_hop_len)
+    cost = ChunkCost()
 
     def tts(*args: Any, **kwargs: Any) -> Iterator[dict]:
         bound = signature.bind(*args, **kwargs)
@@ -117,17 +178,24 @@ def install(inner: Any, should_stop: Callable[[], bool], early_first_hop: bool) 
         if call.get("stream") is not True or (source is not None and source.shape[1] != 0):
             inner.token_hop_len = hop  # upstream's own loop: start from the initial hop, as on the first call
             return original(*args, **kwargs)
-        return stream_tts(inner, call, hop, should_stop, early_first_hop)
+        return stream_tts(inner, call, hop, should_stop, early_first_hop, cost)
 
     inner.tts = tts
+    inner.wcv_chunk_cost = cost  # kept for the engine's warm-up report and tests
     return True
 
 
 def stream_tts(
-    inner: Any, call: dict, hop: int, should_stop: Callable[[], bool], early_first_hop: bool
+    inner: Any,
+    call: dict,
+    hop: int,
+    should_stop: Callable[[], bool],
+    early_first_hop: bool,
+    cost: Optional[ChunkCost] = None,
 ) -> Iterator[dict]:
     """Upstream's streaming `tts`, woken per token, with a call-local hop, an optional early first chunk and an
     LLM thread that stops when the call is closed. Yields {'tts_speech': tensor[1, N]} like upstream."""
+    cost = cost or ChunkCost()
     if should_stop():
         return
     import torch  # present: upstream's model object exists
@@ -157,8 +225,11 @@ def stream_tts(
                 wake.notify_all()
 
     prompt_token = call["flow_prompt_speech_token"]
+    prompt_tokens = int(prompt_token.shape[1])
     lookahead = int(inner.flow.pre_lookahead_len)
-    upstream_first, early = first_hop(int(prompt_token.shape[1]), hop)
+    upstream_first, early = first_hop(prompt_tokens, hop)
+    text = call.get("text")
+    limit = MAX_TOKEN_TEXT_RATIO * int(text.shape[1]) if hasattr(text, "shape") else None
     if not early_first_hop:
         early = 0
     started = time.perf_counter()
@@ -175,6 +246,7 @@ def stream_tts(
         return True
 
     def chunk(end: int, offset: int, finalize: bool) -> dict:
+        began = time.perf_counter()
         speech = inner.token2wav(
             token=torch.tensor(tokens[:end]).unsqueeze(dim=0),
             prompt_token=prompt_token,
@@ -185,14 +257,36 @@ def stream_tts(
             stream=not finalize,
             finalize=finalize,
         )
-        return {"tts_speech": speech.cpu()}
+        out = {"tts_speech": speech.cpu()}  # waits for the GPU: the timing is the whole flow + vocoder pass
+        cost.observe(prompt_tokens + end, time.perf_counter() - began)
+        return out
 
     try:
         offset, step, size = 0, hop, upstream_first
         early_used = False
         if early and wait_for(early + lookahead) and not should_stop():
-            if fast_enough(early, hop, early + lookahead, time.perf_counter() - started):
-                size, early_used = early, True
+            per_token = (time.perf_counter() - started) / (early + lookahead)
+            early_used = keeps_ahead(
+                early,
+                hop,
+                int(inner.token_max_hop_len),
+                int(inner.stream_scale_factor),
+                lookahead,
+                prompt_tokens,
+                per_token,
+                cost.predict,
+                limit,
+            )
+            if early_used:
+                size = early
+            _LOGGER.debug(
+                "Early first chunk (%d tokens) %s: LLM %.1f ms/token, flow + vocoder over %d tokens %s ms",
+                early,
+                "taken" if early_used else "not taken",
+                per_token * 1000,
+                prompt_tokens + early + hop + lookahead,
+                _ms(cost.predict(prompt_tokens + early + hop + lookahead)),
+            )
         while wait_for(offset + size + lookahead):
             if should_stop():
                 return
@@ -219,3 +313,7 @@ def stream_tts(
                 table.pop(key, None)
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "unknown" if seconds is None else f"{seconds * 1000:.0f}"

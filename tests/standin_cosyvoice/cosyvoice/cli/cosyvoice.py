@@ -41,6 +41,7 @@ def _standin_setup(model, configs, requested_fp16):
     model.poll_s = configs['knobs'].get('poll_s', 0.1)
     # fp16 NaN output happens on some GPUs; the stand-in simulates it when asked (no GPU here to do it for real)
     model.flow.nonfinite = bool(configs['knobs'].get('nonfinite_if_fp16')) and requested_fp16
+    model.flow.flow_s = configs['knobs'].get('flow_s', 0.0)
 
 
 class CosyVoice:

@@ -36,6 +36,7 @@ class StandinFlow(torch.nn.Module):
         self.pre_lookahead_len = pre_lookahead_len
         self.token_mel_ratio = token_mel_ratio
         self.nonfinite = False
+        self.flow_s = 0.0  # seconds per token the flow runs over (prompt + tokens so far), like the real flow's cost
 
 
 class StandinHift(torch.nn.Module):
@@ -187,6 +188,7 @@ class CosyVoice2Model(CosyVoiceModel):
         self.silent_tokens = []
 
     def token2wav(self, token, prompt_token, prompt_feat, embedding, token_offset, uuid, stream=False, finalize=False, speed=1.0):
+        time.sleep(self.flow.flow_s * (prompt_token.shape[1] + token.shape[1]))
         end = token.shape[1] if finalize else token.shape[1] - self.flow.pre_lookahead_len
         samples = (end - token_offset) * self.samples_per_token
         if speed != 1.0:
