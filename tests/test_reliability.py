@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import socket
 import statistics
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from wyoming.event import async_write_event
 from wyoming.info import Describe, Info
-from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeVoice
 
 from wyoming_cosyvoice.config import Config
 
@@ -260,3 +262,33 @@ async def test_connection_bound(tmp_path: Path) -> None:
         async with raw_connection(server) as (reader, writer):
             await async_write_event(Describe().event(), writer)
             assert (await read_raw(reader)).type == "info"
+
+
+async def test_data_after_an_error_logs_no_asyncio_traceback(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A client that keeps sending after its stream failed must not make asyncio log "feed_data after feed_eof"."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        async with running_server(fault_config(tmp_path), fault_plugins()) as server:
+
+            async def keep_sending() -> list[str]:
+                async with raw_connection(server) as (reader, writer):
+                    await async_write_event(SynthesizeStart(voice=SynthesizeVoice(name="nobody")).event(), writer)
+                    with contextlib.suppress(ConnectionError):
+                        # About 200 ms of chunks: the server fails the stream (unknown voice) and closes meanwhile.
+                        for _ in range(40):
+                            await async_write_event(SynthesizeChunk(text="Hello there. ").event(), writer)
+                            await asyncio.sleep(0.005)
+                    return [e.data.get("code") or e.type for e in await read_until_closed(reader)]
+
+            answers = await asyncio.gather(*(keep_sending() for _ in range(20)))
+            await wait_for(lambda: not server._connections)
+    finally:
+        loop.set_exception_handler(previous)
+    # What the client still reads depends on TCP: closing a socket with unread input sends a reset, which may
+    # discard the answer in flight. Whatever arrived is the error and the stream's end, nothing else.
+    assert all(a == ["VoiceNotFound", "synthesize-stopped"][: len(a)] for a in answers), answers
+    assert not reported, [c.get("message") for c in reported]
+    assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]

@@ -304,7 +304,7 @@ class TtsEventHandler(AsyncEventHandler):
 
     def _close(self) -> None:
         self._closing = True
-        self.reader.feed_eof()
+        self.channel.stop_reading()
 
     async def _send_audio_start(self, profile: VoiceProfile) -> None:
         rate, width, channels = self.service.audio_format(profile)  # the format of the engine serving `profile`

@@ -111,6 +111,8 @@ class EventChannel:
         self._write_lock = asyncio.Lock()
         self._last_activity = asyncio.get_running_loop().time()
         self.aborted = False
+        self._reading: Optional["asyncio.Future[Optional[Event]]"] = None
+        self._stopped = False
 
     def touch(self) -> None:
         """Record activity (an event read or written), which resets the idle timer."""
@@ -118,14 +120,18 @@ class EventChannel:
 
     async def read(self, busy: Callable[[], bool]) -> Optional[Event]:
         """The next event. Raises ClientTimeout when nothing completes for the idle timeout while not `busy()`."""
+        if self._stopped:
+            return None
         loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(read_event(self.reader, self.limits))
+        task = self._reading = asyncio.ensure_future(read_event(self.reader, self.limits))
         try:
             while True:
                 remaining = self._last_activity + self.limits.idle_timeout_s - loop.time()
                 # asyncio.wait does not cancel the read: a half-read event must not be torn apart by a timer.
                 done, _ = await asyncio.wait({task}, timeout=None if math.isinf(remaining) else max(remaining, 0.0))
                 if done:
+                    if self._stopped and task.cancelled():
+                        return None
                     self.touch()
                     return task.result()
                 if busy():
@@ -136,9 +142,20 @@ class EventChannel:
                         f"no complete event for {self.limits.idle_timeout_s:g} s (limits.idle_timeout_s)"
                     )
         finally:
+            self._reading = None
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+    def stop_reading(self) -> None:
+        """Make `read` return None (end of the conversation) now; later data from the client is left unread.
+
+        The stream itself is not touched: `feed_eof()` on a socket that still receives makes asyncio log a fatal
+        "feed_data after feed_eof" error when the client's next bytes arrive.
+        """
+        self._stopped = True
+        if self._reading is not None and not self._reading.done():
+            self._reading.cancel()
 
     async def write(self, event: Event) -> None:
         """Send one event; a client that accepts nothing for the write timeout is aborted (ClientStalled)."""
@@ -171,7 +188,7 @@ class EventChannel:
                 abort()
             else:
                 transport.close()
-        self.reader.feed_eof()
+        self.stop_reading()
 
 
 def encode_event(event: Event) -> bytes:
