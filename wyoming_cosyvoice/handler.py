@@ -134,6 +134,10 @@ class TtsEventHandler(AsyncEventHandler):
         """True while this connection has synthesis queued or running (it is then not idle)."""
         return self._pending > 0
 
+    def in_progress(self) -> bool:
+        """True while a reply is unfinished: synthesis queued or running, or a stream open between sentences."""
+        return self._pending > 0 or (self._stream is not None and not self._closing)
+
     async def write_event(self, event: Event) -> None:
         """Send an event (serialized, under the write timeout)."""
         await self.channel.write(event)

@@ -181,11 +181,11 @@ class Server:
                     loop.remove_signal_handler(sig)
 
     def busy_connections(self) -> int:
-        """Connections with synthesis queued or running."""
-        return sum(1 for handler in self._connections.values() if handler.busy())
+        """Connections with an unfinished reply: synthesis queued or running, or a stream still open."""
+        return sum(1 for handler in self._connections.values() if handler.in_progress())
 
     async def shutdown(self, grace: Optional[float] = None) -> None:
-        """Close the listener, wait up to `grace` s for busy connections, then close the rest and the engine."""
+        """Close the listener, wait up to `grace` s for unfinished replies (open streams too), then close the rest."""
         if grace is None:
             grace = self.limits.shutdown_grace_s
         listener = self._listener
