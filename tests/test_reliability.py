@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import socket
 import statistics
 import time
@@ -156,11 +157,11 @@ async def test_hung_engine_times_out_and_worker_is_replaced(tmp_path: Path) -> N
         engine = server.service.engine
         try:
             async with connect(server) as waiting, connect(server) as client:
+                started = time.monotonic()
                 await client.write_event(Synthesize(text="HANG forever").event())
                 await asyncio.sleep(0.2)
                 # A second request queued behind the hung one is served by the replacement worker.
                 await waiting.write_event(Synthesize(text="queued behind").event())
-                started = time.monotonic()
                 reply = await collect(client)
                 assert [e.code for e in reply.errors] == ["EngineTimeout"]
                 assert 0.9 < time.monotonic() - started < 5.0
@@ -292,3 +293,54 @@ async def test_data_after_an_error_logs_no_asyncio_traceback(tmp_path: Path, cap
     assert all(a == ["VoiceNotFound", "synthesize-stopped"][: len(a)] for a in answers), answers
     assert not reported, [c.get("message") for c in reported]
     assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+
+
+async def test_engine_wedged_after_client_stopped_reading_is_recovered_and_logged(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A client that stops reading is dropped by the write timeout while the engine wedges: the worker must still be
+    replaced (the dropped request's task is cancelled meanwhile), and the request still gets its log line."""
+    caplog.set_level(logging.INFO, logger="wyoming_cosyvoice")
+    # 384 kHz: the engine may run 23 MB ahead of the client, more than the whole reply (16 MB), so it makes all of
+    # it and wedges, while the client's socket (a few MB of kernel buffers) stalls the writer.
+    config = fault_config(
+        tmp_path,
+        limits={"engine_timeout_s": 1.0, "write_timeout_s": 1.0},
+        engine={"chunk_ms": 0, "chunk_bytes": 64000, "sample_rate": 384000},
+    )
+    async with running_server(config, fault_plugins()) as server:
+        engine = server.service.engine
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+            _reader, writer = await asyncio.open_connection(sock=sock)
+            await async_write_event(Synthesize(text="WEDGE " + "word " * 125).event(), writer)
+            await wait_for(lambda: engine.restarts == 1)
+            await wait_for(lambda: re.search(r"request \d+: voice=tars chars=631 .*end=cancelled", caplog.text))
+            assert "client accepted no data for 1 s" in caplog.text
+            writer.close()
+            async with connect(server) as client:  # the replacement worker serves the next request
+                await client.write_event(Synthesize(text="next request").event())
+                reply = await collect(client)
+                assert not reply.errors and len(reply.audio) == 2 * 2 * 64000
+        finally:
+            engine.release.set()
+
+
+async def test_engine_timeout_reaches_the_client_after_one_timeout(tmp_path: Path) -> None:
+    """EngineTimeout is sent when `engine_timeout_s` has passed, not after a second wait for the hung worker."""
+    config = fault_config(tmp_path, limits={"engine_timeout_s": 2.0})
+    async with running_server(config, fault_plugins()) as server:
+        engine = server.service.engine
+        try:
+            async with connect(server) as client:
+                await client.write_event(Synthesize(text="HANG forever").event())
+                started = time.monotonic()
+                reply = await collect(client)
+                elapsed = time.monotonic() - started
+            assert [e.code for e in reply.errors] == ["EngineTimeout"]
+            assert engine.restarts == 1
+            # Two waits would take at least 4.0 s; one takes 2.0 s plus scheduling.
+            assert 1.9 < elapsed < 3.5, elapsed
+        finally:
+            engine.release.set()

@@ -183,6 +183,7 @@ class ThreadedEngine(Engine):
         """True while the worker thread runs a synthesis."""
         self.restarts = 0
         """How many times a hung worker thread was replaced."""
+        self._recoveries: "set[asyncio.Task[None]]" = set()
 
     def _current_worker(self) -> _Worker:
         if self._worker is None:
@@ -204,6 +205,34 @@ class ThreadedEngine(Engine):
         if old is not None:
             old.stop()
             _LOGGER.error("%s engine: worker thread %s replaced (%s)", self.name, old.thread.name, reason)
+
+    def _abandon(self, worker: _Worker, release: Callable[[], None], reason: str) -> None:
+        """Give up on `worker` (hung): the next request runs on a fresh thread; the engine lock is free again."""
+        if self._worker is worker:
+            self.replace_worker(reason)
+        release()  # the abandoned thread no longer owns the model
+
+    def _watch_stop(
+        self, worker: _Worker, future: "Future[Any]", timeout: Optional[float], reason: str, release: Callable[[], None]
+    ) -> "asyncio.Task[None]":
+        """Give a cancelled request's worker `timeout` s to stop, else abandon it; the task belongs to the engine.
+
+        Owned by the engine, not by the request: the request's task may be cancelled again (its client dropped by the
+        write timeout, shutdown) while it waits, and that must not skip replacing a wedged worker.
+        """
+
+        async def watch() -> None:
+            try:
+                await wait_within(asyncio.shield(asyncio.wrap_future(future)), timeout)
+            except asyncio.TimeoutError:
+                self._abandon(worker, release, reason)
+            except Exception:  # the worker's own errors were already reported
+                pass
+
+        task = asyncio.get_running_loop().create_task(watch(), name=f"{self.name} worker watch")
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
+        return task
 
     async def run_in_worker(self, func: Callable[..., T], *args: Any) -> T:
         """Run `func(*args)` on the engine's worker thread (model loading, voice preparation)."""
@@ -341,6 +370,11 @@ class ThreadedEngine(Engine):
                 try:
                     kind, item = await take()
                 except asyncio.TimeoutError:
+                    # No audio for the whole timeout: the worker is hung. Replace it now, so the client hears of it
+                    # after one timeout (waiting for the thread to stop would take a second one).
+                    finished = True
+                    cancel.set()
+                    self._abandon(worker, release, f"request {options.request_id or '?'} timed out")
                     raise EngineTimeout(
                         f"{self.name} engine produced no audio for {options.timeout:g} s; request abandoned "
                         "and the engine worker restarted"
@@ -367,15 +401,10 @@ class ThreadedEngine(Engine):
         finally:
             cancel.set()
             if not finished and not future.done():
-                # Give the worker one chunk's time to notice the flag; one that does not is hung.
-                try:
-                    await wait_within(asyncio.shield(asyncio.wrap_future(future)), options.timeout)
-                except asyncio.TimeoutError:
-                    if self._worker is worker:
-                        self.replace_worker(f"request {options.request_id or '?'} did not stop")
-                    release()  # the abandoned thread no longer owns the model
-                except Exception:  # the worker's own errors were already reported
-                    pass
+                # Give the worker one chunk's time to notice the flag; one that does not is hung. The watch runs to
+                # its end even when this request is cancelled while waiting for it.
+                reason = f"request {options.request_id or '?'} did not stop"
+                await asyncio.shield(self._watch_stop(worker, future, options.timeout, reason, release))
 
     def max_ahead_bytes(self) -> int:
         """Bytes of audio the worker may make ahead of the consumer (MAX_AHEAD_SECONDS at this engine's format)."""
@@ -383,6 +412,8 @@ class ThreadedEngine(Engine):
 
     async def close(self) -> None:
         """Stop the worker thread after the current job."""
+        for task in list(self._recoveries):
+            task.cancel()
         if self._worker is not None:
             self._worker.stop()
             self._worker = None

@@ -21,7 +21,7 @@ from .errors import BadRequest, CosyVoiceServiceError, LimitExceeded, ServerBusy
 from .service import ReplyTap, Service
 from .text import SentenceSplitter
 from .voices import VoiceProfile
-from .wire import ClientStalled, EventChannel
+from .wire import EventChannel
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ class TtsEventHandler(AsyncEventHandler):
         self._closing = False
         self._tap: Optional[ReplyTap] = None  # copy of the current reply for server-side sinks
         self.limits = service.limits
-        self.channel = EventChannel(reader, writer, self.limits)
         self.peer = _peer_name(writer)
+        self.channel = EventChannel(reader, writer, self.limits, self.peer)
         self._queued_chars = 0
         self._pending = 0
 
@@ -160,9 +160,7 @@ class TtsEventHandler(AsyncEventHandler):
             if self.finish_on_eof and not self._closing:
                 self._jobs.put_nowait(None)
                 await self._worker
-        except ClientStalled as err:
-            _LOGGER.warning("client %s: %s; disconnected", self.peer, err)
-        except ConnectionError:
+        except ConnectionError:  # ClientStalled included (the channel logged it)
             pass
         finally:
             if not self._worker.done():
@@ -262,11 +260,7 @@ class TtsEventHandler(AsyncEventHandler):
             except CosyVoiceServiceError as err:
                 await self._fail(job, err)
                 return
-            except ClientStalled as err:
-                _LOGGER.warning("client %s: %s; disconnected, synthesis cancelled", self.peer, err)
-                self._close()
-                return
-            except ConnectionError:
+            except ConnectionError:  # ClientStalled included (the channel logged it)
                 _LOGGER.debug("client %s went away during synthesis", self.peer)
                 self._close()
                 return

@@ -61,6 +61,8 @@ class RequestStats:
     first_audio: Optional[float] = None
     audio_seconds: float = 0.0
     finished: Optional[float] = None
+    end: str = "done"
+    """How the request ended: done, cancelled (client gone or stalled) or the error class name."""
 
     def line(self) -> str:
         """One log line: time to first audio, total time, audio length, real-time factor."""
@@ -69,7 +71,7 @@ class RequestStats:
         rtf = total / self.audio_seconds if self.audio_seconds else float("nan")
         return (
             f"request {self.request_id}: voice={self.voice} chars={self.chars} first_audio={ttfa} "
-            f"total={total * 1000:.0f} ms audio={self.audio_seconds:.2f} s rtf={rtf:.3f}"
+            f"total={total * 1000:.0f} ms audio={self.audio_seconds:.2f} s rtf={rtf:.3f} end={self.end}"
         )
 
 
@@ -202,9 +204,20 @@ class Service:
                         chunk = dataclasses.replace(chunk, audio=apply_gain(chunk.audio, profile.gain))
                     stats.audio_seconds += chunk.seconds
                     yield chunk
+            except (asyncio.CancelledError, GeneratorExit):
+                stats.end = "cancelled"
+                raise
+            except Exception as err:
+                stats.end = type(err).__name__
+                raise
             finally:
-                aclose = getattr(chunks, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-                stats.finished = time.perf_counter()
-                _LOGGER.info("%s", stats.line())
+                try:
+                    aclose = getattr(chunks, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                except asyncio.CancelledError:
+                    stats.end = "cancelled"
+                    raise
+                finally:  # logged whatever happens to the client, a cancellation while closing included
+                    stats.finished = time.perf_counter()
+                    _LOGGER.info("%s", stats.line())

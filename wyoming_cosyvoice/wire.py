@@ -104,8 +104,12 @@ async def read_event(reader: asyncio.StreamReader, limits: Limits) -> Optional[E
 class EventChannel:
     """One client's events: bounded reads with an idle timeout, serialized writes with a write timeout."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits, peer: str = "?"
+    ) -> None:
         self.reader = reader
+        self.peer = peer
+        """The client, for log lines."""
         self.writer = writer
         self.limits = limits
         self._write_lock = asyncio.Lock()
@@ -173,9 +177,12 @@ class EventChannel:
                     await wait_within(self.writer.drain(), self.limits.write_timeout_s)
                 except asyncio.TimeoutError:
                     self.abort()
-                    raise ClientStalled(
+                    stalled = ClientStalled(
                         f"client accepted no data for {self.limits.write_timeout_s:g} s (limits.write_timeout_s)"
-                    ) from None
+                    )
+                    # Logged here: the cancellation that follows may interrupt whoever would log it further up.
+                    _LOGGER.warning("client %s: %s; disconnected, its synthesis cancelled", self.peer, stalled)
+                    raise stalled from None
             self.touch()
 
     def abort(self) -> None:
