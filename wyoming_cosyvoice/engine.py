@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
 import queue
 import sys
@@ -162,6 +163,25 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in OOM_MARKERS)
 
 
+WORKER_CALL_TIMEOUT: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar(
+    "worker_call_timeout", default=None
+)
+"""Seconds a `run_in_worker` call may take in this context before its worker counts as hung (None: no limit).
+
+Set around voice preparation (`VoicePreparer`), so an engine's `prepare` is bounded without knowing it; model
+loading and shutdown run outside it and keep their own limits."""
+
+
+@contextlib.contextmanager
+def worker_call_timeout(seconds: Optional[float]) -> Iterator[None]:
+    """Bound every `run_in_worker` call made inside this block (and the tasks it starts) to `seconds`."""
+    token = WORKER_CALL_TIMEOUT.set(seconds)
+    try:
+        yield
+    finally:
+        WORKER_CALL_TIMEOUT.reset(token)
+
+
 MAX_AHEAD_SECONDS = 30.0
 """Audio the worker may make ahead of what the client has taken; beyond it the worker waits (so a stalled reader
 holds at most this much). Generous on purpose: a waiting worker holds up every other request."""
@@ -235,9 +255,25 @@ class ThreadedEngine(Engine):
         return task
 
     async def run_in_worker(self, func: Callable[..., T], *args: Any) -> T:
-        """Run `func(*args)` on the engine's worker thread (model loading, voice preparation)."""
+        """Run `func(*args)` on the engine's worker thread (model loading, voice preparation).
+
+        Inside `worker_call_timeout(s)`, a call still running after `s` seconds fails with EngineTimeout and its
+        worker thread is replaced (a call has no cancel flag: the thread is hung for all we know).
+        """
+        timeout = WORKER_CALL_TIMEOUT.get()
         async with self._lock():
-            return await asyncio.wrap_future(self._current_worker().submit(func, *args))
+            worker = self._current_worker()
+            future = worker.submit(func, *args)
+            try:
+                return await wait_within(asyncio.shield(asyncio.wrap_future(future)), timeout)
+            except asyncio.TimeoutError:
+                what = getattr(func, "__name__", "call")
+                if self._worker is worker:
+                    self.replace_worker(f"{what} did not finish within {timeout:g} s")
+                raise EngineTimeout(
+                    f"{self.name} engine: {what} did not finish within {timeout:g} s (limits.engine_timeout_s); "
+                    "the engine worker was restarted"
+                ) from None
 
     def release_memory(self) -> None:
         """Called on the worker thread after an out-of-memory error: free cached (GPU) memory."""

@@ -15,8 +15,9 @@ import logging
 from pathlib import Path
 from typing import Optional, Union
 
-from .engine import Engine
-from .errors import CosyVoiceServiceError, VoiceNotFound
+from .aio import wait_within
+from .engine import Engine, ThreadedEngine, worker_call_timeout
+from .errors import CosyVoiceServiceError, EngineTimeout, VoiceNotFound
 from .reference import ReferenceInfo, profile_reference
 from .routing import Engines
 from .voices import VoiceCatalog, VoiceProfile, problem_line
@@ -41,8 +42,17 @@ def fingerprint(profile: VoiceProfile) -> _Fingerprint:
 class VoicePreparer:
     """Checks and prepares new or changed profiles off the event loop; marks broken ones in the catalog."""
 
-    def __init__(self, catalog: VoiceCatalog, engine: Union[Engine, Engines], cache_dir: Optional[Path] = None) -> None:
+    def __init__(
+        self,
+        catalog: VoiceCatalog,
+        engine: Union[Engine, Engines],
+        cache_dir: Optional[Path] = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> None:
         self.catalog = catalog
+        self.timeout = timeout
+        """Seconds one voice's preparation may take (`limits.engine_timeout_s`); beyond it the voice is broken."""
         self.engines = Engines.of(engine)
         """The running engines; each profile is prepared by the one that serves it."""
         self.engine = self.engines.main
@@ -157,11 +167,25 @@ class VoicePreparer:
         try:
             if forgotten is not None:  # the engine drops the old version before it prepares the new one
                 await asyncio.shield(forgotten)  # a newer change cancels this task, not the forgetting
-            checked = await asyncio.to_thread(profile_reference, profile, self.cache_dir)
+            checked = await wait_within(asyncio.to_thread(profile_reference, profile, self.cache_dir), self.timeout)
             self._prepared_by[profile.name] = engine  # set before: a failed preparation may leave data behind
-            await engine.prepare([profile])
+            if isinstance(engine, ThreadedEngine):
+                # Bounded per worker call, from when the worker starts it (not while it waits behind synthesis); a
+                # call that overruns replaces the worker thread, so the engine is not blocked behind it.
+                with worker_call_timeout(self.timeout):
+                    await engine.prepare([profile])
+            else:
+                await wait_within(engine.prepare([profile]), self.timeout)
         except asyncio.CancelledError:
             raise
+        except asyncio.TimeoutError:
+            problem = problem_line(
+                profile.source,
+                profile.name,
+                f"preparation did not finish within {self.timeout:g} s (limits.engine_timeout_s)",
+            )
+        except EngineTimeout as err:
+            problem = problem_line(profile.source, profile.name, f"preparation {err}")
         except CosyVoiceServiceError as err:
             text = str(err)
             problem = text if f"voice {profile.name!r}" in text else problem_line(profile.source, profile.name, text)

@@ -1,0 +1,149 @@
+"""Hostile and half-written voice folders against a live server: options that name files, preparation that never
+ends, YAML alias bombs, huge and growing reference files. The other voices must keep working throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pytest
+from wyoming.info import Describe, Info
+from wyoming.tts import Synthesize, SynthesizeVoice
+
+from wyoming_cosyvoice.config import Config, load_config
+from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.plugins import Plugins
+from wyoming_cosyvoice.voices import VoiceProfile
+
+from . import audiogen
+from .fault_engine import FaultEngine, FaultSettings
+from .helpers import TIMEOUT, Reply, collect, connect, read, running_server, write_config
+
+
+def _config(tmp_path: Path, engine: str = "espeak", **limits: Any) -> Config:
+    """A server with one YAML voice (`robot`, the default) and a voices folder at cfg/voices."""
+    audiogen.write(tmp_path / "cfg" / "robot.wav", 3.0, 22050)
+    return load_config(
+        write_config(
+            tmp_path / "cfg",
+            voices=[{"name": "robot", "reference_audio": "robot.wav", "languages": ["en-US"]}],
+            engine={"name": engine, "fallback": None},
+            voice_providers={"yaml": {"path": "voices.yaml"}, "folder": {"path": "voices"}},
+            limits=limits,
+        )
+    )
+
+
+def _voice_folder(root: Path, name: str, profile_yaml: str | None = None, lang: str = "en_US") -> Path:
+    """A voice folder, staged in a hidden folder and renamed into place (as `voices add` does)."""
+    staging = root / lang / f".staging-{name}"
+    audiogen.write(staging / "reference.wav", 2.0, 16000)
+    if profile_yaml is not None:
+        (staging / "profile.yaml").write_text(profile_yaml)
+    staging.rename(root / lang / name)
+    return root / lang / name
+
+
+async def describe(server: Any) -> list[str]:
+    """Voice names of a real `describe`."""
+    async with connect(server) as client:
+        await client.write_event(Describe().event())
+        event = await read(client)
+        assert event is not None and Info.is_type(event.type)
+        return [v.name for v in Info.from_event(event).tts[0].voices]
+
+
+async def speak(server: Any, voice: str | None, text: str = "Hello there.") -> Reply:
+    """One `synthesize` request on its own connection."""
+    async with connect(server) as client:
+        await client.write_event(Synthesize(text=text, voice=SynthesizeVoice(name=voice) if voice else None).event())
+        return await collect(client)
+
+
+async def poll(condition: Callable[[], Any], timeout: float = TIMEOUT) -> None:
+    """Wait until `condition()` holds (fails after a generous `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+async def test_profile_options_never_become_file_paths(tmp_path: Path) -> None:
+    """`options.espeak_voice` that is a path (the espeak library opened /dev/zero and hung) is refused."""
+    root = tmp_path / "cfg" / "voices"
+    async with running_server(_config(tmp_path)) as server:
+        _voice_folder(root, "zero", "options:\n  espeak_voice: " + "../" * 10 + "dev/zero\n")
+        _voice_folder(root, "passwd", "options: {espeak_voice: ../../etc/passwd}\n")
+        _voice_folder(root, "nested", "options: {espeak_voice: {file: /etc/passwd}}\n")
+        _voice_folder(root, "fine", "options: {espeak_voice: en-us+f3}\n")
+        await describe(server)
+        await asyncio.wait_for(server.service.preparer.wait_idle(), TIMEOUT)
+        assert await describe(server) == ["robot", "fine"]
+        problems = "\n".join(server.service.catalog.problems)
+        for name in ("zero", "passwd", "nested"):
+            assert f"voice '{name}': profile.yaml:options.espeak_voice:" in problems, problems
+        reply = await speak(server, "zero")
+        assert [e.code for e in reply.errors] == ["VoiceNotFound"]
+        for voice in ("robot", "fine"):
+            reply = await speak(server, voice)
+            assert not reply.errors and reply.seconds > 0.3
+
+
+def test_espeak_voice_names_are_identifiers() -> None:
+    """The espeak engine itself refuses voice names that could name a file, wherever the profile came from."""
+    from wyoming_cosyvoice.errors import VoiceError
+    from wyoming_cosyvoice_plugins.espeak_engine import espeak_voice_for
+
+    assert espeak_voice_for(VoiceProfile(name="a", options={"espeak_voice": "en-us+f3"})) == "en-us+f3"
+    assert espeak_voice_for(VoiceProfile(name="a", languages=("de-DE",))) == "de-de"
+    for bad in ("../../etc/passwd", "/dev/zero", "en/../../x", "..", "a" * 80, "en us", 5):
+        with pytest.raises(VoiceError, match="espeak_voice"):
+            espeak_voice_for(VoiceProfile(name="a", options={"espeak_voice": bad}))
+
+
+class StuckPrepareEngine(FaultEngine):
+    """The fault engine whose voice preparation wedges (on its worker thread) for voices described "STUCK"."""
+
+    name = "stuck"
+
+    async def prepare(self, profiles: Iterable[VoiceProfile]) -> None:
+        for profile in profiles:
+            await self.run_in_worker(self._prepare_one, profile)
+
+    def _prepare_one(self, profile: VoiceProfile) -> None:
+        if "STUCK" in profile.description:
+            self.release.wait(60)
+
+
+class StuckPlugin:
+    """Registers the `stuck` engine."""
+
+    @staticmethod
+    @hookimpl
+    def register_engines(register: Callable[..., Any]) -> None:
+        register("stuck", lambda section: StuckPrepareEngine(section.parse(FaultSettings)))
+
+
+async def test_voice_preparation_that_never_ends_times_out(tmp_path: Path) -> None:
+    """A preparation stuck on the worker thread marks its voice broken after engine_timeout_s; the worker is
+    replaced, so the other voices are served."""
+    root = tmp_path / "cfg" / "voices"
+    config = _config(tmp_path, engine="stuck", engine_timeout_s=1.0)
+    async with running_server(config, Plugins(extra=(StuckPlugin,))) as server:
+        engine = server.service.engine
+        try:
+            _voice_folder(root, "wedge", "description: STUCK in preparation\n")
+            assert await describe(server) == ["robot", "wedge"]  # listed while it is prepared
+            reply = await speak(server, "robot")  # queued behind the stuck preparation
+            assert not reply.errors and len(reply.audio) == 2 * 2 * 640
+            await poll(lambda: "wedge" in server.service.catalog.broken)
+            assert "did not finish within 1 s" in server.service.catalog.broken["wedge"]
+            assert engine.restarts == 1
+            assert await describe(server) == ["robot"]
+        finally:
+            engine.release.set()
