@@ -39,6 +39,9 @@ OPTION_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 OPTION_TEXT = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,63}$")
 """`options` text values in a `profile.yaml`: names like `en-us+f3` (no path separator, no `..`, no spaces)."""
 
+MAX_PROFILE_BYTES = 65536
+"""A `profile.yaml` larger than this is refused."""
+
 MAX_OPTIONS = 32
 """Most `options` entries in one `profile.yaml`."""
 
@@ -173,7 +176,7 @@ class FolderVoiceProvider:
         data: dict[str, Any] = {"name": name, "description": name, "languages": [language]}
         extra = self._inside(root, voice_dir / "profile.yaml")
         if extra is not None:
-            raw = load_yaml(extra)
+            raw = load_yaml(extra, aliases=False, max_bytes=MAX_PROFILE_BYTES)
             if raw is not None and not isinstance(raw, dict):
                 raise ConfigError("profile.yaml: expected a mapping")
             for key in raw or {}:

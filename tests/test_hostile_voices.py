@@ -4,12 +4,14 @@ ends, YAML alias bombs, huge and growing reference files. The other voices must 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pytest
 from wyoming.info import Describe, Info
+from wyoming.ping import Ping
 from wyoming.tts import Synthesize, SynthesizeVoice
 
 from wyoming_cosyvoice.config import Config, load_config
@@ -147,3 +149,86 @@ async def test_voice_preparation_that_never_ends_times_out(tmp_path: Path) -> No
             assert await describe(server) == ["robot"]
         finally:
             engine.release.set()
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+
+
+def alias_bomb(levels: int) -> str:
+    """A flow mapping of a few hundred bytes that expands to 10**levels values through anchors and aliases."""
+    parts = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        parts.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
+    return "{" + ", ".join(parts) + "}"
+
+
+async def test_yaml_alias_bombs_are_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Anchors and aliases are refused in the user-editable YAML files (an alias bomb in voices.yaml `options` made
+    every describe build its repr on the event loop: seconds per describe, hundreds of MB)."""
+    root = tmp_path / "cfg" / "voices"
+    voices = tmp_path / "cfg" / "voices.yaml"
+    async with running_server(_config(tmp_path)) as server:
+        voices.write_text(
+            voices.read_text() + f"- name: boom\n  reference_audio: robot.wav\n  options: {alias_bomb(6)}\n"
+        )
+        _voice_folder(root, "boom2", f"description: {alias_bomb(6)}\n")
+        assert await describe(server) == ["robot"]  # the voices loaded before the bad edit are kept
+        assert "voices.yaml:line 8: invalid YAML: anchors and aliases (&name, *name) are not allowed here" in caplog.text
+        problems = "\n".join(server.service.catalog.problems)
+        assert "voice 'boom2': " in problems and "profile.yaml:line 1: invalid YAML: anchors and aliases" in problems
+        assert not (await speak(server, "robot")).errors
+
+
+class BlockingProvider:
+    """A voice provider whose scan blocks until released (a slow disk, a huge folder)."""
+
+    scanning = threading.Event()
+    """Set when a blocking scan started."""
+    in_scan = threading.Event()
+    """Set while a scan is blocked."""
+    release = threading.Event()
+
+    def load(self) -> list[VoiceProfile]:
+        if BlockingProvider.release.is_set():
+            return [VoiceProfile(name="slow", languages=("en-US",))]
+        BlockingProvider.scanning.set()
+        BlockingProvider.in_scan.set()
+        try:
+            BlockingProvider.release.wait(10)  # the safety valve: a blocked event loop cannot release it
+        finally:
+            BlockingProvider.in_scan.clear()
+        return [VoiceProfile(name="slow", languages=("en-US",))]
+
+
+class BlockingPlugin:
+    """Registers the `blocking` voice provider."""
+
+    @staticmethod
+    @hookimpl
+    def register_voice_providers(register: Callable[..., Any]) -> None:
+        register("blocking", lambda section: BlockingProvider())
+
+
+async def test_voice_scans_run_off_the_event_loop(tmp_path: Path) -> None:
+    """While a describe waits for a slow voice scan, other clients are answered (the scan runs in a thread)."""
+    config = load_config(
+        write_config(tmp_path / "cfg", voice_providers={"yaml": {"path": "voices.yaml"}, "blocking": {}})
+    )
+    BlockingProvider.release.set()  # startup scans freely
+    async with running_server(config, Plugins(extra=(BlockingPlugin,))) as server:
+        BlockingProvider.release.clear()
+        BlockingProvider.scanning.clear()
+        try:
+            async with connect(server) as slow, connect(server) as other:
+                await slow.write_event(Describe().event())
+                await poll(BlockingProvider.scanning.is_set)
+                await other.write_event(Ping(text="still there?").event())
+                pong = await read(other)
+                answered_during_scan = BlockingProvider.in_scan.is_set()
+                BlockingProvider.release.set()
+                assert pong is not None and pong.type == "pong"
+                assert answered_during_scan, "the ping was answered only after the scan: the scan blocked the loop"
+                event = await read(slow)
+                assert event is not None and [v.name for v in Info.from_event(event).tts[0].voices][-1] == "slow"
+        finally:
+            BlockingProvider.release.set()

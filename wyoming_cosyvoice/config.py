@@ -194,16 +194,35 @@ def build(cls: type[T], data: Any, *, source: str, key: str = "", base_dir: Path
     return result
 
 
-def load_yaml(path: Path) -> Any:
-    """Read a YAML file safely; a missing or unparsable file is a one-line ConfigError."""
+class _NoAliasLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses anchors and aliases: a few hundred bytes of aliases can expand to millions of
+    values (an "alias bomb"), and files that people other than the administrator edit need neither."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&name, *name) are not allowed here", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(path: Path, *, aliases: bool = True, max_bytes: Optional[int] = None) -> Any:
+    """Read a YAML file safely; a missing, oversized or unparsable file is a one-line ConfigError.
+
+    `aliases=False` refuses anchors and aliases (user-editable files: voices.yaml, profile.yaml); `max_bytes`
+    refuses a larger file before reading it. Blocking: call it off the event loop while serving.
+    """
     try:
+        if max_bytes is not None and Path(path).stat().st_size > max_bytes:
+            raise ConfigError(f"{path}: larger than {max_bytes} bytes; refused")
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read: {err}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=yaml.SafeLoader if aliases else _NoAliasLoader)  # noqa: S506 (safe loaders)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "?"

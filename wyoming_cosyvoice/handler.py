@@ -184,7 +184,7 @@ class TtsEventHandler(AsyncEventHandler):
 
     async def _dispatch(self, event: Event) -> bool:
         if Describe.is_type(event.type):
-            await self.write_event(self.service.info().event())
+            await self.write_event((await self.service.info()).event())
             return True
         if Ping.is_type(event.type):
             text = event.data.get("text")

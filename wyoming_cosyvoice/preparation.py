@@ -63,6 +63,7 @@ class VoicePreparer:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._prepared_by: dict[str, Engine] = {}  # who to tell when a profile goes away
         self._forgetting: set[asyncio.Task[None]] = set()
+        self._scan: Optional["asyncio.Future[None]"] = None
 
     async def prepare_all(self) -> None:
         """Startup: check and prepare every loaded profile, one at a time (one bad profile stops nothing)."""
@@ -85,19 +86,35 @@ class VoicePreparer:
         self._broken(profile.name, problem_line(profile.source, profile.name, problem))
         return True
 
-    def sync(self) -> list[VoiceProfile]:
-        """Refresh the catalog, start preparing new or changed profiles, and return the usable ones."""
+    async def refresh(self) -> list[VoiceProfile]:
+        """Rescan the providers off the event loop, start preparing new or changed profiles; the usable ones.
+
+        One scan at a time: callers that arrive while one runs share its result (several describes at once).
+        """
+        if self._scan is None or self._scan.done():
+            self._scan = asyncio.ensure_future(self._rescan())
+        await asyncio.shield(self._scan)
+        return self.catalog.profiles
+
+    async def _rescan(self) -> None:
+        stamps = await asyncio.to_thread(self._look)
+        self._apply(stamps)
+
+    def _look(self) -> dict[str, _Fingerprint]:
+        """Blocking (a thread): reload every provider (file scans, YAML) and fingerprint each profile."""
         self.catalog.refresh()
+        return {p.name: fingerprint(p) for p in self.catalog.all_profiles}
+
+    def _apply(self, stamps: dict[str, _Fingerprint]) -> None:
+        """On the loop: forget removed profiles, start preparing new or changed ones."""
         current = {p.name: p for p in self.catalog.all_profiles}
         for name in [n for n in self._seen if n not in current]:
             _LOGGER.info("Voice %r removed", name)
             self._forget(name)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # not serving (a command or a synchronous caller): nothing to schedule
-            return self.catalog.profiles
         for name, profile in current.items():
-            stamp = fingerprint(profile)
+            stamp = stamps.get(name)
+            if stamp is None:  # appeared after the look (a concurrent refresh): the next describe sees it
+                continue
             if self._seen.get(name) == stamp:
                 continue
             if name in self._seen:
@@ -109,7 +126,6 @@ class VoicePreparer:
             if self._unservable(profile):
                 continue
             self._tasks[name] = asyncio.create_task(self._prepare(profile, forgotten), name=f"prepare voice {name}")
-        return self.catalog.profiles
 
     def _forget(self, name: str) -> Optional["asyncio.Task[None]"]:
         """Drop what is known about `name`; the task telling its engine to forget it, if one prepared it."""
@@ -156,7 +172,7 @@ class VoicePreparer:
 
     async def close(self) -> None:
         """Cancel preparations still running (shutdown: the engine is about to close)."""
-        pending = [t for t in [*self._tasks.values(), *self._forgetting] if not t.done()]
+        pending = [t for t in [*self._tasks.values(), *self._forgetting, self._scan] if t is not None and not t.done()]
         for task in pending:
             task.cancel()
         if pending:

@@ -41,7 +41,7 @@ def build_catalog(config: Config, plugins: Plugins) -> VoiceCatalog:
 
 async def build_service(config: Config, plugins: Plugins) -> Service:
     """Voices, engines (started, voices prepared, warmed up) and admission, ready to serve."""
-    catalog = build_catalog(config, plugins)
+    catalog = await asyncio.to_thread(build_catalog, config, plugins)  # file scans and YAML, off the loop
     tee = server_tee(config, plugins)  # before the engines: a bad sink setting fails fast
     engines = await start_engines(config, plugins, [p.engine for p in catalog.all_profiles if p.engine])
     preparer = VoicePreparer(catalog, engines, timeout=config.limits.engine_timeout_s)

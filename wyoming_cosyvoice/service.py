@@ -138,9 +138,9 @@ class Service:
         engine = self.engine if profile is None else self.engine_for(profile)
         return (engine.sample_rate, engine.sample_width, engine.channels)
 
-    def info(self) -> Info:
-        """Build `info` from the current usable voice profiles (rebuilt on every describe; cheap)."""
-        profiles = self.preparer.sync()
+    async def info(self) -> Info:
+        """Build `info` from the current usable voice profiles (the voices are rescanned off the event loop)."""
+        profiles = await self.preparer.refresh()
         health = self.engine.health()
         facts = ", ".join(f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine")
         description = f"CosyVoice voice cloning TTS (engine: {self.engine.name}{'; ' + facts if facts else ''})"
