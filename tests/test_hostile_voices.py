@@ -173,7 +173,9 @@ async def test_yaml_alias_bombs_are_refused(tmp_path: Path, caplog: pytest.LogCa
         )
         _voice_folder(root, "boom2", f"description: {alias_bomb(6)}\n")
         assert await describe(server) == ["robot"]  # the voices loaded before the bad edit are kept
-        assert "voices.yaml:line 8: invalid YAML: anchors and aliases (&name, *name) are not allowed here" in caplog.text
+        assert (
+            "voices.yaml:line 8: invalid YAML: anchors and aliases (&name, *name) are not allowed here" in caplog.text
+        )
         problems = "\n".join(server.service.catalog.problems)
         assert "voice 'boom2': " in problems and "profile.yaml:line 1: invalid YAML: anchors and aliases" in problems
         assert not (await speak(server, "robot")).errors
@@ -232,3 +234,52 @@ async def test_voice_scans_run_off_the_event_loop(tmp_path: Path) -> None:
                 assert event is not None and [v.name for v in Info.from_event(event).tts[0].voices][-1] == "slow"
         finally:
             BlockingProvider.release.set()
+
+
+# ---------------------------------------------------------------------------------------------- reference size
+
+
+def sparse_wav(path: Path, data_bytes: int, rate: int = 16000) -> Path:
+    """A 16-bit mono WAV whose header announces `data_bytes` of audio, written as a sparse file (no disk used)."""
+    header = (
+        b"RIFF"
+        + (36 + data_bytes).to_bytes(4, "little")
+        + b"WAVEfmt "
+        + (16).to_bytes(4, "little")
+        + (1).to_bytes(2, "little")
+        + (1).to_bytes(2, "little")
+        + rate.to_bytes(4, "little")
+        + (rate * 2).to_bytes(4, "little")
+        + (2).to_bytes(2, "little")
+        + (16).to_bytes(2, "little")
+        + b"data"
+        + data_bytes.to_bytes(4, "little")
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(header)
+        handle.truncate(len(header) + data_bytes)
+    return path
+
+
+async def test_reference_audio_over_the_cap_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """The header's length is checked before the file is read: a 512 MiB sparse reference.wav took RSS to 1.1 GB."""
+    root = tmp_path / "cfg" / "voices"
+    async with running_server(_config(tmp_path, max_reference_seconds=20.0)) as server:
+        sparse_wav(root / "en_US" / ".huge" / "reference.wav", 512 * 1024 * 1024).parent.rename(root / "en_US" / "huge")
+        long = root / "en_US" / ".long"
+        audiogen.write(long / "reference.wav", 25.0, 16000)  # real sound, but longer than the cap
+        long.rename(root / "en_US" / "long")
+        lying = root / "en_US" / ".lying"
+        audiogen.write(lying / "reference.wav", 2.0, 16000)
+        with open(lying / "reference.wav", "ab") as handle:  # 8 MB beyond what the header describes
+            handle.truncate((lying / "reference.wav").stat().st_size + 8 * 1024 * 1024)
+        lying.rename(root / "en_US" / "lying")
+        await describe(server)
+        await asyncio.wait_for(server.service.preparer.wait_idle(), TIMEOUT)
+        assert await describe(server) == ["robot"]
+        broken = server.service.catalog.broken
+        assert "16777 s long; the limit is 20 s (limits.max_reference_seconds)" in broken["huge"], broken
+        assert "25 s long; the limit is 20 s (limits.max_reference_seconds)" in broken["long"], broken
+        assert "larger than the audio its header describes" in broken["lying"], broken
+        assert not (await speak(server, "robot")).errors

@@ -312,6 +312,9 @@ class Limits:
     shutdown_grace_s: float = 10.0
     """After SIGTERM/SIGINT, how long in-flight requests may finish before connections are closed."""
 
+    max_reference_seconds: float = 120.0
+    """Longest reference recording accepted, by its header (before it is read); longer files are refused."""
+
     allowed_networks: tuple[str, ...] = ()
     """Client networks allowed to connect (CIDR, e.g. 192.168.1.0/24 or 127.0.0.1/32); empty allows all."""
 
@@ -331,7 +334,7 @@ class Limits:
                 return (name, "must be at least 1")
         if self.max_header_bytes < 256:
             return ("max_header_bytes", "must be at least 256 (a Wyoming header line needs room)")
-        for name in ("idle_timeout_s", "write_timeout_s", "engine_timeout_s"):
+        for name in ("idle_timeout_s", "write_timeout_s", "engine_timeout_s", "max_reference_seconds"):
             if getattr(self, name) <= 0:
                 return (name, "must be greater than 0")
         if self.shutdown_grace_s < 0:

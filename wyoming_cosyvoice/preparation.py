@@ -49,8 +49,11 @@ class VoicePreparer:
         cache_dir: Optional[Path] = None,
         *,
         timeout: Optional[float] = None,
+        max_reference_seconds: Optional[float] = None,
     ) -> None:
         self.catalog = catalog
+        self.max_reference_seconds = max_reference_seconds
+        """Longest reference recording accepted (`limits.max_reference_seconds`), checked before it is read."""
         self.timeout = timeout
         """Seconds one voice's preparation may take (`limits.engine_timeout_s`); beyond it the voice is broken."""
         self.engines = Engines.of(engine)
@@ -183,7 +186,9 @@ class VoicePreparer:
         try:
             if forgotten is not None:  # the engine drops the old version before it prepares the new one
                 await asyncio.shield(forgotten)  # a newer change cancels this task, not the forgetting
-            checked = await wait_within(asyncio.to_thread(profile_reference, profile, self.cache_dir), self.timeout)
+            checked = await wait_within(
+                asyncio.to_thread(profile_reference, profile, self.cache_dir, self.max_reference_seconds), self.timeout
+            )
             self._prepared_by[profile.name] = engine  # set before: a failed preparation may leave data behind
             if isinstance(engine, ThreadedEngine):
                 # Bounded per worker call, from when the worker starts it (not while it waits behind synthesis); a

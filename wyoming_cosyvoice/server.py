@@ -44,7 +44,12 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
     catalog = await asyncio.to_thread(build_catalog, config, plugins)  # file scans and YAML, off the loop
     tee = server_tee(config, plugins)  # before the engines: a bad sink setting fails fast
     engines = await start_engines(config, plugins, [p.engine for p in catalog.all_profiles if p.engine])
-    preparer = VoicePreparer(catalog, engines, timeout=config.limits.engine_timeout_s)
+    preparer = VoicePreparer(
+        catalog,
+        engines,
+        timeout=config.limits.engine_timeout_s,
+        max_reference_seconds=config.limits.max_reference_seconds,
+    )
     await preparer.prepare_all()
     await engines.warmup()
     preparer.recheck()  # an extra engine that failed its warm-up takes its voices with it

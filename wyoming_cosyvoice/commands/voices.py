@@ -21,11 +21,11 @@ if TYPE_CHECKING:
     from ..reference import ReferenceInfo
 
 
-def inspect_reference(path: Path, *, has_transcript: bool = False) -> "ReferenceInfo":
+def inspect_reference(path: Path, *, has_transcript: bool = False, max_seconds: float = 120.0) -> "ReferenceInfo":
     """reference.inspect_reference, imported on use so `--help` stays free of numpy and soundfile."""
     from ..reference import inspect_reference as inspect
 
-    return inspect(path, has_transcript=has_transcript)
+    return inspect(path, has_transcript=has_transcript, max_seconds=max_seconds)
 
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -74,7 +74,9 @@ class ProfileCheck:
         return "broken" if self.error else "warning" if self.warnings else "ok"
 
 
-def check_profile(profile: VoiceProfile, engines: Optional[Collection[str]] = None) -> ProfileCheck:
+def check_profile(
+    profile: VoiceProfile, engines: Optional[Collection[str]] = None, max_seconds: float = 120.0
+) -> ProfileCheck:
     """Validate a profile's engine name (against `engines`, the registered ones), reference audio and transcript."""
     result = ProfileCheck(profile)
     if profile.engine is not None and engines is not None and profile.engine not in engines:
@@ -88,7 +90,9 @@ def check_profile(profile: VoiceProfile, engines: Optional[Collection[str]] = No
             result.warnings.append("no reference audio: only engines that do not clone (espeak) can use it")
         return result
     try:
-        info = inspect_reference(profile.reference_audio, has_transcript=bool(profile.transcript))
+        info = inspect_reference(
+            profile.reference_audio, has_transcript=bool(profile.transcript), max_seconds=max_seconds
+        )
     except VoiceError as err:
         result.error = problem_line(profile.source, profile.name, str(err))
         return result
@@ -133,8 +137,10 @@ def _short(path: Optional[Path]) -> str:
 
 def run_list(args: argparse.Namespace) -> int:
     """Print each profile: default mark, name, state, mode, languages, reference, description."""
-    catalog, engines = load_voices(read_config(args.config))
-    checks = [check_profile(p, engines) for p in catalog.all_profiles]
+    config = read_config(args.config)
+    catalog, engines = load_voices(config)
+    cap = config.limits.max_reference_seconds
+    checks = [check_profile(p, engines, cap) for p in catalog.all_profiles]
     default = next((c.profile.name for c in checks if c.profile.default and not c.error), None)
     default = default or next((c.profile.name for c in checks if not c.error), None)
     if args.json:
@@ -175,7 +181,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """Check the named profiles (or all) and any --audio files; exit 1 when something is broken."""
-    catalog, engines = load_voices(read_config(args.config))
+    config = read_config(args.config)
+    catalog, engines = load_voices(config)
+    cap = config.limits.max_reference_seconds
     profiles = catalog.all_profiles
     if args.names:
         known = {p.name: p for p in profiles}
@@ -185,7 +193,7 @@ def run_check(args: argparse.Namespace) -> int:
         profiles = [known[n] for n in args.names]
     failed = False
     for profile in profiles:
-        result = check_profile(profile, engines)
+        result = check_profile(profile, engines, cap)
         failed |= result.error is not None
         print(f"{profile.name}: {result.state}")
         print(f"  defined in: {profile.source}")
@@ -212,7 +220,7 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"skipped: {line}")
     for audio in args.audio:
         try:
-            info = inspect_reference(audio)
+            info = inspect_reference(audio, max_seconds=cap)
         except VoiceError as err:
             failed = True
             print(f"error: {err}")
@@ -252,11 +260,13 @@ def run_add(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as err:
             raise VoiceError(f"{args.transcript_file}: voice {name!r}: cannot read the transcript: {err}") from None
     transcript = (transcript or "").strip() or None
+    config = read_config(args.config)
     try:
-        info = inspect_reference(args.audio, has_transcript=bool(transcript))
+        info = inspect_reference(
+            args.audio, has_transcript=bool(transcript), max_seconds=config.limits.max_reference_seconds
+        )
     except VoiceError as err:
         raise VoiceError(problem_line(str(args.audio), name, str(err))) from None
-    config = read_config(args.config)
     folder = _voices_folder(config, args.folder)
     target = folder / folder_language(language) / name
     if not args.force:
