@@ -113,8 +113,14 @@ class StuckPrepareEngine(FaultEngine):
 
     name = "stuck"
 
+    def __init__(self, settings: FaultSettings) -> None:
+        super().__init__(settings)
+        self.prepared: list[str] = []
+        """Voices prepared, in order."""
+
     async def prepare(self, profiles: Iterable[VoiceProfile]) -> None:
         for profile in profiles:
+            self.prepared.append(profile.name)
             await self.run_in_worker(self._prepare_one, profile)
 
     def _prepare_one(self, profile: VoiceProfile) -> None:
@@ -283,3 +289,89 @@ async def test_reference_audio_over_the_cap_is_refused_before_it_is_read(tmp_pat
         assert "25 s long; the limit is 20 s (limits.max_reference_seconds)" in broken["long"], broken
         assert "larger than the audio its header describes" in broken["lying"], broken
         assert not (await speak(server, "robot")).errors
+
+
+# ---------------------------------------------------------------------------------------------- changing files
+
+
+def cache_entries(cache: Path) -> set[str]:
+    """Normalized references in the cache (`<digest>.wav`, with its `<digest>.json`)."""
+    return {p.stem for p in (cache / "references").glob("*.wav")}
+
+
+async def test_reference_written_slowly_is_used_once_it_settles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reference.wav still being written is neither listed nor prepared; it is prepared once, complete."""
+    monkeypatch.setenv("WYOMING_COSYVOICE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "cfg" / "voices"
+    async with running_server(_config(tmp_path, engine="stuck"), Plugins(extra=(StuckPlugin,))) as server:
+        engine = server.service.engine
+        before = cache_entries(tmp_path / "cache")
+        complete = audiogen.write(tmp_path / "complete.wav", 4.0, 16000).read_bytes()
+        folder = root / "en_US" / "slow"
+        folder.mkdir(parents=True)
+        done = threading.Event()
+
+        def write_slowly() -> None:  # 40 pieces, 50 ms apart: about 2 s, as over a slow network share
+            with open(folder / "reference.wav", "wb") as handle:
+                step = len(complete) // 40 + 1
+                for start in range(0, len(complete), step):
+                    handle.write(complete[start : start + step])
+                    handle.flush()
+                    time.sleep(0.05)
+            done.set()
+
+        writer = asyncio.ensure_future(asyncio.to_thread(write_slowly))
+        listed_while_writing = 0
+        while not done.is_set():
+            names = await describe(server)
+            listed_while_writing += "slow" in names and not done.is_set()
+            await asyncio.sleep(0.03)
+        await writer
+        deadline = time.monotonic() + TIMEOUT
+        while "slow" not in await describe(server):
+            assert time.monotonic() < deadline, "the finished file was never used"
+            await asyncio.sleep(0.05)
+        await server.service.preparer.wait_idle()
+        assert listed_while_writing == 0
+        assert engine.prepared.count("slow") == 1, engine.prepared
+        assert len(cache_entries(tmp_path / "cache") - before) == 1
+        reply = await speak(server, "slow")
+        assert not reply.errors
+
+
+async def test_cache_entries_no_voice_uses_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replaced or removed reference leaves no normalized copy behind in the cache."""
+    monkeypatch.setenv("WYOMING_COSYVOICE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "cfg" / "voices"
+    cache = tmp_path / "cache"
+    async with running_server(_config(tmp_path, engine="stuck"), Plugins(extra=(StuckPlugin,))) as server:
+        robot = cache_entries(cache)
+        assert len(robot) == 1
+        folder = _voice_folder(root, "alice")
+        await describe(server)
+        await server.service.preparer.wait_idle()
+        first = cache_entries(cache) - robot
+        assert len(first) == 1
+        audiogen.write(tmp_path / "other.wav", 3.0, 24000)  # a new recording replaces the old one
+        (tmp_path / "other.wav").replace(folder / "reference.wav")
+        await poll_describe(server, lambda: cache_entries(cache) - robot - first)
+        assert len(cache_entries(cache) - robot) == 1, "the old recording's copy was pruned"
+        for child in folder.iterdir():
+            child.unlink()
+        folder.rmdir()
+        await poll_describe(server, lambda: cache_entries(cache) == robot)
+        assert sorted(p.suffix for p in (cache / "references").iterdir()) == [".json", ".wav"]
+
+
+async def poll_describe(server: Any, condition: Callable[[], Any]) -> None:
+    """Describe (which rescans the voices) until `condition()` holds and no preparation runs (generous timeout)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        await describe(server)
+        await server.service.preparer.wait_idle()
+        if condition():
+            return
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
