@@ -17,6 +17,7 @@ from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeVoice
 
 from wyoming_cosyvoice.config import Config
+from wyoming_cosyvoice.wire import encode_event
 
 from .helpers import (
     TIMEOUT,
@@ -344,3 +345,28 @@ async def test_engine_timeout_reaches_the_client_after_one_timeout(tmp_path: Pat
             assert 1.9 < elapsed < 3.5, elapsed
         finally:
             engine.release.set()
+
+
+async def test_floods_of_empty_requests_hit_the_bounds(tmp_path: Path) -> None:
+    """Empty `synthesize` and `synthesize-chunk` events count toward max_stream_chars: a flood of them, sent while the
+    engine is busy, is refused with LimitExceeded instead of growing the connection's job queue."""
+    config = fault_config(tmp_path, limits={"max_stream_chars": 2000, "idle_timeout_s": 2.0}, engine={"slow_s": 1.0})
+    async with running_server(config, fault_plugins()) as server:
+        empty_requests = encode_event(Synthesize(text="SLOW start").event()) + b"".join(
+            encode_event(Synthesize(text="").event()) for _ in range(5000)
+        )
+        empty_chunks = (
+            encode_event(SynthesizeStart().event())
+            + encode_event(SynthesizeChunk(text="SLOW start. ").event())
+            + b"".join(encode_event(SynthesizeChunk(text="").event()) for _ in range(5000))
+        )
+        for flood in (empty_requests, empty_chunks):
+            async with raw_connection(server) as (reader, writer):
+                writer.write(flood)  # all at once, while the engine works on the first request
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                events = await read_until_closed(reader)
+                errors = [e for e in events if e.type == "error"]
+                assert [e.data.get("code") for e in errors] == ["LimitExceeded"], errors
+                assert "limits.max_stream_chars" in errors[0].data["text"]
+                assert sum(e.type == "audio-stop" for e in events) < 200

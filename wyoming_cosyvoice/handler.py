@@ -28,6 +28,10 @@ _LOGGER = logging.getLogger(__name__)
 MAX_CHUNK_SECONDS = 0.5
 """Engine chunks longer than this are sent as several Wyoming audio chunks."""
 
+MIN_JOB_CHARS = 16
+"""Every queued job counts at least this many characters toward `limits.max_stream_chars`: an empty request costs
+memory and a reply too, and a flood of them must hit the bound."""
+
 
 @dataclass
 class _Stream:
@@ -211,7 +215,7 @@ class TtsEventHandler(AsyncEventHandler):
             if self._stream is None:
                 raise BadRequest("synthesize-chunk without synthesize-start")
             text = _text_field(event.data, self.limits.max_text_chars)
-            self._stream.chars += len(text)
+            self._stream.chars += max(len(text), 1)  # empty chunks count too: a flood of them is bounded
             if self._stream.chars > self.limits.max_stream_chars:
                 raise LimitExceeded(
                     f"stream text exceeds {self.limits.max_stream_chars} characters (limits.max_stream_chars)"
@@ -232,6 +236,7 @@ class TtsEventHandler(AsyncEventHandler):
 
     def _queue(self, job: _Job, chars: int) -> None:
         """Queue a job for synthesis; the text waiting per connection is bounded (a pipelining client)."""
+        chars = _job_cost(chars)
         if self._queued_chars + chars > self.limits.max_stream_chars:
             raise LimitExceeded(
                 f"more than {self.limits.max_stream_chars} characters queued on one connection "
@@ -266,7 +271,7 @@ class TtsEventHandler(AsyncEventHandler):
                 return
             finally:
                 self._pending -= 1
-                self._queued_chars -= _job_chars(job)
+                self._queued_chars -= _job_cost(_job_chars(job))
 
     async def _run_job(self, job: _Job) -> None:
         if isinstance(job, _OneShot):
@@ -335,6 +340,10 @@ class TtsEventHandler(AsyncEventHandler):
 
 def _job_chars(job: _Job) -> int:
     return len(job.text) if isinstance(job, (_OneShot, _Sentence)) else 0
+
+
+def _job_cost(chars: int) -> int:
+    return max(chars, MIN_JOB_CHARS)
 
 
 def _peer_name(writer: asyncio.StreamWriter) -> str:
