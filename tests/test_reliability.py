@@ -12,9 +12,10 @@ import statistics
 import time
 from pathlib import Path
 
-from wyoming.event import async_write_event
+from wyoming.event import Event, async_write_event
 from wyoming.info import Describe, Info
-from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeVoice
+from wyoming.ping import Ping
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
 from wyoming_cosyvoice.config import Config
 from wyoming_cosyvoice.wire import encode_event
@@ -370,3 +371,57 @@ async def test_floods_of_empty_requests_hit_the_bounds(tmp_path: Path) -> None:
                 assert [e.data.get("code") for e in errors] == ["LimitExceeded"], errors
                 assert "limits.max_stream_chars" in errors[0].data["text"]
                 assert sum(e.type == "audio-stop" for e in events) < 200
+
+
+async def test_a_connection_that_only_pings_is_idle(tmp_path: Path) -> None:
+    """Pings keep no slot forever: they do not reset the idle timer (a synthesis in progress still does)."""
+    config = fault_config(tmp_path, limits={"idle_timeout_s": 1.0})
+    async with running_server(config, fault_plugins()) as server, raw_connection(server) as (reader, writer):
+
+        async def keep_pinging() -> None:
+            with contextlib.suppress(ConnectionError):
+                for _ in range(100):  # 20 s of pings, far beyond the idle timeout
+                    await async_write_event(Ping(text="still here").event(), writer)
+                    await asyncio.sleep(0.2)
+
+        pinging = asyncio.create_task(keep_pinging())
+        try:
+            events = await read_until_closed(reader, timeout=30)
+            assert not pinging.done(), "the server waited until the pings stopped"
+        finally:
+            pinging.cancel()
+        assert [e.type for e in events][-1:] == ["error"], [e.type for e in events]
+        assert events[-1].data["code"] == "ClientTimeout" and "pings do not count" in events[-1].data["text"]
+        assert {e.type for e in events[:-1]} == {"pong"}
+        await wait_for(lambda: not server._connections)
+
+
+async def test_nothing_but_the_stream_end_follows_an_error(tmp_path: Path) -> None:
+    """After its `error` the server sends no `info`, `pong` or second `error`; only a failed stream's end."""
+    unknown = SynthesizeVoice(name="nobody")
+    cases = {
+        "request, describe": [Synthesize(text="hi", voice=unknown).event(), Describe().event()],
+        "request, bad event": [Synthesize(text="hi", voice=unknown).event(), Event("bogus")],
+        "stream, describes": [
+            SynthesizeStart(voice=unknown).event(),
+            SynthesizeChunk(text="One. Two. ").event(),
+            *[Describe().event()] * 3,
+        ],
+        "stream, bad line": [SynthesizeStart(voice=unknown).event(), SynthesizeChunk(text="One. ").event()],
+        "stream stopped, ping": [
+            SynthesizeStart(voice=unknown).event(),
+            SynthesizeChunk(text="One").event(),
+            SynthesizeStop().event(),
+            Describe().event(),
+            Ping().event(),
+        ],
+    }
+    async with running_server(fault_config(tmp_path), fault_plugins()) as server:
+        for name, events in cases.items():
+            for _ in range(10):
+                async with raw_connection(server) as (reader, writer):
+                    writer.write(b"".join(encode_event(e) for e in events) + (b"garbage\n" if "line" in name else b""))
+                    writer.write_eof()
+                    answer = [e.data.get("code") or e.type for e in await read_until_closed(reader)]
+                expected = ["VoiceNotFound", "synthesize-stopped"] if "stream" in name else ["VoiceNotFound"]
+                assert answer == expected, (name, answer)

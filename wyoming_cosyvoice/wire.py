@@ -18,6 +18,10 @@ from .errors import ClientTimeout, LimitExceeded, ProtocolError
 _LOGGER = logging.getLogger(__name__)
 
 
+_KEEPALIVE = ("ping", "pong")
+"""Events that do not count as activity for the idle timeout: a connection that only pings is idle."""
+
+
 class ClientStalled(ConnectionError):
     """The client accepted no data for `limits.write_timeout_s`; the connection was aborted."""
 
@@ -117,6 +121,7 @@ class EventChannel:
         self.aborted = False
         self._reading: Optional["asyncio.Future[Optional[Event]]"] = None
         self._stopped = False
+        self._error_sent = False
 
     def touch(self) -> None:
         """Record activity (an event read or written), which resets the idle timer."""
@@ -136,14 +141,17 @@ class EventChannel:
                 if done:
                     if self._stopped and task.cancelled():
                         return None
-                    self.touch()
-                    return task.result()
+                    event = task.result()
+                    if event is not None and event.type not in _KEEPALIVE:
+                        self.touch()
+                    return event
                 if busy():
                     self.touch()  # waiting for its own synthesis is not idling
                     continue
                 if loop.time() - self._last_activity >= self.limits.idle_timeout_s:
                     raise ClientTimeout(
-                        f"no complete event for {self.limits.idle_timeout_s:g} s (limits.idle_timeout_s)"
+                        f"no complete event for {self.limits.idle_timeout_s:g} s (limits.idle_timeout_s; pings do not "
+                        "count)"
                     )
         finally:
             self._reading = None
@@ -166,6 +174,11 @@ class EventChannel:
         async with self._write_lock:
             if self.aborted or self.writer.is_closing():
                 raise ConnectionResetError("connection already closed")
+            if self._error_sent and event.type != "synthesize-stopped":
+                # After its `error` a client hears nothing more but a failed stream's end (it may be mid-stream).
+                raise ConnectionResetError("an error was sent; the connection is closing")
+            if event.type == "error":
+                self._error_sent = True
             # One write per event (the wyoming library makes three sends of it), and a timed wait only when the
             # transport's buffer is over its high-water mark, i.e. when drain() would really block.
             self.writer.write(encode_event(event))
@@ -183,7 +196,8 @@ class EventChannel:
                     # Logged here: the cancellation that follows may interrupt whoever would log it further up.
                     _LOGGER.warning("client %s: %s; disconnected, its synthesis cancelled", self.peer, stalled)
                     raise stalled from None
-            self.touch()
+            if event.type not in _KEEPALIVE:
+                self.touch()
 
     def abort(self) -> None:
         """Drop the connection now, discarding unsent data (frees the transport's buffer)."""
