@@ -18,6 +18,7 @@ from wyoming.ping import Ping
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
 from wyoming_cosyvoice.config import Config
+from wyoming_cosyvoice.logs import LogThrottle
 from wyoming_cosyvoice.wire import encode_event
 
 from .helpers import (
@@ -425,3 +426,34 @@ async def test_nothing_but_the_stream_end_follows_an_error(tmp_path: Path) -> No
                     answer = [e.data.get("code") or e.type for e in await read_until_closed(reader)]
                 expected = ["VoiceNotFound", "synthesize-stopped"] if "stream" in name else ["VoiceNotFound"]
                 assert answer == expected, (name, answer)
+
+
+async def test_repeated_warnings_are_rate_limited(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A flood of refused connections logs a bounded number of lines, not one per connection."""
+    caplog.set_level(logging.WARNING, logger="wyoming_cosyvoice")
+    config = fault_config(tmp_path, limits={"max_connections": 1})
+    async with running_server(config, fault_plugins()) as server, connect(server):
+        await wait_for(lambda: server.guard.open == 1)
+        for _ in range(40):
+            async with raw_connection(server) as (reader, _writer):
+                assert [e.data.get("code") for e in await read_until_closed(reader)] == ["ServerBusy"]
+    refused = [r for r in caplog.records if "refused: too many connections" in r.getMessage()]
+    assert len(refused) == 10, len(refused)
+
+
+def test_log_throttle_counts_what_it_suppressed(caplog) -> None:  # type: ignore[no-untyped-def]
+    now = [0.0]
+    throttle = LogThrottle(burst=2, interval=60.0, clock=lambda: now[0])
+    logger = logging.getLogger("wyoming_cosyvoice.test")
+    with caplog.at_level(logging.WARNING, logger="wyoming_cosyvoice.test"):
+        shown = [throttle.warning(logger, "busy", "refused %d", i) for i in range(5)]
+        assert throttle.warning(logger, "other", "another kind")  # keys are counted apart
+        now[0] = 61.0
+        assert throttle.warning(logger, "busy", "refused %d", 5)
+    assert shown == [True, True, False, False, False]
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 0",
+        "refused 1",
+        "another kind",
+        "refused 5 (and 3 similar lines suppressed before this one)",
+    ]

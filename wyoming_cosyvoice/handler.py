@@ -130,7 +130,7 @@ class TtsEventHandler(AsyncEventHandler):
         self._tap: Optional[ReplyTap] = None  # copy of the current reply for server-side sinks
         self.limits = service.limits
         self.peer = _peer_name(writer)
-        self.channel = EventChannel(reader, writer, self.limits, self.peer)
+        self.channel = EventChannel(reader, writer, self.limits, self.peer, service.log_throttle)
         self._queued_chars = 0
         self._pending = 0
 
@@ -247,7 +247,7 @@ class TtsEventHandler(AsyncEventHandler):
         self._jobs.put_nowait(job)
 
     async def _send_error(self, err: CosyVoiceServiceError) -> None:
-        _LOGGER.warning("client %s: %s: %s", self.peer, err.code, err)
+        self.service.log_throttle.warning(_LOGGER, err.code, "client %s: %s: %s", self.peer, err.code, err)
         try:
             await self.write_event(Error(text=str(err), code=err.code).event())
         except Exception:  # the client may be gone or stalled; the error is logged either way

@@ -114,8 +114,11 @@ class Server:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection, in its own task: allow-list, connection bound, then the protocol handler."""
         peername = writer.get_extra_info("peername")
+        throttle = self.service.log_throttle
         if not self.guard.allowed(peername):
-            _LOGGER.warning("connection from %s refused: not in limits.allowed_networks", peername)
+            throttle.warning(
+                _LOGGER, "not allowed", "connection from %s refused: not in limits.allowed_networks", peername
+            )
             writer.transport.abort()
             return
         if self.guard.full() or self.service.admission.closing:
@@ -124,7 +127,7 @@ class Server:
                 if self.service.admission.closing
                 else f"too many connections (limits.max_connections = {self.guard.max_connections})"
             )
-            _LOGGER.warning("connection from %s refused: %s", peername, busy)
+            throttle.warning(_LOGGER, "refused busy", "connection from %s refused: %s", peername, busy)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(async_write_event(Error(text=str(busy), code=busy.code).event(), writer), 1.0)
             writer.transport.abort()

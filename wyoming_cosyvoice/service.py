@@ -17,6 +17,7 @@ from .audio import apply_gain
 from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import ServerBusy
+from .logs import LogThrottle
 from .preparation import VoicePreparer
 from .routing import Engines
 from .sinks import AudioFormat, StreamInfo, Tee, TeeStream
@@ -128,6 +129,8 @@ class Service:
         self.tee = tee
         """Server-side sinks (config `sinks:`) that get a copy of every reply."""
         self._finishing: set[asyncio.Task[object]] = set()
+        self.log_throttle = LogThrottle()
+        """Rate limit for the per-client warning lines (refusals, errors, stalls) shared by all connections."""
 
     def engine_for(self, profile: VoiceProfile) -> Engine:
         """The engine that serves `profile` (VoiceNotFound when it is not running)."""

@@ -14,6 +14,7 @@ from wyoming.version import __version__ as WYOMING_VERSION
 from .aio import wait_within
 from .config import Limits
 from .errors import ClientTimeout, LimitExceeded, ProtocolError
+from .logs import LogThrottle
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -109,11 +110,17 @@ class EventChannel:
     """One client's events: bounded reads with an idle timeout, serialized writes with a write timeout."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits, peer: str = "?"
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        limits: Limits,
+        peer: str = "?",
+        throttle: Optional[LogThrottle] = None,
     ) -> None:
         self.reader = reader
         self.peer = peer
         """The client, for log lines."""
+        self.throttle = throttle or LogThrottle()
         self.writer = writer
         self.limits = limits
         self._write_lock = asyncio.Lock()
@@ -194,7 +201,9 @@ class EventChannel:
                         f"client accepted no data for {self.limits.write_timeout_s:g} s (limits.write_timeout_s)"
                     )
                     # Logged here: the cancellation that follows may interrupt whoever would log it further up.
-                    _LOGGER.warning("client %s: %s; disconnected, its synthesis cancelled", self.peer, stalled)
+                    self.throttle.warning(
+                        _LOGGER, "stalled", "client %s: %s; disconnected, its synthesis cancelled", self.peer, stalled
+                    )
                     raise stalled from None
             if event.type not in _KEEPALIVE:
                 self.touch()
