@@ -457,3 +457,14 @@ def test_log_throttle_counts_what_it_suppressed(caplog) -> None:  # type: ignore
         "another kind",
         "refused 5 (and 3 similar lines suppressed before this one)",
     ]
+
+
+async def test_unknown_voice_is_one_clear_log_line(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Home Assistant ignores `error` events: the server's log must name the client, the voice and the choices."""
+    caplog.set_level(logging.INFO, logger="wyoming_cosyvoice")
+    async with running_server(fault_config(tmp_path), fault_plugins()) as server, connect(server) as client:
+        await client.write_event(Synthesize(text="Hello", voice=SynthesizeVoice(name="alice")).event())
+        assert [e.code for e in (await collect(client)).errors] == ["VoiceNotFound"]
+        port = client._writer.get_extra_info("sockname")[1]  # type: ignore[union-attr]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == [f"client 127.0.0.1:{port}: VoiceNotFound: unknown voice 'alice' (available: tars, anna)"]
