@@ -55,6 +55,9 @@ VALID = [
     encode("synthesize", {"text": "two words"}),
     encode("synthesize", {"text": "hello", "voice": {"name": "tars", "language": "en-US"}}),
     encode("synthesize-start", {"voice": {"name": "anna"}}),
+    encode("synthesize-start", {"voice": {"name": "nobody"}}),  # fails at its first sentence
+    encode("synthesize", {"text": ""}),
+    encode("synthesize-chunk", {"text": ""}),
     encode("synthesize-chunk", {"text": "One. Two"}),
     encode("synthesize-stop"),
     encode("audio-chunk", {"rate": 16000, "width": 2, "channels": 1}, b"\x00\x01" * 8),
