@@ -216,13 +216,17 @@ class WavSink:
             path = self.settings.dir / f"{stem}-{n}.wav"
         return path
 
+    def _free_target(self, info: StreamInfo) -> Path:
+        final = self._target(info)
+        if final.exists() and not self.settings.overwrite:
+            raise SinkError(f"{final} exists; pass --overwrite (or overwrite: true) to replace it")
+        return final
+
     async def open(self, fmt: AudioFormat, info: StreamInfo) -> _WavStream:
         """Create the temporary file for one stream."""
         if fmt.width not in _SUBTYPES:
             raise SinkError(f"{self.name}: cannot write {fmt.width}-byte samples")
-        final = self._target(info)
-        if final.exists() and not self.settings.overwrite:
-            raise SinkError(f"{final} exists; pass --overwrite (or overwrite: true) to replace it")
+        final = await asyncio.to_thread(self._free_target, info)  # stat calls: off the event loop
         stream = _WavStream(final, fmt, self.settings.overwrite)
         await stream.start()
         return stream
