@@ -58,11 +58,15 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 async def _events_until(reader: asyncio.StreamReader, last: tuple[str, ...]) -> tuple[str, list[Event]]:
-    """Read until an event whose type is in `last`, an error, or the end; (outcome, events)."""
+    """Read until an event whose type is in `last`, an error, or the end, for at most LIMIT s; (outcome, events)."""
     events: list[Event] = []
+    deadline = asyncio.get_running_loop().time() + LIMIT  # in all: a server that keeps answering pings must end too
     try:
         while True:
-            event = await asyncio.wait_for(async_read_event(reader), LIMIT)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return "timeout", events
+            event = await asyncio.wait_for(async_read_event(reader), remaining)
             if event is None:
                 return "closed", events
             events.append(event)
@@ -115,7 +119,7 @@ async def unknown_voice_keeps_sending(host: str, port: int, rng: random.Random) 
         with contextlib.suppress(ConnectionError):
             for _ in range(40):
                 writer.write(ev("synthesize-chunk", text="Hello there. "))
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), LIMIT)
                 await asyncio.sleep(0.005)
         return await _drain_until_closed(reader)
     finally:
@@ -168,10 +172,10 @@ async def only_pings(host: str, port: int, rng: random.Random) -> str:
     reader, writer = await _open(host, port)
 
     async def pinging() -> None:
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
             while True:
                 writer.write(ev("ping", text="hi"))
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), LIMIT)
                 await asyncio.sleep(0.2)
 
     task = asyncio.ensure_future(pinging())
@@ -192,7 +196,7 @@ async def empty_flood(host: str, port: int, rng: random.Random) -> str:
             data = ev("synthesize-start") + ev("synthesize-chunk", text="") * 3000 + ev("synthesize-stop")
         writer.write(data)
         with contextlib.suppress(ConnectionError):
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), LIMIT)
         return await _drain_until_closed(reader)
     finally:
         writer.close()
@@ -210,7 +214,7 @@ async def slowloris(host: str, port: int, rng: random.Random) -> str:
                 break
             try:
                 writer.write(bytes([byte]))
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), LIMIT)
             except ConnectionError:
                 break
             await asyncio.sleep(0.1)
@@ -262,19 +266,13 @@ async def fuzzed(host: str, port: int, rng: random.Random) -> str:
     try:
         writer.write(fuzz_input(rng))
         with contextlib.suppress(ConnectionError, OSError):
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), LIMIT)
             writer.write_eof()
-        outcome, events = "closed", []
-        try:
-            while True:
-                event = await asyncio.wait_for(async_read_event(reader), LIMIT)
-                if event is None:
-                    break
-                events.append(event)
-        except asyncio.TimeoutError:
-            outcome = "timeout"
-        except (ConnectionError, asyncio.IncompleteReadError):
-            outcome = "reset"
+        outcome, events = await _events_until(reader, ())
+        if outcome not in ("closed", "reset", "timeout"):  # an error code: read what follows it too
+            rest, more = await _events_until(reader, ())
+            events += more
+            outcome = rest if rest in ("timeout", "reset") else "closed"
         errors = [i for i, e in enumerate(events) if e.type == "error"]
         if errors and [e.type for e in events[errors[0] + 1 :]] not in ([], ["synthesize-stopped"]):
             return "bad: events after an error"
