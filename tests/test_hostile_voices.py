@@ -357,7 +357,8 @@ async def test_cache_entries_no_voice_uses_are_pruned(tmp_path: Path, monkeypatc
         audiogen.write(tmp_path / "other.wav", 3.0, 24000)  # a new recording replaces the old one
         (tmp_path / "other.wav").replace(folder / "reference.wav")
         await poll_describe(server, lambda: cache_entries(cache) - robot - first)
-        assert len(cache_entries(cache) - robot) == 1, "the old recording's copy was pruned"
+        assert cache_entries(cache) & first == set(), "the old recording's copy was pruned"
+        assert len(cache_entries(cache) - robot) == 1
         for child in folder.iterdir():
             child.unlink()
         folder.rmdir()

@@ -256,9 +256,11 @@ class VoicePreparer:
             raise VoiceNotFound(f"{problem} (voice unavailable)")
 
     async def wait_idle(self) -> None:
-        """Wait for every preparation in progress (tests, shutdown)."""
-        pending = [t for t in [*self._tasks.values(), *self._forgetting] if not t.done()]
-        if pending:
+        """Wait for every preparation in progress, and what those start (cache pruning), to finish (tests, shutdown)."""
+        while True:
+            pending = [t for t in [*self._tasks.values(), *self._forgetting] if not t.done()]
+            if not pending:
+                return
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def close(self) -> None:
