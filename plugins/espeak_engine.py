@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import Cancelled, SynthesisOptions, ThreadedEngine
-from wyoming_cosyvoice.errors import EngineError, EngineUnavailable
+from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, VoiceError
 from wyoming_cosyvoice.hookspecs import hookimpl
 from wyoming_cosyvoice.voices import VoiceProfile
 
@@ -78,12 +79,22 @@ class EspeakSettings:
         return None
 
 
+VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,63}$")
+"""espeak voice names (`en-us`, `en-us+f3`, `mb-de1`): libespeak-ng opens a name with a `/` as a file, so none has one."""
+
+
 def espeak_voice_for(profile: VoiceProfile) -> str:
-    """The espeak voice/language for a profile: `options.espeak_voice`, else its first language."""
+    """The espeak voice/language for a profile: `options.espeak_voice`, else its first language (VoiceError if unsafe)."""
     explicit = profile.options.get("espeak_voice")
-    if isinstance(explicit, str) and explicit:
-        return explicit
-    return (profile.languages[0] if profile.languages else "en").lower().replace("_", "-")
+    if explicit is None or explicit == "":
+        voice = (profile.languages[0] if profile.languages else "en").lower().replace("_", "-")
+    else:
+        voice = explicit
+    if not isinstance(voice, str) or not VOICE_NAME.match(voice):
+        raise VoiceError(
+            f"options.espeak_voice: {str(voice)[:40]!r} is not an espeak voice name (letters, digits, '_', '+', '-')"
+        )
+    return voice
 
 
 class EspeakEngine(ThreadedEngine):
@@ -153,6 +164,7 @@ class EspeakEngine(ThreadedEngine):
     async def prepare(self, profiles: Iterable[VoiceProfile]) -> None:
         """Load each profile's espeak voice data once, so no request pays for it."""
         for profile in profiles:
+            espeak_voice_for(profile)  # an unusable name breaks the voice here, with the reason
             await self.run_in_worker(self._warm_voice, profile)
 
     async def warmup(self) -> None:

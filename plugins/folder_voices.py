@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -31,6 +32,45 @@ REFERENCE_NAMES = ("reference.wav", "reference.flac")
 TEXT_FILES = ("transcript.txt", "instruct.txt", "profile.yaml")
 PROFILE_KEYS = ("description", "languages", "mode", "speed", "gain", "engine", "default", "speaker", "options")
 """Keys allowed in a voice folder's `profile.yaml` (paths and texts come from the folder's files)."""
+
+OPTION_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+"""`options` keys in a `profile.yaml`: identifiers."""
+
+OPTION_TEXT = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,63}$")
+"""`options` text values in a `profile.yaml`: names like `en-us+f3` (no path separator, no `..`, no spaces)."""
+
+MAX_PROFILE_BYTES = 65536
+"""A `profile.yaml` larger than this is refused."""
+
+MAX_OPTIONS = 32
+"""Most `options` entries in one `profile.yaml`."""
+
+
+def check_options(options: Any) -> None:
+    """Every `options` value from a voices folder is a number, a boolean or a short name: never a path or a structure.
+
+    Raises ConfigError naming the option. Whoever can write a voice folder may not be the server's administrator, and
+    an engine may hand an option to a library that opens it as a file (espeak did).
+    """
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise ConfigError("profile.yaml:options: expected a mapping of names to values")
+    if len(options) > MAX_OPTIONS:
+        raise ConfigError(f"profile.yaml:options: {len(options)} entries; at most {MAX_OPTIONS} are allowed")
+    for key, value in options.items():
+        if not isinstance(key, str) or not OPTION_KEY.match(key):
+            raise ConfigError(f"profile.yaml:options: {str(key)[:40]!r} is not an option name (letters, digits, _)")
+        where = f"profile.yaml:options.{key}"
+        if isinstance(value, (bool, int, float)):
+            continue
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a name, a number or true/false, got a {type(value).__name__}")
+        if not OPTION_TEXT.match(value) or ".." in value:
+            raise ConfigError(
+                f"{where}: {value[:40]!r} is not allowed (letters, digits, '_', '.', '+', '-'; no paths); "
+                "profile.yaml cannot name files"
+            )
 
 
 @dataclass(frozen=True)
@@ -136,12 +176,13 @@ class FolderVoiceProvider:
         data: dict[str, Any] = {"name": name, "description": name, "languages": [language]}
         extra = self._inside(root, voice_dir / "profile.yaml")
         if extra is not None:
-            raw = load_yaml(extra)
+            raw = load_yaml(extra, aliases=False, max_bytes=MAX_PROFILE_BYTES)
             if raw is not None and not isinstance(raw, dict):
                 raise ConfigError("profile.yaml: expected a mapping")
             for key in raw or {}:
                 if key not in PROFILE_KEYS:
                     raise ConfigError(f"profile.yaml:{key}: not allowed here (allowed: {', '.join(PROFILE_KEYS)})")
+            check_options((raw or {}).get("options"))
             data.update(raw or {})
         data["reference_audio"] = str(self._inside(root, reference, required=True))
         for key, filename in (("transcript", "transcript.txt"), ("instruct", "instruct.txt")):

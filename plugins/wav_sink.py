@@ -21,6 +21,48 @@ _LOGGER = logging.getLogger(__name__)
 
 _SUBTYPES = {1: "PCM_U8", 2: "PCM_16", 4: "PCM_32"}
 
+STALE_PART_SECONDS = 600.0
+"""A `.part` file nobody has written to for this long is left over from a killed process (a live stream writes every
+chunk)."""
+
+_PART = re.compile(r"^\..+\.(\d+)\.part$")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale_parts(folder: Path, max_age: float = STALE_PART_SECONDS) -> list[Path]:
+    """Delete the `.part` files a killed writer left in `folder`: its process is gone, or nothing wrote to it for
+    `max_age` seconds. Returns what was removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:  # no archive folder yet
+        return removed
+    now = time.time()
+    for path in entries:
+        match = _PART.match(path.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        try:
+            age = now - path.stat().st_mtime
+            if age > max_age or (pid != os.getpid() and not _running(pid)):
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    if removed:
+        _LOGGER.warning("wav sink: removed %d partial file(s) left in %s by a killed process", len(removed), folder)
+    return removed
+
 
 @dataclass(frozen=True)
 class WavSettings:
@@ -76,7 +118,24 @@ class _WavStream:
     def _write(self, pcm: bytes) -> None:
         with self._lock:
             if self._file is not None:
-                self._append(pcm)
+                try:
+                    self._append(pcm)
+                except BaseException:
+                    self._discard()  # a failed write (disk full) leaves no partial file behind
+                    raise
+
+    def _discard(self) -> None:
+        """Close and delete the temporary file (called with the lock held)."""
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except Exception:  # noqa: BLE001 - the file is deleted anyway
+                pass
+        try:
+            self.tmp.unlink()
+        except OSError:
+            pass
 
     def _append(self, pcm: bytes) -> None:
         import numpy as np
@@ -95,7 +154,11 @@ class _WavStream:
         with self._lock:
             if self._file is None:
                 return
-            self._file.close()
+            try:
+                self._file.close()
+            except BaseException:
+                self._discard()
+                raise
             self._file = None
         if self.overwrite:
             os.replace(self.tmp, self.final)
@@ -137,6 +200,8 @@ class WavSink:
         self.name = f"wav:{target}"
         if settings.path is not None and settings.path.exists() and not settings.overwrite:
             raise SinkError(f"{settings.path} exists; pass --overwrite (or overwrite: true) to replace it")
+        if settings.dir is not None:
+            sweep_stale_parts(settings.dir)  # an archive outlives the processes writing to it
 
     def _target(self, info: StreamInfo) -> Path:
         if self.settings.path is not None:
@@ -151,13 +216,17 @@ class WavSink:
             path = self.settings.dir / f"{stem}-{n}.wav"
         return path
 
+    def _free_target(self, info: StreamInfo) -> Path:
+        final = self._target(info)
+        if final.exists() and not self.settings.overwrite:
+            raise SinkError(f"{final} exists; pass --overwrite (or overwrite: true) to replace it")
+        return final
+
     async def open(self, fmt: AudioFormat, info: StreamInfo) -> _WavStream:
         """Create the temporary file for one stream."""
         if fmt.width not in _SUBTYPES:
             raise SinkError(f"{self.name}: cannot write {fmt.width}-byte samples")
-        final = self._target(info)
-        if final.exists() and not self.settings.overwrite:
-            raise SinkError(f"{final} exists; pass --overwrite (or overwrite: true) to replace it")
+        final = await asyncio.to_thread(self._free_target, info)  # stat calls: off the event loop
         stream = _WavStream(final, fmt, self.settings.overwrite)
         await stream.start()
         return stream

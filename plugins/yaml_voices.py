@@ -27,6 +27,9 @@ from wyoming_cosyvoice.voices import VoiceProfile, problem_line
 MAX_TRANSCRIPT_BYTES = 16384
 """Transcript files larger than this are refused (a 30 s reference has a few hundred characters)."""
 
+MAX_VOICES_FILE_BYTES = 1048576
+"""A voices file larger than this is refused (a hundred voices take a few kB)."""
+
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -93,7 +96,8 @@ class YamlVoiceProvider:
         self._stamp = stamp
         try:
             source = str(self.path)
-            top = build(VoicesFile, load_yaml(self.path), source=source, base_dir=self.path.parent)
+            data = load_yaml(self.path, aliases=False, max_bytes=MAX_VOICES_FILE_BYTES)
+            top = build(VoicesFile, data, source=source, base_dir=self.path.parent)
         except ConfigError as err:
             if initial:
                 raise

@@ -5,6 +5,7 @@ It is a real ThreadedEngine (the worker-thread bridge under test) with a `genera
 - "OOM": an exception shaped like torch's (class `OutOfMemoryError`, a RuntimeError, "CUDA out of memory...");
 - "HANG": blocks without looking at the cancel flag (a wedged native call) until `release` is set;
 - "SLOW": waits `slow_s` before the first chunk (a cold model);
+- "WEDGE": makes its chunks, then blocks like HANG (a call that wedges after the audio was made);
 - otherwise: `chunks_per_word` chunks per word, `chunk_ms` apart, each `chunk_bytes` long.
 """
 
@@ -96,6 +97,10 @@ class FaultEngine(ThreadedEngine):
                     raise ValueError("simulated engine bug")
                 self.produced += 1
                 yield chunk
+            if "WEDGE" in text:
+                self.release.wait(60)
+                outcome = "hung"
+                return
             outcome = "done"
         except Exception:
             outcome = "error"

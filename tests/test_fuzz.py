@@ -55,6 +55,9 @@ VALID = [
     encode("synthesize", {"text": "two words"}),
     encode("synthesize", {"text": "hello", "voice": {"name": "tars", "language": "en-US"}}),
     encode("synthesize-start", {"voice": {"name": "anna"}}),
+    encode("synthesize-start", {"voice": {"name": "nobody"}}),  # fails at its first sentence
+    encode("synthesize", {"text": ""}),
+    encode("synthesize-chunk", {"text": ""}),
     encode("synthesize-chunk", {"text": "One. Two"}),
     encode("synthesize-stop"),
     encode("audio-chunk", {"rate": 16000, "width": 2, "channels": 1}, b"\x00\x01" * 8),
@@ -226,6 +229,7 @@ def test_fuzz_live_server(tmp_path: Path) -> None:
     started = time.perf_counter()
     try:
         assert [e.type for e in speak(port, "warm up")][-1] == "audio-stop"
+        assert [e.type for e in parse(exchange(port, encode("describe")))] == ["info"]  # starts the scan thread
         server.settle()
         tasks_before = server.tasks()
         threads_before = {t.name for t in threading.enumerate()}
@@ -237,6 +241,9 @@ def test_fuzz_live_server(tmp_path: Path) -> None:
             assert len(errors) <= 1, events
             for error in errors:
                 assert isinstance(error.data.get("text"), str) and isinstance(error.data.get("code"), str)
+            if errors:  # after its error the server says nothing but a failed stream's synthesize-stopped
+                after = [e.type for e in events[events.index(errors[0]) + 1 :]]
+                assert after in ([], ["synthesize-stopped"]), [e.type for e in events]
 
         def common(name: str) -> settings:
             return settings(

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -117,3 +121,38 @@ async def test_bad_sink_config_fails_at_startup(tmp_path: Path) -> None:
     path = write_config(tmp_path / "cfg2", sinks={"loudspeaker": {}})
     with pytest.raises(Exception, match="no sink named 'loudspeaker'"):
         await build_service(load_config(path), Plugins())
+
+
+async def test_archive_sweeps_partial_files_left_by_a_killed_server(tmp_path: Path) -> None:
+    """`.part` files a SIGKILLed server left behind are removed when the next one starts; live ones are kept."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = archive / f".20260101-000000-r7-tars.wav.{int(dead.stdout)}.part"  # its writer has exited
+    left.write_bytes(b"RIFF" + b"\0" * 100)
+    old = archive / f".20260101-000000-r8-tars.wav.{os.getpid()}.part"  # nobody wrote to it for an hour
+    old.write_bytes(b"RIFF" + b"\0" * 100)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    live = archive / f".20260101-000000-r9-tars.wav.{os.getppid()}.part"  # a running process, just written
+    live.write_bytes(b"RIFF" + b"\0" * 100)
+    config = load_config(write_config(tmp_path / "cfg", sinks={"wav": {"dir": str(archive)}}))
+    async with running_server(config):
+        assert sorted(p.name for p in archive.iterdir()) == [live.name]
+
+
+async def test_archive_write_failure_leaves_no_partial_file(tmp_path: Path) -> None:
+    """A write that fails (here: the file size limit, as on a full disk) removes the archive's partial file."""
+    archive = tmp_path / "archive"
+    config = load_config(write_config(tmp_path / "cfg", sinks={"wav": {"dir": str(archive)}}))
+    async with running_server(config) as server:
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))  # Python ignores SIGXFSZ: writes fail (EFBIG)
+        try:
+            async with connect(server) as client:
+                await client.write_event(Synthesize(text="A long reply that fills the tiny disk. " * 6).event())
+                reply = await collect(client)
+            await server.service.close_sinks()
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert not reply.errors and reply.seconds > 5, "the client is not affected"
+        assert list(archive.iterdir()) == [], "no partial .part or truncated .wav is left"

@@ -14,6 +14,7 @@ from wyoming.tts import Synthesize
 
 from wyoming_cosyvoice.config import Limits
 from wyoming_cosyvoice.errors import LimitExceeded, ProtocolError
+from wyoming_cosyvoice.logs import BURST
 from wyoming_cosyvoice.wire import read_event
 
 from .helpers import (
@@ -107,7 +108,9 @@ async def test_malformed_traffic_gets_error_and_spares_others(tmp_path: Path, ca
     async with running_server(config, fault_plugins()) as server, connect(server) as bystander:
         # A well-behaved client is mid-synthesis the whole time.
         await bystander.write_event(Synthesize(text="word " * 99).event())
+        per_code: dict[str, int] = {}
         for name, data, code in CASES:
+            per_code[code] = per_code.get(code, 0) + 1
             caplog.clear()
             async with raw_connection(server) as (reader, writer):
                 writer.write(data)
@@ -121,7 +124,9 @@ async def test_malformed_traffic_gets_error_and_spares_others(tmp_path: Path, ca
             if name not in ("queued text too long", "stream too long"):  # these started speaking first
                 assert not [e for e in events if e.type.startswith("audio")], name
             logged = [r for r in caplog.records if code in r.getMessage() and r.levelno >= logging.WARNING]
-            assert len(logged) == 1, f"{name}: logged {len(logged)} times: {[r.getMessage() for r in logged]}"
+            # Once each; beyond BURST lines of one code a minute the rest are counted, not logged (logs.LogThrottle).
+            expected = (1,) if per_code[code] <= BURST else (0, 1)
+            assert len(logged) in expected, f"{name}: logged {len(logged)} times: {[r.getMessage() for r in logged]}"
         reply = await collect(bystander)
         assert not reply.errors and reply.stops == 1
         assert len(reply.audio) == 99 * 2 * 640, "the bystander got all of its audio"

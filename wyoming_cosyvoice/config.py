@@ -196,16 +196,35 @@ def build(cls: type[T], data: Any, *, source: str, key: str = "", base_dir: Path
     return result
 
 
-def load_yaml(path: Path) -> Any:
-    """Read a YAML file safely; a missing or unparsable file is a one-line ConfigError."""
+class _NoAliasLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses anchors and aliases: a few hundred bytes of aliases can expand to millions of
+    values (an "alias bomb"), and files that people other than the administrator edit need neither."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&name, *name) are not allowed here", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(path: Path, *, aliases: bool = True, max_bytes: Optional[int] = None) -> Any:
+    """Read a YAML file safely; a missing, oversized or unparsable file is a one-line ConfigError.
+
+    `aliases=False` refuses anchors and aliases (user-editable files: voices.yaml, profile.yaml); `max_bytes`
+    refuses a larger file before reading it. Blocking: call it off the event loop while serving.
+    """
     try:
+        if max_bytes is not None and Path(path).stat().st_size > max_bytes:
+            raise ConfigError(f"{path}: larger than {max_bytes} bytes; refused")
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read: {err}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=yaml.SafeLoader if aliases else _NoAliasLoader)  # noqa: S506 (safe loaders)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "?"
@@ -301,6 +320,9 @@ class Limits:
     shutdown_grace_s: float = 10.0
     """After SIGTERM/SIGINT, how long in-flight requests may finish before connections are closed."""
 
+    max_reference_seconds: float = 120.0
+    """Longest reference recording accepted, by its header (before it is read); longer files are refused."""
+
     allowed_networks: tuple[str, ...] = ()
     """Client networks allowed to connect (CIDR, e.g. 192.168.1.0/24 or 127.0.0.1/32); empty allows all."""
 
@@ -320,7 +342,7 @@ class Limits:
                 return (name, "must be at least 1")
         if self.max_header_bytes < 256:
             return ("max_header_bytes", "must be at least 256 (a Wyoming header line needs room)")
-        for name in ("idle_timeout_s", "write_timeout_s", "engine_timeout_s"):
+        for name in ("idle_timeout_s", "write_timeout_s", "engine_timeout_s", "max_reference_seconds"):
             if getattr(self, name) <= 0:
                 return (name, "must be greater than 0")
         if self.shutdown_grace_s < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
 import queue
 import sys
@@ -162,6 +163,25 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in OOM_MARKERS)
 
 
+WORKER_CALL_TIMEOUT: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar(
+    "worker_call_timeout", default=None
+)
+"""Seconds a `run_in_worker` call may take in this context before its worker counts as hung (None: no limit).
+
+Set around voice preparation (`VoicePreparer`), so an engine's `prepare` is bounded without knowing it; model
+loading and shutdown run outside it and keep their own limits."""
+
+
+@contextlib.contextmanager
+def worker_call_timeout(seconds: Optional[float]) -> Iterator[None]:
+    """Bound every `run_in_worker` call made inside this block (and the tasks it starts) to `seconds`."""
+    token = WORKER_CALL_TIMEOUT.set(seconds)
+    try:
+        yield
+    finally:
+        WORKER_CALL_TIMEOUT.reset(token)
+
+
 MAX_AHEAD_SECONDS = 30.0
 """Audio the worker may make ahead of what the client has taken; beyond it the worker waits (so a stalled reader
 holds at most this much). Generous on purpose: a waiting worker holds up every other request."""
@@ -183,6 +203,7 @@ class ThreadedEngine(Engine):
         """True while the worker thread runs a synthesis."""
         self.restarts = 0
         """How many times a hung worker thread was replaced."""
+        self._recoveries: "set[asyncio.Task[None]]" = set()
 
     def _current_worker(self) -> _Worker:
         if self._worker is None:
@@ -205,10 +226,54 @@ class ThreadedEngine(Engine):
             old.stop()
             _LOGGER.error("%s engine: worker thread %s replaced (%s)", self.name, old.thread.name, reason)
 
+    def _abandon(self, worker: _Worker, release: Callable[[], None], reason: str) -> None:
+        """Give up on `worker` (hung): the next request runs on a fresh thread; the engine lock is free again."""
+        if self._worker is worker:
+            self.replace_worker(reason)
+        release()  # the abandoned thread no longer owns the model
+
+    def _watch_stop(
+        self, worker: _Worker, future: "Future[Any]", timeout: Optional[float], reason: str, release: Callable[[], None]
+    ) -> "asyncio.Task[None]":
+        """Give a cancelled request's worker `timeout` s to stop, else abandon it; the task belongs to the engine.
+
+        Owned by the engine, not by the request: the request's task may be cancelled again (its client dropped by the
+        write timeout, shutdown) while it waits, and that must not skip replacing a wedged worker.
+        """
+
+        async def watch() -> None:
+            try:
+                await wait_within(asyncio.shield(asyncio.wrap_future(future)), timeout)
+            except asyncio.TimeoutError:
+                self._abandon(worker, release, reason)
+            except Exception:  # the worker's own errors were already reported
+                pass
+
+        task = asyncio.get_running_loop().create_task(watch(), name=f"{self.name} worker watch")
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
+        return task
+
     async def run_in_worker(self, func: Callable[..., T], *args: Any) -> T:
-        """Run `func(*args)` on the engine's worker thread (model loading, voice preparation)."""
+        """Run `func(*args)` on the engine's worker thread (model loading, voice preparation).
+
+        Inside `worker_call_timeout(s)`, a call still running after `s` seconds fails with EngineTimeout and its
+        worker thread is replaced (a call has no cancel flag: the thread is hung for all we know).
+        """
+        timeout = WORKER_CALL_TIMEOUT.get()
         async with self._lock():
-            return await asyncio.wrap_future(self._current_worker().submit(func, *args))
+            worker = self._current_worker()
+            future = worker.submit(func, *args)
+            try:
+                return await wait_within(asyncio.shield(asyncio.wrap_future(future)), timeout)
+            except asyncio.TimeoutError:
+                what = getattr(func, "__name__", "call")
+                if self._worker is worker:
+                    self.replace_worker(f"{what} did not finish within {timeout:g} s")
+                raise EngineTimeout(
+                    f"{self.name} engine: {what} did not finish within {timeout:g} s (limits.engine_timeout_s); "
+                    "the engine worker was restarted"
+                ) from None
 
     def release_memory(self) -> None:
         """Called on the worker thread after an out-of-memory error: free cached (GPU) memory."""
@@ -341,6 +406,11 @@ class ThreadedEngine(Engine):
                 try:
                     kind, item = await take()
                 except asyncio.TimeoutError:
+                    # No audio for the whole timeout: the worker is hung. Replace it now, so the client hears of it
+                    # after one timeout (waiting for the thread to stop would take a second one).
+                    finished = True
+                    cancel.set()
+                    self._abandon(worker, release, f"request {options.request_id or '?'} timed out")
                     raise EngineTimeout(
                         f"{self.name} engine produced no audio for {options.timeout:g} s; request abandoned "
                         "and the engine worker restarted"
@@ -367,15 +437,10 @@ class ThreadedEngine(Engine):
         finally:
             cancel.set()
             if not finished and not future.done():
-                # Give the worker one chunk's time to notice the flag; one that does not is hung.
-                try:
-                    await wait_within(asyncio.shield(asyncio.wrap_future(future)), options.timeout)
-                except asyncio.TimeoutError:
-                    if self._worker is worker:
-                        self.replace_worker(f"request {options.request_id or '?'} did not stop")
-                    release()  # the abandoned thread no longer owns the model
-                except Exception:  # the worker's own errors were already reported
-                    pass
+                # Give the worker one chunk's time to notice the flag; one that does not is hung. The watch runs to
+                # its end even when this request is cancelled while waiting for it.
+                reason = f"request {options.request_id or '?'} did not stop"
+                await asyncio.shield(self._watch_stop(worker, future, options.timeout, reason, release))
 
     def max_ahead_bytes(self) -> int:
         """Bytes of audio the worker may make ahead of the consumer (MAX_AHEAD_SECONDS at this engine's format)."""
@@ -383,6 +448,8 @@ class ThreadedEngine(Engine):
 
     async def close(self) -> None:
         """Stop the worker thread after the current job."""
+        for task in list(self._recoveries):
+            task.cancel()
         if self._worker is not None:
             self._worker.stop()
             self._worker = None

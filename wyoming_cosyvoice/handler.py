@@ -21,12 +21,16 @@ from .errors import BadRequest, CosyVoiceServiceError, LimitExceeded, ServerBusy
 from .service import ReplyTap, Service
 from .text import SentenceSplitter
 from .voices import VoiceProfile
-from .wire import ClientStalled, EventChannel
+from .wire import EventChannel
 
 _LOGGER = logging.getLogger(__name__)
 
 MAX_CHUNK_SECONDS = 0.5
 """Engine chunks longer than this are sent as several Wyoming audio chunks."""
+
+MIN_JOB_CHARS = 16
+"""Every queued job counts at least this many characters toward `limits.max_stream_chars`: an empty request costs
+memory and a reply too, and a flood of them must hit the bound."""
 
 
 @dataclass
@@ -125,14 +129,18 @@ class TtsEventHandler(AsyncEventHandler):
         self._closing = False
         self._tap: Optional[ReplyTap] = None  # copy of the current reply for server-side sinks
         self.limits = service.limits
-        self.channel = EventChannel(reader, writer, self.limits)
         self.peer = _peer_name(writer)
+        self.channel = EventChannel(reader, writer, self.limits, self.peer, service.log_throttle)
         self._queued_chars = 0
         self._pending = 0
 
     def busy(self) -> bool:
         """True while this connection has synthesis queued or running (it is then not idle)."""
         return self._pending > 0
+
+    def in_progress(self) -> bool:
+        """True while a reply is unfinished: synthesis queued or running, or a stream open between sentences."""
+        return self._pending > 0 or (self._stream is not None and not self._closing)
 
     async def write_event(self, event: Event) -> None:
         """Send an event (serialized, under the write timeout)."""
@@ -156,9 +164,7 @@ class TtsEventHandler(AsyncEventHandler):
             if self.finish_on_eof and not self._closing:
                 self._jobs.put_nowait(None)
                 await self._worker
-        except ClientStalled as err:
-            _LOGGER.warning("client %s: %s; disconnected", self.peer, err)
-        except ConnectionError:
+        except ConnectionError:  # ClientStalled included (the channel logged it)
             pass
         finally:
             if not self._worker.done():
@@ -182,7 +188,7 @@ class TtsEventHandler(AsyncEventHandler):
 
     async def _dispatch(self, event: Event) -> bool:
         if Describe.is_type(event.type):
-            await self.write_event(self.service.info().event())
+            await self.write_event((await self.service.info()).event())
             return True
         if Ping.is_type(event.type):
             text = event.data.get("text")
@@ -209,7 +215,7 @@ class TtsEventHandler(AsyncEventHandler):
             if self._stream is None:
                 raise BadRequest("synthesize-chunk without synthesize-start")
             text = _text_field(event.data, self.limits.max_text_chars)
-            self._stream.chars += len(text)
+            self._stream.chars += max(len(text), 1)  # empty chunks count too: a flood of them is bounded
             if self._stream.chars > self.limits.max_stream_chars:
                 raise LimitExceeded(
                     f"stream text exceeds {self.limits.max_stream_chars} characters (limits.max_stream_chars)"
@@ -230,6 +236,7 @@ class TtsEventHandler(AsyncEventHandler):
 
     def _queue(self, job: _Job, chars: int) -> None:
         """Queue a job for synthesis; the text waiting per connection is bounded (a pipelining client)."""
+        chars = _job_cost(chars)
         if self._queued_chars + chars > self.limits.max_stream_chars:
             raise LimitExceeded(
                 f"more than {self.limits.max_stream_chars} characters queued on one connection "
@@ -240,7 +247,7 @@ class TtsEventHandler(AsyncEventHandler):
         self._jobs.put_nowait(job)
 
     async def _send_error(self, err: CosyVoiceServiceError) -> None:
-        _LOGGER.warning("client %s: %s: %s", self.peer, err.code, err)
+        self.service.log_throttle.warning(_LOGGER, err.code, "client %s: %s: %s", self.peer, err.code, err)
         try:
             await self.write_event(Error(text=str(err), code=err.code).event())
         except Exception:  # the client may be gone or stalled; the error is logged either way
@@ -258,17 +265,13 @@ class TtsEventHandler(AsyncEventHandler):
             except CosyVoiceServiceError as err:
                 await self._fail(job, err)
                 return
-            except ClientStalled as err:
-                _LOGGER.warning("client %s: %s; disconnected, synthesis cancelled", self.peer, err)
-                self._close()
-                return
-            except ConnectionError:
+            except ConnectionError:  # ClientStalled included (the channel logged it)
                 _LOGGER.debug("client %s went away during synthesis", self.peer)
                 self._close()
                 return
             finally:
                 self._pending -= 1
-                self._queued_chars -= _job_chars(job)
+                self._queued_chars -= _job_cost(_job_chars(job))
 
     async def _run_job(self, job: _Job) -> None:
         if isinstance(job, _OneShot):
@@ -304,7 +307,7 @@ class TtsEventHandler(AsyncEventHandler):
 
     def _close(self) -> None:
         self._closing = True
-        self.reader.feed_eof()
+        self.channel.stop_reading()
 
     async def _send_audio_start(self, profile: VoiceProfile) -> None:
         rate, width, channels = self.service.audio_format(profile)  # the format of the engine serving `profile`
@@ -337,6 +340,10 @@ class TtsEventHandler(AsyncEventHandler):
 
 def _job_chars(job: _Job) -> int:
     return len(job.text) if isinstance(job, (_OneShot, _Sentence)) else 0
+
+
+def _job_cost(chars: int) -> int:
+    return max(chars, MIN_JOB_CHARS)
 
 
 def _peer_name(writer: asyncio.StreamWriter) -> str:

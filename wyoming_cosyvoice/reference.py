@@ -68,6 +68,13 @@ _SILENCE_FLOOR = 10 ** (-60 / 20)
 _SILENCE_RELATIVE = 10 ** (-40 / 20)
 """Frames 40 dB below the loudest frame count as silence."""
 
+DEFAULT_MAX_REFERENCE_SECONDS = 120.0
+"""Longest recording accepted by default (`limits.max_reference_seconds`), checked on the header before reading."""
+
+_SAMPLE_BYTES = {"PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
+_HEADER_SLACK = 4 * 1024 * 1024
+"""Room for metadata chunks (LIST, bext, a FLAC picture) beyond the samples the header describes."""
+
 _FRAME_SECONDS = 0.02
 _MARGIN_SECONDS = 0.1
 _VERSION = "1"
@@ -226,6 +233,43 @@ def _analyse(data: bytes, path: Path, has_transcript: bool) -> tuple[ReferenceIn
     return info, mono.astype(np.float32)
 
 
+def check_length(path: Path, max_seconds: Optional[float]) -> None:
+    """Refuse a recording longer than `max_seconds`, or a file larger than its samples, from its header alone.
+
+    Run before the file is read: reading copies the whole file into memory (a 512 MiB sparse reference.wav took
+    the server from 54 MB to 1.1 GB). None: no limit.
+    """
+    if max_seconds is None:
+        return
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise VoiceError(f"reference audio {path}: file not found") from None
+    except OSError as err:
+        raise VoiceError(f"reference audio {path}: cannot read: {err.strerror or err}") from None
+    if path.is_dir():
+        raise VoiceError(f"reference audio {path}: is a folder, not an audio file")
+    size = stat.st_size
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as err:
+        raise VoiceError(f"reference audio {path}: not a readable WAV/FLAC file ({err})") from None
+    if info.samplerate <= 0 or info.channels <= 0:
+        raise VoiceError(f"reference audio {path}: the header gives no sample rate or channels")
+    seconds = info.frames / info.samplerate
+    if seconds > max_seconds:
+        raise VoiceError(
+            f"reference audio {path}: {seconds:.0f} s long; the limit is {max_seconds:g} s "
+            "(limits.max_reference_seconds): cut it to the 3-10 s you want cloned"
+        )
+    samples = info.frames * info.channels * _SAMPLE_BYTES.get(info.subtype, 8)
+    if size > samples + _HEADER_SLACK:
+        raise VoiceError(
+            f"reference audio {path}: the file ({size / 1e6:.1f} MB) is larger than the audio its header describes "
+            f"({seconds:.1f} s, {samples / 1e6:.1f} MB); refused"
+        )
+
+
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -237,8 +281,11 @@ def _read(path: Path) -> bytes:
         raise VoiceError(f"reference audio {path}: cannot read: {err.strerror or err}") from None
 
 
-def inspect_reference(path: Path, *, has_transcript: bool = False) -> ReferenceInfo:
+def inspect_reference(
+    path: Path, *, has_transcript: bool = False, max_seconds: Optional[float] = DEFAULT_MAX_REFERENCE_SECONDS
+) -> ReferenceInfo:
     """Validate a reference recording without writing anything (blocking); raises VoiceError when unusable."""
+    check_length(Path(path), max_seconds)
     return _analyse(_read(Path(path)), Path(path), has_transcript)[0]
 
 
@@ -252,9 +299,13 @@ _memo_lock = threading.Lock()
 
 
 def normalize_reference(
-    path: Path, *, has_transcript: bool = False, cache_dir: Optional[Path] = None
+    path: Path, *, has_transcript: bool = False, cache_dir: Optional[Path] = None, max_seconds: Optional[float] = None
 ) -> tuple[Path, ReferenceInfo]:
-    """Validate `path` and return (normalized 16-bit mono WAV in the cache, info); blocking, cached by content."""
+    """Validate `path` and return (normalized 16-bit mono WAV in the cache, info); blocking, cached by content.
+
+    `max_seconds`: refuse longer recordings from the header before reading (the server passes
+    `limits.max_reference_seconds`; engines call this after the server checked the file).
+    """
     path = Path(path)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     try:
@@ -268,6 +319,7 @@ def normalize_reference(
         hit = _memo.get(memo_key)
     if hit is not None and hit[0].is_file():
         return hit
+    check_length(path, max_seconds)
     data = _read(path)
     digest = hashlib.sha256(data + _VERSION.encode()).hexdigest()[:32]
     target = cache / f"{digest}.wav"
@@ -307,14 +359,17 @@ def _atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
 
 
 def profile_reference(
-    profile: "VoiceProfile", cache_dir: Optional[Path] = None
+    profile: "VoiceProfile", cache_dir: Optional[Path] = None, max_seconds: Optional[float] = None
 ) -> Optional[tuple[Path, ReferenceInfo]]:
     """(normalized WAV, info) for a profile's reference, None without one; errors name file, profile and problem."""
     if profile.reference_audio is None:
         return None
     try:
         return normalize_reference(
-            profile.reference_audio, has_transcript=bool(profile.transcript), cache_dir=cache_dir
+            profile.reference_audio,
+            has_transcript=bool(profile.transcript),
+            cache_dir=cache_dir,
+            max_seconds=max_seconds,
         )
     except VoiceError as err:
         raise VoiceError(f"{profile.source or '(no file)'}: voice {profile.name!r}: {err}") from None

@@ -41,10 +41,15 @@ def build_catalog(config: Config, plugins: Plugins) -> VoiceCatalog:
 
 async def build_service(config: Config, plugins: Plugins) -> Service:
     """Voices, engines (started, voices prepared, warmed up) and admission, ready to serve."""
-    catalog = build_catalog(config, plugins)
+    catalog = await asyncio.to_thread(build_catalog, config, plugins)  # file scans and YAML, off the loop
     tee = server_tee(config, plugins)  # before the engines: a bad sink setting fails fast
     engines = await start_engines(config, plugins, [p.engine for p in catalog.all_profiles if p.engine])
-    preparer = VoicePreparer(catalog, engines)
+    preparer = VoicePreparer(
+        catalog,
+        engines,
+        timeout=config.limits.engine_timeout_s,
+        max_reference_seconds=config.limits.max_reference_seconds,
+    )
     await preparer.prepare_all()
     await engines.warmup()
     preparer.recheck()  # an extra engine that failed its warm-up takes its voices with it
@@ -112,8 +117,11 @@ class Server:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection, in its own task: allow-list, connection bound, then the protocol handler."""
         peername = writer.get_extra_info("peername")
+        throttle = self.service.log_throttle
         if not self.guard.allowed(peername):
-            _LOGGER.warning("connection from %s refused: not in limits.allowed_networks", peername)
+            throttle.warning(
+                _LOGGER, "not allowed", "connection from %s refused: not in limits.allowed_networks", peername
+            )
             writer.transport.abort()
             return
         if self.guard.full() or self.service.admission.closing:
@@ -122,7 +130,7 @@ class Server:
                 if self.service.admission.closing
                 else f"too many connections (limits.max_connections = {self.guard.max_connections})"
             )
-            _LOGGER.warning("connection from %s refused: %s", peername, busy)
+            throttle.warning(_LOGGER, "refused busy", "connection from %s refused: %s", peername, busy)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(async_write_event(Error(text=str(busy), code=busy.code).event(), writer), 1.0)
             writer.transport.abort()
@@ -184,11 +192,11 @@ class Server:
                     loop.remove_signal_handler(sig)
 
     def busy_connections(self) -> int:
-        """Connections with synthesis queued or running."""
-        return sum(1 for handler in self._connections.values() if handler.busy())
+        """Connections with an unfinished reply: synthesis queued or running, or a stream still open."""
+        return sum(1 for handler in self._connections.values() if handler.in_progress())
 
     async def shutdown(self, grace: Optional[float] = None) -> None:
-        """Close the listener, wait up to `grace` s for busy connections, then close the rest and the engine."""
+        """Close the listener, wait up to `grace` s for unfinished replies (open streams too), then close the rest."""
         if grace is None:
             grace = self.limits.shutdown_grace_s
         listener = self._listener

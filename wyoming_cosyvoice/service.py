@@ -17,6 +17,7 @@ from .audio import apply_gain
 from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import ServerBusy
+from .logs import LogThrottle
 from .preparation import VoicePreparer
 from .routing import Engines
 from .sinks import AudioFormat, StreamInfo, Tee, TeeStream
@@ -62,6 +63,8 @@ class RequestStats:
     first_audio: Optional[float] = None
     audio_seconds: float = 0.0
     finished: Optional[float] = None
+    end: str = "done"
+    """How the request ended: done, cancelled (client gone or stalled) or the error class name."""
 
     def line(self) -> str:
         """One log line: time to first audio, total time, audio length, real-time factor."""
@@ -70,7 +73,7 @@ class RequestStats:
         rtf = total / self.audio_seconds if self.audio_seconds else float("nan")
         return (
             f"request {self.request_id}: voice={self.voice} chars={self.chars} first_audio={ttfa} "
-            f"total={total * 1000:.0f} ms audio={self.audio_seconds:.2f} s rtf={rtf:.3f}"
+            f"total={total * 1000:.0f} ms audio={self.audio_seconds:.2f} s rtf={rtf:.3f} end={self.end}"
         )
 
 
@@ -130,6 +133,8 @@ class Service:
         self.tee = tee
         """Server-side sinks (config `sinks:`) that get a copy of every reply."""
         self._finishing: set[asyncio.Task[object]] = set()
+        self.log_throttle = LogThrottle()
+        """Rate limit for the per-client warning lines (refusals, errors, stalls) shared by all connections."""
 
     def engine_for(self, profile: VoiceProfile) -> Engine:
         """The engine that serves `profile` (VoiceNotFound when it is not running)."""
@@ -140,9 +145,9 @@ class Service:
         engine = self.engine if profile is None else self.engine_for(profile)
         return (engine.sample_rate, engine.sample_width, engine.channels)
 
-    def info(self) -> Info:
-        """Build `info` from the current usable voice profiles (rebuilt on every describe; cheap)."""
-        profiles = self.preparer.sync()
+    async def info(self) -> Info:
+        """Build `info` from the current usable voice profiles (the voices are rescanned off the event loop)."""
+        profiles = await self.preparer.refresh()
         health = self.engine.health()
         facts = ", ".join(f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine")
         description = f"CosyVoice voice cloning TTS (engine: {self.engine.name}{'; ' + facts if facts else ''})"
@@ -206,9 +211,20 @@ class Service:
                         chunk = dataclasses.replace(chunk, audio=apply_gain(chunk.audio, profile.gain))
                     stats.audio_seconds += chunk.seconds
                     yield chunk
+            except (asyncio.CancelledError, GeneratorExit):
+                stats.end = "cancelled"
+                raise
+            except Exception as err:
+                stats.end = type(err).__name__
+                raise
             finally:
-                aclose = getattr(chunks, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-                stats.finished = time.perf_counter()
-                _LOGGER.info("%s", stats.line())
+                try:
+                    aclose = getattr(chunks, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                except asyncio.CancelledError:
+                    stats.end = "cancelled"
+                    raise
+                finally:  # logged whatever happens to the client, a cancellation while closing included
+                    stats.finished = time.perf_counter()
+                    _LOGGER.info("%s", stats.line())

@@ -12,6 +12,7 @@ from typing import Any, Deque, Mapping, Optional, Protocol, Sequence
 
 from .config import Config, Section
 from .errors import SinkError
+from .logs import LogThrottle
 from .plugins import Plugins
 
 _LOGGER = logging.getLogger(__name__)
@@ -110,8 +111,17 @@ _END = object()
 class _Lane:
     """One sink's private queue and task: a slow or failing sink only ever hurts itself."""
 
-    def __init__(self, sink: Sink, fmt: AudioFormat, info: StreamInfo, max_lag_bytes: int, grace: float) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        fmt: AudioFormat,
+        info: StreamInfo,
+        max_lag_bytes: int,
+        grace: float,
+        throttle: Optional[LogThrottle] = None,
+    ) -> None:
         self.sink = sink
+        self.throttle = throttle or LogThrottle()
         self.fmt = fmt
         self.max_lag_bytes = max_lag_bytes
         self.grace = grace
@@ -146,7 +156,7 @@ class _Lane:
     def fail(self, detail: str) -> None:
         if self.result is None:
             self.result = SinkResult(self.sink.name, False, detail)
-            _LOGGER.warning("sink %s: %s", self.sink.name, detail)
+            self.throttle.warning(_LOGGER, f"sink {self.sink.name}", "sink %s: %s", self.sink.name, detail)
         self.queue.clear()
         self.queued_bytes = 0
         if not self.task.done():
@@ -183,7 +193,9 @@ class _Lane:
         except Exception as err:  # any sink failure is isolated to its lane
             if self.result is None:
                 self.result = SinkResult(self.sink.name, False, _explain(err))
-                _LOGGER.warning("sink %s failed: %s", self.sink.name, self.result.detail)
+                self.throttle.warning(
+                    _LOGGER, f"sink {self.sink.name}", "sink %s failed: %s", self.sink.name, self.result.detail
+                )
             self.queue.clear()
             self.queued_bytes = 0
             if stream is not None:
@@ -252,6 +264,8 @@ class Tee:
         """A sink this far behind the stream is dropped (bounds memory for a stuck sink)."""
         self.grace = grace
         """Extra seconds each sink may take at close beyond the audio it still has to play."""
+        self.throttle = LogThrottle()
+        """Rate limit for the sinks' warning lines (a receiver that is down fails every reply)."""
 
     def __bool__(self) -> bool:
         return bool(self.sinks)
@@ -260,7 +274,7 @@ class Tee:
         """Start one stream on every sink (needs a running event loop)."""
         info = info or StreamInfo()
         max_lag = int(self.max_lag_seconds * fmt.bytes_per_second)
-        return TeeStream([_Lane(sink, fmt, info, max_lag, self.grace) for sink in self.sinks])
+        return TeeStream([_Lane(sink, fmt, info, max_lag, self.grace, self.throttle) for sink in self.sinks])
 
 
 def parse_spec(spec: str) -> tuple[str, Mapping[str, Any]]:

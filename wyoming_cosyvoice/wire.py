@@ -14,8 +14,13 @@ from wyoming.version import __version__ as WYOMING_VERSION
 from .aio import wait_within
 from .config import Limits
 from .errors import ClientTimeout, LimitExceeded, ProtocolError
+from .logs import LogThrottle
 
 _LOGGER = logging.getLogger(__name__)
+
+
+_KEEPALIVE = ("ping", "pong")
+"""Events that do not count as activity for the idle timeout: a connection that only pings is idle."""
 
 
 class ClientStalled(ConnectionError):
@@ -104,13 +109,26 @@ async def read_event(reader: asyncio.StreamReader, limits: Limits) -> Optional[E
 class EventChannel:
     """One client's events: bounded reads with an idle timeout, serialized writes with a write timeout."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        limits: Limits,
+        peer: str = "?",
+        throttle: Optional[LogThrottle] = None,
+    ) -> None:
         self.reader = reader
+        self.peer = peer
+        """The client, for log lines."""
+        self.throttle = throttle or LogThrottle()
         self.writer = writer
         self.limits = limits
         self._write_lock = asyncio.Lock()
         self._last_activity = asyncio.get_running_loop().time()
         self.aborted = False
+        self._reading: Optional["asyncio.Future[Optional[Event]]"] = None
+        self._stopped = False
+        self._error_sent = False
 
     def touch(self) -> None:
         """Record activity (an event read or written), which resets the idle timer."""
@@ -118,33 +136,56 @@ class EventChannel:
 
     async def read(self, busy: Callable[[], bool]) -> Optional[Event]:
         """The next event. Raises ClientTimeout when nothing completes for the idle timeout while not `busy()`."""
+        if self._stopped:
+            return None
         loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(read_event(self.reader, self.limits))
+        task = self._reading = asyncio.ensure_future(read_event(self.reader, self.limits))
         try:
             while True:
                 remaining = self._last_activity + self.limits.idle_timeout_s - loop.time()
                 # asyncio.wait does not cancel the read: a half-read event must not be torn apart by a timer.
                 done, _ = await asyncio.wait({task}, timeout=None if math.isinf(remaining) else max(remaining, 0.0))
                 if done:
-                    self.touch()
-                    return task.result()
+                    if self._stopped and task.cancelled():
+                        return None
+                    event = task.result()
+                    if event is not None and event.type not in _KEEPALIVE:
+                        self.touch()
+                    return event
                 if busy():
                     self.touch()  # waiting for its own synthesis is not idling
                     continue
                 if loop.time() - self._last_activity >= self.limits.idle_timeout_s:
                     raise ClientTimeout(
-                        f"no complete event for {self.limits.idle_timeout_s:g} s (limits.idle_timeout_s)"
+                        f"no complete event for {self.limits.idle_timeout_s:g} s (limits.idle_timeout_s; pings do not "
+                        "count)"
                     )
         finally:
+            self._reading = None
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+    def stop_reading(self) -> None:
+        """Make `read` return None (end of the conversation) now; later data from the client is left unread.
+
+        The stream itself is not touched: `feed_eof()` on a socket that still receives makes asyncio log a fatal
+        "feed_data after feed_eof" error when the client's next bytes arrive.
+        """
+        self._stopped = True
+        if self._reading is not None and not self._reading.done():
+            self._reading.cancel()
 
     async def write(self, event: Event) -> None:
         """Send one event; a client that accepts nothing for the write timeout is aborted (ClientStalled)."""
         async with self._write_lock:
             if self.aborted or self.writer.is_closing():
                 raise ConnectionResetError("connection already closed")
+            if self._error_sent and event.type != "synthesize-stopped":
+                # After its `error` a client hears nothing more but a failed stream's end (it may be mid-stream).
+                raise ConnectionResetError("an error was sent; the connection is closing")
+            if event.type == "error":
+                self._error_sent = True
             # One write per event (the wyoming library makes three sends of it), and a timed wait only when the
             # transport's buffer is over its high-water mark, i.e. when drain() would really block.
             self.writer.write(encode_event(event))
@@ -156,10 +197,16 @@ class EventChannel:
                     await wait_within(self.writer.drain(), self.limits.write_timeout_s)
                 except asyncio.TimeoutError:
                     self.abort()
-                    raise ClientStalled(
+                    stalled = ClientStalled(
                         f"client accepted no data for {self.limits.write_timeout_s:g} s (limits.write_timeout_s)"
-                    ) from None
-            self.touch()
+                    )
+                    # Logged here: the cancellation that follows may interrupt whoever would log it further up.
+                    self.throttle.warning(
+                        _LOGGER, "stalled", "client %s: %s; disconnected, its synthesis cancelled", self.peer, stalled
+                    )
+                    raise stalled from None
+            if event.type not in _KEEPALIVE:
+                self.touch()
 
     def abort(self) -> None:
         """Drop the connection now, discarding unsent data (frees the transport's buffer)."""
@@ -171,7 +218,7 @@ class EventChannel:
                 abort()
             else:
                 transport.close()
-        self.reader.feed_eof()
+        self.stop_reading()
 
 
 def encode_event(event: Event) -> bytes:

@@ -20,11 +20,11 @@ if TYPE_CHECKING:
     from ..reference import ReferenceInfo
 
 
-def inspect_reference(path: Path, *, has_transcript: bool = False) -> "ReferenceInfo":
+def inspect_reference(path: Path, *, has_transcript: bool = False, max_seconds: float = 120.0) -> "ReferenceInfo":
     """reference.inspect_reference, imported on use so `--help` stays free of numpy and soundfile."""
     from ..reference import inspect_reference as inspect
 
-    return inspect(path, has_transcript=has_transcript)
+    return inspect(path, has_transcript=has_transcript, max_seconds=max_seconds)
 
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -73,7 +73,9 @@ class ProfileCheck:
         return "broken" if self.error else "warning" if self.warnings else "ok"
 
 
-def check_profile(profile: VoiceProfile, engines: Optional[Collection[str]] = None) -> ProfileCheck:
+def check_profile(
+    profile: VoiceProfile, engines: Optional[Collection[str]] = None, max_seconds: float = 120.0
+) -> ProfileCheck:
     """Validate a profile's engine name (against `engines`, the registered ones), reference audio and transcript."""
     result = ProfileCheck(profile)
     if profile.engine is not None and engines is not None and profile.engine not in engines:
@@ -87,7 +89,9 @@ def check_profile(profile: VoiceProfile, engines: Optional[Collection[str]] = No
             result.warnings.append("no reference audio: only engines that do not clone (espeak) can use it")
         return result
     try:
-        info = inspect_reference(profile.reference_audio, has_transcript=bool(profile.transcript))
+        info = inspect_reference(
+            profile.reference_audio, has_transcript=bool(profile.transcript), max_seconds=max_seconds
+        )
     except VoiceError as err:
         result.error = problem_line(profile.source, profile.name, str(err))
         return result
@@ -128,8 +132,10 @@ def _short(path: Optional[Path]) -> str:
 
 def run_list(args: argparse.Namespace) -> int:
     """Print each profile: default mark, name, state, mode, languages, reference, description."""
-    catalog, engines = load_voices(read_config(args.config, args.data_dir))
-    checks = [check_profile(p, engines) for p in catalog.all_profiles]
+    config = read_config(args.config, args.data_dir)
+    catalog, engines = load_voices(config)
+    cap = config.limits.max_reference_seconds
+    checks = [check_profile(p, engines, cap) for p in catalog.all_profiles]
     default = next((c.profile.name for c in checks if c.profile.default and not c.error), None)
     default = default or next((c.profile.name for c in checks if not c.error), None)
     if args.json:
@@ -172,7 +178,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """Check the named profiles (or all) and any --audio files; exit 1 when something is broken."""
-    catalog, engines = load_voices(read_config(args.config, args.data_dir))
+    config = read_config(args.config, args.data_dir)
+    catalog, engines = load_voices(config)
+    cap = config.limits.max_reference_seconds
     profiles = catalog.all_profiles
     if args.names:
         known = {p.name: p for p in profiles}
@@ -182,7 +190,7 @@ def run_check(args: argparse.Namespace) -> int:
         profiles = [known[n] for n in args.names]
     failed = False
     for profile in profiles:
-        result = check_profile(profile, engines)
+        result = check_profile(profile, engines, cap)
         failed |= result.error is not None
         print(f"{profile.name}: {result.state}")
         print(f"  defined in: {profile.source}")
@@ -211,7 +219,7 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"note: {line}")
     for audio in args.audio:
         try:
-            info = inspect_reference(audio)
+            info = inspect_reference(audio, max_seconds=cap)
         except VoiceError as err:
             failed = True
             print(f"error: {err}")
@@ -240,11 +248,13 @@ def run_add(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as err:
             raise VoiceError(f"{args.transcript_file}: voice {name!r}: cannot read the transcript: {err}") from None
     transcript = (transcript or "").strip() or None
+    config = read_config(args.config, args.data_dir)
     try:
-        info = inspect_reference(args.audio, has_transcript=bool(transcript))
+        info = inspect_reference(
+            args.audio, has_transcript=bool(transcript), max_seconds=config.limits.max_reference_seconds
+        )
     except VoiceError as err:
         raise VoiceError(problem_line(str(args.audio), name, str(err))) from None
-    config = read_config(args.config, args.data_dir)
     folder = _voices_folder(config, args.folder)
     if not args.force:
         clash = next((p for p in folder.glob(f"*/{name}") if p.is_dir()), None) if folder.is_dir() else None
@@ -272,5 +282,8 @@ def run_add(args: argparse.Namespace) -> int:
     print(f"added voice {name!r} ({language}, {mode}) in {target}: {info.summary()}")
     for warning in info.warnings:
         print(f"  warning: {warning}", file=sys.stderr)
-    print("A running server shows it at the next describe (Home Assistant asks every 30 s).")
+    print(
+        "A running server picks it up at once (a request naming it works now); Home Assistant lists it after its "
+        "Wyoming integration is reloaded."
+    )
     return 0

@@ -100,7 +100,7 @@ async def list_voices(request: web.Request) -> web.Response:
     """Every voice with its state (ok / warning / preparing / broken and why), and the folders that were skipped."""
     studio = request.app[STUDIO_KEY]
     service = studio.service
-    service.preparer.sync()  # what a describe does: picks up changes made outside the page too
+    await service.preparer.refresh()  # what a describe does: picks up changes made outside the page too
     default = service.catalog.default
     preparing = service.preparer.preparing()
     rows = [_voice_row(studio, p, default.name if default else None, preparing) for p in service.catalog.all_profiles]
@@ -238,7 +238,7 @@ async def _add(studio: Studio, form: Form, remote: Optional[str]) -> web.Respons
         except (VoiceError, OSError) as err:
             return problem(500 if isinstance(err, OSError) else 400, studio.redact(f"not saved: {err}"))
     _LOGGER.info("studio: voice %r added (%s, %s) from %s", report["name"], report["language"], info.summary(), remote)
-    studio.service.preparer.sync()
+    await studio.service.preparer.refresh()
     return web.json_response({**report, "saved": True, "note": HA_NOTE}, status=201)
 
 
@@ -285,7 +285,7 @@ async def _edit(studio: Studio, form: Form, name: str, remote: Optional[str]) ->
         except OSError as err:
             return problem(500, studio.redact(f"not saved: {err}"))
     _LOGGER.info("studio: voice %r edited from %s", name, remote)
-    studio.service.preparer.sync()
+    await studio.service.preparer.refresh()
     return web.json_response({"name": name, "saved": True, "note": HA_NOTE})
 
 
@@ -307,5 +307,5 @@ async def _delete(studio: Studio, name: str, remote: Optional[str]) -> web.Respo
         except OSError as err:
             return problem(500, studio.redact(f"not removed: {err}"))
     _LOGGER.info("studio: voice %r removed from %s", name, remote)
-    studio.service.preparer.sync()
+    await studio.service.preparer.refresh()
     return web.json_response({"name": name, "removed": True, "note": HA_NOTE})
