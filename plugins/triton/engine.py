@@ -171,6 +171,14 @@ class TritonEngine(Engine):
             endpoint = self._pick(tried)
             if endpoint is None:
                 break
+            if tried:
+                self.retries += 1
+                _LOGGER.warning(
+                    "Request %s got no audio (%s); retrying on %s",
+                    options.request_id or "?",
+                    problems[-1],
+                    endpoint.url,
+                )
             tried.append(endpoint)
             assert endpoint.contract is not None
             request = build_request(
@@ -201,14 +209,6 @@ class TritonEngine(Engine):
                 if started:
                     raise EngineError(PREFIX + f"{endpoint.url} failed after audio had started: {err}") from None
                 problems.append(f"{endpoint.url}: {err}")
-                if len(tried) < 2:
-                    self.retries += 1
-                    _LOGGER.warning(
-                        "Request %s failed on %s before audio (%s); trying another endpoint",
-                        options.request_id or "?",
-                        endpoint.url,
-                        err,
-                    )
             finally:
                 endpoint.outstanding -= 1
         if not problems:
