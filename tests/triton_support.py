@@ -134,7 +134,9 @@ class TritonServer:
         text = config.format(name=name, decoupled="true" if decoupled else "false", parameters=params)
         (folder / "config.pbtxt").write_text(text)
 
-    def start(self, timeout: float = 120.0, models: tuple[str, ...] = ()) -> "TritonServer":
+    def start(
+        self, timeout: float = 120.0, models: tuple[str, ...] = (), env: Optional[dict[str, str]] = None
+    ) -> "TritonServer":
         """Start and wait until the server and `models` are ready (RuntimeError with the log's tail if not)."""
         root = _pytriton_dir()
         assert root is not None
@@ -146,14 +148,14 @@ class TritonServer:
             f"--grpc-port={self.port}",
             "--allow-http=false",
             "--allow-metrics=false",
-            "--exit-timeout-secs=5",
+            "--exit-timeout-secs=3",
             # Named shared-memory regions, so the ones a killed server leaves in /dev/shm can be removed.
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         with open(self.log, "wb") as log:
             # Own session: stop() and kill() reach the Python-backend stub processes it starts, too.
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+                command, stdout=log, stderr=subprocess.STDOUT, env={**_env(), **(env or {})}, start_new_session=True
             )
         self.wait_ready(timeout, models)
         return self
