@@ -77,7 +77,7 @@ def test_prepared_voice_per_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     voice = prepare_voice(VoiceProfile(name="c", reference_audio=wav, mode="cross_lingual", transcript="Hi."), "x")
     assert voice.reference_text == "" and voice.reference is not None
     assert prepare_voice(VoiceProfile(name="s", mode="sft", speaker="001"), "cosyvoice2").reference is None
-    with pytest.raises(VoiceError, match="voice 's': mode sft: upstream's cosyvoice3 Triton model needs"):
+    with pytest.raises(VoiceError, match="voice 's': mode sft needs upstream.s cosyvoice2 Triton model"):
         prepare_voice(VoiceProfile(name="s", mode="sft", speaker="001"), "cosyvoice3")
     with pytest.raises(VoiceError, match="mode instruct is not served"):
         prepare_voice(VoiceProfile(name="i", reference_audio=wav, mode="instruct", instruct="Whisper."), "x")
@@ -135,3 +135,25 @@ def test_core_never_imports_the_triton_client() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+async def test_warns_when_upstreams_prompt_cache_would_mix_up_voices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("tritonclient.grpc")
+    from wyoming_cosyvoice_plugins.triton.engine import TritonEngine
+
+    monkeypatch.setenv("WYOMING_COSYVOICE_CACHE", str(tmp_path / "cache"))
+    one = VoiceProfile(name="one", reference_audio=write_prompt(tmp_path / "1.wav", pitch=150.0))
+    two = VoiceProfile(name="two", reference_audio=write_prompt(tmp_path / "2.wav", pitch=250.0))
+    three = VoiceProfile(
+        name="three", reference_audio=write_prompt(tmp_path / "3.wav"), mode="zero_shot", transcript="Hi."
+    )
+    engine = TritonEngine(settings(endpoints=["grpc://a"], model="cosyvoice3"))
+    await engine.prepare([one, two, three])
+    warnings = [r.getMessage() for r in caplog.records if "same reference text" in r.getMessage()]
+    assert len(warnings) == 1 and "Voices 'one' and 'two'" in warnings[0] and "cosyvoice3" in warnings[0]
+    caplog.clear()
+    engine = TritonEngine(settings(endpoints=["grpc://a"]))  # cosyvoice2 computes the prompt per request
+    await engine.prepare([one, two])
+    assert not [r for r in caplog.records if "same reference text" in r.getMessage()]

@@ -22,7 +22,7 @@ from wyoming_cosyvoice.voices import VoiceProfile
 
 from .contract import build_request
 from .endpoint import Endpoint, EndpointFailure
-from .references import PreparedVoice, prepare_voice, signature
+from .references import CACHES_PROMPT_BY_TEXT, PreparedVoice, prepare_voice, signature
 from .settings import TritonSettings
 
 _LOGGER = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class TritonEngine(Engine):
         self._prepared: dict[tuple, PreparedVoice] = {}
         self._signatures: dict[str, tuple] = {}  # profile name -> signature it was prepared under
         self._monitor: Optional[asyncio.Task[None]] = None
+        self._warned: set[tuple[str, str]] = set()
 
     # --- start, probing, close ---------------------------------------------------------------------
 
@@ -132,7 +133,29 @@ class TritonEngine(Engine):
                 voice.seconds,
             )
         self._signatures[profile.name] = key
+        self._check_shared_prompt(profile.name, voice)
         return voice
+
+    def _check_shared_prompt(self, name: str, voice: PreparedVoice) -> None:
+        """Warn (once per pair) when upstream's model would mix up two voices that send the same reference text."""
+        if self.settings.model not in CACHES_PROMPT_BY_TEXT or voice.reference is None:
+            return
+        for other, key in self._signatures.items():
+            prepared = self._prepared.get(key)
+            if other == name or prepared is None or prepared.reference_text != voice.reference_text:
+                continue
+            if prepared.reference is not None and (other, name) not in self._warned:
+                self._warned.add((other, name))
+                self._warned.add((name, other))
+                _LOGGER.warning(
+                    "Voices %r and %r send the same reference text (%r) to %s, whose Triton model caches the prompt "
+                    "by that text: both speak with whichever voice it saw first. Give each voice its transcript "
+                    "(mode zero_shot) or serve only one of them through Triton.",
+                    other,
+                    name,
+                    voice.reference_text,
+                    self.settings.model,
+                )
 
     async def forget(self, profile_names: Iterable[str]) -> None:
         """Drop the prepared references of these profiles (unless another profile uses the same one)."""

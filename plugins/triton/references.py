@@ -16,6 +16,10 @@ from wyoming_cosyvoice.voices import VoiceProfile, problem_line
 
 from .contract import REFERENCE_RATE
 
+CACHES_PROMPT_BY_TEXT = frozenset({"cosyvoice3", "cosyvoice2_dit"})
+"""Upstream's Triton models that cache a prompt under its reference text alone (`speaker_cache[reference_text]`):
+two voices that send the same text (every cross-lingual voice sends none) get the first one's prompt."""
+
 
 @dataclass(frozen=True)
 class PreparedVoice:
@@ -65,8 +69,8 @@ def prepare_voice(profile: VoiceProfile, model: str) -> PreparedVoice:
     if profile.mode == "instruct":
         raise refuse("mode instruct is not served by upstream's Triton model (it has no instruction input)")
     if profile.mode == "sft":
-        if model == "cosyvoice3":
-            raise refuse("mode sft: upstream's cosyvoice3 Triton model needs reference audio")
+        if model != "cosyvoice2":
+            raise refuse(f"mode sft needs upstream's cosyvoice2 Triton model (model {model!r} needs reference audio)")
         # Upstream's cosyvoice2 model speaks its cached speaker (spk2info.pt) when no reference is sent.
         return PreparedVoice(None, "")
     path = normalized_reference(profile)  # validated, trimmed, <= 30 s, peak-normalized, >= 16 kHz, cached
