@@ -159,13 +159,16 @@ async def test_streams_as_triton_sends_exact_length_and_contract(
             description = Info.from_event(await read(client)).tts[0].description
             assert "engine: triton" in description and "endpoints=1/2 ready" in description
             assert "endpoint1=127.0.0.1:" in description and "down: unreachable: connection refused" in description
-            assert f"endpoint2=127.0.0.1:{triton.port} ready; 0 active; 2 served" in description
+            version = server.service.engine.endpoints[1].version
+            assert f"endpoint2=127.0.0.1:{triton.port} ready; triton {version}; 0 active; 2 served" in description
 
 
 async def test_client_that_leaves_cancels_the_triton_request(
     tmp_path: Path, triton: TritonServer, control: Path
 ) -> None:
-    config = triton_config(tmp_path, [triton.url])
+    # Cancelling is forced here: this tritonserver (2.51) is one that `auto` does not cancel on (see below); the
+    # model is waiting at its gate, not sending, so the cancellation cannot hit that crash.
+    config = triton_config(tmp_path, [triton.url], cancel_requests=True)
     async with running_server(config) as server:
         async with connect(server) as client:
             await client.write_event(Synthesize(text="gate:c1 " + "A long sentence nobody hears. " * 5).event())
@@ -177,6 +180,45 @@ async def test_client_that_leaves_cancels_the_triton_request(
         assert (control / "cancelled-c1").read_text() == "a before response 1"
         assert not (control / "open-c1").exists()
         await until(lambda: server.service.engine.endpoints[0].outstanding == 0, "the request to end")
+
+
+async def test_without_cancelling_a_left_request_is_read_to_its_end(
+    tmp_path: Path, triton: TritonServer, control: Path
+) -> None:
+    config = triton_config(tmp_path, [triton.url], cancel_requests=False)  # what `auto` does on Triton < 2.53
+    async with running_server(config) as server:
+        endpoint = server.service.engine.endpoints[0]
+        assert not endpoint.may_cancel
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="gate:d1 " + "Nobody hears the rest of this. " * 3).event())
+            await read(client)  # audio-start
+            assert AudioChunk.is_type((await read(client)).type)
+        await until(lambda: endpoint.draining == 1, "the request to be drained")
+        open_gate(control, "d1")
+        await until(lambda: (control / "done-d1").exists(), "the model to send all its audio")
+        await until(lambda: endpoint.draining == 0 and endpoint.outstanding == 0, "the drain to end")
+        assert not (control / "cancelled-d1").exists()
+        assert f"triton {endpoint.version}; 0 active; 1 served" in server.service.engine.health()["endpoint1"]
+
+
+async def test_clients_leaving_mid_stream_do_not_crash_triton(tmp_path: Path, control: Path) -> None:
+    """tritonserver 2.51 (nvidia-pytriton 0.7.0) segfaulted here within 5-26 streams cancelled while the model was
+    sending; `cancel_requests: auto` drains those streams on Triton < 2.53 instead, and the server survives."""
+    old = tone_server(tmp_path / "old", "old", control)
+    try:
+        config = triton_config(tmp_path, [old.url])
+        async with running_server(config) as server:
+            for n in range(30):
+                async with connect(server) as client:
+                    await client.write_event(Synthesize(text=f"Leave number {n} " * 8).event())
+                    await read(client)  # audio-start
+                    assert AudioChunk.is_type((await read(client)).type)
+                # gone while the model sends the rest
+            endpoint = server.service.engine.endpoints[0]
+            await until(lambda: endpoint.draining == 0 and endpoint.outstanding == 0, "the drains to end")
+            assert endpoint.state == "ready" and not old.alive(), old.alive()
+    finally:
+        old.stop()
 
 
 async def test_model_error_before_audio_is_an_error_event(tmp_path: Path, triton: TritonServer) -> None:
@@ -198,6 +240,20 @@ async def test_killing_one_of_two_servers_loses_no_request_without_audio(
 ) -> None:
     doomed = tone_server(tmp_path / "k", "k", control)
     try:
+        # A server that stalls before the first audio: the request is cancelled there and retried on the other.
+        config = triton_config(tmp_path / "stall", [doomed.url, triton.url], first_audio_timeout_s=1)
+        async with running_server(config) as server:
+            async with connect(server) as client:
+                text = "id:st1 hold:st1 Stalled."
+                await client.write_event(Synthesize(text=text).event())
+                await until(lambda: (control / "cancelled-st1").exists(), "the stalled request to be cancelled")
+                await until(lambda: record(control, "st1")["server"] == "a", "the retry to reach the other server")
+                open_gate(control, "st1")
+                reply = await collect(client)
+                assert not reply.errors and len(reply.audio) // 2 == SAMPLES_PER_CHAR * len(text)
+            stalled = server.service.engine.endpoints[0]
+            assert stalled.state == "down" and stalled.problem == "no first audio within 1 s"
+
         config = triton_config(tmp_path, [doomed.url, triton.url])
         async with running_server(config) as server:
             engine = server.service.engine
@@ -355,3 +411,19 @@ def test_serve_command_speaks_through_triton(tmp_path: Path, triton: TritonServe
         serve.terminate()
         output = serve.communicate(timeout=30)[0].decode(errors="replace")
     assert "Triton engine: model cosyvoice2 on 1 of 1 endpoints" in output, output
+
+
+def test_health_command_probes_the_endpoints(tmp_path: Path, triton: TritonServer) -> None:
+    dead = free_port()
+    config = triton_config(tmp_path, [f"grpc://127.0.0.1:{dead}", triton.url])
+    result = subprocess.run(
+        [sys.executable, "-m", "wyoming_cosyvoice", "health", "--config", str(config.source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "triton endpoints: 1/2 ready" in result.stdout
+    assert f"triton endpoint1: 127.0.0.1:{dead} down: unreachable: connection refused" in result.stdout
+    assert f"triton endpoint2: 127.0.0.1:{triton.port} ready; triton 2." in result.stdout
+    assert "triton engine: can start" in result.stdout

@@ -157,3 +157,19 @@ async def test_warns_when_upstreams_prompt_cache_would_mix_up_voices(
     engine = TritonEngine(settings(endpoints=["grpc://a"]))  # cosyvoice2 computes the prompt per request
     await engine.prepare([one, two])
     assert not [r for r in caplog.records if "same reference text" in r.getMessage()]
+
+
+def test_cancel_policy_by_triton_version() -> None:
+    pytest.importorskip("tritonclient.grpc")
+    from wyoming_cosyvoice_plugins.triton.endpoint import Endpoint, parse_version
+
+    assert parse_version("2.51.0") == (2, 51, 0) and parse_version("2.53.0dev") == (2, 53) and parse_version("") == ()
+    endpoint = Endpoint("grpc://a:1", "a:1", "cosyvoice2", 1.0, "auto")
+    for version, cancels in [("", False), ("2.51.0", False), ("2.52.9", False), ("2.53.0", True), ("2.59.1", True)]:
+        endpoint.version = version
+        assert endpoint.may_cancel is cancels, version
+    assert Endpoint("grpc://a:1", "a:1", "m", 1.0, True).may_cancel
+    assert not Endpoint("grpc://a:1", "a:1", "m", 1.0, False).may_cancel
+    assert settings(endpoints=["grpc://a"], cancel_requests=True).cancel_requests is True
+    with pytest.raises(ConfigError, match="engines.triton.cancel_requests"):
+        settings(endpoints=["grpc://a"], cancel_requests="sometimes")

@@ -107,10 +107,16 @@ def build_request(
     return request
 
 
+def is_final(response: Any) -> bool:
+    """Whether a `ModelStreamInferResponse` carries the final-response flag (the request is complete)."""
+    parameters = response.infer_response.parameters
+    return FINAL in parameters and parameters[FINAL].bool_param
+
+
 def read_response(response: Any) -> tuple[Optional[np.ndarray], bool]:
     """(waveform samples or None, final) from one `ModelStreamInferResponse` without an error message."""
     infer = response.infer_response
-    final = FINAL in infer.parameters and infer.parameters[FINAL].bool_param
+    final = is_final(response)
     if not infer.outputs:
         return None, final
     wave = InferResult(infer).as_numpy(OUTPUT)

@@ -1,9 +1,11 @@
 """One Triton server: its gRPC channel, health probe, contract check and a streamed request (asyncio, no threads).
 
 Each request is its own `ModelStreamInfer` call on the endpoint's channel (HTTP/2 multiplexes them): one request
-is written and the writing side closed, responses are read until the final-response flag (or the server ends the
-call), and `call.cancel()` when the reader stops early. Cancelling the gRPC call is what reaches Triton: its gRPC
+is written and the writing side closed, and a reader task reads responses until the final-response flag (or the
+server ends the call). When the consumer stops early the call is cancelled, which is what reaches Triton: its gRPC
 frontend marks the request cancelled (`request.is_cancelled()` in a Python-backend model) and sends nothing more.
+Triton before 2.53 (24.12) can crash when a stream is cancelled while the model is sending (2.51 did here, see
+docs/triton.md); there, by default, the rest of the request is read and dropped instead.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Union
 
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from .contract import Contract, ContractError, check_config, read_response
+from .contract import Contract, ContractError, check_config, is_final, read_response
+from .settings import CANCEL_SAFE_VERSION
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -28,11 +31,12 @@ _TRANSPORT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
 
 
 class EndpointFailure(Exception):
-    """A request failed on one endpoint; `transport` when the endpoint itself is unreachable or broke."""
+    """A request failed on one endpoint; `unhealthy` when the endpoint itself is unreachable, broke or stalled
+    (a model error is the request's problem, not the endpoint's)."""
 
-    def __init__(self, reason: str, transport: bool) -> None:
+    def __init__(self, reason: str, unhealthy: bool) -> None:
         super().__init__(reason)
-        self.transport = transport
+        self.unhealthy = unhealthy
 
 
 def rpc_problem(err: grpc.RpcError) -> str:
@@ -58,10 +62,20 @@ def rpc_problem(err: grpc.RpcError) -> str:
     return f"{name.lower()}: {first[:160]}" if first else name.lower()
 
 
+def parse_version(text: str) -> tuple[int, ...]:
+    """`2.51.0` -> (2, 51, 0); () when it is not a version."""
+    parts = []
+    for piece in text.split("."):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
 class Endpoint:
     """A Triton server serving upstream's CosyVoice model; `state` is unknown, ready or down."""
 
-    def __init__(self, url: str, target: str, model: str, connect_timeout: float) -> None:
+    def __init__(self, url: str, target: str, model: str, connect_timeout: float, cancel: Union[bool, str]) -> None:
         self.url = url
         """As configured (grpc://host:port)."""
         self.target = target
@@ -80,6 +94,12 @@ class Endpoint:
         """Requests that got audio from this endpoint."""
         self.failed = 0
         """Requests that failed on this endpoint."""
+        self.draining = 0
+        """Requests whose client left, read to their end instead of cancelled (see `may_cancel`)."""
+        self.version = ""
+        """Triton's version (ServerMetadata), e.g. 2.51.0."""
+        self.cancel = cancel
+        self._readers: set[asyncio.Task[None]] = set()
         self._channel: Optional[grpc.aio.Channel] = None
         self._stub: Any = None
 
@@ -131,6 +151,16 @@ class Endpoint:
             if self.contract is None:
                 config = await stub.ModelConfig(service_pb2.ModelConfigRequest(name=self.model), timeout=timeout)
                 self.contract = check_config(config.config, self.model)
+                metadata = await stub.ServerMetadata(service_pb2.ServerMetadataRequest(), timeout=timeout)
+                self.version = metadata.version
+                if self.cancel == "auto" and not self.may_cancel:
+                    _LOGGER.warning(
+                        "Triton %s at %s can crash when a streaming request is cancelled (fixed in Triton 2.53, "
+                        "release 24.12): a request whose client left is read to its end instead. Upgrade Triton, "
+                        "or set engines.triton.cancel_requests: true",
+                        self.version or "(unknown version)",
+                        self.url,
+                    )
         except ContractError as err:
             self.mark_down(str(err), permanent=True)
             return False
@@ -150,6 +180,13 @@ class Endpoint:
         else:
             self.mark_down(f"model {self.model!r} not ready: {(models[self.model] or 'loading').lower()}")
 
+    @property
+    def may_cancel(self) -> bool:
+        """Whether requests are cancelled when their client leaves (cancel_requests, and the server's version)."""
+        if isinstance(self.cancel, bool):
+            return self.cancel
+        return parse_version(self.version) >= CANCEL_SAFE_VERSION
+
     async def _connect(self) -> None:
         """Wait for a connection (bounded); a refused one fails at once instead of waiting out the timeout."""
         self._connection()
@@ -158,10 +195,10 @@ class Endpoint:
         state = self._channel.get_state(try_to_connect=True)
         while state != grpc.ChannelConnectivity.READY:
             if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                raise EndpointFailure("unreachable", transport=True)
+                raise EndpointFailure("unreachable", unhealthy=True)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise EndpointFailure(f"no connection within {self.connect_timeout:g} s", transport=True)
+                raise EndpointFailure(f"no connection within {self.connect_timeout:g} s", unhealthy=True)
             try:
                 await asyncio.wait_for(self._channel.wait_for_state_change(state), left)
             except asyncio.TimeoutError:
@@ -171,7 +208,8 @@ class Endpoint:
     async def stream(self, request: Any, first_timeout: float, chunk_timeout: float) -> AsyncIterator[np.ndarray]:
         """The waveform pieces of one request as Triton sends them; EndpointFailure when it fails or stalls.
 
-        Closing the iterator early cancels the gRPC call, which cancels the request inside Triton.
+        Closing the iterator early cancels the gRPC call (Triton then marks the request cancelled), or, where that
+        is unsafe (`may_cancel`), lets the rest arrive in the background and drops it.
         """
         await self._connect()
 
@@ -179,34 +217,78 @@ class Endpoint:
             yield request
 
         call = self._stub.ModelStreamInfer(one_request())
-        responses = call.__aiter__()
-        timeout, what = first_timeout, "first audio"
+        inbox: "asyncio.Queue[tuple[str, Any]]" = asyncio.Queue()
+        dropping = [False]
+
+        async def read_all() -> None:
+            # The gRPC reads happen in this task, never in the consumer: grpc.aio cancels the whole call when a
+            # read is cancelled, and the consumer is cancelled whenever its Wyoming client leaves.
+            timeout, what = first_timeout, "first audio"
+            try:
+                while True:
+                    try:
+                        response = await asyncio.wait_for(call.read(), timeout)
+                    except asyncio.TimeoutError:  # stalled (nothing in flight): the call was cancelled, safely
+                        inbox.put_nowait(("stall", f"no {what} within {timeout:g} s"))
+                        return
+                    if response is grpc.aio.EOF:  # the server ended the call: every response has arrived
+                        inbox.put_nowait(("end", None))
+                        return
+                    if not dropping[0]:
+                        inbox.put_nowait(("response", response))
+                    if is_final(response):
+                        inbox.put_nowait(("end", None))
+                        return
+                    timeout, what = chunk_timeout, "audio for the next chunk"
+            except grpc.RpcError as err:
+                inbox.put_nowait(("error", err))
+            except asyncio.CancelledError:  # the call was cancelled (client left, or shutdown)
+                inbox.put_nowait(("end", None))
+            finally:
+                if dropping[0]:
+                    self.draining -= 1
+
+        reader = asyncio.get_running_loop().create_task(read_all(), name=f"triton stream {self.url}")
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+        finished = False
         try:
             while True:
-                try:
-                    response = await asyncio.wait_for(responses.__anext__(), timeout)
-                except StopAsyncIteration:  # the server ended the call: every response has arrived
+                kind, item = await inbox.get()
+                if kind == "end":
+                    finished = True
                     return
-                except asyncio.TimeoutError:
-                    raise EndpointFailure(f"no {what} within {timeout:g} s", transport=False) from None
-                except grpc.RpcError as err:
-                    raise EndpointFailure(rpc_problem(err), transport=err.code() in _TRANSPORT) from None
-                if response.error_message:
-                    raise EndpointFailure(f"model error: {response.error_message.splitlines()[0]}", transport=False)
-                wave, final = read_response(response)
+                if kind == "stall":
+                    finished = True
+                    raise EndpointFailure(item, unhealthy=True)
+                if kind == "error":
+                    finished = True
+                    raise EndpointFailure(rpc_problem(item), unhealthy=item.code() in _TRANSPORT)
+                if item.error_message:  # the final flag follows
+                    raise EndpointFailure(f"model error: {item.error_message.splitlines()[0]}", unhealthy=False)
+                wave, final = read_response(item)
                 if wave is not None and wave.size:
                     yield wave
-                    timeout, what = chunk_timeout, "audio for the next chunk"
                 if final:
+                    finished = True
                     return
         finally:
-            call.cancel()  # no-op after a normal end; otherwise Triton learns the request is not wanted any more
+            if not finished and not reader.done():
+                if self.may_cancel:
+                    call.cancel()
+                else:
+                    dropping[0] = True
+                    self.draining += 1
 
     def summary(self) -> str:
         """`host:port ready; 1 active; 12 served` for health and describe (no commas or parentheses: describe's
         health line is parsed on them)."""
         parts = [self.target, self.state if self.state != "down" else f"down: {self.problem}"]
+        if self.version:
+            parts.append(f"triton {self.version}")
         parts.append(f"{self.outstanding} active")
+        if self.draining:
+            parts.append(f"{self.draining} draining")
         parts.append(f"{self.served} served")
         if self.failed:
             parts.append(f"{self.failed} failed")
@@ -215,6 +297,8 @@ class Endpoint:
 
     async def close(self) -> None:
         """Close the channel (running calls are cancelled)."""
+        for task in list(self._readers):
+            task.cancel()
         if self._channel is not None:
             await self._channel.close()
             self._channel, self._stub = None, None

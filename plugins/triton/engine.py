@@ -41,7 +41,8 @@ class TritonEngine(Engine):
         self.state = "created"
         """created, starting, ready, failed or closed."""
         self.endpoints = [
-            Endpoint(url, target, settings.model, settings.connect_timeout_s) for url, target in settings.targets()
+            Endpoint(url, target, settings.model, settings.connect_timeout_s, settings.cancel_requests)
+            for url, target in settings.targets()
         ]
         self.retries = 0
         """Requests that failed before audio on one endpoint and were sent to another."""
@@ -174,7 +175,7 @@ class TritonEngine(Engine):
         candidates = ready or [e for e in usable if not e.permanent]
         if not candidates:
             return None
-        return min(candidates, key=lambda e: (e.outstanding, e.served))
+        return min(candidates, key=lambda e: (e.outstanding + e.draining, e.served))
 
     async def synthesize(
         self, text: str, profile: VoiceProfile, options: SynthesisOptions
@@ -227,7 +228,7 @@ class TritonEngine(Engine):
                 return
             except EndpointFailure as err:
                 endpoint.failed += 1
-                if err.transport:  # refused or broke: out of rotation until a probe finds it ready again
+                if err.unhealthy:  # refused, broke or stalled: out of rotation until a probe finds it ready again
                     endpoint.mark_down(str(err))
                 if started:
                     raise EngineError(PREFIX + f"{endpoint.url} failed after audio had started: {err}") from None

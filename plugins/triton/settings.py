@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional, Union
+
+CANCEL_SAFE_VERSION = (2, 53)
+"""First Triton release (24.12) with the gRPC frontend's cancellation fixes (triton-inference-server/server#7840)."""
 
 DEFAULT_GRPC_PORT = 8001
 """Triton's default gRPC port (upstream's CosyVoice 3 script moves it to 18001)."""
@@ -57,6 +60,11 @@ class TritonSettings:
 
     start_timeout_s: float = 60.0
     """At startup, how long to wait for at least one endpoint to become ready (Triton loads models for minutes)."""
+
+    cancel_requests: Union[bool, Literal["auto"]] = "auto"
+    """When a client leaves: true cancels the Triton request; false reads it to its end and drops the audio; auto
+    cancels on Triton >= 2.53 (24.12) only, because older servers can crash when a stream is cancelled while the
+    model is sending (tritonserver 2.51 did here)."""
 
     def validate(self) -> Optional[tuple[str, str]]:
         """Check the endpoint URLs, the model name and the ranges."""

@@ -9,8 +9,8 @@ sent in pieces of `chunk_samples`, then a flags-only final response. Words `key:
   hold:T  wait for the file <control_dir>/open-T before the FIRST response
   gate:T  wait for the file <control_dir>/open-T before the SECOND response
   fail:T  answer with an error instead of audio
-A request cancelled by the client (is_cancelled) stops and writes <control_dir>/cancelled-T (T: its id, hold or gate
-token). Requests run on their own threads, so one instance serves many at once (decoupled models may do this).
+A request cancelled by the client (is_cancelled) stops and writes <control_dir>/cancelled-T, one that sent all its
+audio writes <control_dir>/done-T (T: its id, hold or gate token). Requests run on their own threads, so one instance serves many at once (decoupled models may do this).
 """
 
 import json
@@ -136,6 +136,8 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=[output]))
             sent += count
             index += 1
+        if token:
+            self._write(f"done-{token}", self.server)
 
     def finalize(self):
         for thread in self.threads:
