@@ -151,6 +151,8 @@ class TritonServer:
             "--exit-timeout-secs=3",
             # Named shared-memory regions, so the ones a killed server leaves in /dev/shm can be removed.
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            # A model that imports torch and loads CosyVoice on two busy cores needs more than the default 30 s.
+            "--backend-config=python,stub-timeout-seconds=600",
         ]
         with open(self.log, "wb") as log:
             # Own session: stop() and kill() reach the Python-backend stub processes it starts, too.
@@ -180,9 +182,15 @@ class TritonServer:
                 time.sleep(0.1)
         finally:
             client.close()
-        tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
         self.stop()
-        raise RuntimeError(f"tritonserver {self.name} did not become ready:\n{tail}")
+        raise RuntimeError(f"tritonserver {self.name} did not become ready:\n{self.log_problems()}")
+
+    def log_problems(self) -> str:
+        """The error lines of the server's log and its last lines (its startup table left out)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        lines = [line for line in text.splitlines() if not line.startswith(("|", "+"))]
+        errors = [line for line in lines if line.startswith("E") or "rror" in line]
+        return "\n".join(errors[-20:] + ["..."] + lines[-15:])
 
     def kill(self) -> None:
         """SIGKILL the server and its stubs at once (a machine that dies mid-request)."""
@@ -214,5 +222,4 @@ class TritonServer:
         if self.process is not None and self.process.poll() is None:
             return ""
         code = self.process.returncode if self.process is not None else None
-        tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-        return f"tritonserver {self.name} exited ({code}):\n{tail}"
+        return f"tritonserver {self.name} exited ({code}):\n{self.log_problems()}"
