@@ -162,6 +162,8 @@ async def main() -> int:
     parser.add_argument("--requests", type=int, default=10, help="requests per path and comparison (default 10)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    if args.repo:
+        args.repo = args.repo.resolve()  # the Triton model resolves paths against its own folder
     reason = unavailable()
     if reason:
         print(f"no Triton server here: {reason}", file=sys.stderr)
