@@ -4,7 +4,7 @@ tests/tiny_cosyvoice2.py) behind upstream's Triton contract, streaming each chun
 Upstream's own `model_repo/cosyvoice2` needs TensorRT-LLM and a GPU. This one drives this project's CosyVoice
 engine (its public Engine interface: start, prepare, warmup, synthesize) on the CPU, so real model audio crosses
 the real Triton wire, and the latency benchmark (benchmarks/triton_hop.py) compares the very same code with and
-without the Triton hop. Parameters: `repo` (CosyVoice checkout), `model_dir`, `cache_dir`.
+without the Triton hop. Parameters: `repo` (CosyVoice checkout), `model_dir`, `cache_dir`, `warmup` (true).
 The reference of each request is stored once per content, so a voice is prepared on its first request only
 (as the local engine prepares it once at startup).
 """
@@ -31,13 +31,15 @@ class TritonPythonModel:
     def initialize(self, args):
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         self.cache = Path(params["cache_dir"])
+        self.cache.mkdir(parents=True, exist_ok=True)
         settings = {"repo": params["repo"], "model_dir": params["model_dir"], "cache_dir": str(self.cache)}
         settings["require_gpu"] = False
         self.engine = create_engine(Section("cosyvoice", settings, "model.py", "engines.cosyvoice", self.cache))
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="engine loop", daemon=True).start()
         self._call(self.engine.start())
-        self._call(self.engine.warmup())
+        if params.get("warmup", "true") == "true":  # as a local server warms up before serving (the benchmark)
+            self._call(self.engine.warmup())
 
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
