@@ -1,4 +1,5 @@
-"""`wyoming-cosyvoice health`: GPU facts and whether the CosyVoice engine could start here, without loading it."""
+"""`wyoming-cosyvoice health`: GPU facts and whether the CosyVoice engine could start here, without loading it;
+when another engine is configured (e.g. triton), that engine is started as `serve` would and its facts printed."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def checks(settings: Any) -> tuple[list[tuple[str, str]], bool]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print GPU facts and engine checks; exit 1 when the CosyVoice engine could not start."""
+    """Print GPU facts and engine checks; exit 1 when the configured engine could not start."""
     from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings
     from ..gpu import gpu_facts
 
