@@ -203,7 +203,7 @@ def test_list_and_check_report_a_voice_naming_an_unregistered_engine(
     assert rows["plain"]["state"] == "warning" and rows["ghost"]["state"] == "broken"
     assert rows["ghost"]["problem"] == (
         f"{tmp_path / 'cfg' / 'voices.yaml'}: voice 'ghost': needs engine nosuch, "
-        "which is not registered (cosyvoice, espeak)"
+        "which is not registered (cosyvoice, espeak, triton)"
     )
     assert main(["voices", "check", "--config", str(server)]) == 1
     out = capsys.readouterr().out

@@ -19,6 +19,7 @@ _LOGGER = logging.getLogger(__name__)
 
 BUILTIN_PLUGINS = (
     "wyoming_cosyvoice_plugins.cosyvoice",
+    "wyoming_cosyvoice_plugins.triton",
     "wyoming_cosyvoice_plugins.espeak_engine",
     "wyoming_cosyvoice_plugins.yaml_voices",
     "wyoming_cosyvoice_plugins.folder_voices",

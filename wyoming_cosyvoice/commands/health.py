@@ -1,8 +1,10 @@
-"""`wyoming-cosyvoice health`: GPU facts and whether the CosyVoice engine could start here, without loading it."""
+"""`wyoming-cosyvoice health`: GPU facts and whether the CosyVoice engine could start here, without loading it;
+when another engine is configured (e.g. triton), that engine is started as `serve` would and its facts printed."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 from typing import Any
 
 from ..errors import CosyVoiceServiceError
@@ -56,7 +58,7 @@ def checks(settings: Any) -> tuple[list[tuple[str, str]], bool]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print GPU facts and engine checks; exit 1 when the CosyVoice engine could not start."""
+    """Print GPU facts and engine checks; exit 1 when the configured engine could not start."""
     from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings
     from ..gpu import gpu_facts
 
@@ -69,5 +71,28 @@ def run(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"cosyvoice {key}: {value}")
     print(f"cosyvoice engine: {'can start' if ok else 'cannot start here'}")
+    if config.engine.name != "cosyvoice":  # another engine is configured: start it the way `serve` would
+        ok = asyncio.run(_start_configured(config))
     print("A running server reports the same facts (plus prepared voices) in its `describe` info and startup log.")
     return 0 if ok else 1
+
+
+async def _start_configured(config: Any) -> bool:
+    """Start the configured (non-CosyVoice) engine through its plugin, print its health facts, close it."""
+    from ..plugins import Plugins
+
+    name = config.engine.name
+    try:
+        engine = Plugins(config.server.plugins_dir).factory("engines", name)(config.section("engines", name))
+        await engine.start()
+    except CosyVoiceServiceError as err:
+        print(f"{name} engine: cannot start here: {err}")
+        return False
+    try:
+        for key, value in engine.health().items():
+            if key != "engine":
+                print(f"{name} {key}: {value}")
+    finally:
+        await engine.close()
+    print(f"{name} engine: can start")
+    return True
