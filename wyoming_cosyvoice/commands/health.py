@@ -60,6 +60,7 @@ def checks(settings: Any) -> tuple[list[tuple[str, str]], bool]:
 def run(args: argparse.Namespace) -> int:
     """Print GPU facts and engine checks; exit 1 when the configured engine could not start."""
     from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings
+
     from ..gpu import gpu_facts
 
     config = read_config(args.config, args.data_dir)
