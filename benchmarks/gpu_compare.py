@@ -53,7 +53,9 @@ class ForcedTokens:
         try:
             from cosyvoice.llm import llm as llm_module
         except ImportError as err:
-            raise SystemExit(f"--gpu-tokens needs upstream's cosyvoice.llm.llm ({err}); --gpu-tokens 0 skips it")
+            raise SystemExit(
+                f"--gpu-tokens needs upstream's cosyvoice.llm.llm ({err}); --gpu-tokens 0 skips it"
+            ) from None
 
         original: Callable[..., Any] = llm_module.Qwen2LM.inference_wrapper
         forced = self
@@ -211,7 +213,7 @@ def per_request(ours: list[list[Timing]], theirs: list[list[Timing]]) -> list[di
         b = [run[i] for run in theirs]
         first_a, first_b = statistics.median(t.first_ms for t in a), statistics.median(t.first_ms for t in b)
         rtf_a, rtf_b = statistics.median(t.rtf for t in a), statistics.median(t.rtf for t in b)
-        ratios = sorted(y.first_ms / x.first_ms for x, y in zip(a, b) if x.first_ms)
+        ratios = sorted(y.first_ms / x.first_ms for x, y in zip(a, b, strict=False) if x.first_ms)
         rows.append(
             {
                 "request": i + 1,

@@ -80,11 +80,11 @@ class EspeakSettings:
 
 
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,63}$")
-"""espeak voice names (`en-us`, `en-us+f3`, `mb-de1`): libespeak-ng opens a name with a `/` as a file, so none has one."""
+"""espeak voice names (`en-us`, `en-us+f3`, `mb-de1`): libespeak-ng opens a name with `/` as a file: none has one."""
 
 
 def espeak_voice_for(profile: VoiceProfile) -> str:
-    """The espeak voice/language for a profile: `options.espeak_voice`, else its first language (VoiceError if unsafe)."""
+    """The espeak voice for a profile: `options.espeak_voice`, else its first language (VoiceError if unsafe)."""
     explicit = profile.options.get("espeak_voice")
     if explicit is None or explicit == "":
         voice = (profile.languages[0] if profile.languages else "en").lower().replace("_", "-")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -18,8 +17,6 @@ from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.errors import SinkError
 from wyoming_cosyvoice.hookspecs import hookimpl
 from wyoming_cosyvoice.sinks import AudioFormat, StreamInfo
-
-_LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

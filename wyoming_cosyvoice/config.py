@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,8 +15,6 @@ import yaml
 from .errors import ConfigError
 from .paths import defaults_dir
 from .text import DEFAULT_FIRST_CLAUSE_WORDS
-
-_LOGGER = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _MAPPINGS = (dict, Mapping, collections.abc.Mapping)

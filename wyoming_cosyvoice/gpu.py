@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
-_LOGGER = logging.getLogger(__name__)
 _NVML_LOCK = threading.Lock()
 _NVML_STATE: dict[str, Any] = {"initialized": False, "error": None}
 

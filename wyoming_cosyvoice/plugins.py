@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +13,6 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-
-_LOGGER = logging.getLogger(__name__)
 
 BUILTIN_PLUGINS = (
     "wyoming_cosyvoice_plugins.cosyvoice",
