@@ -140,7 +140,7 @@ class _WavStream:
     def _append(self, pcm: bytes) -> None:
         import numpy as np
 
-        dtype = {1: np.uint8, 2: "<i2", 4: "<i4"}[self.fmt.width]
+        dtype: Any = {1: np.uint8, 2: "<i2", 4: "<i4"}[self.fmt.width]
         usable = len(pcm) - len(pcm) % self.fmt.frame_bytes
         data = np.frombuffer(pcm[:usable], dtype=dtype).reshape(-1, self.fmt.channels)
         if self.fmt.width == 1:

@@ -94,7 +94,7 @@ def gpu_facts(index: int = 0) -> GpuFacts:
         except Exception:  # not supported on some (virtualized, MIG) devices
             utilization = None
         try:
-            capability: Optional[tuple[int, int]] = tuple(nvml.nvmlDeviceGetCudaComputeCapability(handle))  # type: ignore[assignment]
+            capability: Optional[tuple[int, int]] = tuple(nvml.nvmlDeviceGetCudaComputeCapability(handle))
         except Exception:
             capability = None
         cuda = int(nvml.nvmlSystemGetCudaDriverVersion())

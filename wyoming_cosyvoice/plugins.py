@@ -55,7 +55,9 @@ class Plugins:
         loaded = self.pm.load_setuptools_entrypoints("wyoming_cosyvoice")
         if loaded:
             for plugin, dist in self.pm.list_plugin_distinfo():
-                self.origins[self.pm.get_name(plugin)] = f"entry point ({dist.project_name} {dist.version})"
+                self.origins[self.pm.get_name(plugin) or repr(plugin)] = (
+                    f"entry point ({dist.project_name} {dist.version})"
+                )
         if plugins_dir is not None:
             self._load_dir(Path(plugins_dir))
         for plugin in extra:
@@ -123,7 +125,7 @@ class Plugins:
         """Each plugin with its origin, hooks and registered names (for `wyoming-cosyvoice plugins`)."""
         rows = []
         for plugin in self.pm.get_plugins():
-            name = self.pm.get_name(plugin)
+            name = self.pm.get_name(plugin) or repr(plugin)
             hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
             names = {
                 group: [r.name for r in regs.values() if r.plugin == name] for group, regs in self.registry.items()

@@ -82,7 +82,7 @@ class Server:
         self.zeroconf_name = zeroconf_name
         self.limits = service.limits
         self.guard = ConnectionGuard(self.limits)
-        self._listener: Optional[asyncio.AbstractServer] = None
+        self._listener: Optional[asyncio.Server] = None
         self._connections: dict["asyncio.Task[Any]", TtsEventHandler] = {}
         self._zeroconf: Any = None
         self._stop = asyncio.Event()
