@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from wyoming_cosyvoice.audio import AudioFormat
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.errors import SinkError
 from wyoming_cosyvoice.hookspecs import hookimpl
-from wyoming_cosyvoice.sinks import AudioFormat, StreamInfo
+from wyoming_cosyvoice.sinks import StreamInfo
 
 _LOGGER = logging.getLogger(__name__)
 

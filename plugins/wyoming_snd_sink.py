@@ -11,12 +11,12 @@ from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncClient
 from wyoming.snd import Played
 
-from wyoming_cosyvoice.audio import PcmConverter
+from wyoming_cosyvoice.audio import AudioFormat, PcmConverter
 from wyoming_cosyvoice.client import open_client
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.errors import SinkError
 from wyoming_cosyvoice.hookspecs import hookimpl
-from wyoming_cosyvoice.sinks import AudioFormat, StreamInfo
+from wyoming_cosyvoice.sinks import StreamInfo
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class _SndStream:
         self.settings = settings
         self.client = client
         self.dst = dst
-        self.converter = PcmConverter(src.as_tuple(), dst.as_tuple())
+        self.converter = PcmConverter(src, dst)
         self.sent = 0
         self.started = time.monotonic()
 

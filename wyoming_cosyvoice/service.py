@@ -13,14 +13,14 @@ from typing import AsyncIterator, Iterator, Optional, Union
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
 from . import __version__
-from .audio import apply_gain
+from .audio import AudioFormat, apply_gain
 from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import ServerBusy
 from .logs import LogThrottle
 from .preparation import VoicePreparer
 from .routing import Engines
-from .sinks import AudioFormat, StreamInfo, Tee, TeeStream
+from .sinks import StreamInfo, Tee, TeeStream
 from .text import DEFAULT_FIRST_CLAUSE_WORDS
 from .voices import VoiceCatalog, VoiceProfile
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Deque, Mapping, Optional, Protocol, Sequence
 
+from .audio import AudioFormat
 from .config import Config, Section
 from .errors import SinkError
 from .logs import LogThrottle
@@ -19,38 +20,6 @@ _LOGGER = logging.getLogger(__name__)
 
 SPEC_KEYS = {"speaker": "device", "wav": "path", "wyoming": "uri"}
 """For `--sink NAME:ARG`: which settings key ARG sets, per built-in sink (other sinks get `target`)."""
-
-
-@dataclass(frozen=True)
-class AudioFormat:
-    """PCM format of one audio stream."""
-
-    rate: int
-    """Samples per second."""
-
-    width: int
-    """Bytes per sample."""
-
-    channels: int
-    """Interleaved channels."""
-
-    @property
-    def frame_bytes(self) -> int:
-        """Bytes per frame (one sample of every channel)."""
-        return self.width * self.channels
-
-    @property
-    def bytes_per_second(self) -> int:
-        """Bytes of PCM per second of audio."""
-        return self.rate * self.frame_bytes
-
-    def seconds(self, nbytes: int) -> float:
-        """Duration of `nbytes` of PCM in this format."""
-        return nbytes / self.bytes_per_second
-
-    def as_tuple(self) -> tuple[int, int, int]:
-        """(rate, width, channels), as `audio.PcmConverter` takes it."""
-        return (self.rate, self.width, self.channels)
 
 
 @dataclass(frozen=True)
