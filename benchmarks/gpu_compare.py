@@ -30,6 +30,7 @@ from wyoming_cosyvoice.bench import BenchSettings, percentile, run_bench
 from wyoming_cosyvoice.config import Config, load_config
 from wyoming_cosyvoice.engine import Engine, SynthesisOptions
 from wyoming_cosyvoice.plugins import Plugins
+from wyoming_cosyvoice.routing import Engines
 from wyoming_cosyvoice.server import Server, build_catalog
 from wyoming_cosyvoice.service import Service
 from wyoming_cosyvoice.voices import VoiceProfile
@@ -361,7 +362,7 @@ async def gpu_compare(
     load_after = os.getloadavg()
 
     # Ours through the server, as Home Assistant reaches it (same engine object, loopback, one client).
-    service = Service(engine, catalog, max_concurrent=4)
+    service = Service(Engines(engine), catalog, max_concurrent=4)
     server = Server(service, "tcp://127.0.0.1:0")
     await server.start()
     try:

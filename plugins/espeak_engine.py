@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Optional
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import Cancelled, SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, VoiceError
-from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.voices import VoiceProfile
 
 _LOGGER = logging.getLogger(__name__)
@@ -235,6 +235,6 @@ def create_engine(section: Section) -> EspeakEngine:
 
 
 @hookimpl
-def register_engines(register: Callable[..., None]) -> None:
+def register_engines(register: Register) -> None:
     """Register the embedded espeak-ng engine."""
     register("espeak", create_engine)

@@ -15,11 +15,11 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from wyoming_cosyvoice.config import Section, build, load_yaml
 from wyoming_cosyvoice.errors import ConfigError
-from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.voices import LANGUAGE_PATTERN, NAME_PATTERN, VoiceProfile, problem_line
 
 from .yaml_voices import read_text_file
@@ -225,6 +225,6 @@ def create_provider(section: Section) -> FolderVoiceProvider:
 
 
 @hookimpl
-def register_voice_providers(register: Callable[..., Any]) -> None:
+def register_voice_providers(register: Register) -> None:
     """Register the voice-folder provider."""
     register("folder", create_provider)

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from wyoming_cosyvoice.audio import AudioFormat, PcmConverter
-from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.errors import NoAudioDevice, SinkError
-from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.sinks import StreamInfo
 
 _LOGGER = logging.getLogger(__name__)
@@ -267,6 +266,6 @@ class SpeakerSink:
 
 
 @hookimpl
-def register_sinks(register: Callable[[str, Callable[[Section], Any]], None]) -> None:
+def register_sinks(register: Register) -> None:
     """Register the `speaker` sink."""
-    register("speaker", lambda section: SpeakerSink(section.parse(SpeakerSettings)))
+    register("speaker", lambda section: SpeakerSink(section.parse(SpeakerSettings)), spec_key="device")

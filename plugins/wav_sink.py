@@ -10,12 +10,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from wyoming_cosyvoice.audio import AudioFormat
-from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.errors import SinkError
-from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.sinks import StreamInfo
 
 _LOGGER = logging.getLogger(__name__)
@@ -234,6 +233,6 @@ class WavSink:
 
 
 @hookimpl
-def register_sinks(register: Callable[[str, Callable[[Section], Any]], None]) -> None:
+def register_sinks(register: Register) -> None:
     """Register the `wav` sink."""
-    register("wav", lambda section: WavSink(section.parse(WavSettings)))
+    register("wav", lambda section: WavSink(section.parse(WavSettings)), spec_key="path")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Optional
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncClient
@@ -13,9 +13,8 @@ from wyoming.snd import Played
 
 from wyoming_cosyvoice.audio import AudioFormat, PcmConverter
 from wyoming_cosyvoice.client import open_client
-from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.errors import SinkError
-from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.sinks import StreamInfo
 
 
@@ -137,6 +136,6 @@ class WyomingSndSink:
 
 
 @hookimpl
-def register_sinks(register: Callable[[str, Callable[[Section], Any]], None]) -> None:
+def register_sinks(register: Register) -> None:
     """Register the `wyoming` network sink."""
-    register("wyoming", lambda section: WyomingSndSink(section.parse(WyomingSndSettings)))
+    register("wyoming", lambda section: WyomingSndSink(section.parse(WyomingSndSettings)), spec_key="uri")

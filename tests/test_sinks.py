@@ -58,16 +58,16 @@ class FailingSink:
 # ------------------------------------------------------------------------------------------ specs and config
 
 
-def test_parse_spec() -> None:
-    assert parse_spec("speaker") == ("speaker", {})
-    assert parse_spec("speaker:2") == ("speaker", {"device": "2"})
-    assert parse_spec("wav:out/reply.wav") == ("wav", {"path": "out/reply.wav"})
-    assert parse_spec("wyoming:tcp://kitchen:10601") == ("wyoming", {"uri": "tcp://kitchen:10601"})
-    assert parse_spec("custom:x") == ("custom", {"target": "x"})
+def test_parse_spec(plugins: Plugins) -> None:
+    assert parse_spec(plugins, "speaker") == ("speaker", {})
+    assert parse_spec(plugins, "speaker:2") == ("speaker", {"device": "2"})
+    assert parse_spec(plugins, "wav:out/reply.wav") == ("wav", {"path": "out/reply.wav"})
+    assert parse_spec(plugins, "wyoming:tcp://kitchen:10601") == ("wyoming", {"uri": "tcp://kitchen:10601"})
+    assert parse_spec(plugins, "custom:x") == ("custom", {"target": "x"})
     with pytest.raises(SinkError, match="NAME"):
-        parse_spec(":x")
+        parse_spec(plugins, ":x")
     with pytest.raises(SinkError, match="nothing after"):
-        parse_spec("wav:")
+        parse_spec(plugins, "wav:")
 
 
 def test_unknown_sink_and_bad_settings_are_one_line_errors(plugins: Plugins) -> None:

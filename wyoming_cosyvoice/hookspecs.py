@@ -1,13 +1,17 @@
 """Pluggy hook specifications: plugins register engines, voice-profile providers and sinks by name."""
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from pluggy import HookimplMarker, HookspecMarker
 
 hookspec = HookspecMarker("wyoming_cosyvoice")
 hookimpl = HookimplMarker("wyoming_cosyvoice")
 
-Register = Callable[[str, Callable[..., Any]], None]
+
+class Register(Protocol):
+    """`register(name, factory)`; an engine may add `setup_hint=`, a sink `spec_key=` (what `--sink NAME:ARG` sets)."""
+
+    def __call__(self, name: str, factory: Callable[..., Any], *, setup_hint: str = "", spec_key: str = "") -> None: ...
 
 
 @hookspec

@@ -36,11 +36,22 @@ HOOK_GROUPS = {
 
 @dataclass(frozen=True)
 class Registration:
-    """One registered name: its factory and the plugin that registered it."""
+    """One registered name: its factory, the plugin that registered it, and what the plugin said about it."""
 
     name: str
+    """The registered name (what config and the command line select)."""
+
     factory: Callable[..., Any]
+    """Builds the engine, voice provider or sink from its config section."""
+
     plugin: str
+    """The plugin that registered it."""
+
+    setup_hint: str = ""
+    """Engines: how to set the engine up, logged when it cannot start and the server falls back."""
+
+    spec_key: str = ""
+    """Sinks: the setting ARG sets in `--sink NAME:ARG` (none: `target`)."""
 
 
 class Plugins:
@@ -101,25 +112,36 @@ class Plugins:
         for impl in hook.get_hookimpls():
             plugin_name = impl.plugin_name
 
-            def register(name: str, factory: Callable[..., Any], _plugin: str = plugin_name) -> None:
+            def register(
+                name: str,
+                factory: Callable[..., Any],
+                *,
+                setup_hint: str = "",
+                spec_key: str = "",
+                _plugin: str = plugin_name,
+            ) -> None:
                 if not isinstance(name, str) or not name:
                     raise PluginError(f"plugin {_plugin} registered {group} with an invalid name {name!r}")
                 if name in found:
                     raise PluginError(
                         f"duplicate {group} name {name!r}: registered by {found[name].plugin} and by {_plugin}"
                     )
-                found[name] = Registration(name, factory, _plugin)
+                found[name] = Registration(name, factory, _plugin, setup_hint, spec_key)
 
             impl.function(register=register)
         return dict(sorted(found.items()))
 
-    def factory(self, group: str, name: str) -> Callable[..., Any]:
-        """The factory registered as `name` in `group`; an unknown name is a PluginError."""
+    def registration(self, group: str, name: str) -> Registration:
+        """What was registered as `name` in `group`; an unknown name is a PluginError."""
         try:
-            return self.registry[group][name].factory
+            return self.registry[group][name]
         except KeyError:
             known = ", ".join(self.registry.get(group, {})) or "none"
             raise PluginError(f"no {group[:-1].replace('_', ' ')} named {name!r} (registered: {known})") from None
+
+    def factory(self, group: str, name: str) -> Callable[..., Any]:
+        """The factory registered as `name` in `group`; an unknown name is a PluginError."""
+        return self.registration(group, name).factory
 
     def describe(self) -> list[dict[str, Any]]:
         """Each plugin with its origin, hooks and registered names (for `wyoming-cosyvoice plugins`)."""

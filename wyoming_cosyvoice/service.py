@@ -8,7 +8,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import AsyncIterator, Iterator, Optional, Union
+from typing import AsyncIterator, Iterator, Optional
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
@@ -104,18 +104,17 @@ class Service:
 
     def __init__(
         self,
-        engine: Union[Engine, Engines],
+        engines: Engines,
         catalog: VoiceCatalog,
         *,
         max_concurrent: int = 4,
         streaming: bool = True,
-        engine_note: str = "",
         tee: Optional[Tee] = None,
         limits: Optional[Limits] = None,
         preparer: Optional[VoicePreparer] = None,
         first_clause_words: int = DEFAULT_FIRST_CLAUSE_WORDS,
     ) -> None:
-        self.engines = Engines.of(engine)
+        self.engines = engines
         """Every running engine; `engine_for` picks the one for a profile."""
         self.engine = self.engines.main
         """The main engine: serves every profile without an `engine` field."""
@@ -128,8 +127,6 @@ class Service:
         self.streaming = streaming
         self.first_clause_words = first_clause_words
         """Words a stream's first piece needs before it may end at a clause (`server.first_clause_words`; 0: off)."""
-        self.engine_note = engine_note or self.engines.note
-        """Why the engine in use is not the configured one (fallback), shown in `info`."""
         self.tee = tee
         """Server-side sinks (config `sinks:`) that get a copy of every reply."""
         self._finishing: set[asyncio.Task[object]] = set()
@@ -151,8 +148,7 @@ class Service:
         health = self.engine.health()
         facts = ", ".join(f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine")
         description = f"CosyVoice voice cloning TTS (engine: {self.engine.name}{'; ' + facts if facts else ''})"
-        notes = [self.engine_note] if self.engine_note else []
-        notes += [n for n in self.engines.notes() if n != self.engine_note]
+        notes = self.engines.notes()
         if notes:
             description += f" [{'; '.join(notes)}]"
         voices = [

@@ -18,9 +18,6 @@ from .plugins import Plugins
 
 _LOGGER = logging.getLogger(__name__)
 
-SPEC_KEYS = {"speaker": "device", "wav": "path", "wyoming": "uri"}
-"""For `--sink NAME:ARG`: which settings key ARG sets, per built-in sink (other sinks get `target`)."""
-
 
 @dataclass(frozen=True)
 class StreamInfo:
@@ -246,8 +243,9 @@ class Tee:
         return TeeStream([_Lane(sink, fmt, info, max_lag, self.grace, self.throttle) for sink in self.sinks])
 
 
-def parse_spec(spec: str) -> tuple[str, Mapping[str, Any]]:
-    """`NAME[:ARG]` from the command line -> (name, settings); ARG sets the sink's main key (path, uri, device)."""
+def parse_spec(plugins: Plugins, spec: str) -> tuple[str, Mapping[str, Any]]:
+    """`NAME[:ARG]` from the command line -> (name, settings); ARG sets the key the sink registered as `spec_key`
+    (wav: path, wyoming: uri, speaker: device), else `target`."""
     name, sep, arg = spec.partition(":")
     name = name.strip()
     if not name:
@@ -256,7 +254,8 @@ def parse_spec(spec: str) -> tuple[str, Mapping[str, Any]]:
         return name, {}
     if not arg:
         raise SinkError(f"--sink {spec!r}: nothing after ':'")
-    return name, {SPEC_KEYS.get(name, "target"): arg}
+    registered = plugins.registry["sinks"].get(name)
+    return name, {(registered.spec_key if registered else "") or "target": arg}
 
 
 def build_sink(plugins: Plugins, name: str, section: Section) -> Sink:
@@ -267,7 +266,7 @@ def build_sink(plugins: Plugins, name: str, section: Section) -> Sink:
 
 def sink_from_spec(plugins: Plugins, spec: str, extra: Optional[Mapping[str, Any]] = None) -> Sink:
     """A sink from a `--sink NAME[:ARG]` option plus extra settings (e.g. jitter_ms from other flags)."""
-    name, data = parse_spec(spec)
+    name, data = parse_spec(plugins, spec)
     section = Section(
         name=name, data={**data, **(extra or {})}, source="command line", key=f"--sink {name}", base_dir=Path.cwd()
     )

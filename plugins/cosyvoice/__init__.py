@@ -14,6 +14,11 @@ from typing import Any
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.hookspecs import Register, hookimpl
 
+SETUP_HINT = (
+    "To enable CosyVoice, set engines.cosyvoice.repo and engines.cosyvoice.model_dir (README: 'GPU engine: CosyVoice')."
+)
+"""Logged when the server falls back because this engine cannot start."""
+
 
 def create_engine(section: Section) -> Any:
     """Factory: `engines.cosyvoice` settings -> engine (nothing heavy happens before start())."""
@@ -25,4 +30,4 @@ def create_engine(section: Section) -> Any:
 @hookimpl
 def register_engines(register: Register) -> None:
     """Register the CosyVoice GPU engine."""
-    register("cosyvoice", create_engine)
+    register("cosyvoice", create_engine, setup_hint=SETUP_HINT)

@@ -57,7 +57,7 @@ async def status(request: web.Request) -> web.Response:
             "version": __version__,
             "engines": engines,
             "failed_engines": {k: studio.redact(v) for k, v in service.engines.failed.items()},
-            "note": studio.redact(service.engine_note),
+            "note": studio.redact(service.engines.note),
             "in_flight": service.admission.active,
             "max_concurrent": service.admission.limit,
             "preparing": sorted(service.preparer.preparing()),
