@@ -1,5 +1,6 @@
-"""Pluggy hook specifications: plugins register engines, voice-profile providers and sinks by name."""
+"""Pluggy hook specifications: plugins register engines, voice-profile providers and sinks by name, and commands."""
 
+import argparse
 from typing import Any, Callable, Protocol
 
 from pluggy import HookimplMarker, HookspecMarker
@@ -27,3 +28,8 @@ def register_voice_providers(register: Register) -> None:
 @hookspec
 def register_sinks(register: Register) -> None:
     """Register audio sinks: `register(name, factory)`, factory(section) -> sinks.Sink."""
+
+
+@hookspec
+def register_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add CLI subcommands: `subparsers.add_parser(...)`, `set_defaults(func=run)`, run(args) -> exit status."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import sys
@@ -61,6 +62,7 @@ class Plugins:
         self.pm = pluggy.PluginManager("wyoming_cosyvoice")
         self.pm.add_hookspecs(hookspecs)
         self.origins: dict[str, str] = {}
+        self._from_dir: set[str] = set()  # plugins loaded from a plugins directory
         for module_name in BUILTIN_PLUGINS:
             self._register(importlib.import_module(module_name), "built-in")
         loaded = self.pm.load_setuptools_entrypoints("wyoming_cosyvoice")
@@ -105,6 +107,7 @@ class Plugins:
                 sys.modules.pop(module_name, None)
                 raise PluginError(f"{path}: plugin failed to import: {type(err).__name__}: {err}") from None
             self._register(module, str(path))
+            self._from_dir.add(module_name)
 
     def _collect(self, group: str, hook_name: str) -> dict[str, Registration]:
         found: dict[str, Registration] = {}
@@ -143,8 +146,33 @@ class Plugins:
         """The factory registered as `name` in `group`; an unknown name is a PluginError."""
         return self.registration(group, name).factory
 
+    def add_commands(self, subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> dict[str, list[str]]:
+        """Let each plugin add its CLI subcommands (`register_commands`); returns plugin -> the commands it added.
+
+        Plugins from a plugins directory are not asked: that folder is named by server.yaml, read after the command
+        line is parsed. A command name already taken (built-in or another plugin's) is a PluginError.
+        """
+        added: dict[str, list[str]] = {}
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            plugin = impl.plugin_name
+            if plugin in self._from_dir:
+                continue
+            before = dict(subparsers.choices)
+            try:
+                impl.function(subparsers=subparsers)
+            except argparse.ArgumentError as err:  # Python >= 3.11 refuses a second parser of one name
+                raise PluginError(f"plugin {plugin}: cannot add its commands: {err}") from None
+            replaced = [name for name, parser in before.items() if subparsers.choices.get(name) is not parser]
+            if replaced:
+                raise PluginError(f"plugin {plugin} adds command {replaced[0]!r}, which already exists")
+            names = [name for name in subparsers.choices if name not in before]
+            if names:
+                added[plugin] = names
+        return added
+
     def describe(self) -> list[dict[str, Any]]:
-        """Each plugin with its origin, hooks and registered names (for `wyoming-cosyvoice plugins`)."""
+        """Each plugin with its origin, hooks, registered names and commands (for `wyoming-cosyvoice plugins`)."""
+        commands = self.add_commands(argparse.ArgumentParser().add_subparsers())
         rows = []
         for plugin in self.pm.get_plugins():
             name = self.pm.get_name(plugin) or repr(plugin)
@@ -152,6 +180,7 @@ class Plugins:
             names = {
                 group: [r.name for r in regs.values() if r.plugin == name] for group, regs in self.registry.items()
             }
+            names["commands"] = commands.get(name, [])
             rows.append(
                 {
                     "name": name,
