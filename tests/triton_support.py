@@ -74,7 +74,9 @@ def unavailable() -> Optional[str]:
     if int(numpy.__version__.split(".")[0]) >= 2:
         # nvidia-pytriton requires numpy < 2: under numpy 2 its Python backend stub misreads every BYTES input (the
         # first byte repeated: "unpack_from requires a buffer of at least 404232220 bytes") and dies.
-        return f"numpy {numpy.__version__}: nvidia-pytriton's Python backend needs numpy < 2 (constraints/cosyvoice.txt)"
+        return (
+            f"numpy {numpy.__version__}: nvidia-pytriton's Python backend needs numpy < 2 (constraints/cosyvoice.txt)"
+        )
     return None
 
 
