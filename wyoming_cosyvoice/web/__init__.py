@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from ..config import WebSettings
     from ..service import Service
     from .app import Studio
@@ -30,8 +32,14 @@ async def start_studio(
     service: "Service", settings: "WebSettings", voices_dir: Path, *, config_dir: Optional[Path] = None
 ) -> "Studio":
     """Start serving the studio page on `settings.host:settings.port` in the running event loop."""
+    from . import audition, voices_api
     from .app import Studio
 
-    studio = Studio(service, settings, voices_dir, config_dir=config_dir)
+    def api(router: "web.UrlDispatcher") -> None:
+        router.add_get("/api/status", audition.status)
+        router.add_post("/api/audition", audition.audition)
+        voices_api.add_routes(router)
+
+    studio = Studio(service, settings, voices_dir, config_dir=config_dir, api=api)
     await studio.start()
     return studio

@@ -77,9 +77,17 @@ class Studio:
     """The studio web app over a running Service: start, serve, close."""
 
     def __init__(
-        self, service: Service, settings: WebSettings, voices_dir: Path, *, config_dir: Optional[Path] = None
+        self,
+        service: Service,
+        settings: WebSettings,
+        voices_dir: Path,
+        *,
+        config_dir: Optional[Path] = None,
+        api: Callable[[web.UrlDispatcher], None] = lambda router: None,
     ) -> None:
         self.service = service
+        self.api = api
+        """Adds the /api routes (the package's `start_studio` passes them: their modules import this one)."""
         self.settings = settings
         self.voices_dir = Path(voices_dir)
         """Where voices are written: the folder provider's `voice_providers.folder.path`."""
@@ -97,16 +105,12 @@ class Studio:
 
     def build_app(self) -> web.Application:
         """The aiohttp application with every route."""
-        from . import audition, voices_api
-
         app = web.Application(middlewares=[self._guard], client_max_size=self.settings.max_upload_bytes + 65536)
         app[STUDIO_KEY] = self
         app.on_response_prepare.append(self._headers)
         app.router.add_get("/", self._page)
         app.router.add_get("/static/{name}", self._asset)
-        app.router.add_get("/api/status", audition.status)
-        app.router.add_post("/api/audition", audition.audition)
-        voices_api.add_routes(app.router)
+        self.api(app.router)
         return app
 
     async def start(self) -> None:
