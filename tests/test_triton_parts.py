@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wyoming_cosyvoice.audio import resample_clip as resample
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.errors import ConfigError, VoiceError
 from wyoming_cosyvoice.voices import VoiceProfile
-from wyoming_cosyvoice_plugins.triton.references import prepare_voice, resample
+from wyoming_cosyvoice_plugins.triton.references import prepare_voice
 from wyoming_cosyvoice_plugins.triton.settings import TritonSettings, parse_endpoint
 
 from .cosyvoice_support import dominant_frequency, write_prompt

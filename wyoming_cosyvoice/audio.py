@@ -101,6 +101,19 @@ def remix(frames: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(mono, channels, axis=1)
 
 
+def resample_clip(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Band-limited resampling of a whole short clip (a reference recording) via the FFT: exact length, no aliasing
+    when going down (e.g. to 16 kHz); float32 mono in and out."""
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    if rate_in == rate_out or len(samples) == 0:
+        return samples
+    count = max(1, int(round(len(samples) * rate_out / rate_in)))
+    spectrum = np.fft.rfft(samples.astype(np.float64))
+    keep = min(len(spectrum), count // 2 + 1)
+    out = np.fft.irfft(spectrum[:keep], n=count) * (count / len(samples))
+    return out.astype(np.float32)
+
+
 class StreamResampler:
     """Linear-interpolation resampler that keeps its phase across chunks (no clicks at chunk edges)."""
 

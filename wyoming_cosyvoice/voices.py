@@ -95,6 +95,17 @@ class VoiceProfile:
             return ("speaker", "sft mode needs a built-in speaker id")
         return None
 
+    def reference_stamp(self) -> tuple:
+        """The reference file as last seen (modification time, size), `("missing",)` when unreadable, `()` without
+        one: part of what makes an engine's prepared voice stale."""
+        if self.reference_audio is None:
+            return ()
+        try:
+            stat = Path(self.reference_audio).stat()
+        except OSError:
+            return ("missing",)
+        return (stat.st_mtime_ns, stat.st_size)
+
 
 class VoiceProvider(Protocol):
     """Supplies voice profiles; `load` is called at startup and whenever the catalog refreshes."""

@@ -11,27 +11,13 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from wyoming_cosyvoice.audio import resample_clip
 from wyoming_cosyvoice.paths import cache_dir
 
 _LOGGER = logging.getLogger(__name__)
 
 MIN_PROMPT_RATE = 16000
 """CosyVoice's speech tokenizer and speaker model work at 16 kHz: lower rates would have to be upsampled."""
-
-
-def resample(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Band-limited resampling of a whole (short) signal via the FFT; no scipy."""
-    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-    if rate_in == rate_out or len(samples) == 0:
-        return samples
-    n_out = max(1, int(round(len(samples) * rate_out / rate_in)))
-    spectrum = np.fft.rfft(samples.astype(np.float64))
-    bins = n_out // 2 + 1
-    out_spectrum = np.zeros(bins, dtype=np.complex128)
-    keep = min(bins, len(spectrum))
-    out_spectrum[:keep] = spectrum[:keep]
-    out = np.fft.irfft(out_spectrum, n_out) * (n_out / len(samples))
-    return out.astype(np.float32)
 
 
 def soundfile_load_wav(wav: Any, target_sr: int, min_sr: int = MIN_PROMPT_RATE) -> Any:
@@ -45,7 +31,7 @@ def soundfile_load_wav(wav: Any, target_sr: int, min_sr: int = MIN_PROMPT_RATE) 
     mono = data.mean(axis=1)
     if rate != target_sr:
         assert rate >= min_sr, "wav sample rate {} must be greater than {}".format(rate, target_sr)
-        mono = resample(mono, rate, target_sr)
+        mono = resample_clip(mono, rate, target_sr)
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)).unsqueeze(0)
 
 

@@ -4,12 +4,12 @@ what each mode sends with every request (blocking; the engine runs it on a threa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import soundfile
 
+from wyoming_cosyvoice.audio import resample_clip
 from wyoming_cosyvoice.errors import VoiceError
 from wyoming_cosyvoice.reference import normalized_reference
 from wyoming_cosyvoice.voices import VoiceProfile, problem_line
@@ -37,27 +37,9 @@ class PreparedVoice:
         return 0.0 if self.reference is None else len(self.reference) / REFERENCE_RATE
 
 
-def resample(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Band-limited resampling of a whole clip (FFT: exact length, no aliasing when going down to 16 kHz)."""
-    if rate_in == rate_out or not len(samples):
-        return samples.astype(np.float32)
-    count = int(round(len(samples) * rate_out / rate_in))
-    spectrum = np.fft.rfft(samples.astype(np.float64))
-    keep = min(len(spectrum), count // 2 + 1)
-    out = np.fft.irfft(spectrum[:keep], n=count) * (count / len(samples))
-    return out.astype(np.float32)
-
-
 def signature(profile: VoiceProfile) -> tuple:
     """What makes a prepared voice stale: mode, reference file (and its mtime/size) and transcript."""
-    stamp: tuple = ()
-    if profile.reference_audio is not None:
-        try:
-            stat = Path(profile.reference_audio).stat()
-            stamp = (stat.st_mtime_ns, stat.st_size)
-        except OSError:
-            stamp = ("missing",)
-    return (profile.mode, str(profile.reference_audio), stamp, profile.transcript)
+    return (profile.mode, str(profile.reference_audio), profile.reference_stamp(), profile.transcript)
 
 
 def prepare_voice(profile: VoiceProfile, model: str) -> PreparedVoice:
@@ -75,6 +57,6 @@ def prepare_voice(profile: VoiceProfile, model: str) -> PreparedVoice:
         return PreparedVoice(None, "")
     path = normalized_reference(profile)  # validated, trimmed, <= 30 s, peak-normalized, >= 16 kHz, cached
     data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    reference = resample(data.mean(axis=1), rate, REFERENCE_RATE)
+    reference = resample_clip(data.mean(axis=1), rate, REFERENCE_RATE)
     text = (profile.transcript or "").strip() if profile.mode == "zero_shot" else ""
     return PreparedVoice(reference, text)
