@@ -467,3 +467,30 @@ async def test_a_hung_pass_is_given_up_and_the_others_get_the_flow(tmp_path: Pat
         release.set()
         await engine.close()
     assert thread_errors == []
+
+
+@pytest.mark.parametrize("keep_real_time", [True, False])
+async def test_admission_refuses_a_stream_the_machine_cannot_keep_ahead(tmp_path: Path, keep_real_time: bool) -> None:
+    prompt = write_prompt(tmp_path / "p.wav")
+    cfg = settings(tmp_path, concurrency=4, keep_real_time=keep_real_time, knobs={"token_s": 0.02})
+    engine = await started(cfg, (tars := voice(prompt),))
+    try:
+        # As measured on a slow machine: 0.5 s of LLM and 0.3 s of flow + vocoder per second of audio per stream.
+        costs = engine.scheduling.costs
+        costs.llm_s_per_token, costs.flow_per_audio_s = 0.02, 0.3
+        assert engine.health()["stream_cost"] == "llm 0.50 + flow 0.30 s per s"
+        first = engine.synthesize(LONG_TEXT * 3, tars, SynthesisOptions())
+        await asyncio.wait_for(first.__anext__(), 20)
+        if keep_real_time:
+            with pytest.raises(ServerBusy, match=r"cosyvoice engine at capacity: 1 streams in flight need 80% .*160%"):
+                await speak(engine, "Me too.", tars)
+        else:
+            assert len(await asyncio.wait_for(speak(engine, "Me too.", tars), 30)) >= 1
+        await first.aclose()
+        costs.llm_s_per_token, costs.flow_per_audio_s = 0.002, 0.03  # a faster machine: two fit
+        first = engine.synthesize(LONG_TEXT * 3, tars, SynthesisOptions())
+        await asyncio.wait_for(first.__anext__(), 20)
+        assert len(await asyncio.wait_for(speak(engine, "Me too.", tars), 30)) >= 1
+        await first.aclose()
+    finally:
+        await engine.close()

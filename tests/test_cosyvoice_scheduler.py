@@ -142,15 +142,16 @@ def test_an_llm_well_ahead_steps_aside_for_an_urgent_stream() -> None:
 def test_admission_adds_up_the_measured_costs() -> None:
     assert admission(0, (5.0, 5.0)) is None, "a lone request is always served"
     assert admission(3, None) is None, "nothing measured yet"
-    # 0.1 s of LLM + 0.1 s of flow per second of audio: 4 streams need 80%, x1.25 = 100%: the 5th does not fit.
+    # 0.1 s of LLM + 0.1 s of flow per second of audio: 5 streams need 100%, the 6th does not fit.
     assert load(4, 0.1, 0.1) == pytest.approx(0.8)
-    assert admission(3, (0.1, 0.1)) is None
-    why = admission(4, (0.1, 0.1))
-    assert why is not None and "4 streams in flight need 80%" in why and "one more would need 100%" in why
+    assert admission(4, (0.1, 0.1)) is None
+    why = admission(5, (0.1, 0.1))
+    assert why is not None and "5 streams in flight need 100%" in why and "one more would need 120%" in why
+    assert admission(4, (0.1, 0.1), safety=1.25) is not None, "a stricter limit"
     # vLLM batches the LLM calls (about one stream's need); two TensorRT contexts halve the flow's share.
     assert load(5, 0.1, 0.1, llm_batched=True) == pytest.approx(0.6)
     assert load(5, 0.1, 0.1, flow_slots=2) == pytest.approx(0.75)
-    assert admission(4, (0.1, 0.1), llm_batched=True) is None
+    assert admission(5, (0.1, 0.1), llm_batched=True) is None
 
 
 def test_costs_are_moving_averages_of_calls_that_ran_alone() -> None:

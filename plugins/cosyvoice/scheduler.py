@@ -30,8 +30,9 @@ LLM_YIELD_LEAD_S = 4.0
 """Audio in hand (buffered plus tokens made but not yet through the flow) from which a stream's LLM pauses for an
 urgent stream."""
 
-ADMIT_SAFETY = 1.25
-"""One more stream is admitted only if all of them together need at most 1/ADMIT_SAFETY of the model's time."""
+ADMIT_SAFETY = 1.0
+"""One more stream is admitted only if all of them together need at most 1/ADMIT_SAFETY of the model's time. The
+sum is already pessimistic (a stream's LLM and flow + vocoder partly overlap, on a GPU and on several cores), so 1."""
 
 TOKENS_PER_SECOND = 25
 """CosyVoice 2/3 speech tokens per second of audio."""
