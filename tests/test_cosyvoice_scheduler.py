@@ -201,3 +201,21 @@ def test_a_stream_waiting_for_a_grown_chunk_cuts_when_due() -> None:
     assert cut_due(slack=0.7, flow=0.5, wait=0.0), "1.5 x 0.5 s >= 0.7 s: cut now"
     assert cut_due(slack=1.0, flow=0.3, wait=0.4)
     assert not cut_due(slack=0.1, flow=None, wait=0.0), "no measured cost: no basis for a cut"
+
+
+def test_a_longer_first_chunk_when_upstreams_would_run_dry() -> None:
+    from wyoming_cosyvoice_plugins.cosyvoice.chunking import first_size
+
+    args = dict(hop=25, max_hop=100, scale=2, lookahead=3, prompt_tokens=76)  # upstream's first chunk: 49 tokens
+    # Alone on a fast machine: upstream's first chunk keeps ahead.
+    assert first_size(49, seconds_per_token=0.005, cost=flat(0.1), **args) == 49
+    # Sharing the flow with three others (each pass counted 4x: 1.2 s): 49 tokens (1.8 s of audio) would run dry
+    # before the 50 tokens after it (0.25 s of LLM + 1.2 s, x1.5); 74 tokens do not.
+    assert first_size(49, seconds_per_token=0.005, cost=flat(1.2), **args) == 74
+    # Heavier still: 124 tokens (upstream's own first chunk from its second request on).
+    assert first_size(49, seconds_per_token=0.005, cost=flat(1.8), **args) == 124
+    # Nothing keeps ahead (an LLM slower than real time), or no pass timed yet: upstream's, no later first audio.
+    assert first_size(49, seconds_per_token=0.05, cost=flat(0.1), **args) == 49
+    assert first_size(49, seconds_per_token=0.005, cost=flat(None), **args) == 49
+    # A text short enough to fit in one first chunk.
+    assert first_size(49, seconds_per_token=0.005, cost=flat(5.0), limit=60, **args) == 74

@@ -117,6 +117,38 @@ def keeps_ahead(
     return True
 
 
+FIRST_CHUNK_STEPS = (0, 1, 3)
+"""Hops added to upstream's first chunk (25 + pad) when a longer first chunk is needed to keep ahead: under load,
+a first chunk of 50 + pad or 100 + pad tokens (upstream's own from its second request on) buys the time the next
+ones need."""
+
+
+def first_size(
+    upstream_first: int,
+    hop: int,
+    max_hop: int,
+    scale: int,
+    lookahead: int,
+    prompt_tokens: int,
+    seconds_per_token: float,
+    cost: Callable[[int], Optional[float]],
+    limit: Optional[int] = None,
+) -> int:
+    """The first chunk when the early one is not taken: upstream's (25 + pad), or, when that would run dry before
+    the next chunks arrive (`keeps_ahead`, e.g. with other streams sharing the machine) and a longer one would not,
+    the shortest of upstream's + 25 and upstream's + 75 that keeps ahead. When none does (a model slower than real
+    time), or before any pass was timed: upstream's (waiting longer would only delay the first audio)."""
+    if cost(prompt_tokens + upstream_first + lookahead) is None or seconds_per_token <= 0:
+        return upstream_first
+    sizes = [upstream_first + n * hop for n in FIRST_CHUNK_STEPS]
+    for size in sizes:
+        if limit is not None and size + lookahead >= limit:
+            return size  # the whole text fits in it: nothing comes after to run dry for
+        if keeps_ahead(size, hop * scale, max_hop, scale, lookahead, prompt_tokens, seconds_per_token, cost, limit):
+            return size
+    return upstream_first
+
+
 def grown_end(
     offset: int,
     step: int,

@@ -39,6 +39,7 @@ from .chunking import (  # noqa: F401  (first_hop, ChunkCost, keeps_ahead: impor
     ChunkCost,
     cut_due,
     first_hop,
+    first_size,
     grid_floor,
     grown_end,
     keeps_ahead,
@@ -386,26 +387,36 @@ def _stream(inner: Any, call: dict, hop: int, streaming: Streaming, request: Req
         step, size = hop, upstream_first
         early_used = False
         fresh = stream.first_out is None  # this call makes the request's first audio
-        if fresh and early and wait_for(early + lookahead) and not stop():
+        # early_first_chunk: false keeps upstream's first chunk as it is (no early one, no longer one under load).
+        if fresh and streaming.early_first_chunk and wait_for((early or upstream_first) + lookahead) and not stop():
             seconds_per_token = per_token()
-            others = sched.open_streams > 1
+            # Other streams' passes may run before each of ours (round robin at worst, over the flow's slots).
+            share = 1 + (sched.open_streams - 1) / sched.slots
 
-            def flow_cost(n: int) -> Optional[float]:  # another stream's pass may run first (one at most)
+            def flow_cost(n: int) -> Optional[float]:
                 seconds = cost.predict(n)
-                return None if seconds is None else seconds * (2 if others else 1)
+                return None if seconds is None else seconds * share
 
-            early_used = keeps_ahead(
-                early, hop, max_hop, scale, lookahead, prompt_tokens, seconds_per_token, flow_cost, limit
-            )
+            if early:
+                early_used = keeps_ahead(
+                    early, hop, max_hop, scale, lookahead, prompt_tokens, seconds_per_token, flow_cost, limit
+                )
             if early_used:
                 size = early
+            elif sched.open_streams > 1:  # alone, a longer first chunk would only delay the first audio
+                size = first_size(
+                    upstream_first, hop, max_hop, scale, lookahead, prompt_tokens, seconds_per_token, flow_cost, limit
+                )
             _LOGGER.debug(
-                "Early first chunk (%d tokens) %s: LLM %.1f ms/token, flow + vocoder over %d tokens %s ms",
+                "First chunk %d tokens (early %d %s): LLM %.1f ms/token, flow + vocoder over %d tokens %s ms, "
+                "%d streams",
+                size,
                 early,
                 "taken" if early_used else "not taken",
                 seconds_per_token * 1000,
                 prompt_tokens + early + hop + lookahead,
-                _ms(cost.predict(prompt_tokens + early + hop + lookahead)),
+                _ms(flow_cost(prompt_tokens + early + hop + lookahead)),
+                sched.open_streams,
             )
         while True:
             slack = stream.slack(sched.clock())
