@@ -40,8 +40,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests import attackers, audiogen  # noqa: E402  (the attackers are shared with tests/test_soak.py)
 from wyoming.event import Event, async_read_event  # noqa: E402
+
+from tests import attackers, audiogen  # noqa: E402  (the attackers are shared with tests/test_soak.py)
 
 
 def free_port() -> int:

@@ -187,8 +187,8 @@ async def bench_engine(
 def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of docs/benchmarks.md."""
     lines = [
-        "| engine | text pace | first piece cut at | its text sent after (ms) | first audio median (ms) | min / max (ms) "
-        "| after / before | reply done, median (ms) | audio (s) |",
+        "| engine | text pace | first piece cut at | its text sent after (ms) | first audio median (ms) "
+        "| min / max (ms) | after / before | reply done, median (ms) | audio (s) |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     before = {(r["engine"], r["pace"]): r["first_audio_median_ms"] for r in rows if r["first_clause_words"] == 0}

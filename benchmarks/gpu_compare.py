@@ -30,6 +30,7 @@ from wyoming_cosyvoice.bench import BenchSettings, percentile, run_bench
 from wyoming_cosyvoice.config import Config, load_config
 from wyoming_cosyvoice.engine import Engine, SynthesisOptions
 from wyoming_cosyvoice.plugins import Plugins
+from wyoming_cosyvoice.routing import Engines
 from wyoming_cosyvoice.server import Server, build_catalog
 from wyoming_cosyvoice.service import Service
 from wyoming_cosyvoice.voices import VoiceProfile
@@ -53,7 +54,9 @@ class ForcedTokens:
         try:
             from cosyvoice.llm import llm as llm_module
         except ImportError as err:
-            raise SystemExit(f"--gpu-tokens needs upstream's cosyvoice.llm.llm ({err}); --gpu-tokens 0 skips it")
+            raise SystemExit(
+                f"--gpu-tokens needs upstream's cosyvoice.llm.llm ({err}); --gpu-tokens 0 skips it"
+            ) from None
 
         original: Callable[..., Any] = llm_module.Qwen2LM.inference_wrapper
         forced = self
@@ -211,7 +214,7 @@ def per_request(ours: list[list[Timing]], theirs: list[list[Timing]]) -> list[di
         b = [run[i] for run in theirs]
         first_a, first_b = statistics.median(t.first_ms for t in a), statistics.median(t.first_ms for t in b)
         rtf_a, rtf_b = statistics.median(t.rtf for t in a), statistics.median(t.rtf for t in b)
-        ratios = sorted(y.first_ms / x.first_ms for x, y in zip(a, b) if x.first_ms)
+        ratios = sorted(y.first_ms / x.first_ms for x, y in zip(a, b, strict=False) if x.first_ms)
         rows.append(
             {
                 "request": i + 1,
@@ -398,7 +401,7 @@ async def gpu_compare(
         }
 
     # Ours through the server, as Home Assistant reaches it (same engine object, loopback, one client).
-    service = Service(engine, catalog, max_concurrent=4)
+    service = Service(Engines(engine), catalog, max_concurrent=4)
     server = Server(service, "tcp://127.0.0.1:0")
     await server.start()
     try:

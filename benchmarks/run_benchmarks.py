@@ -306,7 +306,7 @@ async def readiness(config: Path, tmp: Path, runs: int) -> tuple[dict[str, Any],
     """Spawn the espeak server `runs` times; the last one stays up for the espeak measurements."""
     times = []
     server: Optional[ServerProcess] = None
-    for i in range(runs):
+    for _ in range(runs):
         if server is not None:
             server.stop()
         server = ServerProcess(config, "espeak", tmp / "server-espeak.log")
@@ -329,7 +329,7 @@ async def readiness(config: Path, tmp: Path, runs: int) -> tuple[dict[str, Any],
 
 
 def cpu_pressure() -> str:
-    """Linux PSI line for CPU ("some avg10=.. avg60=.."): how often runnable tasks waited for a core (shared machine)."""
+    """Linux PSI line for CPU ("some avg10=.. avg60=.."): how often runnable tasks waited for a core (shared host)."""
     try:
         return Path("/proc/pressure/cpu").read_text().splitlines()[0]
     except (OSError, IndexError):
@@ -377,7 +377,8 @@ def print_markdown(results: dict[str, Any]) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["streaming"]:
         print(
-            f"| {r['engine']} | {r['requests']} | {r['failed']} | {r['audio_s']:.0f} | {r['wall_s']:.2f} | {r['server_cpu_s']:.2f} | "
+            f"| {r['engine']} | {r['requests']} | {r['failed']} | {r['audio_s']:.0f} | {r['wall_s']:.2f} | "
+            f"{r['server_cpu_s']:.2f} | "
             f"{r['x_real_time_per_server_core']:.0f}x | {r['x_real_time_per_core_wall']:.0f}x | "
             f"{r['behind_real_time']} | {r['max_stall_ms']:.1f} | {r['slowest_stream_x_real_time']:.0f}x |"
         )

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -105,7 +105,7 @@ async def compare(name: str, local: Server, remote: Server, text: str, requests:
         order = [("local", local), ("triton", remote)] if n % 2 == 0 else [("triton", remote), ("local", local)]
         for label, server in order:
             rows[label].append(await one_request(server.port, text))  # type: ignore[arg-type]
-    diffs = [t[0] - l[0] for l, t in zip(rows["local"], rows["triton"])]
+    diffs = [t[0] - o[0] for o, t in zip(rows["local"], rows["triton"], strict=True)]
     result = {
         "comparison": name,
         "requests_each": requests,

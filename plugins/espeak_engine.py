@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Optional
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import Cancelled, SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, VoiceError
-from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.voices import VoiceProfile
 
 _LOGGER = logging.getLogger(__name__)
@@ -80,11 +80,11 @@ class EspeakSettings:
 
 
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,63}$")
-"""espeak voice names (`en-us`, `en-us+f3`, `mb-de1`): libespeak-ng opens a name with a `/` as a file, so none has one."""
+"""espeak voice names (`en-us`, `en-us+f3`, `mb-de1`): libespeak-ng opens a name with `/` as a file: none has one."""
 
 
 def espeak_voice_for(profile: VoiceProfile) -> str:
-    """The espeak voice/language for a profile: `options.espeak_voice`, else its first language (VoiceError if unsafe)."""
+    """The espeak voice for a profile: `options.espeak_voice`, else its first language (VoiceError if unsafe)."""
     explicit = profile.options.get("espeak_voice")
     if explicit is None or explicit == "":
         voice = (profile.languages[0] if profile.languages else "en").lower().replace("_", "-")
@@ -235,6 +235,6 @@ def create_engine(section: Section) -> EspeakEngine:
 
 
 @hookimpl
-def register_engines(register: Callable[..., None]) -> None:
+def register_engines(register: Register) -> None:
     """Register the embedded espeak-ng engine."""
     register("espeak", create_engine)

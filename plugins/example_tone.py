@@ -1,20 +1,15 @@
-"""Example plugin: a `tone` engine that "speaks" a beep per word from prepared PCM, at no cost.
-
-Copy this file into your `server.plugins_dir` to load it (it is not a built-in). It shows the whole
-plugin contract in a few lines, and serves benchmarks as a zero-cost engine that exposes the server's own cost.
-"""
-
-from __future__ import annotations
+"""Example plugin: a `tone` engine that "speaks" a beep per word from prepared PCM, at no cost. Copy this file into
+your `server.plugins_dir` to load it (it is not a built-in). It shows the whole plugin contract in a few lines, and
+serves benchmarks as a zero-cost engine that exposes the server's own cost."""
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
-from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import SynthesisOptions, ThreadedEngine
-from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.voices import VoiceProfile
 
 
@@ -24,18 +19,15 @@ class ToneSettings:
 
     sample_rate: int = 24000
     """Output rate."""
-
     frequency: float = 440.0
     """Beep pitch in Hz."""
-
     word_ms: int = 300
     """Audio per word (beep then pause)."""
-
     chunk_ms: int = 100
     """Audio per chunk."""
 
     def validate(self) -> Optional[tuple[str, str]]:
-        """Check ranges."""
+        """Check ranges: (key, problem), or None when the settings are usable."""
         if self.sample_rate < 8000:
             return ("sample_rate", "must be at least 8000")
         if self.word_ms < 10 or self.chunk_ms < 1:
@@ -53,8 +45,7 @@ class ToneEngine(ThreadedEngine):
         self.settings = settings
         self.sample_rate = settings.sample_rate
         n = settings.sample_rate * settings.word_ms // 1000
-        t = np.arange(n // 2) / settings.sample_rate
-        beep = 0.5 * np.sin(2 * np.pi * settings.frequency * t)
+        beep = 0.5 * np.sin(2 * np.pi * settings.frequency * (np.arange(n // 2) / settings.sample_rate))
         self._word = (np.concatenate([beep, np.zeros(n - len(beep))]) * 32767).astype("<i2").tobytes()
 
     def generate(
@@ -68,6 +59,6 @@ class ToneEngine(ThreadedEngine):
 
 
 @hookimpl
-def register_engines(register: Callable[[str, Callable[[Section], Any]], None]) -> None:
-    """Register the `tone` engine."""
+def register_engines(register: Register) -> None:
+    """Register the `tone` engine: its factory gets the `engines.tone` section."""
     register("tone", lambda section: ToneEngine(section.parse(ToneSettings)))

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from wyoming_cosyvoice.config import Section, build, load_yaml
 from wyoming_cosyvoice.errors import ConfigError
-from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
+from wyoming_cosyvoice.voice_store import FolderVoicesSettings, language_tag
 from wyoming_cosyvoice.voices import LANGUAGE_PATTERN, NAME_PATTERN, VoiceProfile, problem_line
 
 from .yaml_voices import read_text_file
@@ -71,24 +71,6 @@ def check_options(options: Any) -> None:
                 f"{where}: {value[:40]!r} is not allowed (letters, digits, '_', '.', '+', '-'; no paths); "
                 "profile.yaml cannot name files"
             )
-
-
-@dataclass(frozen=True)
-class FolderVoicesSettings:
-    """`voice_providers.folder` settings."""
-
-    path: Path = Path("voices")
-    """Voices folder: `<path>/<language>/<voice>/reference.wav`; relative to the server config's folder."""
-
-
-def language_tag(folder: str) -> str:
-    """`en_US` -> `en-US` (BCP-47), as wyoming-piper names its language folders."""
-    return folder.replace("_", "-")
-
-
-def folder_language(tag: str) -> str:
-    """`en-US` -> `en_US`, the folder name `voices add` writes."""
-    return tag.replace("-", "_")
 
 
 class FolderVoiceProvider:
@@ -225,6 +207,6 @@ def create_provider(section: Section) -> FolderVoiceProvider:
 
 
 @hookimpl
-def register_voice_providers(register: Callable[..., Any]) -> None:
+def register_voice_providers(register: Register) -> None:
     """Register the voice-folder provider."""
     register("folder", create_provider)

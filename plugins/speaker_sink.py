@@ -10,11 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from wyoming_cosyvoice.audio import PcmConverter
-from wyoming_cosyvoice.config import Section
+from wyoming_cosyvoice.audio import AudioFormat, PcmConverter
 from wyoming_cosyvoice.errors import NoAudioDevice, SinkError
-from wyoming_cosyvoice.hookspecs import hookimpl
-from wyoming_cosyvoice.sinks import AudioFormat, StreamInfo
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
+from wyoming_cosyvoice.sinks import StreamInfo
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class _Player:
         self.device = device
         self.rate = rate
         self.channels = channels
-        self.converter = PcmConverter(fmt.as_tuple(), (rate, 2, channels))
+        self.converter = PcmConverter(fmt, AudioFormat(rate, 2, channels))
         self.out_bps = rate * 2 * channels
         self.jitter_bytes = int(self.out_bps * jitter_ms / 1000) // (2 * channels) * (2 * channels)
         self.piece_bytes = max(2 * channels, int(self.out_bps * _PIECE_SECONDS) // (2 * channels) * (2 * channels))
@@ -267,6 +266,6 @@ class SpeakerSink:
 
 
 @hookimpl
-def register_sinks(register: Callable[[str, Callable[[Section], Any]], None]) -> None:
+def register_sinks(register: Register) -> None:
     """Register the `speaker` sink."""
-    register("speaker", lambda section: SpeakerSink(section.parse(SpeakerSettings)))
+    register("speaker", lambda section: SpeakerSink(section.parse(SpeakerSettings)), spec_key="device")

@@ -10,12 +10,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from wyoming_cosyvoice.config import Section
+from wyoming_cosyvoice.audio import AudioFormat
 from wyoming_cosyvoice.errors import SinkError
-from wyoming_cosyvoice.hookspecs import hookimpl
-from wyoming_cosyvoice.sinks import AudioFormat, StreamInfo
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
+from wyoming_cosyvoice.sinks import StreamInfo
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class _WavStream:
     def _append(self, pcm: bytes) -> None:
         import numpy as np
 
-        dtype = {1: np.uint8, 2: "<i2", 4: "<i4"}[self.fmt.width]
+        dtype: Any = {1: np.uint8, 2: "<i2", 4: "<i4"}[self.fmt.width]
         usable = len(pcm) - len(pcm) % self.fmt.frame_bytes
         data = np.frombuffer(pcm[:usable], dtype=dtype).reshape(-1, self.fmt.channels)
         if self.fmt.width == 1:
@@ -233,6 +233,6 @@ class WavSink:
 
 
 @hookimpl
-def register_sinks(register: Callable[[str, Callable[[Section], Any]], None]) -> None:
+def register_sinks(register: Register) -> None:
     """Register the `wav` sink."""
-    register("wav", lambda section: WavSink(section.parse(WavSettings)))
+    register("wav", lambda section: WavSink(section.parse(WavSettings)), spec_key="path")

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Optional
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncClient
 from wyoming.snd import Played
 
-from wyoming_cosyvoice.audio import PcmConverter
+from wyoming_cosyvoice.audio import AudioFormat, PcmConverter
 from wyoming_cosyvoice.client import open_client
-from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.errors import SinkError
-from wyoming_cosyvoice.hookspecs import hookimpl
-from wyoming_cosyvoice.sinks import AudioFormat, StreamInfo
-
-_LOGGER = logging.getLogger(__name__)
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
+from wyoming_cosyvoice.sinks import StreamInfo
 
 
 @dataclass(frozen=True)
@@ -67,7 +63,7 @@ class _SndStream:
         self.settings = settings
         self.client = client
         self.dst = dst
-        self.converter = PcmConverter(src.as_tuple(), dst.as_tuple())
+        self.converter = PcmConverter(src, dst)
         self.sent = 0
         self.started = time.monotonic()
 
@@ -140,6 +136,6 @@ class WyomingSndSink:
 
 
 @hookimpl
-def register_sinks(register: Callable[[str, Callable[[Section], Any]], None]) -> None:
+def register_sinks(register: Register) -> None:
     """Register the `wyoming` network sink."""
-    register("wyoming", lambda section: WyomingSndSink(section.parse(WyomingSndSettings)))
+    register("wyoming", lambda section: WyomingSndSink(section.parse(WyomingSndSettings)), spec_key="uri")

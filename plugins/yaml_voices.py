@@ -16,11 +16,11 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from wyoming_cosyvoice.config import Section, build, load_yaml
 from wyoming_cosyvoice.errors import ConfigError
-from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.reference import ASSET_DIR
 from wyoming_cosyvoice.voices import VoiceProfile, problem_line
 
@@ -242,6 +242,6 @@ def create_provider(section: Section) -> YamlVoiceProvider:
 
 
 @hookimpl
-def register_voice_providers(register: Callable[..., Any]) -> None:
+def register_voice_providers(register: Register) -> None:
     """Register the YAML voice provider."""
     register("yaml", create_provider)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import re
 import subprocess
 import sys
 import time
-import contextlib
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -29,8 +29,10 @@ from wyoming_cosyvoice.server import Server, build_service
 TIMEOUT = 20.0
 """Upper bound for any single read in tests (a hang fails instead of blocking CI)."""
 
-SHARED_VOICES = Path(__file__).resolve().parents[2] / "shared" / "voices"
-"""Reference voices provided beside the checkout (tests skip when absent)."""
+SHARED_VOICES = (
+    Path(os.environ.get("WYOMING_COSYVOICE_SHARED") or Path(__file__).resolve().parents[2] / "shared") / "voices"
+)
+"""Reference voices provided beside the checkout, or in $WYOMING_COSYVOICE_SHARED (tests skip when absent)."""
 
 
 def write_config(

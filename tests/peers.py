@@ -188,7 +188,7 @@ class _ForeignHandler(AsyncEventHandler):
             n = int(tts.chunk_seconds * rate)
             if tts.send_start:
                 await self.write_event(AudioStart(rate=rate, width=2, channels=1).event())
-            for i in range(tts.chunks_per_run):
+            for _ in range(tts.chunks_per_run):
                 if tts.drop_after_chunks is not None and self.sent_chunks >= tts.drop_after_chunks:
                     self.writer.close()
                     return False

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REPO = ROOT.parent / "shared" / "cosyvoice-upstream"
+DEFAULT_REPO = Path(os.environ.get("WYOMING_COSYVOICE_SHARED") or ROOT.parent / "shared") / "cosyvoice-upstream"
 """Where the checkout is looked for when COSYVOICE_REPO is not set."""
 
 MODULES = ("torch", "torchaudio", "whisper", "transformers", "hyperpyyaml", "onnxruntime", "onnx", "diffusers")

@@ -28,7 +28,8 @@ from .helpers import running_server, write_config
 
 
 def artifacts_dir() -> Path:
-    """Where the studio tests keep screenshots: $WYOMING_COSYVOICE_ARTIFACTS/studio, else <tmp>/wyoming-cosyvoice-artifacts/studio."""
+    """Where the studio tests keep screenshots: $WYOMING_COSYVOICE_ARTIFACTS/studio, else
+    <tmp>/wyoming-cosyvoice-artifacts/studio."""
     root = os.environ.get("WYOMING_COSYVOICE_ARTIFACTS") or str(
         Path(tempfile.gettempdir()) / "wyoming-cosyvoice-artifacts"
     )

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from wyoming_cosyvoice.audio import PcmConverter, apply_gain, float_to_pcm16, split_pcm
+from wyoming_cosyvoice.audio import AudioFormat, PcmConverter, apply_gain, float_to_pcm16, split_pcm
 
 
 def test_float_to_pcm16_clips_and_cleans() -> None:
@@ -24,7 +24,7 @@ def test_streaming_resample_matches_length_and_pitch() -> None:
     rate_in, rate_out = 22050, 48000
     t = np.arange(rate_in) / rate_in
     tone = (0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes()
-    conv = PcmConverter((rate_in, 2, 1), (rate_out, 2, 2))
+    conv = PcmConverter(AudioFormat(rate_in, 2, 1), AudioFormat(rate_out, 2, 2))
     out = b"".join(conv.convert(piece) for piece in split_pcm(tone, 2000))
     frames = np.frombuffer(out, dtype="<i2").reshape(-1, 2)
     assert abs(len(frames) - rate_out) <= 2

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from wyoming_cosyvoice.audio import PcmConverter
+from wyoming_cosyvoice.audio import AudioFormat, PcmConverter
 from wyoming_cosyvoice.client import AudioPiece, ReplyStats, TtsClient
 from wyoming_cosyvoice.commands.describe import parse_health
 from wyoming_cosyvoice.config import Config
@@ -128,7 +128,7 @@ async def test_foreign_server_changing_format_mid_reply_is_converted() -> None:
     first = bytes(tts.sent[: 3 * 1600 * 2])
     second = bytes(tts.sent[len(first) :])
     assert stats.fmt.rate == 16000 and audio[: len(first)] == first  # type: ignore[union-attr]
-    converted = PcmConverter((24000, 2, 1), (16000, 2, 1))
+    converted = PcmConverter(AudioFormat(24000, 2, 1), AudioFormat(16000, 2, 1))
     expected = b"".join(converted.convert(second[i : i + 4800]) for i in range(0, len(second), 4800))
     assert audio[len(first) :] == expected
 

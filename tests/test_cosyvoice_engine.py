@@ -15,12 +15,12 @@ import pytest
 pytest.importorskip("torch")
 
 from wyoming_cosyvoice.audio import pcm16_to_float  # noqa: E402
-from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings, LoadPlan  # noqa: E402
 from wyoming_cosyvoice.engine import SynthesisOptions  # noqa: E402
 from wyoming_cosyvoice.errors import EngineError, EngineTimeout, EngineUnavailable, ServerBusy, VoiceError  # noqa: E402
 from wyoming_cosyvoice.voices import VoiceProfile  # noqa: E402
 from wyoming_cosyvoice_plugins.cosyvoice import engine as cosyvoice_engine  # noqa: E402
 from wyoming_cosyvoice_plugins.cosyvoice.engine import CosyVoiceEngine  # noqa: E402
+from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings, LoadPlan  # noqa: E402
 
 from .cosyvoice_support import STANDIN_REPO, dominant_frequency, forget_cosyvoice, make_model_dir, write_prompt  # noqa: E402
 

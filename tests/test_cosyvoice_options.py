@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from wyoming_cosyvoice_plugins.cosyvoice import upstream
 from wyoming_cosyvoice.config import ConfigError, build
-from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings, plan_load
 from wyoming_cosyvoice.errors import EngineUnavailable
 from wyoming_cosyvoice.gpu import gpu_facts
+from wyoming_cosyvoice_plugins.cosyvoice import upstream
+from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings, plan_load
 
 from .cosyvoice_support import STANDIN_REPO, make_model_dir
 

@@ -23,7 +23,6 @@ from wyoming.audio import AudioChunk, AudioStart, AudioStop  # noqa: E402
 from wyoming.tts import Synthesize, SynthesizeVoice  # noqa: E402
 
 from wyoming_cosyvoice.config import load_config  # noqa: E402
-
 from wyoming_cosyvoice_plugins.cosyvoice import stream  # noqa: E402
 from wyoming_cosyvoice_plugins.cosyvoice.stream import keeps_ahead  # noqa: E402
 

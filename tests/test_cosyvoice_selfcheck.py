@@ -26,7 +26,6 @@ from .cosyvoice_support import forget_cosyvoice  # noqa: E402
 from .helpers import connect, read, running_server, write_config  # noqa: E402
 from .test_cosyvoice_engine import fresh_import, settings, started  # noqa: E402,F401
 
-
 # --- stand-in checkout: nothing to check, and it says so ------------------------------------------------------
 
 
@@ -177,9 +176,8 @@ async def test_fp16_is_compared_with_fp32_on_the_real_model(
     finally:
         await engine.close()
 
-    from cosyvoice.flow import decoder
-
     import torch
+    from cosyvoice.flow import decoder
 
     forward = decoder.CausalConditionalDecoder.forward
 

@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from wyoming_cosyvoice_plugins.cosyvoice.stream import ChunkCost, first_hop, keeps_ahead  # noqa: E402
 from wyoming_cosyvoice.engine import SynthesisOptions  # noqa: E402
 from wyoming_cosyvoice.errors import EngineError  # noqa: E402
+from wyoming_cosyvoice_plugins.cosyvoice.stream import ChunkCost, first_hop, keeps_ahead  # noqa: E402
 
 from .cosyvoice_support import write_prompt  # noqa: E402
 from .test_cosyvoice_engine import LONG_TEXT, fresh_import, settings, speak, started, voice  # noqa: E402,F401

@@ -66,7 +66,7 @@ async def test_requests_run_one_at_a_time_on_one_thread() -> None:
     assert await asyncio.gather(run(), run(), run()) == [10, 10, 10]
     assert len(engine.threads) == 1
     spans = sorted(engine.intervals)
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         assert start >= end, "two requests overlapped on the model"
     await engine.close()
 

@@ -284,7 +284,10 @@ def test_fuzz_live_server(tmp_path: Path) -> None:
         assert server.tasks() == tasks_before
         assert server.server is not None and not server.server._connections and server.server.guard.open == 0
         assert server.server.service.admission.active == 0
-        assert {t.name for t in threading.enumerate()} == threads_before
+        # The loop's default executor (asyncio_N threads, bounded and reused) may grow when scans overlap under load,
+        # as test_soak allows: any other new thread is a leak.
+        threads = {t.name for t in threading.enumerate()}
+        assert {t for t in threads - threads_before if not t.startswith("asyncio_")} == set(), threads
     finally:
         server.stop()
     total = sum(counts.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import shutil
 import sys
@@ -45,7 +46,7 @@ def test_builtins_registered() -> None:
 
 def test_every_hook_has_a_test() -> None:
     hooks = [name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
-    assert sorted(hooks) == ["register_engines", "register_sinks", "register_voice_providers"]
+    assert sorted(hooks) == ["register_commands", "register_engines", "register_sinks", "register_voice_providers"]
     tests = {name for name in globals() if name.startswith("test_hook_")}
     for hook in hooks:
         assert f"test_hook_{hook}" in tests, f"no test for hook {hook}"
@@ -109,6 +110,55 @@ def test_hook_register_sinks() -> None:
     assert made == ["memory"]
 
 
+def test_hook_register_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """A plugin's command joins the built-in ones (and CosyVoice's, which its package registers the same way)."""
+
+    def run(args: argparse.Namespace) -> int:
+        print(f"hello {args.who}")
+        return 3
+
+    @hookimpl
+    def register_commands(subparsers):  # type: ignore[no-untyped-def]
+        parser = subparsers.add_parser("hello", help="say hello")
+        parser.add_argument("who")
+        parser.set_defaults(func=run)
+
+    plugins = Plugins(extra=(_plugin_module("greeter", register_commands=register_commands),))
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    added = plugins.add_commands(subparsers)
+    assert added == {"wyoming_cosyvoice_plugins.cosyvoice": ["download", "health"], "greeter": ["hello"]}
+    args = parser.parse_args(["hello", "world"])
+    assert args.func(args) == 3 and capsys.readouterr().out == "hello world\n"
+    rows = {row["name"]: row for row in plugins.describe()}
+    assert rows["greeter"]["hooks"] == ["register_commands"] and rows["greeter"]["registers"] == {"commands": ["hello"]}
+    cosyvoice = rows["wyoming_cosyvoice_plugins.cosyvoice"]
+    assert cosyvoice["registers"] == {"engines": ["cosyvoice"], "commands": ["download", "health"]}
+
+
+def test_a_command_name_taken_twice_is_an_error_naming_the_plugin() -> None:
+    @hookimpl
+    def register_commands(subparsers):  # type: ignore[no-untyped-def]
+        subparsers.add_parser("health")
+
+    plugins = Plugins(extra=(_plugin_module("impostor", register_commands=register_commands),))
+    with pytest.raises(PluginError, match="plugin impostor"):
+        plugins.add_commands(argparse.ArgumentParser().add_subparsers())
+
+
+def test_commands_of_a_plugins_directory_are_not_on_the_command_line(tmp_path: Path) -> None:
+    """The plugins directory is named in server.yaml, read after the command line is parsed: its plugins add none."""
+    (tmp_path / "late.py").write_text(
+        "from wyoming_cosyvoice.hookspecs import hookimpl\n\n"
+        "@hookimpl\ndef register_commands(subparsers):\n    subparsers.add_parser('late')\n"
+    )
+    plugins = Plugins(tmp_path)
+    assert "late" not in [
+        n for names in plugins.add_commands(argparse.ArgumentParser().add_subparsers()).values() for n in names
+    ]
+    sys.modules.pop("wyoming_cosyvoice_user_plugins.late", None)
+
+
 def test_duplicate_name_is_an_error_naming_both(tmp_path: Path) -> None:
     @hookimpl
     def register_engines(register):  # type: ignore[no-untyped-def]
@@ -154,4 +204,6 @@ def test_plugins_command_lists_plugins(tmp_path: Path, capsys: pytest.CaptureFix
     assert "wyoming_cosyvoice_plugins.espeak_engine  [built-in]" in out
     assert f"wyoming_cosyvoice_user_plugins.example_tone  [{plugins_dir / 'example_tone.py'}]" in out
     assert "  engines: tone" in out
+    assert "wyoming_cosyvoice_plugins.cosyvoice  [built-in]\n  hooks: register_commands, register_engines\n" in out
+    assert "  engines: cosyvoice\n  commands: download, health\n" in out
     sys.modules.pop("wyoming_cosyvoice_user_plugins.example_tone", None)

@@ -60,10 +60,10 @@ async def test_every_reply_is_archived_and_forwarded(tmp_path: Path) -> None:
             )
     files = sorted(archive.glob("*.wav"), key=lambda p: p.name)
     assert "-tars" in files[0].name and "-anna" in files[1].name
-    for path, reply in zip(files, (one_shot, streamed)):
+    for path, reply in zip(files, (one_shot, streamed), strict=False):
         data, rate = soundfile.read(path, dtype="int16")
         assert rate == 22050 and data.tobytes() == reply.audio  # exactly what the client got
-    for got, reply in zip(receiver.streams, (one_shot, streamed)):
+    for got, reply in zip(receiver.streams, (one_shot, streamed), strict=False):
         assert got.start.rate == 16000  # converted to the receiver's configured rate
         expected = len(reply.audio) / 2 * 16000 / 22050
         assert abs(len(got.audio) / 2 - expected) <= 50

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from wyoming_cosyvoice.audio import PcmConverter
+from wyoming_cosyvoice.audio import AudioFormat, PcmConverter
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.errors import ConfigError, PluginError, SinkError
 from wyoming_cosyvoice.plugins import Plugins
-from wyoming_cosyvoice.sinks import AudioFormat, StreamInfo, Tee, parse_spec, sink_from_spec
+from wyoming_cosyvoice.sinks import StreamInfo, Tee, parse_spec, sink_from_spec
 
 from .helpers import TIMEOUT
 from .peers import SoundReceiver, serve, tone
@@ -58,16 +58,16 @@ class FailingSink:
 # ------------------------------------------------------------------------------------------ specs and config
 
 
-def test_parse_spec() -> None:
-    assert parse_spec("speaker") == ("speaker", {})
-    assert parse_spec("speaker:2") == ("speaker", {"device": "2"})
-    assert parse_spec("wav:out/reply.wav") == ("wav", {"path": "out/reply.wav"})
-    assert parse_spec("wyoming:tcp://kitchen:10601") == ("wyoming", {"uri": "tcp://kitchen:10601"})
-    assert parse_spec("custom:x") == ("custom", {"target": "x"})
+def test_parse_spec(plugins: Plugins) -> None:
+    assert parse_spec(plugins, "speaker") == ("speaker", {})
+    assert parse_spec(plugins, "speaker:2") == ("speaker", {"device": "2"})
+    assert parse_spec(plugins, "wav:out/reply.wav") == ("wav", {"path": "out/reply.wav"})
+    assert parse_spec(plugins, "wyoming:tcp://kitchen:10601") == ("wyoming", {"uri": "tcp://kitchen:10601"})
+    assert parse_spec(plugins, "custom:x") == ("custom", {"target": "x"})
     with pytest.raises(SinkError, match="NAME"):
-        parse_spec(":x")
+        parse_spec(plugins, ":x")
     with pytest.raises(SinkError, match="nothing after"):
-        parse_spec("wav:")
+        parse_spec(plugins, "wav:")
 
 
 def test_unknown_sink_and_bad_settings_are_one_line_errors(plugins: Plugins) -> None:
@@ -142,7 +142,7 @@ async def test_wav_sink_keeps_audio_if_the_name_appears_while_writing(tmp_path: 
 
 @pytest.mark.parametrize("fmt", [AudioFormat(16000, 2, 2), AudioFormat(24000, 4, 1), AudioFormat(8000, 1, 1)])
 async def test_wav_sink_formats(tmp_path: Path, plugins: Plugins, fmt: AudioFormat) -> None:
-    pcm = PcmConverter((fmt.rate, 2, 1), fmt.as_tuple()).convert(tone(0.5, fmt.rate))
+    pcm = PcmConverter(AudioFormat(fmt.rate, 2, 1), fmt).convert(tone(0.5, fmt.rate))
     stream = await sink_from_spec(plugins, f"wav:{tmp_path / 'f.wav'}").open(fmt, StreamInfo())
     await stream.write(pcm)
     await stream.close(True)
@@ -245,7 +245,7 @@ async def test_wyoming_sink_converts_to_the_receivers_format(plugins: Plugins) -
     frames = np.frombuffer(bytes(got.audio), "<i2").reshape(-1, 2)
     assert abs(len(frames) - len(pcm) // 2 * 48000 / 22050) <= 2 * len(chunks_of(pcm))
     assert np.array_equal(frames[:, 0], frames[:, 1])
-    expected = PcmConverter((22050, 2, 1), (48000, 2, 1)).convert(pcm)
+    expected = PcmConverter(AudioFormat(22050, 2, 1), AudioFormat(48000, 2, 1)).convert(pcm)
     src = np.frombuffer(expected, "<i2")[:4000].astype(float)
     assert np.corrcoef(src, frames[: len(src), 0].astype(float))[0, 1] > 0.99
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from wyoming_cosyvoice.audio import PcmConverter
+from wyoming_cosyvoice.audio import AudioFormat, PcmConverter
 from wyoming_cosyvoice_plugins.speaker_sink import choose_rate
 
 from .helpers import TIMEOUT, cli, collect, start_server, write_config
@@ -93,7 +93,8 @@ async def test_speaker_resamples_when_asked_for_another_device_rate(alsa: Alsa) 
         )
     assert rc == 0, err
     played = np.frombuffer(alsa.default.read_bytes(), "<i2")
-    expected = np.frombuffer(PcmConverter((16000, 2, 1), (48000, 2, 1)).convert(bytes(tts.sent)), "<i2")
+    converter = PcmConverter(AudioFormat(16000, 2, 1), AudioFormat(48000, 2, 1))
+    expected = np.frombuffer(converter.convert(bytes(tts.sent)), "<i2")
     assert abs(len(played) - 3 * len(tts.sent) // 2) <= 8
     n = min(len(played), len(expected))
     assert np.abs(played[:n].astype(int) - expected[:n]).max() <= 1  # same resampler, chunk by chunk

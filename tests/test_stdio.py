@@ -6,14 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.event import read_event, write_event
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
 from .helpers import assert_speech, write_config
-
-import numpy as np
 
 
 def test_stdio_server(tmp_path: Path) -> None:

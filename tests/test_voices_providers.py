@@ -183,7 +183,7 @@ def test_yaml_bad_entries_are_skipped_and_named(tmp_path: Path) -> None:
         "voice 'typo': voices[5].descripton: unknown key",
     ]
     assert len(provider.problems) == len(expected)
-    for line, part in zip(provider.problems, expected):
+    for line, part in zip(provider.problems, expected, strict=True):
         assert line.startswith(f"{path}: {part}"), line
 
 

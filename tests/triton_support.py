@@ -69,6 +69,14 @@ def unavailable() -> Optional[str]:
         import tritonclient.grpc  # noqa: F401
     except ImportError:
         return "tritonclient[grpc] is not installed (script/setup --test installs it)"
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        # nvidia-pytriton requires numpy < 2: under numpy 2 its Python backend stub misreads every BYTES input (the
+        # first byte repeated: "unpack_from requires a buffer of at least 404232220 bytes") and dies.
+        return (
+            f"numpy {numpy.__version__}: nvidia-pytriton's Python backend needs numpy < 2 (constraints/cosyvoice.txt)"
+        )
     return None
 
 

@@ -1,4 +1,5 @@
-"""Command line: `wyoming-cosyvoice serve | plugins | ...`; each subcommand lives in `commands/`."""
+"""Command line: `wyoming-cosyvoice serve | plugins | ...`; each built-in subcommand lives in `commands/`, and plugins
+add theirs through the `register_commands` hook (CosyVoice's `download` and `health`)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .errors import CosyVoiceServiceError
+from .plugins import Plugins
 
-COMMANDS = ("serve", "say", "describe", "voices", "plugins", "bench", "download", "health")
+COMMANDS = ("serve", "say", "describe", "voices", "plugins", "bench")
 """Subcommand modules in `wyoming_cosyvoice.commands`, in `--help` order; each has `add_parser(subparsers)`."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
+    """The argument parser with every subcommand: the built-in ones, then those of built-in and installed plugins."""
     parser = argparse.ArgumentParser(
         prog="wyoming-cosyvoice", description="Wyoming text-to-speech server and client for CosyVoice voice cloning."
     )
@@ -26,12 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f".commands.{name}", __package__).add_parser(subparsers)
+    Plugins().add_commands(subparsers)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; user-facing errors print as one line and exit with status 2."""
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except CosyVoiceServiceError as err:  # a plugin that cannot load, or a command name taken twice
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "debug", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,10 +1,44 @@
-"""PCM helpers: float/int conversion, gain, chunking, format conversion and resampling (numpy, no torch)."""
+"""The audio format of a stream, and PCM helpers: float/int conversion, gain, chunking, format conversion and
+resampling (numpy, no torch)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """PCM format of one audio stream (little-endian signed samples; 8-bit is unsigned, as in WAV)."""
+
+    rate: int
+    """Samples per second."""
+
+    width: int = 2
+    """Bytes per sample."""
+
+    channels: int = 1
+    """Interleaved channels."""
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes per frame (one sample of every channel)."""
+        return self.width * self.channels
+
+    @property
+    def bytes_per_second(self) -> int:
+        """Bytes of PCM per second of audio."""
+        return self.rate * self.frame_bytes
+
+    def seconds(self, nbytes: int) -> float:
+        """Duration of `nbytes` of PCM in this format."""
+        return nbytes / self.bytes_per_second
+
+    def nbytes(self, seconds: float) -> int:
+        """Bytes of the whole frames in `seconds` of audio."""
+        return int(seconds * self.rate) * self.frame_bytes
 
 
 def float_to_pcm16(samples: np.ndarray) -> bytes:
@@ -97,18 +131,18 @@ class StreamResampler:
 
 
 class PcmConverter:
-    """Converts a PCM stream from one (rate, width, channels) to another, chunk by chunk."""
+    """Converts a PCM stream from one format to another, chunk by chunk."""
 
-    def __init__(self, src: tuple[int, int, int], dst: tuple[int, int, int]) -> None:
+    def __init__(self, src: AudioFormat, dst: AudioFormat) -> None:
         self.src = src
         self.dst = dst
-        self._resampler = StreamResampler(src[0], dst[0], dst[2])
+        self._resampler = StreamResampler(src.rate, dst.rate, dst.channels)
 
     def convert(self, pcm: bytes) -> bytes:
         """Convert one chunk; the output may be slightly shorter or longer as the resampler's phase moves."""
         if self.src == self.dst:
             return pcm
-        frames = to_float_frames(pcm, self.src[1], self.src[2])
-        frames = remix(frames, self.dst[2])
+        frames = to_float_frames(pcm, self.src.width, self.src.channels)
+        frames = remix(frames, self.dst.channels)
         frames = self._resampler.process(frames)
-        return from_float_frames(frames, self.dst[1])
+        return from_float_frames(frames, self.dst.width)

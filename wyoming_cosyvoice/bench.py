@@ -233,8 +233,8 @@ async def _exchange(client: AsyncClient, events: list[Event], stream: bool, resu
     stall = 0.0
     clock = time.perf_counter
     sent = clock()
-    for event in events:
-        await client.write_event(event)
+    for request in events:
+        await client.write_event(request)
     while True:
         event = await client.read_event()
         if event is None:

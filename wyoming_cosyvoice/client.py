@@ -27,9 +27,8 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from .audio import PcmConverter
+from .audio import AudioFormat, PcmConverter
 from .errors import ClientError, CosyVoiceServiceError, RemoteError
-from .sinks import AudioFormat
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ class _Assembler:
             converter = self.converters.get(fmt)
             if converter is None:
                 _LOGGER.info("server changed format mid-reply (%s -> %s); converting", fmt, stats.fmt)
-                converter = self.converters[fmt] = PcmConverter(fmt.as_tuple(), stats.fmt.as_tuple())
+                converter = self.converters[fmt] = PcmConverter(fmt, stats.fmt)
             pcm = converter.convert(pcm)
         stats.chunks += 1
         if not pcm:

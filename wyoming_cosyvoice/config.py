@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,8 +15,6 @@ import yaml
 from .errors import ConfigError
 from .paths import defaults_dir
 from .text import DEFAULT_FIRST_CLAUSE_WORDS
-
-_LOGGER = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _MAPPINGS = (dict, Mapping, collections.abc.Mapping)
@@ -135,7 +132,7 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
                 raise fail(f"keys must be strings, got {_describe(k)}")
             out[k] = _convert(val_type, v, source=source, key=f"{key}.{k}", base_dir=base_dir)
         return out
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, source=source, key=key, base_dir=base_dir)
     if tp is Path:
         if not isinstance(value, str) or not value:
@@ -171,7 +168,7 @@ def build(cls: type[T], data: Any, *, source: str, key: str = "", base_dir: Path
     hints = typing.get_type_hints(cls)
     fields = {
         f.name: f
-        for f in dataclasses.fields(cls)
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]  # T is any dataclass: not expressible
         if f.init and not f.name.startswith("_") and f.metadata.get("config", True)
     }
     for name in data:

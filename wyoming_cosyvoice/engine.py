@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Optional, TypeVar
 
 from .aio import wait_within
+from .audio import AudioFormat
 from .errors import CosyVoiceServiceError, EngineError, EngineOutOfMemory, EngineTimeout
 from .handoff import Cancelled, Handoff
 from .workers import Slots, Worker
@@ -41,6 +42,11 @@ class AudioChunk:
 
     channels: int = 1
     """Interleaved channels."""
+
+    @property
+    def format(self) -> AudioFormat:
+        """The chunk's audio format."""
+        return AudioFormat(self.rate, self.width, self.channels)
 
     @property
     def samples(self) -> int:
@@ -81,6 +87,11 @@ class Engine(ABC):
 
     channels: int = 1
     """Output channels (mono)."""
+
+    @property
+    def audio_format(self) -> AudioFormat:
+        """The format of every chunk this engine makes (from the three attributes above, which plugins set)."""
+        return AudioFormat(self.sample_rate, self.sample_width, self.channels)
 
     async def start(self) -> None:
         """Load the model; called once before serving."""

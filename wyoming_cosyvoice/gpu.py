@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
-_LOGGER = logging.getLogger(__name__)
 _NVML_LOCK = threading.Lock()
 _NVML_STATE: dict[str, Any] = {"initialized": False, "error": None}
 
@@ -96,7 +94,7 @@ def gpu_facts(index: int = 0) -> GpuFacts:
         except Exception:  # not supported on some (virtualized, MIG) devices
             utilization = None
         try:
-            capability: Optional[tuple[int, int]] = tuple(nvml.nvmlDeviceGetCudaComputeCapability(handle))  # type: ignore[assignment]
+            capability: Optional[tuple[int, int]] = tuple(nvml.nvmlDeviceGetCudaComputeCapability(handle))
         except Exception:
             capability = None
         cuda = int(nvml.nvmlSystemGetCudaDriverVersion())

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
 from typing import Any, Optional, Union
 
 from .config import Limits
-
-_LOGGER = logging.getLogger(__name__)
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -18,9 +19,8 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 from .audio import split_pcm
 from .errors import BadRequest, CosyVoiceServiceError, LimitExceeded, ServerBusy
-from .service import ReplyTap, Service
+from .service import Reply, Service
 from .text import SentenceSplitter
-from .voices import VoiceProfile
 from .wire import EventChannel
 
 _LOGGER = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ class _Stream:
     voice_name: Optional[str]
     language: Optional[str]
     splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
-    profile: Optional[VoiceProfile] = None
-    audio_started: bool = False
+    reply: Optional[Reply] = None  # opened at the first sentence, when its audio starts
     failed: bool = False
     chars: int = 0
 
@@ -127,7 +126,7 @@ class TtsEventHandler(AsyncEventHandler):
         self._stream: Optional[_Stream] = None
         self._worker: Optional[asyncio.Task[None]] = None
         self._closing = False
-        self._tap: Optional[ReplyTap] = None  # copy of the current reply for server-side sinks
+        self._reply: Optional[Reply] = None  # the reply whose audio is on the wire (cut off if the connection ends)
         self.limits = service.limits
         self.peer = _peer_name(writer)
         self.channel = EventChannel(reader, writer, self.limits, self.peer, service.log_throttle)
@@ -170,7 +169,8 @@ class TtsEventHandler(AsyncEventHandler):
             if not self._worker.done():
                 self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-            self._end_tap(ok=False)
+            if self._reply is not None:
+                self._reply.finish(ok=False)
             await self.disconnect()
             await _flush(self.writer)
             self.writer.close()
@@ -275,25 +275,21 @@ class TtsEventHandler(AsyncEventHandler):
 
     async def _run_job(self, job: _Job) -> None:
         if isinstance(job, _OneShot):
-            profile = self.service.resolve(job.voice_name, job.language)
-            await self._send_audio_start(profile)
-            await self._speak(job.text, profile)
-            await self.write_event(AudioStop().event())
-            self._end_tap(ok=True)
+            reply = self.service.open_reply(job.voice_name, job.language)
+            await self._start(reply)
+            await self._speak(reply, job.text)
+            await self._finish(reply)
         elif isinstance(job, _Sentence):
             stream = job.stream
             if stream.failed:
                 return
-            if stream.profile is None:
-                stream.profile = self.service.resolve(stream.voice_name, stream.language)
-            if not stream.audio_started:
-                await self._send_audio_start(stream.profile)
-                stream.audio_started = True
-            await self._speak(job.text, stream.profile)
+            if stream.reply is None:
+                stream.reply = self.service.open_reply(stream.voice_name, stream.language)
+                await self._start(stream.reply)
+            await self._speak(stream.reply, job.text)
         else:
-            if job.stream.audio_started:
-                await self.write_event(AudioStop().event())
-                self._end_tap(ok=True)
+            if job.stream.reply is not None:
+                await self._finish(job.stream.reply)
             await self.write_event(SynthesizeStopped().event())
 
     async def _fail(self, job: _Job, err: CosyVoiceServiceError) -> None:
@@ -309,33 +305,31 @@ class TtsEventHandler(AsyncEventHandler):
         self._closing = True
         self.channel.stop_reading()
 
-    async def _send_audio_start(self, profile: VoiceProfile) -> None:
-        rate, width, channels = self.service.audio_format(profile)  # the format of the engine serving `profile`
-        await self.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
-        self._end_tap(ok=False)
-        self._tap = self.service.open_reply(profile)
+    async def _start(self, reply: Reply) -> None:
+        """`audio-start` in the format of the engine serving the voice; the reply's copy for the sinks opens."""
+        fmt = reply.format
+        await self.write_event(AudioStart(rate=fmt.rate, width=fmt.width, channels=fmt.channels).event())
+        if self._reply is not None:  # a reply left open (not expected: a failure ends the connection) is cut off
+            self._reply.finish(ok=False)
+        self._reply = reply
+        reply.start()
 
-    def _end_tap(self, ok: bool) -> None:
-        tap, self._tap = self._tap, None
-        if tap is not None:
-            tap.finish(ok)
-
-    async def _speak(self, text: str, profile: VoiceProfile) -> None:
-        if not text.strip():
-            return
-        rate, width, channels = self.service.audio_format(profile)
-        max_bytes = int(MAX_CHUNK_SECONDS * rate) * width * channels
-        chunks = self.service.synthesize(text, profile)
-        try:
+    async def _speak(self, reply: Reply, text: str) -> None:
+        """The audio of `text`, in Wyoming chunks of at most MAX_CHUNK_SECONDS."""
+        fmt = reply.format
+        max_bytes = fmt.nbytes(MAX_CHUNK_SECONDS)
+        async with contextlib.aclosing(reply.speak(text)) as chunks:
             async for chunk in chunks:
-                if self._tap is not None:
-                    self._tap.write(chunk.audio)
-                for piece in split_pcm(chunk.audio, max_bytes, width * channels):
+                for piece in split_pcm(chunk.audio, max_bytes, fmt.frame_bytes):
                     await self.write_event(
-                        WyomingAudioChunk(rate=rate, width=width, channels=channels, audio=piece).event()
+                        WyomingAudioChunk(rate=fmt.rate, width=fmt.width, channels=fmt.channels, audio=piece).event()
                     )
-        finally:
-            await chunks.aclose()
+
+    async def _finish(self, reply: Reply) -> None:
+        """`audio-stop`; the reply ends whole."""
+        await self.write_event(AudioStop().event())
+        reply.finish(ok=True)
+        self._reply = None
 
 
 def _job_chars(job: _Job) -> int:

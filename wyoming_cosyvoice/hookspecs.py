@@ -1,13 +1,18 @@
-"""Pluggy hook specifications: plugins register engines, voice-profile providers and sinks by name."""
+"""Pluggy hook specifications: plugins register engines, voice-profile providers and sinks by name, and commands."""
 
-from typing import Any, Callable
+import argparse
+from typing import Any, Callable, Protocol
 
 from pluggy import HookimplMarker, HookspecMarker
 
 hookspec = HookspecMarker("wyoming_cosyvoice")
 hookimpl = HookimplMarker("wyoming_cosyvoice")
 
-Register = Callable[[str, Callable[..., Any]], None]
+
+class Register(Protocol):
+    """`register(name, factory)`; an engine may add `setup_hint=`, a sink `spec_key=` (what `--sink NAME:ARG` sets)."""
+
+    def __call__(self, name: str, factory: Callable[..., Any], *, setup_hint: str = "", spec_key: str = "") -> None: ...
 
 
 @hookspec
@@ -23,3 +28,8 @@ def register_voice_providers(register: Register) -> None:
 @hookspec
 def register_sinks(register: Register) -> None:
     """Register audio sinks: `register(name, factory)`, factory(section) -> sinks.Sink."""
+
+
+@hookspec
+def register_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add CLI subcommands: `subparsers.add_parser(...)`, `set_defaults(func=run)`, run(args) -> exit status."""

@@ -50,7 +50,7 @@ def defaults_dir() -> Path:
 
 
 def asset_dir() -> Path:
-    """The project's own reference recordings (with transcripts): package data when installed, `asset/` in a checkout."""
+    """The project's own recordings (with transcripts): package data when installed, `asset/` in a checkout."""
     shipped = PACKAGE_DIR / "asset"
     return shipped if shipped.is_dir() else _SOURCE_ROOT / "asset"
 

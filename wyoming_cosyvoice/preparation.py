@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from .aio import wait_within
 from .engine import Engine, ThreadedEngine, worker_call_timeout
@@ -59,7 +59,7 @@ class VoicePreparer:
     def __init__(
         self,
         catalog: VoiceCatalog,
-        engine: Union[Engine, Engines],
+        engines: Engines,
         cache_dir: Optional[Path] = None,
         *,
         timeout: Optional[float] = None,
@@ -70,7 +70,7 @@ class VoicePreparer:
         """Longest reference recording accepted (`limits.max_reference_seconds`), checked before it is read."""
         self.timeout = timeout
         """Seconds one voice's preparation may take (`limits.engine_timeout_s`); beyond it the voice is broken."""
-        self.engines = Engines.of(engine)
+        self.engines = engines
         """The running engines; each profile is prepared by the one that serves it."""
         self.engine = self.engines.main
         self.cache_dir = cache_dir

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional
 
 from .config import Config
 from .engine import Engine
@@ -38,9 +38,46 @@ class Engines:
         """The configured engine that could not start when the main one is its fallback."""
 
     @classmethod
-    def of(cls, engine: Union[Engine, "Engines"]) -> "Engines":
-        """`engine` itself when it is already an Engines, else a set holding only it."""
-        return engine if isinstance(engine, Engines) else cls(engine)
+    async def start(cls, config: Config, plugins: Plugins, wanted: Iterable[str] = ()) -> Engines:
+        """Start the configured engine (or the fallback when it cannot start here), then every other engine in
+        `wanted`; one of those that cannot start is recorded in `failed` and makes only its voices unusable."""
+        name = config.engine.name
+        try:
+            main = await _start(config, plugins, name)
+            engines = cls(main, name)
+        except (EngineUnavailable, PluginError) as err:
+            fallback = config.engine.fallback
+            if not fallback or fallback == name:
+                raise
+            hint = plugins.registry["engines"].get(name)
+            # Never set up (a fresh install) is the expected way to run without a GPU: info, not a warning.
+            _LOGGER.log(
+                logging.INFO if isinstance(err, EngineNotConfigured) else logging.WARNING,
+                "Engine %r unavailable (%s); serving with the embedded %r engine.%s Settings: %s",
+                name,
+                err,
+                fallback,
+                f" {hint.setup_hint}" if hint and hint.setup_hint else "",
+                config.source,
+            )
+            engines = cls(await _start(config, plugins, fallback), fallback, note=f"fallback from {name}: {err}")
+            engines.fallback_from = name
+            engines.failed[name] = str(err)  # a profile that names it is not silently served by the fallback
+        for extra in sorted(set(wanted) - set(engines.running) - set(engines.failed)):
+            try:
+                engine = _create(config, plugins, extra)
+            except PluginError as err:
+                engines._drop(extra, str(err))
+                continue
+            try:
+                await engine.start()
+            except (EngineUnavailable, PluginError) as err:
+                engines._drop(extra, str(err))
+                with contextlib.suppress(Exception):
+                    await engine.close()
+                continue
+            engines.running[extra] = engine
+        return engines
 
     def problem(self, profile: VoiceProfile) -> Optional[str]:
         """Why no running engine can serve `profile` (None: one can)."""
@@ -110,44 +147,7 @@ def _create(config: Config, plugins: Plugins, name: str) -> Engine:
     return engine
 
 
-async def start_engines(config: Config, plugins: Plugins, wanted: Iterable[str] = ()) -> Engines:
-    """Start the configured engine (or the fallback when it cannot start here), then every other engine in `wanted`."""
-    name = config.engine.name
-    try:
-        main = _create(config, plugins, name)
-        await main.start()
-        engines = Engines(main, name)
-    except (EngineUnavailable, PluginError) as err:
-        fallback = config.engine.fallback
-        if not fallback or fallback == name:
-            raise
-        # Never set up (a fresh install) is the expected way to run without a GPU: info, not a warning.
-        _LOGGER.log(
-            logging.INFO if isinstance(err, EngineNotConfigured) else logging.WARNING,
-            "Engine %r unavailable (%s); serving with the embedded %r engine. To enable CosyVoice, set "
-            "engines.cosyvoice.repo and engines.cosyvoice.model_dir in %s (README: 'GPU engine: CosyVoice').",
-            name,
-            err,
-            fallback,
-            config.source,
-        )
-        main = _create(config, plugins, fallback)
-        await main.start()
-        engines = Engines(main, fallback, note=f"fallback from {name}: {err}")
-        engines.fallback_from = name
-        engines.failed[name] = str(err)  # a profile that names it is not silently served by the fallback
-    for extra in sorted(set(wanted) - set(engines.running) - set(engines.failed)):
-        try:
-            engine = _create(config, plugins, extra)
-        except PluginError as err:
-            engines._drop(extra, str(err))
-            continue
-        try:
-            await engine.start()
-        except (EngineUnavailable, PluginError) as err:
-            engines._drop(extra, str(err))
-            with contextlib.suppress(Exception):
-                await engine.close()
-            continue
-        engines.running[extra] = engine
-    return engines
+async def _start(config: Config, plugins: Plugins, name: str) -> Engine:
+    engine = _create(config, plugins, name)
+    await engine.start()
+    return engine

@@ -22,7 +22,7 @@ from .guard import ConnectionGuard
 from .handler import TtsEventHandler
 from .plugins import Plugins
 from .preparation import VoicePreparer
-from .routing import start_engines
+from .routing import Engines
 from .service import Service
 from .sinks import server_tee
 from .voices import VoiceCatalog
@@ -43,7 +43,7 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
     """Voices, engines (started, voices prepared, warmed up) and admission, ready to serve."""
     catalog = await asyncio.to_thread(build_catalog, config, plugins)  # file scans and YAML, off the loop
     tee = server_tee(config, plugins)  # before the engines: a bad sink setting fails fast
-    engines = await start_engines(config, plugins, [p.engine for p in catalog.all_profiles if p.engine])
+    engines = await Engines.start(config, plugins, [p.engine for p in catalog.all_profiles if p.engine])
     preparer = VoicePreparer(
         catalog,
         engines,
@@ -82,7 +82,7 @@ class Server:
         self.zeroconf_name = zeroconf_name
         self.limits = service.limits
         self.guard = ConnectionGuard(self.limits)
-        self._listener: Optional[asyncio.AbstractServer] = None
+        self._listener: Optional[asyncio.Server] = None
         self._connections: dict["asyncio.Task[Any]", TtsEventHandler] = {}
         self._zeroconf: Any = None
         self._stop = asyncio.Event()

@@ -1,4 +1,5 @@
-"""The synthesis service behind the handler: voice resolution, admission, gain, metrics, and the `info` it describes."""
+"""The synthesis service behind the handler: one `Reply` per audio reply (voice, engine, format, the sinks' copy),
+admission, gain, metrics, and the `info` it describes."""
 
 from __future__ import annotations
 
@@ -8,19 +9,19 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import AsyncIterator, Iterator, Optional, Union
+from typing import AsyncGenerator, Iterator, Optional
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
 from . import __version__
-from .audio import apply_gain
+from .audio import AudioFormat, apply_gain
 from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import ServerBusy
 from .logs import LogThrottle
 from .preparation import VoicePreparer
 from .routing import Engines
-from .sinks import AudioFormat, StreamInfo, Tee, TeeStream
+from .sinks import StreamInfo, Tee, TeeStream
 from .text import DEFAULT_FIRST_CLAUSE_WORDS
 from .voices import VoiceCatalog, VoiceProfile
 
@@ -77,46 +78,23 @@ class RequestStats:
         )
 
 
-class ReplyTap:
-    """A copy of one reply's audio for the server-side sinks; never makes the client wait."""
-
-    def __init__(self, stream: Optional[TeeStream], finishing: "set[asyncio.Task[object]]") -> None:
-        self._stream = stream
-        self._finishing = finishing
-
-    def write(self, pcm: bytes) -> None:
-        """Queue a chunk for the sinks (returns at once)."""
-        if self._stream is not None:
-            self._stream.write(pcm)
-
-    def finish(self, ok: bool) -> None:
-        """End the reply (`ok` False: aborted); the sinks finish in the background."""
-        stream, self._stream = self._stream, None
-        if stream is None:
-            return
-        task = asyncio.ensure_future(stream.close(ok))
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
-
-
 class Service:
     """Everything a connection handler needs, shared by all connections."""
 
     def __init__(
         self,
-        engine: Union[Engine, Engines],
+        engines: Engines,
         catalog: VoiceCatalog,
         *,
         max_concurrent: int = 4,
         streaming: bool = True,
-        engine_note: str = "",
         tee: Optional[Tee] = None,
         limits: Optional[Limits] = None,
         preparer: Optional[VoicePreparer] = None,
         first_clause_words: int = DEFAULT_FIRST_CLAUSE_WORDS,
     ) -> None:
-        self.engines = Engines.of(engine)
-        """Every running engine; `engine_for` picks the one for a profile."""
+        self.engines = engines
+        """Every running engine; `engines.engine_for` picks the one for a profile."""
         self.engine = self.engines.main
         """The main engine: serves every profile without an `engine` field."""
         self.limits = limits or Limits()
@@ -128,22 +106,11 @@ class Service:
         self.streaming = streaming
         self.first_clause_words = first_clause_words
         """Words a stream's first piece needs before it may end at a clause (`server.first_clause_words`; 0: off)."""
-        self.engine_note = engine_note or self.engines.note
-        """Why the engine in use is not the configured one (fallback), shown in `info`."""
         self.tee = tee
         """Server-side sinks (config `sinks:`) that get a copy of every reply."""
         self._finishing: set[asyncio.Task[object]] = set()
         self.log_throttle = LogThrottle()
         """Rate limit for the per-client warning lines (refusals, errors, stalls) shared by all connections."""
-
-    def engine_for(self, profile: VoiceProfile) -> Engine:
-        """The engine that serves `profile` (VoiceNotFound when it is not running)."""
-        return self.engines.engine_for(profile)
-
-    def audio_format(self, profile: Optional[VoiceProfile] = None) -> tuple[int, int, int]:
-        """(rate, width, channels) of the audio streamed for `profile` (default: the main engine's)."""
-        engine = self.engine if profile is None else self.engine_for(profile)
-        return (engine.sample_rate, engine.sample_width, engine.channels)
 
     async def info(self) -> Info:
         """Build `info` from the current usable voice profiles (the voices are rescanned off the event loop)."""
@@ -151,8 +118,7 @@ class Service:
         health = self.engine.health()
         facts = ", ".join(f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine")
         description = f"CosyVoice voice cloning TTS (engine: {self.engine.name}{'; ' + facts if facts else ''})"
-        notes = [self.engine_note] if self.engine_note else []
-        notes += [n for n in self.engines.notes() if n != self.engine_note]
+        notes = self.engines.notes()
         if notes:
             description += f" [{'; '.join(notes)}]"
         voices = [
@@ -177,32 +143,54 @@ class Service:
         )
         return Info(tts=[program])
 
-    def open_reply(self, profile: VoiceProfile) -> ReplyTap:
-        """A tap for one reply's audio (one file or stream per reply on each configured sink)."""
-        if not self.tee:
-            return ReplyTap(None, self._finishing)
-        fmt = AudioFormat(*self.audio_format(profile))
-        stream = self.tee.open(fmt, StreamInfo(label=f"r{next(_REPLY_IDS)}", voice=profile.name))
-        return ReplyTap(stream, self._finishing)
+    def open_reply(self, voice: Optional[str], language: Optional[str], *, sinks: bool = True) -> Reply:
+        """The reply for a request's voice name / language: its profile and engine are found once, here
+        (VoiceNotFound when there is none, or its engine is not running). `sinks` False: no copy for the sinks."""
+        profile = self.catalog.resolve(voice, language)
+        return Reply(self, profile, self.engines.engine_for(profile), self.tee if sinks else None)
 
     async def close_sinks(self, timeout: float = 10.0) -> None:
         """Wait (bounded) for server-side sinks to finish the replies they are still writing."""
         if self._finishing:
             await asyncio.wait(set(self._finishing), timeout=timeout)
 
-    def resolve(self, name: Optional[str], language: Optional[str]) -> VoiceProfile:
-        """The profile for a request's voice name / language."""
-        return self.catalog.resolve(name, language)
 
-    async def synthesize(self, text: str, profile: VoiceProfile) -> AsyncIterator[AudioChunk]:
-        """Stream audio for `text`; closing the iterator early cancels the engine work."""
-        with self.admission.slot():
-            await self.preparer.ready(profile)
+class Reply:
+    """One audio reply (`audio-start` .. `audio-stop`): its voice, engine and format, and its copy for the sinks.
+
+    `start()` when its audio begins, `speak(text)` for each piece of text (one request each: admission slot, request
+    id, log line), `finish(ok)` at its end (`ok` False: cut off).
+    """
+
+    def __init__(self, service: Service, profile: VoiceProfile, engine: Engine, tee: Optional[Tee]) -> None:
+        self.profile = profile
+        """The voice."""
+        self.engine = engine
+        """The engine that serves the voice."""
+        self.format: AudioFormat = engine.audio_format
+        """The format of every chunk of the reply."""
+        self._service = service
+        self._tee = tee
+        self._copy: Optional[TeeStream] = None  # the sinks' copy, open from start() to finish()
+
+    def start(self) -> None:
+        """The audio begins: open the reply's stream on every server-side sink (one file or stream per reply)."""
+        if self._tee and self._copy is None:
+            info = StreamInfo(label=f"r{next(_REPLY_IDS)}", voice=self.profile.name)
+            self._copy = self._tee.open(self.format, info)
+
+    async def speak(self, text: str) -> AsyncGenerator[AudioChunk, None]:
+        """Stream `text` in the reply's voice (the sinks get a copy); closing it early cancels the engine work."""
+        if not text.strip():
+            return
+        service, profile = self._service, self.profile
+        with service.admission.slot():
+            await service.preparer.ready(profile)
             stats = RequestStats(str(next(_REQUEST_IDS)), profile.name, len(text))
             options = SynthesisOptions(
-                speed=profile.speed, request_id=stats.request_id, timeout=self.limits.engine_timeout_s
+                speed=profile.speed, request_id=stats.request_id, timeout=service.limits.engine_timeout_s
             )
-            chunks = self.engine_for(profile).synthesize(text, profile, options)
+            chunks = self.engine.synthesize(text, profile, options)
             try:
                 async for chunk in chunks:
                     if stats.first_audio is None:
@@ -210,6 +198,8 @@ class Service:
                     if profile.gain != 1.0:
                         chunk = dataclasses.replace(chunk, audio=apply_gain(chunk.audio, profile.gain))
                     stats.audio_seconds += chunk.seconds
+                    if self._copy is not None:
+                        self._copy.write(chunk.audio)
                     yield chunk
             except (asyncio.CancelledError, GeneratorExit):
                 stats.end = "cancelled"
@@ -228,3 +218,11 @@ class Service:
                 finally:  # logged whatever happens to the client, a cancellation while closing included
                     stats.finished = time.perf_counter()
                     _LOGGER.info("%s", stats.line())
+
+    def finish(self, ok: bool) -> None:
+        """End the reply (`ok` False: cut off); the sinks finish in the background (`Service.close_sinks`)."""
+        copy, self._copy = self._copy, None
+        if copy is not None:
+            task = asyncio.ensure_future(copy.close(ok))
+            self._service._finishing.add(task)
+            task.add_done_callback(self._service._finishing.discard)

@@ -10,47 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Deque, Mapping, Optional, Protocol, Sequence
 
+from .audio import AudioFormat
 from .config import Config, Section
 from .errors import SinkError
 from .logs import LogThrottle
 from .plugins import Plugins
 
 _LOGGER = logging.getLogger(__name__)
-
-SPEC_KEYS = {"speaker": "device", "wav": "path", "wyoming": "uri"}
-"""For `--sink NAME:ARG`: which settings key ARG sets, per built-in sink (other sinks get `target`)."""
-
-
-@dataclass(frozen=True)
-class AudioFormat:
-    """PCM format of one audio stream."""
-
-    rate: int
-    """Samples per second."""
-
-    width: int
-    """Bytes per sample."""
-
-    channels: int
-    """Interleaved channels."""
-
-    @property
-    def frame_bytes(self) -> int:
-        """Bytes per frame (one sample of every channel)."""
-        return self.width * self.channels
-
-    @property
-    def bytes_per_second(self) -> int:
-        """Bytes of PCM per second of audio."""
-        return self.rate * self.frame_bytes
-
-    def seconds(self, nbytes: int) -> float:
-        """Duration of `nbytes` of PCM in this format."""
-        return nbytes / self.bytes_per_second
-
-    def as_tuple(self) -> tuple[int, int, int]:
-        """(rate, width, channels), as `audio.PcmConverter` takes it."""
-        return (self.rate, self.width, self.channels)
 
 
 @dataclass(frozen=True)
@@ -277,8 +243,9 @@ class Tee:
         return TeeStream([_Lane(sink, fmt, info, max_lag, self.grace, self.throttle) for sink in self.sinks])
 
 
-def parse_spec(spec: str) -> tuple[str, Mapping[str, Any]]:
-    """`NAME[:ARG]` from the command line -> (name, settings); ARG sets the sink's main key (path, uri, device)."""
+def parse_spec(plugins: Plugins, spec: str) -> tuple[str, Mapping[str, Any]]:
+    """`NAME[:ARG]` from the command line -> (name, settings); ARG sets the key the sink registered as `spec_key`
+    (wav: path, wyoming: uri, speaker: device), else `target`."""
     name, sep, arg = spec.partition(":")
     name = name.strip()
     if not name:
@@ -287,7 +254,8 @@ def parse_spec(spec: str) -> tuple[str, Mapping[str, Any]]:
         return name, {}
     if not arg:
         raise SinkError(f"--sink {spec!r}: nothing after ':'")
-    return name, {SPEC_KEYS.get(name, "target"): arg}
+    registered = plugins.registry["sinks"].get(name)
+    return name, {(registered.spec_key if registered else "") or "target": arg}
 
 
 def build_sink(plugins: Plugins, name: str, section: Section) -> Sink:
@@ -298,7 +266,7 @@ def build_sink(plugins: Plugins, name: str, section: Section) -> Sink:
 
 def sink_from_spec(plugins: Plugins, spec: str, extra: Optional[Mapping[str, Any]] = None) -> Sink:
     """A sink from a `--sink NAME[:ARG]` option plus extra settings (e.g. jitter_ms from other flags)."""
-    name, data = parse_spec(spec)
+    name, data = parse_spec(plugins, spec)
     section = Section(
         name=name, data={**data, **(extra or {})}, source="command line", key=f"--sink {name}", base_dir=Path.cwd()
     )

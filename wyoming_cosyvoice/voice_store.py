@@ -1,9 +1,11 @@
-"""Writes the voices folder (`<folder>/<language>/<voice>/`): add a voice atomically, edit its texts, remove it.
+"""The voices folder (`<folder>/<language>/<voice>/`): its layout and settings, and its one writer: add a voice
+atomically, edit its texts, remove it.
 
 Shared by `voices add` and the voice studio page, so both write the same layout into the same folder (the folder
-voice provider's `voice_providers.folder.path`). Every write is staged in a hidden entry (the provider skips hidden
-entries) and renamed into place, so a running server never sees half a voice. Names are checked to be one safe
-path component before any path is built from them. Blocking: call it on a thread from async code.
+voice provider's `voice_providers.folder.path`; that provider reads what is written here). Every write is staged in a
+hidden entry (the provider skips hidden entries) and renamed into place, so a running server never sees half a
+voice. Names are checked to be one safe path component before any path is built from them. Blocking: call it on a
+thread from async code.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
@@ -38,6 +41,24 @@ TRANSCRIPT_CHARS_PER_SECOND = 35
 """More characters per second of sound than this: the transcript probably does not match the recording."""
 
 
+@dataclass(frozen=True)
+class FolderVoicesSettings:
+    """`voice_providers.folder` settings."""
+
+    path: Path = Path("voices")
+    """Voices folder: `<path>/<language>/<voice>/reference.wav`; relative to the server config's folder."""
+
+
+def language_tag(folder: str) -> str:
+    """`en_US` -> `en-US` (BCP-47), as wyoming-piper names its language folders."""
+    return folder.replace("_", "-")
+
+
+def folder_language(tag: str) -> str:
+    """`en-US` -> `en_US`, the language folder a voice is written to."""
+    return tag.replace("-", "_")
+
+
 def voices_folder(config: "Config") -> Path:
     """The folder voice provider's configured directory (`voice_providers.folder.path`): where voices are written."""
     if "folder" not in config.voice_providers:
@@ -45,8 +66,6 @@ def voices_folder(config: "Config") -> Path:
             f"{config.source}:voice_providers.folder: not configured; add `folder: {{path: voices}}` there "
             "or pass --folder"
         )
-    from wyoming_cosyvoice_plugins.folder_voices import FolderVoicesSettings
-
     return config.section("voice_providers", "folder").parse(FolderVoicesSettings).path
 
 
@@ -147,8 +166,6 @@ def write_voice(
     `audio` is the recording (a file to copy, or its bytes), already validated; `suffix` is `.wav` or `.flac`.
     Without `force` an existing voice folder of that name is an error; with it, it is replaced (in any language).
     """
-    from wyoming_cosyvoice_plugins.folder_voices import folder_language
-
     check_name(name)
     tag = check_language(name, language)
     if suffix not in (".wav", ".flac"):

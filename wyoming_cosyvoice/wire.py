@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import logging
+import math
 from typing import Any, Callable, Optional
 
 from wyoming.event import Event

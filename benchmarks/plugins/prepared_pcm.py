@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Optional
 
 import numpy as np
 
-from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import AudioChunk, Engine, SynthesisOptions
-from wyoming_cosyvoice.hookspecs import hookimpl
+from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.voices import VoiceProfile
 from wyoming_cosyvoice_plugins import example_tone
 
@@ -68,7 +67,7 @@ class PreparedPcmEngine(Engine):
 
 
 @hookimpl
-def register_engines(register: Callable[[str, Callable[[Section], Any]], None]) -> None:
+def register_engines(register: Register) -> None:
     """Register `pcm` and the example `tone` engine."""
     register("pcm", lambda section: PreparedPcmEngine(section.parse(PcmSettings)))
     example_tone.register_engines(register)

@@ -55,7 +55,8 @@ def check_config(config: Any, model: str) -> Contract:
     """Check a `ModelConfig` against upstream's contract; ContractError names the first difference."""
     if not config.model_transaction_policy.decoupled:
         raise ContractError(
-            f"model {model!r} is not decoupled, so it cannot stream (upstream's run.sh stage 2 with DECOUPLED_MODE=True)"
+            f"model {model!r} is not decoupled, so it cannot stream "
+            "(upstream's run.sh stage 2 with DECOUPLED_MODE=True)"
         )
     declared = {tensor.name: model_config_pb2.DataType.Name(tensor.data_type) for tensor in config.input}
     for name in ("target_text", "reference_wav", "reference_wav_len", "reference_text"):

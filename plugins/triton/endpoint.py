@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncGenerator, AsyncIterator, Optional, Union
 
 import grpc
 import numpy as np
@@ -205,7 +205,9 @@ class Endpoint:
                 continue
             state = self._channel.get_state(try_to_connect=True)
 
-    async def stream(self, request: Any, first_timeout: float, chunk_timeout: float) -> AsyncIterator[np.ndarray]:
+    async def stream(
+        self, request: Any, first_timeout: float, chunk_timeout: float
+    ) -> AsyncGenerator[np.ndarray, None]:
         """The waveform pieces of one request as Triton sends them; EndpointFailure when it fails or stalls.
 
         Closing the iterator early cancels the gRPC call (Triton then marks the request cancelled), or, where that

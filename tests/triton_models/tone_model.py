@@ -10,7 +10,8 @@ sent in pieces of `chunk_samples`, then a flags-only final response. Words `key:
   gate:T  wait for the file <control_dir>/open-T before the SECOND response
   fail:T  answer with an error instead of audio
 A request cancelled by the client (is_cancelled) stops and writes <control_dir>/cancelled-T, one that sent all its
-audio writes <control_dir>/done-T (T: its id, hold or gate token). Requests run on their own threads, so one instance serves many at once (decoupled models may do this).
+audio writes <control_dir>/done-T (T: its id, hold or gate token). Requests run on their own threads, so one instance
+serves many at once (decoupled models may do this).
 """
 
 import json

@@ -73,7 +73,7 @@ def build_sinks(args: argparse.Namespace, plugins: Plugins) -> list[Sink]:
         specs = ["speaker"]
     sinks = []
     for spec in specs:
-        name, _ = parse_spec(spec)
+        name, _ = parse_spec(plugins, spec)
         extra: dict[str, Any] = {}
         if name == "speaker":
             if args.device is not None and ":" not in spec:

@@ -168,7 +168,8 @@ def run_list(args: argparse.Namespace) -> int:
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+        # zip stops at the last padded column; the last cell (the description) is not padded
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1])
     for line in catalog.problems:
         print(f"skipped: {line}")
     for line in catalog.notes:

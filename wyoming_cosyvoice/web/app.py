@@ -91,8 +91,9 @@ class Studio:
         self._changes: set[asyncio.Future[Any]] = set()
         self._runner: Optional[web.AppRunner] = None
         self._site: Optional[web.TCPSite] = None
-        self._assets = {name: resources.files(__package__).joinpath("static", name).read_bytes() for name in _ASSETS}
-        self._index = resources.files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
+        static = resources.files(__package__).joinpath("static")
+        self._assets = {name: static.joinpath(name).read_bytes() for name in _ASSETS}
+        self._index = static.joinpath("index.html").read_text(encoding="utf-8")
 
     def build_app(self) -> web.Application:
         """The aiohttp application with every route."""

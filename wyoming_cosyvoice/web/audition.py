@@ -1,8 +1,9 @@
 """Engine health for the page, and auditions: a sentence synthesized through the Service, streamed as WAV chunks.
 
-An audition is an ordinary synthesis request: it takes an admission slot (`server.max_concurrent`), waits for a
-voice still being prepared, and stops the engine when the browser goes away. The response starts once the engine's
-first chunk exists (so an error before it is a JSON answer with a status) and carries each chunk as it comes.
+An audition is an ordinary reply (`Service.open_reply`, without the server-side sinks' copy): it takes an admission
+slot (`server.max_concurrent`), waits for a voice still being prepared, and stops the engine when the browser goes
+away. The response starts once the engine's first chunk exists (so an error before it is a JSON answer with a status)
+and carries each chunk as it comes.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ async def status(request: web.Request) -> web.Response:
             "version": __version__,
             "engines": engines,
             "failed_engines": {k: studio.redact(v) for k, v in service.engines.failed.items()},
-            "note": studio.redact(service.engine_note),
+            "note": studio.redact(service.engines.note),
             "in_flight": service.admission.active,
             "max_concurrent": service.admission.limit,
             "preparing": sorted(service.preparer.preparing()),
@@ -101,12 +102,14 @@ async def audition(request: web.Request) -> web.StreamResponse:
     if len(text) > service.limits.max_text_chars:
         return problem(413, f"text has {len(text)} characters; the limit is {service.limits.max_text_chars}")
     try:
-        profile = service.resolve(form.get("voice") or None, None)
+        reply = service.open_reply(form.get("voice") or None, None, sinks=False)
     except VoiceNotFound as err:
         return problem(404, studio.redact(str(err)))
+    profile = reply.profile
     started = time.perf_counter()
-    chunks = service.synthesize(text, profile).__aiter__()
+    chunks = reply.speak(text)
     response = None
+    complete = False
     try:
         try:
             first = await chunks.__anext__()
@@ -117,18 +120,19 @@ async def audition(request: web.Request) -> web.StreamResponse:
         except CosyVoiceServiceError as err:
             return problem(502 if not isinstance(err, VoiceNotFound) else 404, studio.redact(str(err)))
         first_ms = (time.perf_counter() - started) * 1000
-        rate, width, channels = (first.rate, first.width, first.channels) if first else service.audio_format(profile)
+        fmt = first.format if first else reply.format
         response = web.StreamResponse(
             headers={
                 "Content-Type": "audio/wav",
                 "X-Voice": profile.name,
-                "X-Sample-Rate": str(rate),
+                "X-Sample-Rate": str(fmt.rate),
                 "X-First-Audio-Ms": f"{first_ms:.0f}",
             }
         )
         response.enable_chunked_encoding()
         await response.prepare(request)
-        await response.write(wav_header(rate, width, channels))
+        reply.start()
+        await response.write(wav_header(fmt.rate, fmt.width, fmt.channels))
         sent = 0
         if first is not None:
             await response.write(first.audio)
@@ -137,12 +141,13 @@ async def audition(request: web.Request) -> web.StreamResponse:
                 await response.write(chunk.audio)
                 sent += len(chunk.audio)
         await response.write_eof()
+        complete = True
         _LOGGER.info(
             "studio audition: voice=%s chars=%d first_audio=%.0f ms audio=%.2f s",
             profile.name,
             len(text),
             first_ms,
-            sent / (width * channels) / rate,
+            fmt.seconds(sent),
         )
         return response
     except (ConnectionResetError, ConnectionError):
@@ -153,3 +158,4 @@ async def audition(request: web.Request) -> web.StreamResponse:
         return response or problem(502, studio.redact(str(err)))
     finally:
         await chunks.aclose()
+        reply.finish(complete)

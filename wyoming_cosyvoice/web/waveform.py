@@ -32,7 +32,7 @@ def envelope(source: Union[Path, bytes], points: int = POINTS) -> dict[str, Any]
     if len(mono) == 0:
         return {"seconds": 0.0, "peaks": [0.0] * points}
     edges = np.linspace(0, len(mono), points + 1).astype(int)
-    peaks = [float(mono[a:b].max()) if b > a else 0.0 for a, b in zip(edges[:-1], edges[1:])]
+    peaks = [float(mono[a:b].max()) if b > a else 0.0 for a, b in zip(edges[:-1], edges[1:], strict=True)]
     top = max(max(peaks), 1e-6)
     return {"seconds": round(frames / rate, 3), "peaks": [round(p / top, 3) for p in peaks]}
 

@@ -1,16 +1,34 @@
-"""`wyoming-cosyvoice download`: fetch a CosyVoice model into a model directory (ModelScope or Hugging Face)."""
+"""CosyVoice's own commands: `download` fetches a model into a model directory (ModelScope or Hugging Face);
+`health` prints GPU facts and whether the CosyVoice engine could start here, without loading it, and when another
+engine is configured (e.g. triton) starts that engine as `serve` would and prints its facts.
+
+Registered through the `register_commands` hook (`__init__.py`). Imports stay light at module level: `--help` builds
+every command's parser; torch and the checkout are touched only when a command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from ..errors import DownloadError, EngineUnavailable
+from wyoming_cosyvoice.commands import add_config_argument, read_config
+from wyoming_cosyvoice.config import Config
+from wyoming_cosyvoice.errors import CosyVoiceServiceError, DownloadError, EngineUnavailable
+
+
+def add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Register the `download` and `health` subcommands."""
+    add_download_parser(subparsers)
+    add_health_parser(subparsers)
+
+
+# ---------------------------------------------------------------------------- download
 
 
 @dataclass(frozen=True)
@@ -34,7 +52,7 @@ MODELS = {
 """Model names (the folder names upstream uses under pretrained_models/) and their hub ids."""
 
 
-def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_download_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register the `download` subcommand."""
     parser = subparsers.add_parser("download", help="download a CosyVoice model (ModelScope or Hugging Face)")
     parser.add_argument("model", help=f"model name: {', '.join(MODELS)}")
@@ -45,7 +63,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         default="auto",
         help="hub to download from (auto: ModelScope when installed, else Hugging Face)",
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run_download)
 
 
 def manual_steps(name: str, target: Path, client_installed: bool = False) -> str:
@@ -142,9 +160,9 @@ def download(name: str, target: Path, source: str = "auto") -> Path:
     return target
 
 
-def run(args: argparse.Namespace) -> int:
+def run_download(args: argparse.Namespace) -> int:
     """Download, check the result, and print the config line to use."""
-    from wyoming_cosyvoice_plugins.cosyvoice.upstream import inspect_model_dir
+    from .upstream import inspect_model_dir
 
     target = args.dir or Path("pretrained_models") / args.model
     path = download(args.model, target, args.source)
@@ -155,3 +173,90 @@ def run(args: argparse.Namespace) -> int:
     print(f"{info.class_name} model ready in {path.resolve()}")
     print(f"Set in server.yaml:  engines: {{cosyvoice: {{model_dir: {path.resolve()}}}}}")
     return 0
+
+
+# ---------------------------------------------------------------------------- health
+
+
+def add_health_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Register the `health` subcommand."""
+    parser = subparsers.add_parser("health", help="GPU facts and CosyVoice engine checks (does not load the model)")
+    add_config_argument(parser)
+    parser.set_defaults(func=run_health)
+
+
+def checks(settings: Any) -> tuple[list[tuple[str, str]], bool]:
+    """(key, value) rows and whether every piece the engine needs is present."""
+    from . import upstream
+    from .options import plan_load
+
+    rows: list[tuple[str, str]] = []
+    try:
+        rows.append(("checkout", str(upstream.check_checkout(settings.repo))))
+        info = upstream.inspect_model_dir(settings.model_dir)
+        rows.append(("model", f"{info.class_name} in {info.path} ({info.sample_rate} Hz)"))
+        try:
+            import torch
+        except ImportError:
+            rows.append(("torch", "not installed (pip install -e '.[gpu]')"))
+            return rows, False
+        cuda = bool(torch.cuda.is_available())
+        capability = tuple(torch.cuda.get_device_capability()) if cuda else None
+        device = f"available: {torch.cuda.get_device_name()}" if cuda else "not available"
+        rows.append(("torch", f"{torch.__version__}, CUDA {device}"))
+        trt = upstream.tensorrt_version() if cuda else None
+        rows.append(("tensorrt", trt or "not installed"))
+        plan = plan_load(settings, info.version, info.path, cuda, capability, trt)
+        rows.append(
+            (
+                "would load",
+                f"{plan.device}, {'fp16' if plan.fp16 else 'fp32'}, TensorRT {'on' if plan.load_trt else 'off'}"
+                f"{'; ' + '; '.join(plan.notes) if plan.notes else ''}",
+            )
+        )
+    except CosyVoiceServiceError as err:
+        rows.append(("problem", str(err)))
+        return rows, False
+    return rows, True
+
+
+def run_health(args: argparse.Namespace) -> int:
+    """Print GPU facts and engine checks; exit 1 when the configured engine could not start."""
+    from wyoming_cosyvoice.gpu import gpu_facts
+
+    from .options import CosyVoiceSettings
+
+    config = read_config(args.config, args.data_dir)
+    for key, value in gpu_facts().as_dict().items():
+        print(f"{key}: {value}")
+    print(f"engine: {config.engine.name} (fallback: {config.engine.fallback or 'none'})")
+    settings = config.section("engines", "cosyvoice").parse(CosyVoiceSettings)
+    rows, ok = checks(settings)
+    for key, value in rows:
+        print(f"cosyvoice {key}: {value}")
+    print(f"cosyvoice engine: {'can start' if ok else 'cannot start here'}")
+    if config.engine.name != "cosyvoice":  # another engine is configured: start it the way `serve` would
+        ok = asyncio.run(_start_configured(config))
+    print("A running server reports the same facts (plus prepared voices) in its `describe` info and startup log.")
+    return 0 if ok else 1
+
+
+async def _start_configured(config: Config) -> bool:
+    """Start the configured (non-CosyVoice) engine through its plugin, print its health facts, close it."""
+    from wyoming_cosyvoice.plugins import Plugins
+
+    name = config.engine.name
+    try:
+        engine = Plugins(config.server.plugins_dir).factory("engines", name)(config.section("engines", name))
+        await engine.start()
+    except CosyVoiceServiceError as err:
+        print(f"{name} engine: cannot start here: {err}")
+        return False
+    try:
+        for key, value in engine.health().items():
+            if key != "engine":
+                print(f"{name} {key}: {value}")
+    finally:
+        await engine.close()
+    print(f"{name} engine: can start")
+    return True
