@@ -8,6 +8,7 @@ import time
 from typing import Optional
 
 import pytest
+
 from wyoming_cosyvoice_plugins.cosyvoice.chunking import cut_due, grid_floor, grown_end, on_grid
 from wyoming_cosyvoice_plugins.cosyvoice.scheduler import (
     Costs,

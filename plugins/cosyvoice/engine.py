@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, Generator, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -117,14 +117,18 @@ class CosyVoiceEngine(ThreadedEngine):
         except ImportError:
             raise EngineUnavailable(upstream.PREFIX + "torch is not installed (pip install -e '.[gpu]')") from None
         cuda = bool(torch.cuda.is_available())
-        capability = tuple(torch.cuda.get_device_capability()) if cuda else None
+        capability: Optional[tuple[int, int]] = None
+        if cuda:
+            major, minor = torch.cuda.get_device_capability()
+            capability = (int(major), int(minor))
         trt_version = upstream.tensorrt_version() if cuda else None
-        plan = plan_load(self.settings, info.version, info.path, cuda, capability, trt_version)  # type: ignore[arg-type]
+        plan = plan_load(self.settings, info.version, info.path, cuda, capability, trt_version)
         if force_fp16 is not None:
             plan = LoadPlan(plan.device, force_fp16, False, plan.load_trt, plan.load_jit, plan.load_vllm, plan.notes)
         module = upstream.import_cosyvoice(repo)
         plans: Optional[tuple[Path, Path]] = None
         if plan.load_trt:
+            assert capability is not None  # TensorRT is planned with CUDA only
             keyed = upstream.keyed_plan_path(
                 self.cache.directory,
                 info.identity,
@@ -412,7 +416,7 @@ class CosyVoiceEngine(ThreadedEngine):
 
     def generate(
         self, text: str, profile: VoiceProfile, options: SynthesisOptions, cancel: threading.Event
-    ) -> Iterator[bytes]:
+    ) -> Generator[bytes, None, None]:
         """16-bit PCM chunks at the model's rate, as upstream yields them."""
         for samples in self._outputs(text, profile, options.speed, cancel):
             yield float_to_pcm16(samples)

@@ -19,7 +19,7 @@ SESSION_DICTS = ("tts_speech_token_dict", "llm_end_dict", "mel_overlap_dict", "f
 """Upstream's per-call dictionaries (CosyVoice 1 has all five, CosyVoice 2/3 the first two and the last)."""
 
 
-class Sessions(dict):  # type: ignore[type-arg]
+class Sessions(dict):
     """One of upstream's per-call dictionaries, noting which thread made each entry (a call's entries are made on
     the thread that runs it), so a request cleans up after its own calls only, whatever the others do."""
 

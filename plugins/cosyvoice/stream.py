@@ -130,7 +130,7 @@ class Streaming:
         self._local.holding = value
 
 
-class _Tokens(list):  # type: ignore[type-arg]
+class _Tokens(list):
     """A call's speech-token list: wakes the streaming loop on every token; before each one the LLM thread may step
     aside for an urgent stream (`before`); once the call stopped, it ends the LLM thread (`stoppable`) or drops the
     tokens until that thread ends by itself."""
@@ -275,7 +275,7 @@ def _stream(inner: Any, call: dict, hop: int, streaming: Streaming, request: Req
     lookahead = int(inner.flow.pre_lookahead_len)
     max_hop, scale = int(inner.token_max_hop_len), int(inner.stream_scale_factor)
     upstream_first, early = first_hop(prompt_tokens, hop)
-    text = call.get("text")
+    text: Any = call.get("text")  # a token tensor (a generator when text streams in)
     limit = MAX_TOKEN_TEXT_RATIO * int(text.shape[1]) if hasattr(text, "shape") else None
     if not streaming.early_first_chunk:
         early = 0
