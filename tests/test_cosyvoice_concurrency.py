@@ -36,10 +36,10 @@ TEXTS = (
     "Four voices can speak at once on one model.",
     "Every reply must be whole and exactly as long as expected.",
 )
-LONG = (
-    "This one long sentence keeps its request streaming for a while, with many words and no full stop until "
-    "the very end of it, so that others arrive while it is still being spoken"
-)
+# 80 text tokens for the tiny model's tokenizer (the texts above: 21 to 50), so 160 speech tokens (6.4 s).
+LONG = "This long sentence keeps its request streaming for a while, so that others arrive while it is still spoken"
+LONG_TOKENS = 60
+"""Calls with at least this many text tokens are LONG's."""
 
 
 @pytest.fixture(autouse=True)
@@ -124,8 +124,9 @@ async def test_concurrent_requests_on_one_model(tmp_path: Path, cosyvoice_repo: 
         assert engine.scheduling.scheduler.open_streams == 0 and engine.in_flight == 0
 
         # A request that arrives while two others stream gets its first audio before they finish: their LLMs are
-        # held after 60 tokens (their first chunks are out by then) until the newcomer has its first audio.
-        gate = Gate(engine, min_tokens=100, after=60)
+        # held after 130 of their 160 tokens (past the longest first chunk, 124 + 3 look-ahead, so their first
+        # chunks can be out) until the newcomer has its first audio.
+        gate = Gate(engine, min_tokens=LONG_TOKENS, after=130)
         long_clients = [asyncio.ensure_future(speak(server, LONG)) for _ in range(2)]
         await wait_until(lambda: gate.held == 2)
         async with connect(server) as client:
@@ -194,7 +195,7 @@ async def test_a_fault_in_one_request_fails_only_that_one(
 
         def failing(*args: Any, **kwargs: Any) -> Iterator[int]:
             for n, token in enumerate(original(*args, **kwargs)):
-                if n == 30 and int(kwargs["text"].shape[1]) >= 100:
+                if n == 30 and int(kwargs["text"].shape[1]) >= LONG_TOKENS:
                     raise RuntimeError("injected fault in the LLM")
                 yield token
 
