@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from wyoming_cosyvoice.bench import BenchSettings, percentile, run_bench
 from wyoming_cosyvoice.config import Config, load_config
@@ -294,11 +294,20 @@ def gpu_facts() -> dict[str, Any]:
 
 
 async def gpu_compare(
-    config_path: Path, voice: Optional[str], tokens: int, requests: int, text: str, repeats: int = 1
+    config_path: Path,
+    voice: Optional[str],
+    tokens: int,
+    requests: int,
+    text: str,
+    repeats: int = 1,
+    levels: Sequence[int] = (),
+    rounds: int = 2,
 ) -> dict[str, Any]:
     """Load both paths, warm both up, alternate requests (ours and upstream, the first of the pair alternating),
     print and return the per-request table and the summary. `repeats` > 1 loads upstream's model afresh (a new
-    server built on it) and runs the requests again, so each request index gets that many samples."""
+    server built on it) and runs the requests again, so each request index gets that many samples (`requests` 0
+    skips this part). `levels`: then N requests at once per path for each N, `rounds` batches each
+    (benchmarks/concurrency.py), on the last upstream model loaded."""
     config = load_config(config_path)
     plugins = Plugins(config.server.plugins_dir)
     catalog = build_catalog(config, plugins)
@@ -331,7 +340,8 @@ async def gpu_compare(
     warmups: list[dict[str, Any]] = []
     load_before = os.getloadavg()
     upstream: Any = None
-    for run in range(repeats):
+    note = ""
+    for run in range(repeats if requests else 0):
         upstream = None  # a fresh model object: upstream's hop state starts as loaded
         upstream, note = await asyncio.to_thread(load_upstream, engine, repo, model_dir, data, profile.reference_audio)
         # Upstream's warm-up: not streaming, so its hop length stays as loaded (ours warmed up in engine.warmup()).
@@ -359,7 +369,36 @@ async def gpu_compare(
             )
         ours_runs.append(ours)
         theirs_runs.append(theirs)
+    levels_rows: list[dict[str, Any]] = []
+    if levels:
+        from concurrency import concurrency_markdown, concurrency_sweep  # benchmarks/concurrency.py
+
+        if upstream is None:
+            upstream, note = await asyncio.to_thread(
+                load_upstream, engine, repo, model_dir, data, profile.reference_audio
+            )
+            await asyncio.to_thread(timed_upstream, upstream, text, prompt_text, profile.reference_audio, False)
+        print(f"Concurrent requests on one model, {rounds} rounds per level (ours, upstream alternated):", flush=True)
+        levels_rows = await concurrency_sweep(engine, profile, upstream, prompt_text, text, list(levels), rounds)
+        print("\n## Concurrent requests, ours vs upstream's own API from as many threads\n")
+        print(concurrency_markdown(levels_rows))
     load_after = os.getloadavg()
+    if not requests:
+        return {
+            "facts": {
+                **gpu_facts(),
+                "model_dir": str(model_dir),
+                "engine_settings": data,
+                "engine": engine.health(),
+                "tokens_per_call": tokens,
+                "llm_calls_tokens": sorted(set(forced.calls)),
+                "adaptation": note,
+                "engine_ready_s": ready_s,
+                "voice": profile.name,
+                "loadavg": [load_before, load_after],
+            },
+            "concurrency": levels_rows,
+        }
 
     # Ours through the server, as Home Assistant reaches it (same engine object, loopback, one client).
     service = Service(Engines(engine), catalog, max_concurrent=4)
@@ -395,6 +434,7 @@ async def gpu_compare(
             "repeats": repeats,
         },
         "per_request": per_request(ours_runs, theirs_runs),
+        "concurrency": levels_rows,
         "runs": {
             "ours": [[dataclasses.asdict(t) for t in run] for run in ours_runs],
             "upstream": [[dataclasses.asdict(t) for t in run] for run in theirs_runs],

@@ -13,7 +13,8 @@ Measures, each against the target in docs/benchmarks.md:
 3. Streaming throughput of the zero-cost engines: 64 concurrent streams of 24 kHz 16-bit audio, audio seconds
    per CPU second of the server, and whether any client fell behind real time.
 4. With --gpu: the CosyVoice engine (prepared voices) vs upstream's own inference_zero_shot(stream=True) loop
-   (see benchmarks/gpu_compare.py).
+   (see benchmarks/gpu_compare.py), per request index, then N requests at once for N in --gpu-levels (ours vs N
+   threads on one upstream model; benchmarks/concurrency.py). --gpu-requests 0 runs only the concurrent part.
 """
 
 from __future__ import annotations
@@ -439,7 +440,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         from gpu_compare import gpu_compare  # benchmarks/gpu_compare.py; imports torch
 
         results["gpu"] = await gpu_compare(
-            args.config, args.gpu_voice, args.gpu_tokens, args.gpu_requests, TEXT, args.gpu_repeats
+            args.config,
+            args.gpu_voice,
+            args.gpu_tokens,
+            args.gpu_requests,
+            TEXT,
+            args.gpu_repeats,
+            args.gpu_levels,
+            args.gpu_rounds,
         )
         if args.gpu_only:
             return results
@@ -503,6 +511,15 @@ def main() -> int:
         help="with --gpu: load upstream's model afresh and run the requests again, this many times (per-request "
         "medians)",
     )
+    parser.add_argument(
+        "--gpu-levels",
+        type=int,
+        nargs="*",
+        default=[1, 2, 4, 8],
+        help="with --gpu: N requests at once per path for each N (ours vs N threads on one upstream model); none to "
+        "skip",
+    )
+    parser.add_argument("--gpu-rounds", type=int, default=2, help="with --gpu-levels: batches per level and path")
     parser.add_argument("--gpu-only", action="store_true", help="with --gpu: skip the CPU benchmarks")
     args = parser.parse_args()
     if args.gpu:

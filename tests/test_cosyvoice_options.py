@@ -134,8 +134,14 @@ def test_model_dir_identity_and_class(tmp_path: Path) -> None:
 def test_settings_from_yaml_reject_bad_values(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"server.yaml:engines.cosyvoice.fp16: expected bool or 'auto', got 'yes'"):
         build(CosyVoiceSettings, {"fp16": "yes"}, source="server.yaml", key="engines.cosyvoice")
-    with pytest.raises(ConfigError, match="engines.cosyvoice.max_queue: must be at least 1"):
-        build(CosyVoiceSettings, {"max_queue": 0}, source="server.yaml", key="engines.cosyvoice")
+    with pytest.raises(ConfigError, match="engines.cosyvoice.max_queue: must be at least 0"):
+        build(CosyVoiceSettings, {"max_queue": -1}, source="server.yaml", key="engines.cosyvoice")
+    with pytest.raises(ConfigError, match="engines.cosyvoice.concurrency: must be auto or at least 1"):
+        build(CosyVoiceSettings, {"concurrency": 0}, source="server.yaml", key="engines.cosyvoice")
+    with pytest.raises(ConfigError, match="engines.cosyvoice.concurrency: expected int or 'auto', got True"):
+        build(CosyVoiceSettings, {"concurrency": True}, source="server.yaml", key="engines.cosyvoice")
+    assert build(CosyVoiceSettings, {"concurrency": 3}, source="s").concurrency == 3
+    assert build(CosyVoiceSettings, {}, source="s").concurrency == "auto"
     settings = build(CosyVoiceSettings, {"repo": "cv", "model_dir": "models/x"}, source="s", base_dir=tmp_path)
     assert settings.repo == tmp_path / "cv" and settings.model_dir == tmp_path / "models" / "x"
 

@@ -128,7 +128,7 @@ def full_seconds(engine: Any, text: str) -> float:
 async def leave_mid_stream(server: Server, engine: Any, chunks: Chunks, voice: str) -> None:
     """A client leaves after its first audio: the request stops early, upstream's per-call state is cleaned, and
     the next request is served."""
-    from wyoming_cosyvoice_plugins.cosyvoice.engine import _session_keys
+    from wyoming_cosyvoice_plugins.cosyvoice.sessions import session_keys
 
     text = PARAGRAPHS * 6
     async with connect(server) as client:
@@ -145,7 +145,7 @@ async def leave_mid_stream(server: Server, engine: Any, chunks: Chunks, voice: s
     assert not engine.busy
     made, full = chunks.seconds[-1], full_seconds(engine, text)
     assert made < full / 3, f"{made:.1f} s of {full:.1f} s made after the client left"
-    assert _session_keys(engine.model.model) == set(), "per-call state left behind"
+    assert session_keys(engine.model.model) == set(), "per-call state left behind"
     await speak(server, SHORT, voice)
 
 

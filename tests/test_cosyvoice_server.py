@@ -97,10 +97,10 @@ async def test_client_leaving_cancels_and_others_are_served(tmp_path: Path) -> N
             assert first is not None and first.type == "audio-start"
         # Disconnected: the engine stops at its next chunk and cleans upstream's per-call state.
         for _ in range(200):
-            if not engine.busy and engine._active == 0:
+            if not engine.busy and engine.in_flight + engine.queued == 0:
                 break
             await asyncio.sleep(0.05)
-        assert not engine.busy and engine._active == 0
+        assert not engine.busy and engine.in_flight + engine.queued == 0
         assert engine.model.model.tts_speech_token_dict == {}
         async with connect(server) as client:
             await client.write_event(Synthesize(text="Still here.").event())

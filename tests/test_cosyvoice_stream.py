@@ -86,13 +86,50 @@ async def chunk_sizes(tmp_path: Path, text: str, **overrides: Any) -> list[np.nd
         await engine.close()
 
 
+def chunk_ends(chunks: list[np.ndarray]) -> list[int]:
+    """Speech tokens through the flow after each chunk (every chunk is whole tokens of 960 samples)."""
+    ends, total = [], 0
+    for chunk in chunks:
+        assert len(chunk) % TOKEN == 0
+        total += len(chunk) // TOKEN
+        ends.append(total)
+    return ends
+
+
+def upstream_passes(tokens: int, first: int, hop: int = 25, max_hop: int = 100, lookahead: int = 3) -> int:
+    """How many flow + vocoder passes upstream's own loop makes for `tokens` speech tokens (first chunk `first`)."""
+    passes, end, step = 0, first, hop * 2
+    while end + lookahead <= tokens:
+        passes, end, step = passes + 1, end + step, min(max_hop, step * 2)
+    return passes + 1  # the final pass over what is left
+
+
 async def test_fast_llm_gets_an_early_first_chunk_and_the_same_audio(tmp_path: Path) -> None:
     early = await chunk_sizes(tmp_path / "a", LONG_TEXT)
-    upstream = await chunk_sizes(tmp_path / "b", LONG_TEXT, early_first_chunk=False)
-    assert [len(c) // TOKEN for c in early][:4] == [15, 25, 50, 100], "the padding alone, then upstream's steps"
-    assert [len(c) // TOKEN for c in upstream][:3] == [40, 50, 100], "upstream: 25 + padding, then doubled"
-    # Chunk ends stay on the same token grid: the audio is the same, only cut differently.
-    np.testing.assert_allclose(np.concatenate(early), np.concatenate(upstream), atol=1e-4)
+    late = await chunk_sizes(tmp_path / "b", LONG_TEXT, early_first_chunk=False)
+    whole = await chunk_sizes(tmp_path / "c", LONG_TEXT, stream=False)
+    assert chunk_ends(early)[0] == 15, "the padding alone (60 prompt tokens + 15 = 75)"
+    assert chunk_ends(late)[0] == 40, "upstream: 25 + padding"
+    # Every chunk but the last ends on the flow's 25-token grid counted from the prompt's start, so the audio is the
+    # same as upstream's, only cut differently (the stand-in's sine would jump at a cut off the grid too).
+    for chunks in (early, late):
+        assert all((60 + end) % 25 == 0 for end in chunk_ends(chunks)[:-1]), chunk_ends(chunks)
+        np.testing.assert_allclose(np.concatenate(chunks), np.concatenate(whole), atol=1e-4)
+
+
+async def test_a_stream_ahead_of_playback_takes_longer_chunks(tmp_path: Path) -> None:
+    """Once a stream is ahead, its next chunk grows (fewer passes, each rerunning the flow over all tokens so far);
+    with a model barely faster than real time it keeps upstream's sizes."""
+    sentence = ", and ".join([LONG_TEXT.rstrip(".")] * 3) + "."  # one sentence: one call of the loop
+    fast = await chunk_sizes(tmp_path / "fast", sentence)
+    tokens = chunk_ends(fast)[-1]
+    assert len(fast) < upstream_passes(tokens, 40), f"{chunk_ends(fast)}: no fewer passes than upstream's loop"
+    assert len(fast) <= 3, f"{chunk_ends(fast)}: a model far faster than real time makes few passes"
+    # 20 ms per token (0.8x real time) and a flow pass of 1 ms per token: never far enough ahead to wait for more.
+    slow = await chunk_sizes(tmp_path / "slow", LONG_TEXT, knobs={"token_s": 0.02, "flow_s": 0.001})
+    ends = chunk_ends(slow)
+    steps = [b - a for a, b in zip([0, *ends[:-2]], ends[:-1], strict=True)]
+    assert steps[:3] == [40, 50, 100][: len(steps[:3])], ends
 
 
 async def first_chunk_tokens(tmp_path: Path, knobs: dict[str, float], warmup: bool = True) -> int:

@@ -177,7 +177,7 @@ async def test_each_voice_is_served_by_its_engine_at_its_rate(tmp_path: Path) ->
         assert not reply.errors and [s.rate for s in reply.starts] == [24000]
         assert reply.seconds == pytest.approx(5 * 0.3)
     # Shutdown closed every engine (a ThreadedEngine drops its worker thread when closed).
-    assert all(engine._worker is None for engine in engines.running.values())  # type: ignore[attr-defined]
+    assert all(not engine._workers for engine in engines.running.values())  # type: ignore[attr-defined]
 
 
 async def test_an_engine_that_cannot_start_breaks_only_its_voices(

@@ -573,9 +573,12 @@ def build(repo: Path, out: Path, size_name: str = "tiny", version: int = 2) -> P
 
     if version != 2 and size_name != "tiny":
         raise ValueError("--size applies to CosyVoice 2 only")
+    # To the front even when already on the path: an engine started earlier (another checkout, e.g. the tests'
+    # stand-in) may have put its own checkout ahead of this one.
     for path in (repo / "third_party" / "Matcha-TTS", repo):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
+        if str(path) in sys.path:
+            sys.path.remove(str(path))
+        sys.path.insert(0, str(path))
     from hyperpyyaml import load_hyperpyyaml
 
     out.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,11 @@
-"""Engine protocol, audio chunk and options values, and the worker-thread bridge with cancellation."""
+"""Engine protocol, audio chunk and options values, and the worker-thread bridge: slots, timeouts, cancellation."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import contextvars
 import logging
-import queue
 import sys
 import threading
 from abc import ABC, abstractmethod
@@ -18,6 +16,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterat
 from .aio import wait_within
 from .audio import AudioFormat
 from .errors import CosyVoiceServiceError, EngineError, EngineOutOfMemory, EngineTimeout
+from .handoff import Cancelled, Handoff
+from .workers import Slots, Worker
 
 if TYPE_CHECKING:
     from .voices import VoiceProfile
@@ -73,10 +73,6 @@ class SynthesisOptions:
     """Seconds the engine may go without producing audio before the request fails (None: no limit)."""
 
 
-class Cancelled(Exception):
-    """Raised inside the worker thread when the request was cancelled (client gone)."""
-
-
 class Engine(ABC):
     """A TTS engine: fixed output format per instance, async streaming synthesis."""
 
@@ -125,44 +121,6 @@ class Engine(ABC):
         """Release the model and threads."""
 
 
-class _Worker:
-    """One daemon thread that runs submitted calls in order; it can be abandoned (never joined) when it hangs."""
-
-    def __init__(self, name: str) -> None:
-        self._calls: "queue.SimpleQueue[Optional[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]]]" = (
-            queue.SimpleQueue()
-        )
-        # Daemon: a thread wedged inside native code must not keep the process from exiting.
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, func: Callable[..., T], *args: Any) -> "Future[T]":
-        """Queue `func(*args)`; the returned future completes when it has run."""
-        future: "Future[T]" = Future()
-        self._calls.put((future, func, args))
-        return future
-
-    def stop(self) -> None:
-        """Let the thread exit after the calls already queued."""
-        self._calls.put(None)
-
-    def _loop(self) -> None:
-        while True:
-            item = self._calls.get()
-            if item is None:
-                return
-            future, func, args = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = func(*args)
-            except BaseException as err:  # handed to whoever awaits the future
-                future.set_exception(err)
-            else:
-                future.set_result(result)
-            del future, func, args, item
-
-
 OOM_MARKERS = ("out of memory", "cuda error: out of memory", "cublas_status_alloc_failed")
 """Lower-case message fragments that identify a (GPU) out-of-memory failure."""
 
@@ -199,52 +157,91 @@ holds at most this much). Generous on purpose: a waiting worker holds up every o
 
 
 class ThreadedEngine(Engine):
-    """An engine whose model lives in ONE worker thread; requests queue for it and cancel between chunks.
+    """An engine whose model lives in worker threads; requests queue for a slot and cancel between chunks.
 
-    A request whose engine produces nothing for `SynthesisOptions.timeout` seconds fails with EngineTimeout and the
-    worker thread is replaced by a fresh one (the stuck thread is abandoned: Python cannot kill it; it exits at its
-    next chunk boundary if it ever returns). An out-of-memory error calls `release_memory()` on the worker thread
-    before the next request runs.
+    `concurrency` slots (1 unless the engine sets more with `set_concurrency`), each served by its own thread: a
+    request holds a slot while its thread makes its audio, so at most that many run at once and the rest wait in
+    arrival order. A request whose engine produces nothing for `SynthesisOptions.timeout` seconds fails with
+    EngineTimeout and the thread of its slot is replaced by a fresh one (the stuck thread is abandoned: Python
+    cannot kill it; it exits at its next chunk boundary if it ever returns); the other slots go on. An out-of-memory
+    error calls `release_memory()` on the request's thread before its slot is free again.
     """
 
     def __init__(self) -> None:
-        self._worker: Optional[_Worker] = None
-        self._gate: Optional[asyncio.Lock] = None
-        self.busy = False
-        """True while the worker thread runs a synthesis."""
+        self._slots = Slots(1)
+        self._workers: dict[int, Worker] = {}
+        self._running: set[Handoff] = set()  # requests whose thread is making their audio now
+        self._running_lock = threading.Lock()
+        self._local = threading.local()
+        self._in_flight = 0
+        self._queued = 0
         self.restarts = 0
         """How many times a hung worker thread was replaced."""
         self._recoveries: "set[asyncio.Task[None]]" = set()
 
-    def _current_worker(self) -> _Worker:
-        if self._worker is None:
-            self._worker = _Worker(f"{self.name}-worker-{self.restarts}")
-        return self._worker
+    @property
+    def concurrency(self) -> int:
+        """Requests that may run at once (one worker thread each)."""
+        return self._slots.size
 
-    def _lock(self) -> asyncio.Lock:
-        # Created lazily so the lock belongs to the loop that serves (engines are built before it runs in tests).
-        if self._gate is None:
-            self._gate = asyncio.Lock()
-        return self._gate
+    def set_concurrency(self, size: int) -> None:
+        """Run up to `size` requests at once (call while no request holds a slot, e.g. in `start`)."""
+        self._slots.resize(max(1, int(size)))
 
-    def replace_worker(self, reason: str) -> None:
-        """Abandon the current worker thread (hung) and start the next request on a fresh one."""
-        old = self._worker
-        self._worker = None
-        self.busy = False
+    @property
+    def busy(self) -> bool:
+        """True while a worker thread makes a request's audio."""
+        return bool(self._running)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a slot (their worker thread is making their audio)."""
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a free slot."""
+        return self._queued
+
+    def _worker_for(self, slot: int) -> Worker:
+        worker = self._workers.get(slot)
+        if worker is None:
+            suffix = f"worker-{self.restarts}" if slot == 0 else f"slot{slot}-{self.restarts}"
+            worker = self._workers[slot] = Worker(f"{self.name}-{suffix}")
+        return worker
+
+    def replace_worker(self, reason: str, slot: int = 0) -> None:
+        """Abandon the thread of `slot` (hung) and start that slot's next request on a fresh one."""
+        old = self._workers.pop(slot, None)
         self.restarts += 1
         if old is not None:
             old.stop()
             _LOGGER.error("%s engine: worker thread %s replaced (%s)", self.name, old.thread.name, reason)
 
-    def _abandon(self, worker: _Worker, release: Callable[[], None], reason: str) -> None:
-        """Give up on `worker` (hung): the next request runs on a fresh thread; the engine lock is free again."""
-        if self._worker is worker:
-            self.replace_worker(reason)
-        release()  # the abandoned thread no longer owns the model
+    def _abandon(self, slot: int, worker: Worker, handoff: Handoff, release: Callable[[], None], reason: str) -> None:
+        """Give up on `worker` (hung): the slot's next request runs on a fresh thread; the slot is free again."""
+        if self._workers.get(slot) is worker:
+            self.replace_worker(reason, slot)
+        with self._running_lock:
+            self._running.discard(handoff)
+        try:
+            self.request_abandoned(handoff.cancel)
+        finally:
+            release()  # the abandoned thread no longer counts as working for a request
+
+    def request_abandoned(self, cancel: threading.Event) -> None:
+        """Called on the loop when the thread of the request whose cancel flag is `cancel` was given up (hung):
+        an engine frees what that request held that others wait for. Default: nothing."""
 
     def _watch_stop(
-        self, worker: _Worker, future: "Future[Any]", timeout: Optional[float], reason: str, release: Callable[[], None]
+        self,
+        slot: int,
+        worker: Worker,
+        future: "Future[Any]",
+        handoff: Handoff,
+        timeout: Optional[float],
+        reason: str,
+        release: Callable[[], None],
     ) -> "asyncio.Task[None]":
         """Give a cancelled request's worker `timeout` s to stop, else abandon it; the task belongs to the engine.
 
@@ -256,7 +253,7 @@ class ThreadedEngine(Engine):
             try:
                 await wait_within(asyncio.shield(asyncio.wrap_future(future)), timeout)
             except asyncio.TimeoutError:
-                self._abandon(worker, release, reason)
+                self._abandon(slot, worker, handoff, release, reason)
             except Exception:  # the worker's own errors were already reported
                 pass
 
@@ -265,26 +262,37 @@ class ThreadedEngine(Engine):
         task.add_done_callback(self._recoveries.discard)
         return task
 
-    async def run_in_worker(self, func: Callable[..., T], *args: Any) -> T:
-        """Run `func(*args)` on the engine's worker thread (model loading, voice preparation).
+    async def run_in_worker(self, func: Callable[..., T], *args: Any, exclusive: bool = False) -> T:
+        """Run `func(*args)` on a worker thread (model loading, voice preparation), holding one slot, or with
+        `exclusive` every slot (no request runs meanwhile: loading or releasing the model).
 
         Inside `worker_call_timeout(s)`, a call still running after `s` seconds fails with EngineTimeout and its
         worker thread is replaced (a call has no cancel flag: the thread is hung for all we know).
         """
         timeout = WORKER_CALL_TIMEOUT.get()
-        async with self._lock():
-            worker = self._current_worker()
+        if exclusive:
+            await self._slots.acquire_all()
+            slot = 0
+        else:
+            slot = await self._slots.acquire()
+        try:
+            worker = self._worker_for(slot)
             future = worker.submit(func, *args)
             try:
                 return await wait_within(asyncio.shield(asyncio.wrap_future(future)), timeout)
             except asyncio.TimeoutError:
                 what = getattr(func, "__name__", "call")
-                if self._worker is worker:
-                    self.replace_worker(f"{what} did not finish within {timeout:g} s")
+                if self._workers.get(slot) is worker:
+                    self.replace_worker(f"{what} did not finish within {timeout:g} s", slot)
                 raise EngineTimeout(
                     f"{self.name} engine: {what} did not finish within {timeout:g} s (limits.engine_timeout_s); "
                     "the engine worker was restarted"
                 ) from None
+        finally:
+            if exclusive:
+                self._slots.release_all()
+            else:
+                self._slots.release(slot)
 
     def release_memory(self) -> None:
         """Called on the worker thread after an out-of-memory error: free cached (GPU) memory."""
@@ -292,6 +300,13 @@ class ThreadedEngine(Engine):
         if torch is not None:
             with contextlib.suppress(Exception):
                 torch.cuda.empty_cache()
+
+    def still_working(self) -> None:
+        """Called on a request's worker thread while it waits for something shared with other requests (not hung):
+        its inactivity timeout starts again."""
+        handoff: Optional[Handoff] = getattr(self._local, "handoff", None)
+        if handoff is not None:
+            handoff.alive()
 
     def generate(
         self, text: str, profile: "VoiceProfile", options: SynthesisOptions, cancel: threading.Event
@@ -313,100 +328,55 @@ class ThreadedEngine(Engine):
                 raise Cancelled()
             emit(pcm)
 
+    def _produce(self, handoff: Handoff, text: str, profile: "VoiceProfile", options: SynthesisOptions) -> None:
+        """One request on its worker thread: render into the hand-off, then say how it ended."""
+        if handoff.cancel.is_set():  # cancelled while waiting for the worker
+            handoff.post("end")
+            return
+        with self._running_lock:
+            self._running.add(handoff)
+        self._local.handoff = handoff
+        try:
+            handoff.post("started")
+            self.render(text, profile, options, handoff.emit, handoff.cancel)
+        except Cancelled:
+            pass
+        except BaseException as err:  # forwarded to the awaiting coroutine
+            if is_out_of_memory(err):
+                self.release_memory()
+            handoff.post("error", err)
+        finally:
+            self._local.handoff = None
+            with self._running_lock:
+                self._running.discard(handoff)
+            handoff.post("end")
+
     async def synthesize(
         self, text: str, profile: "VoiceProfile", options: SynthesisOptions
     ) -> AsyncIterator[AudioChunk]:
-        """Run `render` on the worker thread and hand each chunk to the event loop as it is made."""
-        loop = asyncio.get_running_loop()
-        # Hand-over from the worker: a deque plus at most one scheduled wake-up of the loop at a time, so a worker
-        # that runs ahead costs no loop wake-up (self-pipe write) per chunk and the consumer no await per chunk.
-        pending: "collections.deque[tuple[str, Any]]" = collections.deque()
-        ready = asyncio.Event()
-        wake_lock = threading.Lock()
-        wake_scheduled = [False]
-        cancel = threading.Event()
-        room = threading.Condition()
-        ahead = [0]  # bytes handed to the loop and not yet taken by the consumer
-        limit = self.max_ahead_bytes()
-        low_water = limit // 2  # a waiting worker resumes once the consumer is back under this
-
-        def wake() -> None:  # on the loop
-            with wake_lock:
-                wake_scheduled[0] = False
-            ready.set()
-
-        def post(kind: str, item: Any) -> None:
-            pending.append((kind, item))
-            with wake_lock:
-                if wake_scheduled[0]:
-                    return  # the wake-up already on its way finds this item too
-                wake_scheduled[0] = True
-            try:
-                loop.call_soon_threadsafe(wake)
-            except RuntimeError:  # event loop closed: nobody is listening any more
-                cancel.set()
-
-        async def take() -> tuple[str, Any]:
-            if pending:
-                await asyncio.sleep(0)  # a turn for the other streams between chunks, as when waiting for one
-            while not pending:
-                ready.clear()
-                if pending:  # posted between the check and the clear
-                    break
-                await wait_within(ready.wait(), options.timeout)
-            return pending.popleft()
-
-        def produce() -> None:
-            if cancel.is_set():  # cancelled while waiting for the worker
-                post("end", None)
-                return
-            self.busy = True
-
-            def emit(pcm: bytes) -> None:
-                if not pcm:
-                    return
-                # Backpressure: at MAX_AHEAD_SECONDS ahead of the client, wait until it is back under half of that
-                # (then go on in a burst, not a wake-up per chunk), but notice cancellation.
-                with room:
-                    if ahead[0] >= limit:
-                        while ahead[0] > low_water:
-                            if cancel.is_set():
-                                raise Cancelled()
-                            room.wait(0.1)
-                    ahead[0] += len(pcm)
-                if cancel.is_set():
-                    raise Cancelled()
-                post("chunk", pcm)
-
-            try:
-                post("started", None)
-                self.render(text, profile, options, emit, cancel)
-            except Cancelled:
-                pass
-            except BaseException as err:  # forwarded to the awaiting coroutine
-                if is_out_of_memory(err):
-                    self.release_memory()
-                post("error", err)
-            finally:
-                self.busy = False
-                post("end", None)
-
-        # The lock orders requests for the worker (queueing time does not count towards the timeout); it is
+        """Run `render` on a worker thread and hand each chunk to the event loop as it is made."""
+        handoff = Handoff(asyncio.get_running_loop(), self.max_ahead_bytes())
+        # The slot orders requests for the workers (queueing time does not count towards the timeout); it is
         # released as soon as the worker is done with this request, not when its consumer has read everything,
         # so a slow reader never holds up the next request.
-        lock = self._lock()
-        await lock.acquire()
+        self._queued += 1
+        try:
+            slot = await self._slots.acquire()
+        finally:
+            self._queued -= 1
+        self._in_flight += 1
         released = False
 
         def release(_: Any = None) -> None:
             nonlocal released
             if not released:
                 released = True
-                lock.release()
+                self._in_flight -= 1
+                self._slots.release(slot)
 
         try:
-            worker = self._current_worker()
-            future = worker.submit(produce)
+            worker = self._worker_for(slot)
+            future = worker.submit(self._produce, handoff, text, profile, options)
         except BaseException:
             release()
             raise
@@ -415,22 +385,19 @@ class ThreadedEngine(Engine):
         try:
             while True:
                 try:
-                    kind, item = await take()
+                    kind, item = await handoff.take(options.timeout)
                 except asyncio.TimeoutError:
                     # No audio for the whole timeout: the worker is hung. Replace it now, so the client hears of it
                     # after one timeout (waiting for the thread to stop would take a second one).
                     finished = True
-                    cancel.set()
-                    self._abandon(worker, release, f"request {options.request_id or '?'} timed out")
+                    handoff.cancel.set()
+                    self._abandon(slot, worker, handoff, release, f"request {options.request_id or '?'} timed out")
                     raise EngineTimeout(
                         f"{self.name} engine produced no audio for {options.timeout:g} s; request abandoned "
                         "and the engine worker restarted"
                     ) from None
                 if kind == "chunk":
-                    with room:
-                        ahead[0] -= len(item)
-                        if ahead[0] <= low_water:  # wake a waiting worker once, for a burst, not per chunk
-                            room.notify()
+                    handoff.taken(len(item))
                     yield AudioChunk(item, self.sample_rate, self.sample_width, self.channels)
                 elif kind == "error":
                     finished = True
@@ -446,21 +413,22 @@ class ThreadedEngine(Engine):
                     finished = True
                     break
         finally:
-            cancel.set()
+            handoff.cancel.set()
             if not finished and not future.done():
                 # Give the worker one chunk's time to notice the flag; one that does not is hung. The watch runs to
                 # its end even when this request is cancelled while waiting for it.
                 reason = f"request {options.request_id or '?'} did not stop"
-                await asyncio.shield(self._watch_stop(worker, future, options.timeout, reason, release))
+                watch = self._watch_stop(slot, worker, future, handoff, options.timeout, reason, release)
+                await asyncio.shield(watch)
 
     def max_ahead_bytes(self) -> int:
         """Bytes of audio the worker may make ahead of the consumer (MAX_AHEAD_SECONDS at this engine's format)."""
         return int(MAX_AHEAD_SECONDS * self.sample_rate) * self.sample_width * self.channels
 
     async def close(self) -> None:
-        """Stop the worker thread after the current job."""
+        """Stop the worker threads after their current jobs."""
         for task in list(self._recoveries):
             task.cancel()
-        if self._worker is not None:
-            self._worker.stop()
-            self._worker = None
+        for worker in self._workers.values():
+            worker.stop()
+        self._workers.clear()

@@ -1,10 +1,13 @@
 """The CosyVoice engine: the official CosyVoice code from a checkout, behind the engine interface.
 
-Modules: `engine` (the engine: loading, prepared voices, synthesis on one worker thread), `options` (settings and
-load options per GPU), `upstream` (checkout and model-dir checks, lazy import, upstream quirks, TensorRT plans),
-`stream` (our streaming loop for CosyVoice 2/3), `recipes` (profile -> upstream call per model version), `prompts`
-(prompt audio loading and the prepared-voice cache), `commands` (the `download` and `health` commands). The core
-never imports this package; torch and CosyVoice are imported only when the engine starts.
+Modules: `engine` (the engine: loading, prepared voices, synthesis, admission of concurrent requests), `options`
+(settings and load options per GPU), `upstream` (checkout and model-dir checks, lazy import, upstream quirks,
+TensorRT plans), `stream` (our streaming loop for CosyVoice 2/3), `chunking` (where a stream cuts its chunks),
+`scheduler` (several streams on one model: who runs the flow + vocoder next, measured costs, admission), `sessions`
+(upstream's per-call state, cleaned per request), `recipes` (profile -> upstream call per model version), `prompts`
+(prompt audio loading and the prepared-voice cache), `selfcheck` (the load-time check), `commands` (the `download`
+and `health` commands). The core never imports this package; torch and CosyVoice are imported only when the engine
+starts.
 """
 
 from __future__ import annotations

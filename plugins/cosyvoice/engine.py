@@ -1,39 +1,42 @@
-"""CosyVoice GPU engine: the official code from a checkout, one worker thread, prepared voices, streamed chunks."""
+"""CosyVoice GPU engine: the official code from a checkout, prepared voices, several streams on one model."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, Generator, Iterable, Iterator, Optional
 
 import numpy as np
 
-from . import selfcheck
-from . import stream as cosyvoice_stream
-from . import upstream
 from wyoming_cosyvoice.audio import float_to_pcm16
 from wyoming_cosyvoice.config import Section
-from .options import CosyVoiceSettings, LoadPlan, plan_load
 from wyoming_cosyvoice.engine import AudioChunk, Cancelled, SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineError, EngineNotConfigured, EngineUnavailable, ServerBusy, VoiceError
 from wyoming_cosyvoice.gpu import gpu_facts
-from .recipes import PreparedVoice, recipe, speakable, synthetic_prompt, v1_language_tag
-from .prompts import PromptCache, default_cache_dir, prompt_key
 from wyoming_cosyvoice.reference import normalized_reference
 from wyoming_cosyvoice.voices import VoiceProfile
 
+from . import selfcheck, sessions, upstream
+from . import stream as cosyvoice_stream
+from .options import CosyVoiceSettings, LoadPlan, auto_concurrency, plan_load
+from .prompts import PromptCache, default_cache_dir, prompt_key
+from .recipes import PreparedVoice, recipe, speakable, synthetic_prompt, v1_language_tag
+from .scheduler import admission
+
 _LOGGER = logging.getLogger(__name__)
 
-_SESSION_DICTS = ("tts_speech_token_dict", "llm_end_dict", "mel_overlap_dict", "flow_cache_dict", "hift_cache_dict")
 WARMUP_NAME = "(warm-up)"
 
 
 class CosyVoiceEngine(ThreadedEngine):
-    """The official CosyVoice classes behind the engine interface; the worker thread owns the model."""
+    """The official CosyVoice classes behind the engine interface: one loaded model, `concurrency` requests in flight
+    (a worker thread each, plus upstream's LLM thread per call), their flow + vocoder passes scheduled so that every
+    stream stays ahead of playback (`scheduler.py`)."""
 
     name = "cosyvoice"
 
@@ -47,17 +50,21 @@ class CosyVoiceEngine(ThreadedEngine):
         self.plan: Optional[LoadPlan] = None
         self.cache = PromptCache(settings.cache_dir or default_cache_dir())
         self.sample_rate = 24000
-        self._model_lock = threading.Lock()
+        self._model_lock = threading.Lock()  # upstream's own loop (CosyVoice 1): one call at a time
+        self._voices_lock = threading.Lock()
         self._prepared: dict[tuple, PreparedVoice] = {}
         self._signatures: dict[str, tuple] = {}  # profile name -> the signature it was prepared under
         self._voice_errors: dict[str, str] = {}
         self._voice_names: set[str] = set()
         self._first_profile: Optional[VoiceProfile] = None
         self._initial_hop: Optional[int] = None
-        self._cancel: Optional[threading.Event] = None  # the running request's (worker thread)
         self.streaming = ""
         """How chunks are streamed: own loop (CosyVoice 2/3), upstream loop, or off."""
-        self._active = 0
+        self.scheduling: Optional[cosyvoice_stream.Streaming] = None
+        """The shared flow + vocoder scheduler and measured costs (our own loop only)."""
+        self._free_memory: Optional[int] = None  # GPU bytes free after loading
+        self.concurrency_note = ""
+        """How `concurrency` was chosen (health)."""
         self.warmup_report = ""
         self.text_normalizer = ""
         """Upstream's text normalizer: ttsfrd, wetext or none (numbers and symbols read as written)."""
@@ -70,11 +77,33 @@ class CosyVoiceEngine(ThreadedEngine):
         """Check every piece and load the model on the worker thread (EngineUnavailable names what is missing)."""
         self.state = "loading"
         try:
-            await self.run_in_worker(self._load, None)
+            await self.run_in_worker(self._load, None, exclusive=True)
         except BaseException:
             self.state = "failed"
             raise
+        self.set_concurrency(self._concurrency())
         self.state = "ready"
+
+    def _concurrency(self) -> int:
+        """Requests in flight: 1 with upstream's loop; else the setting, or `auto` from the GPU's free memory."""
+        wanted = self.settings.concurrency
+        if self.scheduling is None:
+            if wanted not in ("auto", 1):
+                _LOGGER.warning(
+                    "engines.cosyvoice.concurrency %s ignored: %s streams with upstream's own loop, one request at "
+                    "a time",
+                    wanted,
+                    self.info.class_name if self.info else "this model",
+                )
+            self.concurrency_note = "1 (upstream's loop)"
+            return 1
+        if wanted == "auto":
+            n, why = auto_concurrency(self.plan.device if self.plan else "cpu", self._free_memory)
+        else:
+            n, why = int(wanted), "set"
+        self.concurrency_note = f"{n} ({why})"
+        _LOGGER.info("Requests in flight at once: %s", self.concurrency_note)
+        return n
 
     def _load(self, force_fp16: Optional[bool]) -> None:
         started = time.perf_counter()
@@ -88,14 +117,18 @@ class CosyVoiceEngine(ThreadedEngine):
         except ImportError:
             raise EngineUnavailable(upstream.PREFIX + "torch is not installed (pip install -e '.[gpu]')") from None
         cuda = bool(torch.cuda.is_available())
-        capability = tuple(torch.cuda.get_device_capability()) if cuda else None
+        capability: Optional[tuple[int, int]] = None
+        if cuda:
+            major, minor = torch.cuda.get_device_capability()
+            capability = (int(major), int(minor))
         trt_version = upstream.tensorrt_version() if cuda else None
-        plan = plan_load(self.settings, info.version, info.path, cuda, capability, trt_version)  # type: ignore[arg-type]
+        plan = plan_load(self.settings, info.version, info.path, cuda, capability, trt_version)
         if force_fp16 is not None:
             plan = LoadPlan(plan.device, force_fp16, False, plan.load_trt, plan.load_jit, plan.load_vllm, plan.notes)
         module = upstream.import_cosyvoice(repo)
         plans: Optional[tuple[Path, Path]] = None
         if plan.load_trt:
+            assert capability is not None  # TensorRT is planned with CUDA only
             keyed = upstream.keyed_plan_path(
                 self.cache.directory,
                 info.identity,
@@ -134,7 +167,16 @@ class CosyVoiceEngine(ThreadedEngine):
                 self._load(False)
                 return
             raise EngineUnavailable(upstream.PREFIX + checked.problem)
-        own_loop = cosyvoice_stream.install(model.model, self._stop_requested, self.settings.early_first_chunk)
+        flow_slots = self.settings.trt_concurrent if plan.load_trt else 1
+        scheduling = cosyvoice_stream.Streaming(self.settings.early_first_chunk, int(model.sample_rate), flow_slots)
+        own_loop = cosyvoice_stream.install(model.model, scheduling)
+        self.scheduling = scheduling if own_loop else None
+        sessions.track(model.model)
+        if cuda:
+            try:
+                self._free_memory = int(torch.cuda.mem_get_info()[0])
+            except Exception:  # an old torch or a driver without it: concurrency stays at 1 (auto)
+                self._free_memory = None
         if not own_loop:
             if info.version != 1:  # CosyVoice 1 streams with upstream's loop by design
                 _LOGGER.info(
@@ -191,11 +233,6 @@ class CosyVoiceEngine(ThreadedEngine):
         if result.problem is None:
             _LOGGER.info("Self-check: %s", result.summary)
         return result
-
-    def _stop_requested(self) -> bool:
-        """The running request was cancelled (its client left): our streaming loop stops the LLM and returns."""
-        cancel = self._cancel
-        return cancel is not None and cancel.is_set()
 
     def _install_hop_reset(self, inner: Any) -> None:
         """Upstream doubles `token_hop_len` on the shared model during a stream and never resets it (the third
@@ -278,6 +315,10 @@ class CosyVoiceEngine(ThreadedEngine):
 
     def _voice(self, profile: VoiceProfile) -> PreparedVoice:
         """The prepared voice for `profile`, preparing it now on first use (worker thread)."""
+        with self._voices_lock:  # two requests for a voice not yet prepared: one prepares it
+            return self._voice_locked(profile)
+
+    def _voice_locked(self, profile: VoiceProfile) -> PreparedVoice:
         signature = self._signature(profile)
         voice = self._prepared.get(signature)
         if voice is None or voice.spk_id not in self.model.frontend.spk2info:
@@ -327,19 +368,33 @@ class CosyVoiceEngine(ThreadedEngine):
     async def synthesize(
         self, text: str, profile: VoiceProfile, options: SynthesisOptions
     ) -> AsyncIterator[AudioChunk]:
-        """Queue for the worker (bounded by max_queue), then stream its chunks."""
+        """Admit (a free slot, or room in the queue, and room in the machine's speed), then stream the chunks."""
         if self.model is None:
             raise EngineError(f"cosyvoice engine is not ready (state: {self.state})")
-        if self._active >= self.settings.max_queue:
+        self._admit()
+        async for chunk in super().synthesize(text, profile, options):
+            yield chunk
+
+    def _admit(self) -> None:
+        """ServerBusy when every slot is taken and the queue is full, or when one more stream would make the streams
+        in flight fall behind real time (`keep_real_time`, from the measured costs)."""
+        in_flight, queued = self.in_flight, self.queued
+        if in_flight >= self.concurrency and queued >= self.settings.max_queue:
             raise ServerBusy(
-                f"cosyvoice engine busy: {self._active} requests queued (max_queue {self.settings.max_queue})"
+                f"cosyvoice engine busy: {in_flight} requests in flight, {queued} queued "
+                f"(concurrency {self.concurrency}, max_queue {self.settings.max_queue})"
             )
-        self._active += 1
-        try:
-            async for chunk in super().synthesize(text, profile, options):
-                yield chunk
-        finally:
-            self._active -= 1
+        if self.settings.keep_real_time and self.scheduling is not None and in_flight < self.concurrency:
+            flow_slots = self.scheduling.scheduler.slots
+            llm_batched = bool(self.plan and self.plan.load_vllm)
+            why = admission(in_flight, self.scheduling.costs.per_stream(), llm_batched, flow_slots)
+            if why is not None:
+                raise ServerBusy(f"cosyvoice engine at capacity: {why}")
+
+    def request_abandoned(self, cancel: threading.Event) -> None:
+        """A hung request's thread was given up: free the flow + vocoder pass it may hold for the others."""
+        if self.scheduling is not None:
+            self.scheduling.abandon(cancel)
 
     def render(
         self,
@@ -361,7 +416,7 @@ class CosyVoiceEngine(ThreadedEngine):
 
     def generate(
         self, text: str, profile: VoiceProfile, options: SynthesisOptions, cancel: threading.Event
-    ) -> Iterator[bytes]:
+    ) -> Generator[bytes, None, None]:
         """16-bit PCM chunks at the model's rate, as upstream yields them."""
         for samples in self._outputs(text, profile, options.speed, cancel):
             yield float_to_pcm16(samples)
@@ -377,10 +432,11 @@ class CosyVoiceEngine(ThreadedEngine):
         voice = self._voice(profile)
         stream = self.settings.stream and speed == 1.0  # upstream ignores speed while streaming
         kwargs = {"stream": stream, "speed": 1.0 if stream else speed}
-        with self._model_lock:
+        scheduling = self.scheduling
+        # Our loop keeps each call's state apart; upstream's own loop (CosyVoice 1) runs one call at a time.
+        with self._model_lock if scheduling is None else contextlib.nullcontext():
             model = self.model
-            self._cancel = cancel
-            before = _session_keys(model.model)
+            request = None if scheduling is None else scheduling.begin(cancel or threading.Event(), self.still_working)
             if voice.method == "sft":
                 outputs = model.inference_sft(text, voice.spk_id, **kwargs)
             elif voice.method == "instruct":
@@ -400,14 +456,15 @@ class CosyVoiceEngine(ThreadedEngine):
                         return
             finally:
                 outputs.close()
-                _reap_sessions(model.model, before)
-                self._cancel = None
+                sessions.reap(model.model)
+                if request is not None and scheduling is not None:
+                    scheduling.end(request)
 
     # --- warm-up, health, close --------------------------------------------------------------------
 
     async def warmup(self) -> None:
         """Synthesize `warmup_text` once; non-finite output reloads in fp32 (auto fp16) or is an error."""
-        await self.run_in_worker(self._warmup, True)
+        await self.run_in_worker(self._warmup, True, exclusive=True)
 
     def _warmup_profile(self) -> VoiceProfile:
         if self._first_profile is not None:  # already prepared: warming up costs no extra prompt computation
@@ -462,6 +519,13 @@ class CosyVoiceEngine(ThreadedEngine):
             facts["tensorrt"] = "on" if self.plan.load_trt else "off"
         if self.streaming:
             facts["streaming"] = self.streaming
+        facts["concurrency"] = self.concurrency_note or str(self.concurrency)
+        facts["in_flight"] = self.in_flight
+        facts["queued"] = self.queued
+        if self.scheduling is not None:
+            costs = self.scheduling.costs.per_stream()
+            if costs is not None:  # what one stream needs of the model per second of audio (admission weighs it)
+                facts["stream_cost"] = f"llm {costs[0]:.2f} + flow {costs[1]:.2f} s per s"
         if self.text_normalizer:
             facts["text_normalizer"] = self.text_normalizer
         if self.self_check:
@@ -479,7 +543,7 @@ class CosyVoiceEngine(ThreadedEngine):
         """Release the model after the current job and stop the worker."""
         if self.model is not None:
             try:
-                await asyncio.wait_for(self.run_in_worker(self._unload), 30)
+                await asyncio.wait_for(self.run_in_worker(self._unload, exclusive=True), 30)
             except (asyncio.TimeoutError, RuntimeError):
                 pass
         self.state = "closed"
@@ -501,32 +565,6 @@ def _empty_cuda_cache() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
-
-
-def _session_keys(inner: Any) -> set[str]:
-    keys: set[str] = set()
-    for attr in _SESSION_DICTS:
-        keys.update(getattr(inner, attr, None) or {})
-    return keys
-
-
-def _reap_sessions(inner: Any, before: set[str], timeout: float = 120.0) -> None:
-    """A generator closed early leaves its per-call entries (and a running LLM thread) behind: wait for the LLM
-    thread to finish, then drop the entries, so abandoned requests neither leak nor crash that thread."""
-    leaked = _session_keys(inner) - before
-    if not leaked:
-        return
-    ends = getattr(inner, "llm_end_dict", {})
-    deadline = time.monotonic() + timeout
-    while any(ends.get(key) is False for key in leaked) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    with inner.lock:
-        for attr in _SESSION_DICTS:
-            table = getattr(inner, attr, None)
-            if table is not None:
-                for key in leaked:
-                    table.pop(key, None)
-    _LOGGER.debug("Cleaned %d abandoned CosyVoice session(s)", len(leaked))
 
 
 def create_engine(section: Section) -> CosyVoiceEngine:

@@ -29,7 +29,8 @@ class CosyVoiceSettings:
     """Half precision: auto = only on compute capability >= 8.0; true forces it (warm-up checks the output)."""
 
     load_trt: Union[bool, Literal["auto"]] = "auto"
-    """TensorRT flow decoder: auto = when TensorRT and flow.decoder.estimator.fp32.onnx are present; true requires them."""
+    """TensorRT flow decoder: auto = when TensorRT and flow.decoder.estimator.fp32.onnx are present; true requires
+    them."""
 
     load_jit: bool = False
     """TorchScript parts (CosyVoice 1/2 only; needs the *.zip files in the model directory)."""
@@ -38,7 +39,15 @@ class CosyVoiceSettings:
     """vLLM for the language model (CosyVoice 2/3; needs the vllm package)."""
 
     trt_concurrent: int = 1
-    """TensorRT execution contexts (requests still run one at a time on the engine's worker thread)."""
+    """TensorRT execution contexts: this many flow + vocoder passes of concurrent requests may run at once."""
+
+    concurrency: Union[int, Literal["auto"]] = "auto"
+    """Requests in flight at once on the one loaded model (CosyVoice 2/3; CosyVoice 1 streams with upstream's loop
+    and runs 1): auto = from the GPU's free memory after loading (1 to 8), 1 on the CPU."""
+
+    keep_real_time: bool = True
+    """Refuse a new request (ServerBusy) while the measured costs say the streams in flight plus it could not all
+    stay ahead of real time; false: admit up to `concurrency` and let them share the machine."""
 
     cache_dir: Optional[Path] = None
     """Prepared voices and TensorRT plans (default: $WYOMING_COSYVOICE_CACHE, else ~/.cache/wyoming-cosyvoice)."""
@@ -52,7 +61,7 @@ class CosyVoiceSettings:
     audio sent until then has played; false = upstream's first chunk size."""
 
     max_queue: int = 4
-    """Requests running or waiting for the GPU; more are refused with ServerBusy."""
+    """Requests waiting for a free slot when `concurrency` requests are in flight; more are refused (ServerBusy)."""
 
     require_gpu: bool = True
     """Refuse to start without CUDA (false: run on the CPU, very slow; for tests and trials)."""
@@ -68,9 +77,30 @@ class CosyVoiceSettings:
         """Check ranges."""
         if self.trt_concurrent < 1:
             return ("trt_concurrent", "must be at least 1")
-        if self.max_queue < 1:
-            return ("max_queue", "must be at least 1")
+        if self.max_queue < 0:
+            return ("max_queue", "must be at least 0")
+        if self.concurrency != "auto" and self.concurrency < 1:
+            return ("concurrency", "must be auto or at least 1")
         return None
+
+
+AUTO_MAX_CONCURRENCY = 8
+"""The most requests `concurrency: auto` puts in flight (the flow + vocoder is shared: more rarely pays)."""
+
+STREAM_MEMORY_GIB = 0.5
+"""GPU memory one more stream in flight may take (its LLM's KV cache and activations; an estimate with margin)."""
+
+RESERVED_MEMORY_GIB = 2.0
+"""GPU memory kept free for one flow + vocoder pass over a long reply and the allocator's slack."""
+
+
+def auto_concurrency(device: str, free_bytes: Optional[int]) -> tuple[int, str]:
+    """`concurrency: auto`: (requests in flight, why) from the GPU memory free after loading; 1 on the CPU."""
+    if device != "cuda" or free_bytes is None:
+        return 1, "auto: 1 on the CPU"
+    free = free_bytes / 2**30
+    n = max(1, min(AUTO_MAX_CONCURRENCY, int((free - RESERVED_MEMORY_GIB) // STREAM_MEMORY_GIB)))
+    return n, f"auto: {free:.1f} GiB free after loading"
 
 
 @dataclass(frozen=True)

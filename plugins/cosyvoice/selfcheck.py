@@ -196,7 +196,7 @@ def fp16_errors(inner: Any, device_type: str, flow: bool = True) -> dict[str, fl
                 half = run()
         return half, full
 
-    llm = getattr(inner, "llm", None)
+    llm: Any = getattr(inner, "llm", None)  # upstream's model, untyped; not None when applicable
     if not_applicable(inner) is None:
         prefix, steps = _prompt(llm)
         whole = torch.cat([prefix, *steps], 1)

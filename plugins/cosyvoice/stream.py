@@ -1,19 +1,23 @@
 """Our streaming loop for CosyVoice 2/3, installed on upstream's model object in place of its `tts(stream=True)`.
 
-Upstream's loop (`CosyVoice2Model.tts`, also used by CosyVoice 3) has four costs for a low-latency server:
+Upstream's loop (`CosyVoice2Model.tts`, also used by CosyVoice 3) has five costs for a low-latency server:
 - it polls for speech tokens every 100 ms, adding up to 100 ms to every chunk (here: woken on each token);
 - it grows `token_hop_len` on the shared model object and never resets it (here: the hop is local to the call);
 - its first chunk waits for `token_hop_len` (25) tokens plus the prompt's padding to a multiple of 25 plus the
   look-ahead; here the first chunk may end at the padding alone when the model is fast enough for every next chunk
-  (its LLM tokens, then flow + vocoder) to arrive before the audio sent so far has played (`early_first_hop`,
-  `keeps_ahead`): chunk ends stay on multiples of 25 tokens counted from the prompt's start, the boundaries of the
-  flow model's chunk attention, so no chunk sees a different context than in upstream's own stream;
+  (its LLM tokens, then flow + vocoder) to arrive before the audio sent so far has played (`keeps_ahead`);
+- concurrent calls run their flow + vocoder passes whenever they get to them; here a scheduler grants them in the
+  order that keeps every stream ahead of playback (`scheduler.py`), and a stream that is well ahead waits for
+  longer chunks (`grown_end`: fewer passes, each of which reruns the flow over everything so far);
 - a call closed early leaves its LLM thread running to the end of the text (here it stops at its next token;
   with vLLM, which keeps its own request state, it still runs to the end, and its tokens are dropped).
+Chunk ends stay on multiples of 25 tokens counted from the prompt's start, the boundaries of the flow model's chunk
+attention (`chunking.py`), so no chunk sees a different context than in upstream's own stream.
 
 Everything else is upstream's own code: `llm_job` (the LLM), `token2wav` (flow + vocoder, with its caches) and the
 per-call dictionaries, called with the same arguments as upstream's loop calls them. Non-streaming calls and voice
-conversion go to upstream's `tts` unchanged. Pure Python: torch is reached only through upstream's objects.
+conversion go to upstream's `tts` unchanged (their `token2wav` still waits for the scheduler). Pure Python: torch
+is reached only through upstream's objects.
 """
 
 from __future__ import annotations
@@ -23,8 +27,24 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
+
+from wyoming_cosyvoice.engine import Cancelled
+
+from .chunking import (  # noqa: F401  (first_hop, ChunkCost, keeps_ahead: importable from here as before)
+    MAX_TOKEN_TEXT_RATIO,
+    SAFETY,
+    TOKENS_PER_SECOND,
+    ChunkCost,
+    cut_due,
+    first_hop,
+    first_size,
+    grid_floor,
+    grown_end,
+    keeps_ahead,
+)
+from .scheduler import Costs, FlowScheduler, Stream
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -43,40 +63,90 @@ NEEDS = (
 )
 """What the loop uses on upstream's model object (CosyVoice2Model / CosyVoice3Model)."""
 
-MIN_FIRST_HOP = 10
-"""The shortest first chunk in tokens (0.4 s): the vocoder keeps 8 mel frames (4 tokens) back for cross-fading."""
-
-SAFETY = 1.5
-"""An early first chunk is taken only if every next chunk is predicted to arrive in 1/SAFETY of the audio time."""
-
-HORIZON_CHUNKS = 4
-"""Chunks after the early one that must keep ahead (25, 50, 100, 100 tokens: 11 s of audio after it)."""
-
-MAX_TOKEN_TEXT_RATIO = 20
-"""Upstream's LLM makes at most this many speech tokens per text token (`max_token_text_ratio`)."""
-
-TOKENS_PER_SECOND = 25
-"""CosyVoice 2/3 speech tokens per second of audio."""
-
-HELD_BACK_TOKENS = 4
-"""Audio of a chunk's last tokens that the vocoder holds back for the next chunk (8 mel frames, 2 per token)."""
-
 
 class StopLLM(Exception):
     """Raised inside upstream's LLM thread when it appends a token to a call that was closed: the thread ends."""
 
 
-class _Tokens(list):  # type: ignore[type-arg]
-    """A call's speech-token list: wakes the streaming loop on every token; once the call stopped, it ends the LLM
-    thread (`stoppable`) or drops the tokens until that thread ends by itself."""
+@dataclass(eq=False)
+class Request:
+    """One request as the loop sees it: its scheduler stream (shared by the calls it makes, one per sentence), its
+    cancel flag, and how its thread says it is waiting rather than hung."""
 
-    def __init__(self, wake: threading.Condition, stoppable: bool) -> None:
+    stream: Stream
+    cancel: threading.Event
+    alive: Callable[[], None] = field(default=lambda: None)
+
+    def stop(self) -> bool:
+        """The request was cancelled (its client left, or it was given up)."""
+        return self.cancel.is_set()
+
+
+class Streaming:
+    """What every call on one model shares: the flow + vocoder scheduler, the measured costs, the settings."""
+
+    def __init__(self, early_first_chunk: bool, sample_rate: int, flow_slots: int = 1) -> None:
+        self.scheduler = FlowScheduler(flow_slots)
+        self.cost = ChunkCost()
+        """flow + vocoder seconds per pass against the tokens it runs over."""
+        self.costs = Costs()
+        """Per-stream costs per second of audio (admission)."""
+        self.early_first_chunk = early_first_chunk
+        self.sample_rate = sample_rate
+        self._local = threading.local()
+        self._requests: dict[threading.Event, Request] = {}
+
+    def begin(self, cancel: threading.Event, alive: Callable[[], None] = lambda: None) -> Request:
+        """Register a request made on this thread (its calls find it through `current`)."""
+        request = Request(self.scheduler.open(), cancel, alive)
+        self._requests[cancel] = request
+        self._local.request = request
+        return request
+
+    def end(self, request: Request) -> None:
+        """The request is over (on its thread, or on the loop when it was given up)."""
+        self.scheduler.close(request.stream)
+        self._requests.pop(request.cancel, None)
+        if getattr(self._local, "request", None) is request:
+            self._local.request = None
+
+    def abandon(self, cancel: threading.Event) -> None:
+        """The thread of the request with this cancel flag hangs: free the flow + vocoder it may hold."""
+        request = self._requests.get(cancel)
+        if request is not None:
+            self.end(request)
+
+    def current(self) -> Optional[Request]:
+        """The request this thread works for (None outside one)."""
+        return getattr(self._local, "request", None)
+
+    @property
+    def holding(self) -> bool:
+        """This thread runs a pass it was granted (a nested token2wav must not wait for the scheduler again)."""
+        return bool(getattr(self._local, "holding", False))
+
+    @holding.setter
+    def holding(self, value: bool) -> None:
+        self._local.holding = value
+
+
+class _Tokens(list):
+    """A call's speech-token list: wakes the streaming loop on every token; before each one the LLM thread may step
+    aside for an urgent stream (`before`); once the call stopped, it ends the LLM thread (`stoppable`) or drops the
+    tokens until that thread ends by itself."""
+
+    def __init__(
+        self, wake: threading.Condition, stoppable: bool, before: Optional[Callable[[int], None]] = None
+    ) -> None:
         super().__init__()
         self.wake = wake
         self.stoppable = stoppable
+        self.before = before
         self.stopped = False
 
     def append(self, token: Any) -> None:
+        if not self.stopped and self.before is not None:
+            self.before(len(self))
         if self.stopped:
             if self.stoppable:
                 raise StopLLM()
@@ -86,88 +156,20 @@ class _Tokens(list):  # type: ignore[type-arg]
             self.wake.notify_all()
 
 
-def first_hop(prompt_tokens: int, hop: int) -> tuple[int, int]:
-    """(upstream's first hop, the early one or 0): upstream waits for `hop` plus the padding of the prompt to a
-    multiple of `hop`; the early first chunk ends at that padding when it is at least MIN_FIRST_HOP tokens."""
-    pad = -prompt_tokens % hop
-    return hop + pad, (pad if pad >= MIN_FIRST_HOP else 0)
-
-
-class ChunkCost:
-    """Seconds one `token2wav` call (flow + vocoder) takes as a function of the tokens the flow runs over (prompt plus
-    every token so far: each chunk reruns the flow from the start), fitted to the latest calls (warm-up included)."""
-
-    def __init__(self, keep: int = 32) -> None:
-        self.samples: deque[tuple[int, float]] = deque(maxlen=keep)
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        """Record one call."""
-        self.samples.append((tokens, seconds))
-
-    def predict(self, tokens: int) -> Optional[float]:
-        """Expected seconds for a call over `tokens` (None before any call was seen: no early chunk then).
-        A least-squares line with non-negative terms; with one size seen, that cost scaled up (never down)."""
-        if not self.samples:
-            return None
-        n = [float(t) for t, _ in self.samples]
-        y = [s for _, s in self.samples]
-        mean_n, mean_y = sum(n) / len(n), sum(y) / len(y)
-        spread = sum((a - mean_n) ** 2 for a in n)
-        if spread == 0:
-            return mean_y * max(1.0, tokens / mean_n) if mean_n > 0 else mean_y
-        slope = max(0.0, sum((a - mean_n) * (b - mean_y) for a, b in zip(n, y)) / spread)
-        base = max(0.0, mean_y - slope * mean_n)
-        return base + slope * tokens
-
-
-def keeps_ahead(
-    early: int,
-    hop: int,
-    max_hop: int,
-    scale: int,
-    lookahead: int,
-    prompt_tokens: int,
-    seconds_per_token: float,
-    cost: Callable[[int], Optional[float]],
-    limit: Optional[int] = None,
-) -> bool:
-    """Take an `early`-token first chunk? Only if, after it, each of the next chunks (`hop`, then scaled up to
-    `max_hop`; HORIZON_CHUNKS of them, or up to `limit` tokens, the most this call's LLM can make) is predicted to
-    arrive before the audio sent until then has played, with SAFETY margin. Predicted pessimistically, one thing at
-    a time: the early chunk's flow + vocoder, then per chunk its new tokens at this call's LLM rate (prefill
-    included) plus its flow + vocoder (`cost` of the tokens the flow runs over); no overlap between LLM and flow."""
-    first = cost(prompt_tokens + early + lookahead)
-    if first is None or seconds_per_token <= 0:
-        return False
-    clock, end, step = 0.0, early, hop
-    for _ in range(HORIZON_CHUNKS):
-        if limit is not None and end >= limit:
-            break
-        sent = (end - HELD_BACK_TOKENS) / TOKENS_PER_SECOND  # audio out when this chunk is due
-        end += step
-        flow = cost(prompt_tokens + end + lookahead)
-        if flow is None:
-            return False
-        clock += step * seconds_per_token + flow
-        if SAFETY * clock > sent:
-            return False
-        step = min(max_hop, step * scale)
-    return True
-
-
 def supports(inner: Any) -> bool:
     """True when `inner` (upstream's model object) has everything the loop uses."""
     return all(hasattr(inner, name) for name in NEEDS) and hasattr(inner.flow, "pre_lookahead_len")
 
 
-def install(inner: Any, should_stop: Callable[[], bool], early_first_hop: bool) -> bool:
-    """Route `inner.tts(stream=True)` through `stream_tts`; False (nothing changed) when `inner` lacks a part."""
+def install(inner: Any, streaming: Streaming) -> bool:
+    """Route `inner.tts(stream=True)` through `stream_tts` and every other `token2wav` through the scheduler;
+    False (nothing changed) when `inner` lacks a part."""
     if not supports(inner):
         return False
     original = inner.tts
     signature = inspect.signature(original)
     hop = int(inner.token_hop_len)
-    cost = ChunkCost()
+    token2wav = inner.token2wav
 
     def tts(*args: Any, **kwargs: Any) -> Iterator[dict]:
         bound = signature.bind(*args, **kwargs)
@@ -178,32 +180,76 @@ def install(inner: Any, should_stop: Callable[[], bool], early_first_hop: bool) 
         if call.get("stream") is not True or (source is not None and source.shape[1] != 0):
             inner.token_hop_len = hop  # upstream's own loop: start from the initial hop, as on the first call
             return original(*args, **kwargs)
-        return stream_tts(inner, call, hop, should_stop, early_first_hop, cost)
+        return stream_tts(inner, call, hop, streaming)
+
+    def scheduled_token2wav(*args: Any, **kwargs: Any) -> Any:
+        """Upstream's own loop (not streaming) meets the other streams at the flow too."""
+        if streaming.holding:
+            return token2wav(*args, **kwargs)
+        request = streaming.current()
+        own = request is None
+        if request is None:
+            request = streaming.begin(threading.Event())
+        stream, seconds = request.stream, streaming.cost.predict(10 * TOKENS_PER_SECOND) or 0.0
+        if not streaming.scheduler.acquire(stream, seconds, request.stop, request.alive):
+            raise Cancelled()  # the request was cancelled while waiting: it ends here
+        audio = 0.0
+        try:
+            streaming.holding = True
+            speech = token2wav(*args, **kwargs)
+            audio = float(speech.shape[-1]) / streaming.sample_rate
+            return speech
+        finally:
+            streaming.holding = False
+            streaming.scheduler.release(stream, audio)
+            if own:
+                streaming.end(request)
 
     inner.tts = tts
-    inner.wcv_chunk_cost = cost  # kept for the engine's warm-up report and tests
+    inner.token2wav = scheduled_token2wav
+    inner.wcv_streaming = streaming  # for the engine's report and tests
+    inner.wcv_chunk_cost = streaming.cost
     return True
 
 
-def stream_tts(
-    inner: Any,
-    call: dict,
-    hop: int,
-    should_stop: Callable[[], bool],
-    early_first_hop: bool,
-    cost: Optional[ChunkCost] = None,
-) -> Iterator[dict]:
-    """Upstream's streaming `tts`, woken per token, with a call-local hop, an optional early first chunk and an
-    LLM thread that stops when the call is closed. Yields {'tts_speech': tensor[1, N]} like upstream."""
-    cost = cost or ChunkCost()
-    if should_stop():
+def stream_tts(inner: Any, call: dict, hop: int, streaming: Streaming) -> Iterator[dict]:
+    """Upstream's streaming `tts`, woken per token, with a call-local hop, an optional early first chunk, passes
+    granted by the scheduler, chunks that grow while the stream is ahead, and an LLM thread that stops when the call
+    is closed. Yields {'tts_speech': tensor[1, N]} like upstream."""
+    request = streaming.current()
+    if request is None:  # called outside the engine (a test, a benchmark): a request of its own
+        request = streaming.begin(threading.Event())
+        try:
+            yield from _stream(inner, call, hop, streaming, request)
+        finally:
+            streaming.end(request)
+    else:
+        yield from _stream(inner, call, hop, streaming, request)
+
+
+def _stream(inner: Any, call: dict, hop: int, streaming: Streaming, request: Request) -> Iterator[dict]:
+    stop = request.stop
+    if stop():
         return
     import torch  # present: upstream's model object exists
 
+    sched, cost, stream = streaming.scheduler, streaming.cost, request.stream
     key = str(uuid.uuid1())
     wake = threading.Condition()
+    offset = 0  # tokens through the flow so far (read by the LLM thread for the scheduler)
+    crowded = sched.open_streams > 1
+    llm_last = 0.0
+
+    def before_token(count: int) -> None:  # on the LLM thread
+        nonlocal crowded, llm_last
+        llm_last = time.perf_counter()
+        stream.in_hand = max(0, count - offset) / TOKENS_PER_SECOND
+        if sched.open_streams > 1:
+            crowded = True
+            sched.llm_wait(stream, lambda: tokens.stopped or stop())
+
     # vLLM keeps its own request state, which an exception in the middle of upstream's loop would leave behind.
-    tokens = _Tokens(wake, stoppable=not hasattr(inner.llm, "vllm"))
+    tokens = _Tokens(wake, stoppable=not hasattr(inner.llm, "vllm"), before=before_token)
     failure: list[BaseException] = []
     with inner.lock:
         inner.tts_speech_token_dict[key], inner.llm_end_dict[key] = tokens, False
@@ -227,82 +273,199 @@ def stream_tts(
     prompt_token = call["flow_prompt_speech_token"]
     prompt_tokens = int(prompt_token.shape[1])
     lookahead = int(inner.flow.pre_lookahead_len)
+    max_hop, scale = int(inner.token_max_hop_len), int(inner.stream_scale_factor)
     upstream_first, early = first_hop(prompt_tokens, hop)
-    text = call.get("text")
+    text: Any = call.get("text")  # a token tensor (a generator when text streams in)
     limit = MAX_TOKEN_TEXT_RATIO * int(text.shape[1]) if hasattr(text, "shape") else None
-    if not early_first_hop:
+    if not streaming.early_first_chunk:
         early = 0
     started = time.perf_counter()
+    flow_s, audio_s = 0.0, 0.0
     thread = threading.Thread(target=job, name=f"cosyvoice-llm-{key[:8]}", daemon=True)
     thread.start()
 
-    def wait_for(count: int) -> bool:
-        """Wait until `count` tokens exist (True) or the LLM ended short of them or the call stopped (False)."""
+    def ended() -> bool:
+        return bool(inner.llm_end_dict.get(key))
+
+    def per_token() -> float:
+        """This call's LLM seconds per token so far (prefill included)."""
+        return (time.perf_counter() - started) / max(1, len(tokens))
+
+    def wait(n: int) -> Optional[float]:
+        """A pass over `n` tokens, with the wait for the other streams' passes ahead of it."""
+        seconds = cost.predict(n)
+        return None if seconds is None else seconds + sched.busy_for(stream)
+
+    def wait_for(count: int, cut_from: Optional[int] = None) -> bool:
+        """Wait until `count` tokens exist (True) or the LLM ended short of them or the call stopped (False); with
+        `cut_from`, also True once the stream must cut at a grid end >= `cut_from` to stay ahead of playback."""
         with wake:
             while len(tokens) < count:
-                if inner.llm_end_dict[key] or should_stop():
+                if ended() or stop():
                     return False
-                wake.wait(0.05)  # the timeout only bounds how late a stop request is noticed
+                if cut_from is not None:
+                    end = grid_floor(len(tokens) - lookahead, prompt_tokens)
+                    slack = stream.slack(sched.clock())
+                    if end >= cut_from and slack is not None:
+                        if cut_due(slack, cost.predict(prompt_tokens + end + lookahead), sched.busy_for(stream)):
+                            return True
+                wake.wait(0.05)  # the timeout bounds how late a stop request or a due cut is noticed
         return True
 
-    def chunk(end: int, offset: int, finalize: bool) -> dict:
-        began = time.perf_counter()
-        speech = inner.token2wav(
-            token=torch.tensor(tokens[:end]).unsqueeze(dim=0),
-            prompt_token=prompt_token,
-            prompt_feat=call["prompt_speech_feat"],
-            embedding=call["flow_embedding"],
-            token_offset=offset,
-            uuid=key,
-            stream=not finalize,
-            finalize=finalize,
+    def longest(floor: int) -> Optional[int]:
+        """At the grant: the chunk end to run now, at least `floor` (None: finish with all tokens). A stream that
+        has already played audio takes every token there is on the grid, as long as the longer pass still ends with
+        SAFETY margin before it runs dry (fewer passes in all)."""
+        if stream.first_out is None:
+            return floor
+        if failure:
+            raise failure[0]
+        # Its own playback, and the others': a longer pass must not make a started stream miss its next pass.
+        slack = min(stream.slack(sched.clock()) or 0.0, sched.headroom(stream))
+        if ended():
+            final = cost.predict(prompt_tokens + len(tokens))
+            if final is None or SAFETY * final <= slack:
+                return None
+        end = grid_floor(len(tokens) - lookahead, prompt_tokens)
+        while end > floor:
+            seconds = cost.predict(prompt_tokens + end + lookahead)
+            if seconds is None or SAFETY * seconds <= slack:
+                return end
+            end -= hop
+        return floor
+
+    def run_pass(planned: int, floor: Optional[int]) -> tuple[Optional[dict], Optional[int]]:
+        """One flow + vocoder pass from `offset` once the scheduler grants it, ending at `floor` or later (None: the
+        final pass); (output, end), end None when it was the final pass; (None, 0) when the call stopped while
+        waiting."""
+        nonlocal flow_s, audio_s
+        if not sched.acquire(stream, cost.predict(prompt_tokens + planned) or 0.0, stop, request.alive):
+            return None, 0
+        audio, end = 0.0, floor
+        try:
+            end = None if floor is None else longest(floor)
+            if end is None:
+                thread.join()
+                if failure:
+                    raise failure[0]
+            n = len(tokens) if end is None else end + lookahead
+            began = time.perf_counter()
+            streaming.holding = True
+            try:
+                speech = inner.token2wav(
+                    token=torch.tensor(tokens[:n]).unsqueeze(dim=0),
+                    prompt_token=prompt_token,
+                    prompt_feat=call["prompt_speech_feat"],
+                    embedding=call["flow_embedding"],
+                    token_offset=offset,
+                    uuid=key,
+                    stream=end is not None,
+                    finalize=end is None,
+                )
+                out = {"tts_speech": speech.cpu()}  # waits for the GPU: the timing is the whole pass
+            finally:
+                streaming.holding = False
+            took = time.perf_counter() - began
+            audio = out["tts_speech"].shape[1] / streaming.sample_rate
+        finally:
+            sched.release(stream, audio)
+        cost.observe(prompt_tokens + n, took)
+        flow_s, audio_s = flow_s + took, audio_s + audio
+        _LOGGER.debug(
+            "Call %s: pass %d-%s of %d tokens in %.0f ms, %.2f s of audio, %s ms ahead of playback",
+            key[:8],
+            offset,
+            "end" if end is None else end,
+            len(tokens),
+            took * 1000,
+            audio,
+            _ms(stream.slack(sched.clock())),
         )
-        out = {"tts_speech": speech.cpu()}  # waits for the GPU: the timing is the whole flow + vocoder pass
-        cost.observe(prompt_tokens + end, time.perf_counter() - began)
-        return out
+        return out, end
 
     try:
-        offset, step, size = 0, hop, upstream_first
+        step, size = hop, upstream_first
         early_used = False
-        if early and wait_for(early + lookahead) and not should_stop():
-            per_token = (time.perf_counter() - started) / (early + lookahead)
-            early_used = keeps_ahead(
-                early,
-                hop,
-                int(inner.token_max_hop_len),
-                int(inner.stream_scale_factor),
-                lookahead,
-                prompt_tokens,
-                per_token,
-                cost.predict,
-                limit,
-            )
+        fresh = stream.first_out is None  # this call makes the request's first audio
+        # early_first_chunk: false keeps upstream's first chunk as it is (no early one, no longer one under load).
+        if fresh and streaming.early_first_chunk and wait_for((early or upstream_first) + lookahead) and not stop():
+            seconds_per_token = per_token()
+            # Other streams' passes may run before each of ours (round robin at worst, over the flow's slots).
+            share = 1 + (sched.open_streams - 1) / sched.slots
+
+            def flow_cost(n: int) -> Optional[float]:
+                seconds = cost.predict(n)
+                return None if seconds is None else seconds * share
+
+            if early:
+                early_used = keeps_ahead(
+                    early, hop, max_hop, scale, lookahead, prompt_tokens, seconds_per_token, flow_cost, limit
+                )
             if early_used:
                 size = early
+            elif sched.open_streams > 1:  # alone, a longer first chunk would only delay the first audio
+                size = first_size(
+                    upstream_first, hop, max_hop, scale, lookahead, prompt_tokens, seconds_per_token, flow_cost, limit
+                )
             _LOGGER.debug(
-                "Early first chunk (%d tokens) %s: LLM %.1f ms/token, flow + vocoder over %d tokens %s ms",
+                "First chunk %d tokens (early %d %s): LLM %.1f ms/token, flow + vocoder over %d tokens %s ms, "
+                "%d streams",
+                size,
                 early,
                 "taken" if early_used else "not taken",
-                per_token * 1000,
+                seconds_per_token * 1000,
                 prompt_tokens + early + hop + lookahead,
-                _ms(cost.predict(prompt_tokens + early + hop + lookahead)),
+                _ms(flow_cost(prompt_tokens + early + hop + lookahead)),
+                sched.open_streams,
             )
-        while wait_for(offset + size + lookahead):
-            if should_stop():
+        while True:
+            slack = stream.slack(sched.clock())
+            if slack is None:  # the request's first audio: as decided above, never longer
+                target: Optional[int] = offset + size
+                cut_from = None
+            else:
+                target = grown_end(
+                    offset,
+                    size,
+                    len(tokens),
+                    ended(),
+                    slack,
+                    per_token(),
+                    cost.predict,
+                    lookahead,
+                    prompt_tokens,
+                    sched.busy_for(stream),
+                    limit,
+                )
+                # Waiting for a chunk is cut short, at the tokens there are, when the stream would otherwise run dry
+                # (a grown chunk, or upstream's size under load): the chunk ends at the grid point they reach.
+                cut_from = (early or upstream_first) if offset == 0 else offset + hop
+            if target is None or not wait_for(target + lookahead, cut_from):
+                break  # the LLM ended (or the call stopped): the final pass below
+            if stop():
                 return
-            yield chunk(offset + size + lookahead, offset, False)
+            assert target is not None
+            # The end waited for: the target, or where a due cut found the stream (never less than upstream's size).
+            floor = min(target, grid_floor(len(tokens) - lookahead, prompt_tokens))
+            out, end = run_pass(target + lookahead, floor)
+            if out is None:
+                return
+            yield out
+            if end is None:
+                return
             # Upstream's sizes: hop + pad, then the hop doubled each time up to its maximum. After an early first
             # chunk (the pad alone) the next one is upstream's first step, `hop`, and then they grow the same way.
             if not (offset == 0 and early_used):
-                step = min(inner.token_max_hop_len, step * inner.stream_scale_factor)
-            offset += size
+                step = min(max_hop, step * scale)
+            offset = end
             size = step
-        if should_stop():
+        if stop():
             return
-        thread.join()
-        if failure:
-            raise failure[0]
-        yield chunk(len(tokens), offset, True)
+        out, _ = run_pass(len(tokens), None)
+        if out is not None:
+            yield out
+        if not crowded and llm_last:  # what one stream costs with the model to itself (admission adds these up)
+            streaming.costs.observe((llm_last - started) / max(1, len(tokens)), flow_s, audio_s)
     finally:
         tokens.stopped = True
         thread.join(120.0)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from wyoming_cosyvoice.errors import EngineUnavailable
+
 from .prompts import soundfile_load_wav
 
 _LOGGER = logging.getLogger(__name__)
@@ -271,7 +272,8 @@ def keyed_plan_path(
     """Our cache name for a plan: valid only for this model, precision, GPU model, compute capability and TensorRT."""
     gpu = "".join(c if c.isalnum() else "-" for c in gpu_name).strip("-").lower() or "gpu"
     trt = "".join(c if c.isalnum() or c == "." else "-" for c in trt_version)
-    name = f"flow.decoder.estimator.{'fp16' if fp16 else 'fp32'}.{identity}.{gpu}.sm{capability[0]}{capability[1]}.trt{trt}.plan"
+    precision = "fp16" if fp16 else "fp32"
+    name = f"flow.decoder.estimator.{precision}.{identity}.{gpu}.sm{capability[0]}{capability[1]}.trt{trt}.plan"
     return Path(cache_dir) / "trt" / name
 
 

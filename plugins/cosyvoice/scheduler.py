@@ -1,0 +1,283 @@
+"""Several streams on one CosyVoice model: who runs the shared flow + vocoder next, when an LLM thread steps aside,
+and whether one more stream fits. Pure Python (no torch), thread-safe, with an injectable clock for tests.
+
+Each request is a `Stream` with a playback clock: playback starts when its first chunk is out, so it runs dry at
+`first_out + sent` (audio handed out so far). Its LLM runs in its own thread (upstream's design); the flow +
+vocoder pass (`token2wav`) is where streams meet, `slots` passes at a time (1; TensorRT's `trt_concurrent`
+execution contexts allow more). At each free slot the scheduler serves, among the streams waiting for a pass:
+- a new request's first chunk (first come, first served), as long as every started stream that waits would still
+  finish its own pass `FIRST_CHUNK_MARGIN_S` before it runs dry after the new one's pass;
+- otherwise the started stream closest to running dry (the earliest playback deadline).
+An LLM thread whose stream has `LLM_YIELD_LEAD_S` of audio in hand (buffered plus tokens not yet through the flow)
+pauses while another stream is urgent (waiting for its first chunk, or under `URGENT_SLACK_S` from running dry),
+so the urgent one's LLM gets the machine. `Costs` keeps the measured per-stream costs that admission weighs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+FIRST_CHUNK_MARGIN_S = 0.3
+"""A new request's first chunk goes ahead only if each waiting stream keeps this much after it (both passes run)."""
+
+URGENT_SLACK_S = 1.5
+"""A started stream this close to running dry is urgent: LLM threads of streams well ahead pause for it."""
+
+LLM_YIELD_LEAD_S = 4.0
+"""Audio in hand (buffered plus tokens made but not yet through the flow) from which a stream's LLM pauses for an
+urgent stream."""
+
+ADMIT_SAFETY = 1.0
+"""One more stream is admitted only if all of them together need at most 1/ADMIT_SAFETY of the model's time. The
+sum is already pessimistic (a stream's LLM and flow + vocoder partly overlap, on a GPU and on several cores), so 1."""
+
+TOKENS_PER_SECOND = 25
+"""CosyVoice 2/3 speech tokens per second of audio."""
+
+
+@dataclass(eq=False)
+class Stream:
+    """One request's playback clock and its place at the flow + vocoder."""
+
+    arrived: float
+    """When the request was opened (scheduler clock)."""
+
+    first_out: Optional[float] = None
+    """When its first chunk was out: playback starts then."""
+
+    sent: float = 0.0
+    """Seconds of audio handed out."""
+
+    cost: float = 0.0
+    """Predicted seconds of its pending (or running) flow + vocoder pass."""
+
+    waiting: bool = False
+    """Waiting for a flow + vocoder pass."""
+
+    holding: bool = False
+    """Its flow + vocoder pass is running."""
+
+    in_hand: float = 0.0
+    """Seconds of audio in speech tokens its LLM made that have not been through the flow yet."""
+
+    passes: int = 0
+    """Flow + vocoder passes run."""
+
+    def slack(self, now: float) -> Optional[float]:
+        """Seconds until playback runs dry (None before the first chunk; < 0: it ran dry)."""
+        return None if self.first_out is None else self.first_out + self.sent - now
+
+
+def pick(waiting: Iterable[Stream], now: float, margin: float = FIRST_CHUNK_MARGIN_S) -> Optional[Stream]:
+    """The stream to run the next flow + vocoder pass, among those waiting (see the module docstring)."""
+    started = [s for s in waiting if s.first_out is not None]
+    fresh = sorted((s for s in waiting if s.first_out is None), key=lambda s: s.arrived)
+    if fresh:
+        new = fresh[0]
+        if all((s.slack(now) or 0.0) - s.cost - new.cost >= margin for s in started):
+            return new
+    if started:
+        return min(started, key=lambda s: s.slack(now) or 0.0)
+    return None
+
+
+def urgent(stream: Stream, now: float) -> bool:
+    """Waiting for its first chunk, or close to running dry."""
+    slack = stream.slack(now)
+    return slack is None or slack < URGENT_SLACK_S
+
+
+class FlowScheduler:
+    """The shared flow + vocoder of one model: passes granted in `pick` order, `slots` at a time."""
+
+    def __init__(self, slots: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
+        self.slots = max(1, slots)
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._streams: list[Stream] = []
+        self._holding = 0
+
+    def open(self) -> Stream:
+        """Register a new request."""
+        with self._cond:
+            stream = Stream(arrived=self.clock())
+            self._streams.append(stream)
+            return stream
+
+    def close(self, stream: Stream) -> None:
+        """The request ended (or was given up): it leaves, and a pass it held is free again."""
+        with self._cond:
+            if stream.holding:
+                stream.holding = False
+                self._holding -= 1
+            stream.waiting = False
+            if stream in self._streams:
+                self._streams.remove(stream)
+            self._cond.notify_all()
+
+    @property
+    def open_streams(self) -> int:
+        """Requests registered now."""
+        return len(self._streams)
+
+    def others(self, stream: Stream) -> list[Stream]:
+        """The other open streams (a snapshot)."""
+        with self._cond:
+            return [s for s in self._streams if s is not stream]
+
+    def acquire(
+        self,
+        stream: Stream,
+        cost: float,
+        stop: Callable[[], bool],
+        alive: Optional[Callable[[], None]] = None,
+        poll: float = 0.05,
+    ) -> bool:
+        """Block until `stream` may run its pass (True), or until `stop()` (False). `cost`: the pass's predicted
+        seconds; `alive` is called while it waits behind other streams (it is not hung)."""
+        with self._cond:
+            stream.cost, stream.waiting = cost, True
+            if stream not in self._streams:  # closed by an abandon: never wait for nothing
+                self._streams.append(stream)
+            try:
+                while True:
+                    if stop():
+                        return False
+                    if self._holding < self.slots:
+                        waiting = [s for s in self._streams if s.waiting]
+                        if pick(waiting, self.clock()) is stream:
+                            stream.holding = True
+                            self._holding += 1
+                            return True
+                    if alive is not None:
+                        alive()
+                    self._cond.wait(poll)
+            finally:
+                stream.waiting = False
+                self._cond.notify_all()
+
+    def release(self, stream: Stream, audio_s: float) -> None:
+        """The pass is done and made `audio_s` of audio (the first one starts the stream's playback clock)."""
+        with self._cond:
+            if stream.holding:
+                stream.holding = False
+                self._holding -= 1
+            stream.passes += 1
+            if audio_s > 0:
+                if stream.first_out is None:
+                    stream.first_out = self.clock()
+                stream.sent += audio_s
+            self._cond.notify_all()
+
+    def busy_for(self, stream: Stream) -> float:
+        """Predicted seconds the flow is busy with other streams' passes before `stream` can get it (running ones,
+        and waiting ones that are more urgent: the pass would wait for them)."""
+        with self._cond:
+            now = self.clock()
+            own = stream.slack(now)
+            ahead = 0.0
+            for s in self._streams:
+                if s is stream:
+                    continue
+                if s.holding:
+                    ahead += s.cost
+                elif s.waiting and (own is None or s.first_out is None or (s.slack(now) or 0.0) < own):
+                    ahead += s.cost
+            return ahead / self.slots
+
+    def headroom(self, stream: Stream) -> float:
+        """How long a pass of `stream` may take without making another started stream run dry: the least, over the
+        others, of their slack less their own next pass (its predicted cost; the last one's while not waiting)."""
+        with self._cond:
+            now = self.clock()
+            room = float("inf")
+            for s in self._streams:
+                slack = s.slack(now)
+                if s is not stream and slack is not None:
+                    room = min(room, slack - s.cost)
+            return room
+
+    def llm_may_run(self, stream: Stream) -> bool:
+        """False while `stream` has LLM_YIELD_LEAD_S of audio in hand and another stream is urgent."""
+        with self._cond:
+            return self._llm_may_run(stream, self.clock())
+
+    def _llm_may_run(self, stream: Stream, now: float) -> bool:
+        slack = stream.slack(now)
+        if slack is None or slack + stream.in_hand < LLM_YIELD_LEAD_S:
+            return True
+        return not any(urgent(s, now) for s in self._streams if s is not stream)
+
+    def llm_wait(self, stream: Stream, stop: Callable[[], bool], poll: float = 0.05) -> None:
+        """On an LLM thread, before each token: step aside while `llm_may_run` says so (until `stop()`)."""
+        with self._cond:
+            while not self._llm_may_run(stream, self.clock()) and not stop():
+                self._cond.wait(poll)
+
+
+@dataclass
+class Costs:
+    """Measured per-stream model costs, per second of audio, from calls that had the model to themselves (under
+    contention every part looks slower, and the sum would count the contention twice): the LLM's seconds per token
+    and flow + vocoder seconds per second of audio, as exponential moving averages."""
+
+    llm_s_per_token: Optional[float] = None
+    """LLM seconds per speech token (prefill included)."""
+
+    flow_per_audio_s: Optional[float] = None
+    """Flow + vocoder seconds per second of audio, over whole calls (their chunk sizes included)."""
+
+    weight: float = 0.3
+    """Weight of the newest observation."""
+
+    def observe(self, llm_s_per_token: float, flow_s: float, audio_s: float) -> None:
+        """One finished call that ran alone."""
+        if llm_s_per_token > 0:
+            self.llm_s_per_token = _ewma(self.llm_s_per_token, llm_s_per_token, self.weight)
+        if audio_s > 0.5:  # a very short reply is all first chunk: not what a stream costs per second
+            self.flow_per_audio_s = _ewma(self.flow_per_audio_s, flow_s / audio_s, self.weight)
+
+    def per_stream(self) -> Optional[tuple[float, float]]:
+        """(LLM, flow + vocoder) seconds one stream needs per second of audio; None until both were measured."""
+        if self.llm_s_per_token is None or self.flow_per_audio_s is None:
+            return None
+        return self.llm_s_per_token * TOKENS_PER_SECOND, self.flow_per_audio_s
+
+
+def load(streams: int, llm: float, flow: float, llm_batched: bool = False, flow_slots: int = 1) -> float:
+    """Share of the model's time `streams` streams need to stay ahead of real time, each needing `llm` LLM and
+    `flow` flow + vocoder seconds per second of audio. LLM threads take turns on the machine (plain PyTorch: the
+    GIL and one CUDA stream), so their needs add up; vLLM batches them (about one stream's need); the flow
+    passes add up, spread over `flow_slots` (TensorRT execution contexts)."""
+    llm_total = llm if llm_batched else llm * streams
+    return llm_total + flow * streams / max(1, flow_slots)
+
+
+def admission(
+    in_flight: int,
+    costs: Optional[tuple[float, float]],
+    llm_batched: bool = False,
+    flow_slots: int = 1,
+    safety: float = ADMIT_SAFETY,
+) -> Optional[str]:
+    """Why one more stream would make the streams fall behind real time (None: it fits, or nothing is known yet,
+    or nothing runs: a lone request is always served)."""
+    if in_flight == 0 or costs is None:
+        return None
+    llm, flow = costs
+    need = load(in_flight + 1, llm, flow, llm_batched, flow_slots)
+    if need * safety <= 1.0:
+        return None
+    now = load(in_flight, llm, flow, llm_batched, flow_slots)
+    return (
+        f"{in_flight} streams in flight need {now:.0%} of the model's time to stay ahead of real time; "
+        f"one more would need {need:.0%} (measured per second of audio: LLM {llm:.2f} s, flow + vocoder "
+        f"{flow:.2f} s; limit {1 / safety:.0%})"
+    )
+
+
+def _ewma(old: Optional[float], new: float, weight: float) -> float:
+    return new if old is None else old + weight * (new - old)
