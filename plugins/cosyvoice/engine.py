@@ -296,17 +296,10 @@ class CosyVoiceEngine(ThreadedEngine):
             _LOGGER.debug("Voice %s forgotten (%s)", name, voice.spk_id)
 
     def _signature(self, profile: VoiceProfile) -> tuple:
-        stamp: tuple = ()
-        if profile.reference_audio is not None:
-            try:
-                stat = Path(profile.reference_audio).stat()
-                stamp = (stat.st_mtime_ns, stat.st_size)
-            except OSError:
-                stamp = ("missing",)
         return (
             profile.mode,
             str(profile.reference_audio),
-            stamp,
+            profile.reference_stamp(),
             profile.transcript,
             profile.instruct,
             profile.speaker,
