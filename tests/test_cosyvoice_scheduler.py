@@ -165,6 +165,25 @@ def test_costs_are_moving_averages_of_calls_that_ran_alone() -> None:
     assert llm == pytest.approx((0.004 + 0.3 * 0.004) * 25) and flow == pytest.approx(0.1)
 
 
+def test_streams_that_need_more_than_the_model_are_overloaded() -> None:
+    from wyoming_cosyvoice_plugins.cosyvoice.stream import Streaming
+
+    streaming = Streaming(early_first_chunk=True, sample_rate=24000)
+    first, second, third = streaming.scheduler.open(), streaming.scheduler.open(), streaming.scheduler.open()
+    assert not streaming.overloaded(), "nothing measured yet"
+    streaming.costs.observe(0.006, flow_s=2.6, audio_s=10.0)  # LLM 0.15 + flow 0.26 s per second of audio
+    assert streaming.overloaded(), "three streams need 123% of the model's time: cuts would only add passes"
+    streaming.scheduler.close(third)
+    assert not streaming.overloaded(), "two need 82%"
+    batched = Streaming(early_first_chunk=True, sample_rate=24000, llm_batched=True)
+    for _ in range(3):
+        batched.scheduler.open()
+    batched.costs.observe(0.006, flow_s=2.6, audio_s=10.0)
+    assert not batched.overloaded(), "vLLM batches the LLM calls: 0.15 + 3 x 0.26 = 93%"
+    streaming.scheduler.close(second)
+    streaming.scheduler.close(first)
+
+
 def flat(seconds: Optional[float]):  # type: ignore[no-untyped-def]
     return lambda tokens: seconds
 

@@ -168,7 +168,9 @@ class CosyVoiceEngine(ThreadedEngine):
                 return
             raise EngineUnavailable(upstream.PREFIX + checked.problem)
         flow_slots = self.settings.trt_concurrent if plan.load_trt else 1
-        scheduling = cosyvoice_stream.Streaming(self.settings.early_first_chunk, int(model.sample_rate), flow_slots)
+        scheduling = cosyvoice_stream.Streaming(
+            self.settings.early_first_chunk, int(model.sample_rate), flow_slots, llm_batched=bool(plan.load_vllm)
+        )
         own_loop = cosyvoice_stream.install(model.model, scheduling)
         self.scheduling = scheduling if own_loop else None
         sessions.track(model.model)
@@ -378,9 +380,10 @@ class CosyVoiceEngine(ThreadedEngine):
                 f"(concurrency {self.concurrency}, max_queue {self.settings.max_queue})"
             )
         if self.settings.keep_real_time and self.scheduling is not None and in_flight < self.concurrency:
-            flow_slots = self.scheduling.scheduler.slots
-            llm_batched = bool(self.plan and self.plan.load_vllm)
-            why = admission(in_flight, self.scheduling.costs.per_stream(), llm_batched, flow_slots)
+            scheduling = self.scheduling
+            why = admission(
+                in_flight, scheduling.costs.per_stream(), scheduling.llm_batched, scheduling.scheduler.slots
+            )
             if why is not None:
                 raise ServerBusy(f"cosyvoice engine at capacity: {why}")
 
