@@ -382,23 +382,23 @@ async def gpu_compare(
         levels_rows = await concurrency_sweep(engine, profile, upstream, prompt_text, text, list(levels), rounds)
         print("\n## Concurrent requests, ours vs upstream's own API from as many threads\n")
         print(concurrency_markdown(levels_rows))
-    load_after = os.getloadavg()
-    if not requests:
+
+    def facts() -> dict:
         return {
-            "facts": {
-                **gpu_facts(),
-                "model_dir": str(model_dir),
-                "engine_settings": data,
-                "engine": engine.health(),
-                "tokens_per_call": tokens,
-                "llm_calls_tokens": sorted(set(forced.calls)),
-                "adaptation": note,
-                "engine_ready_s": ready_s,
-                "voice": profile.name,
-                "loadavg": [load_before, load_after],
-            },
-            "concurrency": levels_rows,
+            **gpu_facts(),
+            "model_dir": str(model_dir),
+            "engine_settings": data,
+            "engine": engine.health(),
+            "tokens_per_call": tokens,
+            "llm_calls_tokens": sorted(set(forced.calls)),
+            "adaptation": note,
+            "engine_ready_s": ready_s,
+            "voice": profile.name,
+            "loadavg": [load_before, os.getloadavg()],
         }
+
+    if not requests:
+        return {"facts": facts(), "concurrency": levels_rows}
 
     # Ours through the server, as Home Assistant reaches it (same engine object, loopback, one client).
     service = Service(Engines(engine), catalog, max_concurrent=4)
@@ -419,20 +419,7 @@ async def gpu_compare(
         await server.shutdown(grace=5.0)
     summary = served.summary()
     result = {
-        "facts": {
-            **gpu_facts(),
-            "model_dir": str(model_dir),
-            "engine_settings": data,
-            "engine": engine.health(),
-            "tokens_per_call": tokens,
-            "llm_calls_tokens": sorted(set(forced.calls)),
-            "adaptation": note,
-            "engine_ready_s": ready_s,
-            "voice": profile.name,
-            "loadavg": [load_before, load_after],
-            "upstream_warmups": warmups,
-            "repeats": repeats,
-        },
+        "facts": {**facts(), "upstream_warmups": warmups, "repeats": repeats},
         "per_request": per_request(ours_runs, theirs_runs),
         "concurrency": levels_rows,
         "runs": {
