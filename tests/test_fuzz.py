@@ -165,6 +165,22 @@ class ServerThread:
         while (self.server and self.server._connections) and time.monotonic() < deadline:
             time.sleep(0.02)
 
+    def snapshot(self) -> None:
+        """Remember the loop's tasks and the process's threads, for `assert_nothing_left`."""
+        self._tasks_before = self.tasks()
+        self._threads_before = {t.name for t in threading.enumerate()}
+
+    def assert_nothing_left(self) -> None:
+        """Every connection's task ended, no connection or admission slot is held, no thread was added since
+        `snapshot` (the loop's default executor, asyncio_N threads, bounded and reused, may grow when scans overlap
+        under load: any other new thread is a leak)."""
+        self.settle()
+        assert self.tasks() == self._tasks_before
+        assert self.server is not None and not self.server._connections and self.server.guard.open == 0
+        assert self.server.service.admission.active == 0
+        threads = {t.name for t in threading.enumerate()}
+        assert {t for t in threads - self._threads_before if not t.startswith("asyncio_")} == set(), threads
+
     def stop(self) -> None:
         if self.server is not None:
             self.call(lambda: self.server.shutdown(grace=1.0))  # type: ignore[union-attr]
@@ -231,8 +247,7 @@ def test_fuzz_live_server(tmp_path: Path) -> None:
         assert [e.type for e in speak(port, "warm up")][-1] == "audio-stop"
         assert [e.type for e in parse(exchange(port, encode("describe")))] == ["info"]  # starts the scan thread
         server.settle()
-        tasks_before = server.tasks()
-        threads_before = {t.name for t in threading.enumerate()}
+        server.snapshot()
 
         def check(name: str, data: bytes) -> None:
             counts[name] += 1
@@ -279,15 +294,7 @@ def test_fuzz_live_server(tmp_path: Path) -> None:
         events = speak(port, "one two three four")
         assert [e.type for e in events][0] == "audio-start" and events[-1].type == "audio-stop"
         assert sum(len(e.payload or b"") for e in events if e.type == "audio-chunk") == 4 * 64
-        # Nothing left behind: every connection's task ended, no thread was added.
-        server.settle()
-        assert server.tasks() == tasks_before
-        assert server.server is not None and not server.server._connections and server.server.guard.open == 0
-        assert server.server.service.admission.active == 0
-        # The loop's default executor (asyncio_N threads, bounded and reused) may grow when scans overlap under load,
-        # as test_soak allows: any other new thread is a leak.
-        threads = {t.name for t in threading.enumerate()}
-        assert {t for t in threads - threads_before if not t.startswith("asyncio_")} == set(), threads
+        server.assert_nothing_left()
     finally:
         server.stop()
     total = sum(counts.values())

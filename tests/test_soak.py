@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,8 +45,7 @@ def test_soak_concurrent_misbehaving_clients(tmp_path: Path) -> None:
         assert [e.type for e in speak(port, "warm up")][-1] == "audio-stop"
         assert [e.type for e in parse(exchange(port, encode("describe")))] == ["info"]
         server.settle()
-        tasks_before = server.tasks()
-        threads_before = {t.name for t in threading.enumerate()}
+        server.snapshot()
         fds_before = open_fds()
 
         counts = asyncio.run(attackers.crowd("127.0.0.1", port, CLIENTS, ROUNDS, seed=1))
@@ -68,12 +66,7 @@ def test_soak_concurrent_misbehaving_clients(tmp_path: Path) -> None:
         # The server is unharmed and nothing is left behind.
         events = speak(port, "one two three four")
         assert sum(len(e.payload or b"") for e in events if e.type == "audio-chunk") == 4 * 3200
-        server.settle()
-        assert server.tasks() == tasks_before
-        assert server.server is not None and not server.server._connections and server.server.guard.open == 0
-        assert server.server.service.admission.active == 0
-        threads = {t.name for t in threading.enumerate()}
-        assert {t for t in threads - threads_before if not t.startswith("asyncio_")} == set(), threads
+        server.assert_nothing_left()
         deadline = time.monotonic() + 10
         while open_fds() > fds_before and time.monotonic() < deadline:  # closed sockets go away asynchronously
             time.sleep(0.05)
