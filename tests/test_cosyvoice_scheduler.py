@@ -165,6 +165,19 @@ def test_costs_are_moving_averages_of_calls_that_ran_alone() -> None:
     assert llm == pytest.approx((0.004 + 0.3 * 0.004) * 25) and flow == pytest.approx(0.1)
 
 
+def test_the_warm_ups_costs_hold_only_until_a_real_call() -> None:
+    costs = Costs()
+    costs.observe(0.005, flow_s=2.6, audio_s=5.0)  # the cold warm-up: 0.52 s of flow per second of audio
+    costs.provisional = True
+    costs.observe(0.004, flow_s=0.2, audio_s=0.3)  # a short reply: its LLM rate replaces, its flow share waits
+    assert costs.per_stream() == pytest.approx((0.1, 0.52)) and costs.provisional
+    costs.observe(0.004, flow_s=2.6, audio_s=10.0)
+    assert costs.per_stream() == pytest.approx((0.1, 0.26)), "replaced, not averaged with the warm-up"
+    assert not costs.provisional
+    costs.observe(0.004, flow_s=3.6, audio_s=10.0)
+    assert costs.per_stream() == pytest.approx((0.1, 0.26 + 0.3 * 0.1)), "then moving averages again"
+
+
 def test_streams_that_need_more_than_the_model_are_overloaded() -> None:
     from wyoming_cosyvoice_plugins.cosyvoice.stream import Streaming
 

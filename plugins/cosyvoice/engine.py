@@ -503,6 +503,8 @@ class CosyVoiceEngine(ThreadedEngine):
             f"rtf {total / seconds if seconds else float('nan'):.2f}"
         )
         _LOGGER.info("Warm-up: %.2f s of audio in %.2f s (%s)", seconds, total, self.warmup_report)
+        if self.scheduling is not None:  # what the cold warm-up measured holds only until a real call's figures
+            self.scheduling.costs.provisional = True
 
     def health(self) -> dict[str, Any]:
         """Engine state, model, precision, prepared voices and GPU facts (NVML; cheap)."""

@@ -233,12 +233,18 @@ class Costs:
     weight: float = 0.3
     """Weight of the newest observation."""
 
+    provisional: bool = False
+    """The values come from the warm-up (cold: its first passes allocate and compile): the next call's replace
+    them instead of being averaged in, so admission is not held back by the start for several calls."""
+
     def observe(self, llm_s_per_token: float, flow_s: float, audio_s: float) -> None:
         """One finished call that ran alone."""
+        weight = 1.0 if self.provisional else self.weight
         if llm_s_per_token > 0:
-            self.llm_s_per_token = _ewma(self.llm_s_per_token, llm_s_per_token, self.weight)
+            self.llm_s_per_token = _ewma(self.llm_s_per_token, llm_s_per_token, weight)
         if audio_s > 0.5:  # a very short reply is all first chunk: not what a stream costs per second
-            self.flow_per_audio_s = _ewma(self.flow_per_audio_s, flow_s / audio_s, self.weight)
+            self.flow_per_audio_s = _ewma(self.flow_per_audio_s, flow_s / audio_s, weight)
+            self.provisional = False
 
     def per_stream(self) -> Optional[tuple[float, float]]:
         """(LLM, flow + vocoder) seconds one stream needs per second of audio; None until both were measured."""
