@@ -82,6 +82,8 @@ class CosyVoiceEngine(ThreadedEngine):
             self.state = "failed"
             raise
         self.set_concurrency(self._concurrency())
+        if self.scheduling is not None:  # no batch larger than the streams there can be
+            self.scheduling.limit_batch(self.concurrency)
         self.state = "ready"
 
     def _concurrency(self) -> int:
@@ -169,7 +171,11 @@ class CosyVoiceEngine(ThreadedEngine):
             raise EngineUnavailable(upstream.PREFIX + checked.problem)
         flow_slots = self.settings.trt_concurrent if plan.load_trt else 1
         scheduling = cosyvoice_stream.Streaming(
-            self.settings.early_first_chunk, int(model.sample_rate), flow_slots, llm_batched=bool(plan.load_vllm)
+            self.settings.early_first_chunk,
+            int(model.sample_rate),
+            flow_slots,
+            llm_batched=bool(plan.load_vllm),
+            max_flow_batch=self.settings.flow_batch_limit(),
         )
         own_loop = cosyvoice_stream.install(model.model, scheduling)
         self.scheduling = scheduling if own_loop else None
@@ -382,7 +388,11 @@ class CosyVoiceEngine(ThreadedEngine):
         if self.settings.keep_real_time and self.scheduling is not None and in_flight < self.concurrency:
             scheduling = self.scheduling
             why = admission(
-                in_flight, scheduling.costs.per_stream(), scheduling.llm_batched, scheduling.scheduler.slots
+                in_flight,
+                scheduling.costs.per_stream(),
+                scheduling.llm_batched,
+                scheduling.scheduler.slots,
+                flow_marginal=scheduling.marginal(),
             )
             if why is not None:
                 raise ServerBusy(f"cosyvoice engine at capacity: {why}")
@@ -524,6 +534,7 @@ class CosyVoiceEngine(ThreadedEngine):
             costs = self.scheduling.costs.per_stream()
             if costs is not None:  # what one stream needs of the model per second of audio (admission weighs it)
                 facts["stream_cost"] = f"llm {costs[0]:.2f} + flow {costs[1]:.2f} s per s"
+            facts["batched_flow"] = self.scheduling.batch_report()
         if self.text_normalizer:
             facts["text_normalizer"] = self.text_normalizer
         if self.self_check:
