@@ -71,7 +71,7 @@ def voices_folder(config: "Config") -> Path:
 
 def check_name(name: str) -> str:
     """`name` when it is a valid voice name (a single safe path component), else VoiceError."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         shown = repr(name)[:80]
         raise VoiceError(f"voice {shown}: not a valid voice name (letters, digits, '_', '.', '-'; max 64)")
     return name
@@ -80,7 +80,7 @@ def check_name(name: str) -> str:
 def check_language(name: str, language: str) -> str:
     """The BCP-47 tag (`en_US` -> `en-US`) when valid, else VoiceError."""
     tag = language.replace("_", "-") if isinstance(language, str) else ""
-    if not LANGUAGE_PATTERN.match(tag):
+    if not LANGUAGE_PATTERN.fullmatch(tag):
         raise VoiceError(f"voice {name!r}: language {str(language)[:40]!r} is not a BCP-47 tag (like en-US)")
     return tag
 
