@@ -38,7 +38,8 @@ _ASSETS = {
     "studio.css": "text/css",
     "icon.svg": "image/svg+xml",
 }
-_INGRESS_PATH = re.compile(r"^/[A-Za-z0-9_./-]{0,200}$")
+_INGRESS_PATH = re.compile(r"(?:/[A-Za-z0-9_.-]+){0,32}/?")
+"""An absolute path of plain segments: never `//host` (a network-path reference to another site)."""
 _ABSOLUTE = re.compile(r"(?<![\w.])(?:~|[A-Za-z]:)?(?:[/\\][^\s/\\:'\"(),]+)*[/\\]([^\s/\\:'\"(),]+)")
 _LOOPBACK_NAMES = ("localhost", "localhost.")
 _CSP = (
@@ -229,9 +230,11 @@ class Studio:
     def base_href(self, request: web.Request) -> str:
         """Where the page's relative URLs start: Home Assistant's ingress path when proxied, else `./`."""
         ingress = request.headers.get("X-Ingress-Path", "")
-        if ingress and _INGRESS_PATH.match(ingress) and ".." not in ingress:
-            return ingress.rstrip("/") + "/"
-        return "./"
+        if not ingress or len(ingress) > 200 or not _INGRESS_PATH.fullmatch(ingress):
+            return "./"
+        if any(part in (".", "..") for part in ingress.split("/")):
+            return "./"
+        return ingress.rstrip("/") + "/"
 
     async def _page(self, request: web.Request) -> web.Response:
         page = self._index.replace("{{BASE}}", html.escape(self.base_href(request), quote=True))
