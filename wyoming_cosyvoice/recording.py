@@ -60,11 +60,13 @@ def _size(source: Source, label: Path) -> int:
 
 
 @contextlib.contextmanager
-def open_recording(source: Source, label: Path, max_seconds: Optional[float]) -> Iterator[sf.SoundFile]:
+def open_recording(
+    source: Source, label: Path, max_seconds: Optional[float], *, min_rate: int = MIN_RATE
+) -> Iterator[sf.SoundFile]:
     """The recording opened for reading once its header passed every check; VoiceError (one line) otherwise.
 
-    Checked: container, sample rate, channels, a known length of at most `max_seconds` (None: any known length),
-    and a size no larger than the samples the header describes. Nothing is decoded here.
+    Checked: container, sample rate (`min_rate` to `MAX_RATE`), channels, a known length of at most `max_seconds`
+    (None: any known length), and a size no larger than the samples the header describes. Nothing is decoded here.
     """
     size = _size(source, label)
     try:
@@ -72,17 +74,17 @@ def open_recording(source: Source, label: Path, max_seconds: Optional[float]) ->
     except _ERRORS as err:
         raise VoiceError(f"reference audio {label}: not a readable WAV/FLAC file ({err})") from None
     with handle:
-        _check_header(handle, label, size, max_seconds)
+        _check_header(handle, label, size, max_seconds, min_rate)
         yield handle
 
 
-def _check_header(handle: sf.SoundFile, label: Path, size: int, max_seconds: Optional[float]) -> None:
+def _check_header(handle: sf.SoundFile, label: Path, size: int, max_seconds: Optional[float], min_rate: int) -> None:
     fmt, rate, channels, frames = handle.format, handle.samplerate, handle.channels, handle.frames
     if fmt not in FORMATS:
         raise VoiceError(f"reference audio {label}: {fmt} files are not accepted; convert it to WAV or FLAC")
-    if rate < MIN_RATE:
+    if rate < min_rate:
         raise VoiceError(
-            f"reference audio {label}: sample rate {rate} Hz is below the minimum of {MIN_RATE} Hz; "
+            f"reference audio {label}: sample rate {rate} Hz is below the minimum of {min_rate} Hz; "
             "record or export at 16 kHz or more"
         )
     if rate > MAX_RATE:

@@ -24,12 +24,12 @@ _lock = threading.Lock()
 def envelope(source: Union[Path, bytes], points: int = POINTS) -> dict[str, Any]:
     """`{"seconds": duration, "peaks": [0..1] * points}` of a WAV/FLAC file or its bytes; ValueError when unreadable.
 
-    The header passes the same checks as every reference (`recording.open_recording`); at most `MAX_SECONDS` are
-    decoded, one block at a time.
+    The header passes the same checks as every reference (`recording.open_recording`; any rate, though); at most
+    `MAX_SECONDS` are decoded, one block at a time.
     """
     label = Path("upload") if isinstance(source, (bytes, bytearray)) else Path(source)
     try:
-        with open_recording(source, label, None) as handle:
+        with open_recording(source, label, None, min_rate=1) as handle:  # a broken voice's picture helps too
             rate, frames = handle.samplerate, handle.frames
             count = min(frames, int(MAX_SECONDS * rate))
             edges = np.linspace(0, count, points + 1).astype(int)
