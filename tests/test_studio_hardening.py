@@ -274,3 +274,28 @@ async def test_accept_errors_are_logged_once_per_window(caplog: pytest.LogCaptur
     lines = [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
     assert lines == ["cannot accept connections: [Errno 24] Too many open files (file descriptors used up?); retrying"]
     assert others == ["something else"] and not any(r.exc_info for r in caplog.records)
+
+
+async def test_an_audition_nobody_reads_is_dropped_and_frees_its_engine_slot(tmp_path: Path) -> None:
+    """Finding 5: a client that stops reading its answer held the connection, and an audition its engine slot,
+    forever; now it is dropped after `limits.write_timeout_s` like a Wyoming client."""
+    import asyncio
+    import json
+    import socket
+
+    async with studio_server(tmp_path) as srv:
+        srv.studio.warden.write_timeout_s = 0.5
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's buffers fill fast
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", srv.studio.port or 0))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        body = json.dumps({"voice": "tars", "text": "This sentence is read out loud again and again. " * 180})
+        writer.write(
+            f"POST /api/audition HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        await wait_for(lambda: srv.server.service.admission.active == 1, what="the audition started")
+        await wait_for(lambda: srv.server.service.admission.active == 0, what="the unread audition let go of its slot")
+        assert not srv.studio.warden.open, "the stalled connection is still open"
+        writer.close()

@@ -142,6 +142,7 @@ class Studio:
         await self._runner.setup()
         assert self._runner.server is not None
         self.warden.max_connections = connection_cap(self.settings.max_connections, self.service.limits.max_connections)
+        self.warden.write_timeout_s = self.service.limits.write_timeout_s
         try:
             self._listener = await self.warden.serve(self._runner.server, self.settings.host, self.settings.port)
         except OSError as err:

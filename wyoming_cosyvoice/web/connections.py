@@ -4,7 +4,8 @@ aiohttp itself never sheds a connection that sends nothing, dribbles its head or
 as many as the file limit allows, which can leave the Wyoming port none. Every connection of the web port is
 wrapped in a `_Watched` protocol: over `web.max_connections` it is answered 503 and closed at once; otherwise its
 request head must arrive within `web.header_timeout_s` (then `web.idle_timeout_s` between requests), and a
-request's body within `web.body_timeout_s` of its head, or the connection is dropped. The app's first middleware
+request's body within `web.body_timeout_s` of its head, or the connection is dropped; so is one that stops reading
+its answer for `limits.write_timeout_s` (a stalled audition would hold an engine slot). The app's first middleware
 (`ConnectionWarden.middleware`) says when a request's head has arrived and when its answer is done.
 """
 
@@ -50,6 +51,7 @@ class _Watched(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self.busy = 0
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._stalled: Optional[asyncio.TimerHandle] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -72,13 +74,31 @@ class _Watched(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.inner is not None:
             self.inner.pause_writing()
+            loop = asyncio.get_running_loop()
+            self._stalled = loop.call_later(self.warden.write_timeout_s, self._write_stalled)
 
     def resume_writing(self) -> None:
+        self._resumed()
         if self.inner is not None:
             self.inner.resume_writing()
 
+    def _resumed(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
+    def _write_stalled(self) -> None:
+        self._stalled = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.warden.throttle.log(
+                _LOGGER, logging.INFO, "web stalled", "web: connection from %s dropped: it stopped reading its "
+                "answer (limits.write_timeout_s)", self.peer(),
+            )  # fmt: skip
+            self.transport.abort()
+
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.cancel()
+        self._resumed()
         if self.inner is not None:
             self.warden.release(self)
             self.inner.connection_lost(exc)
@@ -115,6 +135,8 @@ class ConnectionWarden:
         self.settings = settings
         self.max_connections = settings.max_connections
         """The cap in force: `web.max_connections`, or fewer where the file limit leaves no room for it."""
+        self.write_timeout_s = 30.0
+        """A client reading nothing of its answer for this long is dropped (the server's `limits.write_timeout_s`)."""
         self.open: dict[asyncio.BaseTransport, _Watched] = {}
         self.throttle = LogThrottle()
         self._make_protocol: Optional[Callable[[], asyncio.Protocol]] = None
