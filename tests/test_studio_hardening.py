@@ -299,3 +299,21 @@ async def test_an_audition_nobody_reads_is_dropped_and_frees_its_engine_slot(tmp
         await wait_for(lambda: srv.server.service.admission.active == 0, what="the unread audition let go of its slot")
         assert not srv.studio.warden.open, "the stalled connection is still open"
         writer.close()
+
+
+def test_the_web_cap_is_lowered_where_the_file_limit_cannot_hold_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 5: the studio must never take the descriptors the Wyoming port needs."""
+    import os
+    import resource
+
+    from wyoming_cosyvoice.web.connections import FD_RESERVE, connection_cap
+
+    in_use = len(os.listdir("/proc/self/fd"))
+    assert connection_cap(32, 64) == 32  # this machine's limit holds both
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (in_use + 64 + FD_RESERVE + 10, 1 << 20))
+    assert connection_cap(32, 64) in (9, 10, 11)  # the room left (give or take a descriptor opened meanwhile)
+    assert "web.max_connections lowered from 32" in caplog.text and "limits.max_connections (64)" in caplog.text
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (in_use, 1 << 20))
+    assert connection_cap(32, 64) == 1
