@@ -79,7 +79,7 @@ class EspeakSettings:
         return None
 
 
-VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,63}$")
+VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,63}")
 """espeak voice names (`en-us`, `en-us+f3`, `mb-de1`): libespeak-ng opens a name with `/` as a file: none has one."""
 
 
@@ -90,7 +90,7 @@ def espeak_voice_for(profile: VoiceProfile) -> str:
         voice = (profile.languages[0] if profile.languages else "en").lower().replace("_", "-")
     else:
         voice = explicit
-    if not isinstance(voice, str) or not VOICE_NAME.match(voice):
+    if not isinstance(voice, str) or not VOICE_NAME.fullmatch(voice):
         raise VoiceError(
             f"options.espeak_voice: {str(voice)[:40]!r} is not an espeak voice name (letters, digits, '_', '+', '-')"
         )

@@ -371,14 +371,39 @@ class WebSettings:
     max_upload_bytes: int = 16 * 1024 * 1024
     """Largest accepted reference upload, in bytes (a 30 s 48 kHz stereo 32-bit WAV is 11.5 MB)."""
 
+    max_uploads: int = 4
+    """Uploads received or held at once (memory stays under max_uploads x max_upload_bytes); more wait, then 503."""
+
+    max_connections: int = 32
+    """Open connections to the web port at once; more are answered 503 and closed, so the Wyoming port keeps its
+    file descriptors (lowered at start when the file limit cannot hold both)."""
+
+    header_timeout_s: float = 10.0
+    """A new connection that has not sent a whole request head within this is closed (slow or silent clients)."""
+
+    body_timeout_s: float = 60.0
+    """A request whose body has not arrived whole within this after its head is dropped (stalled uploads)."""
+
+    idle_timeout_s: float = 30.0
+    """A kept-alive connection that sends no whole next request head within this is closed."""
+
     def validate(self) -> Optional[tuple[str, str]]:
         """Check ranges."""
+        import math
+
         if not 0 <= self.port <= 65535:
             return ("port", "must be between 0 and 65535")
         if not self.host:
             return ("host", "must not be empty")
         if self.max_upload_bytes < 65536:
             return ("max_upload_bytes", "must be at least 65536")
+        for name in ("max_uploads", "max_connections"):
+            if getattr(self, name) < 1:
+                return (name, "must be at least 1")
+        for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                return (name, "must be a finite number greater than 0")
         if self.token is not None and len(self.token) < 8:
             return ("token", "must have at least 8 characters (or be null for none)")
         return None

@@ -238,9 +238,9 @@ def _voices_folder(config: Config, given: Optional[Path]) -> Path:
 def run_add(args: argparse.Namespace) -> int:
     """Validate the recording, then write `<folder>/<language>/<name>/` atomically (a running server sees it whole)."""
     name, language = args.name, args.language.replace("_", "-")
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise VoiceError(f"voice {name!r}: not a valid voice name (letters, digits, '_', '.', '-'; max 64)")
-    if not LANGUAGE_PATTERN.match(language):
+    if not LANGUAGE_PATTERN.fullmatch(language):
         raise VoiceError(f"voice {name!r}: --language {args.language!r} is not a BCP-47 tag (like en-US)")
     transcript = args.transcript
     if args.transcript_file is not None:

@@ -162,7 +162,11 @@ async def _validate(studio: Studio, form: Form, *, saving: bool) -> tuple[dict[s
     else:
         try:
             info = await asyncio.to_thread(
-                inspect_reference_data, form.audio, Path(form.filename), has_transcript=bool(transcript)
+                inspect_reference_data,
+                form.audio,
+                Path(form.filename),
+                has_transcript=bool(transcript),
+                max_seconds=studio.service.preparer.max_reference_seconds,  # the cap files on disk pass too
             )
             picture = await asyncio.to_thread(envelope, form.audio)
         except VoiceError as err:
