@@ -227,6 +227,10 @@ def load_yaml(path: Path, *, aliases: bool = True, max_bytes: Optional[int] = No
         where = f"line {mark.line + 1}" if mark is not None else "?"
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as err:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise ConfigError(f"{path}: invalid YAML: {str(err).split(';')[0]}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,9 +271,32 @@ class ServerSettings:
             return ("max_concurrent", "must be at least 1")
         if self.first_clause_words < 0:
             return ("first_clause_words", "must be 0 (off) or more")
-        if not self.uri.startswith(("tcp://", "unix://", "stdio://")):
-            return ("uri", f"expected tcp://HOST:PORT, unix://PATH or stdio://, got {self.uri!r}")
+        problem = uri_problem(self.uri)
+        if problem:
+            return ("uri", problem)
         return None
+
+
+def uri_problem(uri: str) -> Optional[str]:
+    """Why `uri` is no place to listen (None when it is one): the scheme, a tcp host and port, a unix path."""
+    from urllib.parse import urlparse
+
+    if not uri.startswith(("tcp://", "unix://", "stdio://")):
+        return f"expected tcp://HOST:PORT, unix://PATH or stdio://, got {_describe(uri)}"
+    parsed = urlparse(uri)
+    if parsed.scheme == "unix" and not parsed.path:
+        return f"{_describe(uri)}: a unix:// URI needs a path (unix:///run/wyoming.sock)"
+    if parsed.scheme != "tcp":
+        return None
+    try:
+        port = parsed.port
+    except ValueError:  # not a number, or out of range
+        port = -1
+    if not parsed.hostname or port is None:
+        return f"{_describe(uri)}: a tcp:// URI needs a host and a port (tcp://0.0.0.0:10200)"
+    if port < 0:
+        return f"{_describe(uri)}: the port must be a number from 0 to 65535"
+    return None
 
 
 @dataclass(frozen=True)
