@@ -14,16 +14,15 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import soundfile as sf
 
+from . import refcache
 from .errors import VoiceError
 from .paths import asset_dir, cache_dir
 
@@ -322,8 +321,9 @@ def normalize_reference(
     check_length(path, max_seconds)
     data = _read(path)
     digest = hashlib.sha256(data + _VERSION.encode()).hexdigest()[:32]
-    target = cache / f"{digest}.wav"
-    sidecar = cache / f"{digest}.json"
+    folder = refcache.holding(cache, (f"{digest}.wav", f"{digest}.json"))
+    target = folder / f"{digest}.wav"
+    sidecar = folder / f"{digest}.json"
     info: Optional[ReferenceInfo] = None
     if target.is_file() and sidecar.is_file():
         try:
@@ -335,27 +335,16 @@ def normalize_reference(
             info = None  # was trimmed for a transcript-less profile: re-check so this one is refused
     if info is None:
         info, mono = _analyse(data, path, has_transcript)
-        cache.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, lambda f: sf.write(f, mono, info.rate, subtype="PCM_16", format="WAV"))
+        wav = io.BytesIO()  # encoded in memory: a failed write is then an OSError, not an assertion in soundfile
+        sf.write(wav, mono, info.rate, subtype="PCM_16", format="WAV")
         record = {k: v for k, v in dataclasses.asdict(info).items() if k != "path"}
-        _atomic_write(sidecar, lambda f: f.write(json.dumps(record).encode()))
+        files = {target.name: wav.getvalue(), sidecar.name: json.dumps(record).encode()}
+        target = refcache.write(cache, files) / target.name
         _LOGGER.debug("Normalized %s -> %s (%s)", path, target, info.summary())
     result = (target, info)
     with _memo_lock:
         _memo[memo_key] = result
     return result
-
-
-def _atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def profile_reference(
@@ -372,7 +361,7 @@ def profile_reference(
             max_seconds=max_seconds,
         )
     except VoiceError as err:
-        raise VoiceError(f"{profile.source or '(no file)'}: voice {profile.name!r}: {err}") from None
+        raise type(err)(f"{profile.source or '(no file)'}: voice {profile.name!r}: {err}") from None
 
 
 def normalized_reference(profile: "VoiceProfile", cache_dir: Optional[Path] = None) -> Path:
