@@ -91,6 +91,7 @@ class VoicePreparer:
         self._looks: dict[Path, tuple[_Stamp, float]] = {}  # reference file -> (stamp, when first seen so)
         self._settling: set[str] = set()  # new voices whose reference is still being written
         self._normalized: dict[str, Path] = {}  # voice -> its normalized reference in the cache
+        self._versions: dict[str, VoiceProfile] = {}  # voice -> the version prepared, or being prepared
         self._retries: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # voice -> (its last delay, the timer)
 
     async def prepare_all(self) -> None:
@@ -103,6 +104,7 @@ class VoicePreparer:
                 self._settle_later(profile)
                 continue
             self._seen[profile.name] = stamps[profile.name]
+            self._versions[profile.name] = profile
             if not self._unservable(profile):
                 await self._prepare(profile)
 
@@ -209,6 +211,7 @@ class VoicePreparer:
                 _LOGGER.info("Voice %r added; preparing it", name)
             forgotten = self._forget(name)
             self._seen[name] = stamp
+            self._versions[name] = profile
             if self._unservable(profile):
                 continue
             self._tasks[name] = asyncio.create_task(self._prepare(profile, forgotten), name=f"prepare voice {name}")
@@ -230,6 +233,7 @@ class VoicePreparer:
     def _forget(self, name: str) -> Optional["asyncio.Task[None]"]:
         """Drop what is known about `name`; the task telling its engine to forget it, if one prepared it."""
         self._seen.pop(name, None)
+        self._versions.pop(name, None)
         self.catalog.broken.pop(name, None)
         self.references.pop(name, None)
         task = self._tasks.pop(name, None)
@@ -258,14 +262,27 @@ class VoicePreparer:
         except Exception as err:  # stale data kept is a leak, not a reason to stop serving
             _LOGGER.warning("engine %s could not forget voice %r: %s: %s", engine.name, name, type(err).__name__, err)
 
-    async def ready(self, profile: VoiceProfile) -> None:
-        """Wait until `profile` is prepared (requests right after a change); VoiceNotFound when it is broken."""
-        task = self._tasks.get(profile.name)
-        if task is not None and not task.done():
-            await asyncio.shield(task)
-        problem = self.catalog.broken.get(profile.name)
+    async def ready(self, profile: VoiceProfile) -> VoiceProfile:
+        """Wait until `profile` is prepared (requests right after a change); the version of it to speak with.
+
+        A waiting request follows its voice: changed meanwhile, it waits for the new version's preparation;
+        removed meanwhile, or broken, VoiceNotFound.
+        """
+        name, waited = profile.name, False
+        while True:
+            task = self._tasks.get(name)
+            if task is None or task.done():
+                break
+            waited = True
+            # Not `shield`: a preparation cancelled because the voice changed must not cancel this request.
+            await asyncio.wait({task})
+        current = self._versions.get(name)
+        if current is None and waited:
+            raise VoiceNotFound(f"voice {name!r} was removed while the request waited for it")
+        problem = self.catalog.broken.get(name)
         if problem is not None:
             raise VoiceNotFound(f"{problem} (voice unavailable)")
+        return current or profile
 
     def preparing(self) -> set[str]:
         """Names of the profiles being checked and prepared right now."""

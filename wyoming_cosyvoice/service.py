@@ -9,7 +9,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import AsyncGenerator, Iterator, Optional
+from typing import AsyncGenerator, AsyncIterator, Iterator, Optional
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
@@ -17,7 +17,7 @@ from . import __version__
 from .audio import AudioFormat, apply_gain
 from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
-from .errors import ServerBusy
+from .errors import ServerBusy, VoiceNotFound
 from .logs import LogThrottle
 from .preparation import VoicePreparer
 from .routing import Engines
@@ -183,15 +183,16 @@ class Reply:
         """Stream `text` in the reply's voice (the sinks get a copy); closing it early cancels the engine work."""
         if not text.strip():
             return
-        service, profile = self._service, self.profile
+        service = self._service
         with service.admission.slot():
-            await service.preparer.ready(profile)
-            stats = RequestStats(str(next(_REQUEST_IDS)), profile.name, len(text))
-            options = SynthesisOptions(
-                speed=profile.speed, request_id=stats.request_id, timeout=service.limits.engine_timeout_s
-            )
-            chunks = self.engine.synthesize(text, profile, options)
+            stats = RequestStats(str(next(_REQUEST_IDS)), self.profile.name, len(text))
+            chunks: Optional[AsyncIterator[AudioChunk]] = None
             try:
+                profile = await self._current_version()
+                options = SynthesisOptions(
+                    speed=profile.speed, request_id=stats.request_id, timeout=service.limits.engine_timeout_s
+                )
+                chunks = self.engine.synthesize(text, profile, options)
                 async for chunk in chunks:
                     if stats.first_audio is None:
                         stats.first_audio = time.perf_counter()
@@ -218,6 +219,18 @@ class Reply:
                 finally:  # logged whatever happens to the client, a cancellation while closing included
                     stats.finished = time.perf_counter()
                     _LOGGER.info("%s", stats.line())
+
+    async def _current_version(self) -> VoiceProfile:
+        """The voice as prepared now: a request that waited while the voice changed speaks with the new version
+        (VoiceNotFound when it was removed, or now needs another engine than the one this reply's format is of)."""
+        profile = await self._service.preparer.ready(self.profile)
+        if profile is not self.profile:
+            if self._service.engines.engine_for(profile) is not self.engine:
+                raise VoiceNotFound(
+                    f"voice {profile.name!r} changed to another engine while the request waited for it; ask again"
+                )
+            self.profile = profile
+        return profile
 
     def finish(self, ok: bool) -> None:
         """End the reply (`ok` False: cut off); the sinks finish in the background (`Service.close_sinks`)."""
