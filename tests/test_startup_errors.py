@@ -1,5 +1,5 @@
-"""Start-up errors a user meets (busy port, bad URI, hostile server.yaml): one line and a non-zero exit, found
-before the engine loads; never a traceback."""
+"""Start-up errors a user meets (busy port, bad URI, hostile server.yaml, non-finite numbers): one line and a
+non-zero exit, found before the engine loads; never a traceback."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from wyoming_cosyvoice.__main__ import main
+from wyoming_cosyvoice.config import Section, load_config
+from wyoming_cosyvoice.errors import ConfigError
 
+from . import audiogen
 from .helpers import write_config
 
 
@@ -76,3 +79,62 @@ def test_hostile_server_yaml_is_one_line(
     path = tmp_path / "server.yaml"
     path.write_text(text)
     assert _serve(capsys, "--config", str(path)) == [f"error: {path}: {problem}"]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("limits:\n  engine_timeout_s: .nan\n", "limits.engine_timeout_s: expected a finite number, got nan"),
+        ("limits:\n  max_reference_seconds: .inf\n", "limits.max_reference_seconds: expected a finite number, got inf"),
+        ("limits:\n  shutdown_grace_s: -.inf\n", "limits.shutdown_grace_s: expected a finite number, got -inf"),
+        ("limits:\n  idle_timeout_s: 1.0e+999\n", "limits.idle_timeout_s: expected a finite number, got inf"),
+        ("limits:\n  write_timeout_s: 0x" + "f" * 300 + "\n", "limits.write_timeout_s: expected a number below 1e308"),
+    ],
+)
+def test_non_finite_numbers_are_refused(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "server.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}:{problem}")
+
+
+def test_plugin_settings_refuse_non_finite_numbers(tmp_path: Path) -> None:
+    """Each plugin parses its own section (`Section.parse`) through the same check."""
+    from wyoming_cosyvoice_plugins.triton.settings import TritonSettings
+    from wyoming_cosyvoice_plugins.wyoming_snd_sink import WyomingSndSettings
+
+    section = Section("triton", {"first_audio_timeout_s": float("nan")}, "server.yaml", "engines.triton", tmp_path)
+    with pytest.raises(ConfigError, match=r"^server\.yaml:engines\.triton\.first_audio_timeout_s: expected a finite"):
+        section.parse(TritonSettings)
+    path = tmp_path / "server.yaml"
+    path.write_text("sinks:\n  wyoming:\n    uri: tcp://127.0.0.1:10601\n    played_grace: .inf\n")
+    with pytest.raises(ConfigError, match=r"server\.yaml:sinks\.wyoming\.played_grace: expected a finite number"):
+        load_config(path).section("sinks", "wyoming").parse(WyomingSndSettings)
+
+
+def test_voice_with_non_finite_speed_or_option_is_skipped(tmp_path: Path) -> None:
+    from wyoming_cosyvoice_plugins.folder_voices import FolderVoiceProvider
+    from wyoming_cosyvoice_plugins.yaml_voices import YamlVoiceProvider
+
+    path = tmp_path / "voices.yaml"
+    path.write_text("voices:\n  - name: a\n  - name: b\n    speed: .nan\n  - name: c\n    gain: .inf\n")
+    provider = YamlVoiceProvider(path)
+    assert [p.name for p in provider.load()] == ["a"]
+    assert provider.problems == [
+        f"{path}: voice 'b': voices[1].speed: expected a finite number, got nan",
+        f"{path}: voice 'c': voices[2].gain: expected a finite number, got inf",
+    ]
+    folder = tmp_path / "voices" / "en_US" / "d"
+    audiogen.write(folder / "reference.wav")
+    (folder / "profile.yaml").write_text("options: {prepare_seconds: .nan}\n")
+    voices = FolderVoiceProvider(tmp_path / "voices")
+    assert voices.load() == [] and "options.prepare_seconds: expected a finite number, got nan" in voices.problems[0]
+
+
+@pytest.mark.parametrize("command", ["say", "describe", "bench"])
+def test_cli_seconds_refuse_non_finite(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--timeout", "nan"])
+    assert info.value.code == 2
+    assert "argument --timeout: expected a finite number of seconds above 0, got 'nan'" in capsys.readouterr().err

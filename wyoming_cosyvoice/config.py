@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +41,12 @@ def _type_name(tp: Any) -> str:
     if tp is Path:
         return "path"
     return getattr(tp, "__name__", str(tp))
+
+
+def non_finite(value: Any) -> bool:
+    """True for a float that is NaN or infinite (YAML `.nan`, `.inf`, `1.0e999`): no limit or setting means one,
+    and every comparison with NaN is false, so it would pass every range check."""
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _describe(value: Any) -> str:
@@ -86,7 +93,9 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
     def fail(problem: str) -> ConfigError:
         return ConfigError(f"{source}:{key}: {problem}")
 
-    if tp is Any:
+    if tp is Any:  # a free-form value (an `options` entry); sections parsed later check their own numbers
+        if non_finite(value):
+            raise fail(f"expected a finite number, got {_describe(value)}")
         return value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -130,7 +139,8 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
         for k, v in value.items():
             if not isinstance(k, str):
                 raise fail(f"keys must be strings, got {_describe(k)}")
-            out[k] = _convert(val_type, v, source=source, key=f"{key}.{k}", base_dir=base_dir)
+            # A bare `dict` holds raw entries that are parsed one by one later (voices.yaml's voices): not here.
+            out[k] = _convert(val_type, v, source=source, key=f"{key}.{k}", base_dir=base_dir) if args else v
         return out
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, source=source, key=key, base_dir=base_dir)
@@ -150,7 +160,12 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail(f"expected a number, got {_describe(value)}")
-        return float(value)
+        if non_finite(value):
+            raise fail(f"expected a finite number, got {_describe(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float's range (YAML 0xfff...)
+            raise fail(f"expected a number below 1e308, got {_describe(value)}") from None
     if tp is str:
         if not isinstance(value, str):
             raise fail(f"expected a string, got {_describe(value)}")
