@@ -357,7 +357,7 @@ class Limits:
     """An engine that produces no audio for this long is considered hung: the request fails, the worker is replaced."""
 
     shutdown_grace_s: float = 10.0
-    """After SIGTERM/SIGINT, how long in-flight requests may finish before connections are closed."""
+    """After SIGTERM/SIGINT/SIGHUP, how long in-flight requests may finish before connections are closed."""
 
     max_reference_seconds: float = 120.0
     """Longest reference recording accepted, by its header (before it is read); longer files are refused."""

@@ -178,9 +178,10 @@ class Server:
         self._stop.set()
 
     async def serve_until_stopped(self, grace: Optional[float] = None) -> None:
-        """Serve until SIGINT/SIGTERM (or request_stop), then shut down gracefully."""
+        """Serve until SIGINT/SIGTERM/SIGHUP (or request_stop), then shut down gracefully."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        handled = _stop_signals()
+        for sig in handled:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self.request_stop)
         try:
@@ -188,7 +189,7 @@ class Server:
             _LOGGER.info("Stopping: no new connections; in-flight requests may finish")
             await self.shutdown(grace)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in handled:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
 
@@ -232,6 +233,17 @@ class Server:
         await self.service.preparer.close()
         await self.service.engines.close()
         _LOGGER.info("Server stopped")
+
+
+def _stop_signals() -> list[signal.Signals]:
+    """SIGINT, SIGTERM and SIGHUP (its default would kill the process, cutting open streams; voices reload by
+    themselves, so there is nothing for it to reload): each stops the server gracefully. A SIGHUP that is ignored
+    already (`nohup`) stays ignored."""
+    handled = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        handled.append(hangup)
+    return handled
 
 
 async def serve_stdio(service: Service) -> None:
