@@ -196,6 +196,8 @@ def build(cls: type[T], data: Any, *, source: str, key: str = "", base_dir: Path
         sub = f"{key}.{name}" if key else name
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], source=source, key=sub, base_dir=base_dir)
+        elif isinstance(f.default, Path) and not f.default.is_absolute():
+            kwargs[name] = base_dir / f.default  # a default path, like a written one, is relative to the file
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}:{sub}: required key is missing")
     result = cls(**kwargs)
