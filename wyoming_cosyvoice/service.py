@@ -9,7 +9,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import AsyncGenerator, AsyncIterator, Iterator, Optional
+from typing import AsyncGenerator, Iterator, Optional
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
@@ -186,13 +186,12 @@ class Reply:
         service = self._service
         with service.admission.slot():
             stats = RequestStats(str(next(_REQUEST_IDS)), self.profile.name, len(text))
-            chunks: Optional[AsyncIterator[AudioChunk]] = None
+            profile = await self._current_version(stats)
+            options = SynthesisOptions(
+                speed=profile.speed, request_id=stats.request_id, timeout=service.limits.engine_timeout_s
+            )
+            chunks = self.engine.synthesize(text, profile, options)
             try:
-                profile = await self._current_version()
-                options = SynthesisOptions(
-                    speed=profile.speed, request_id=stats.request_id, timeout=service.limits.engine_timeout_s
-                )
-                chunks = self.engine.synthesize(text, profile, options)
                 async for chunk in chunks:
                     if stats.first_audio is None:
                         stats.first_audio = time.perf_counter()
@@ -220,16 +219,22 @@ class Reply:
                     stats.finished = time.perf_counter()
                     _LOGGER.info("%s", stats.line())
 
-    async def _current_version(self) -> VoiceProfile:
+    async def _current_version(self, stats: RequestStats) -> VoiceProfile:
         """The voice as prepared now: a request that waited while the voice changed speaks with the new version
-        (VoiceNotFound when it was removed, or now needs another engine than the one this reply's format is of)."""
-        profile = await self._service.preparer.ready(self.profile)
-        if profile is not self.profile:
-            if self._service.engines.engine_for(profile) is not self.engine:
+        (VoiceNotFound when it was removed, or now needs another engine than the one this reply's format is of).
+        A request that ends here is logged too."""
+        try:
+            profile = await self._service.preparer.ready(self.profile)
+            if profile is not self.profile and self._service.engines.engine_for(profile) is not self.engine:
                 raise VoiceNotFound(
                     f"voice {profile.name!r} changed to another engine while the request waited for it; ask again"
                 )
-            self.profile = profile
+        except BaseException as err:
+            stats.end = "cancelled" if isinstance(err, asyncio.CancelledError) else type(err).__name__
+            stats.finished = time.perf_counter()
+            _LOGGER.info("%s", stats.line())
+            raise
+        self.profile = profile
         return profile
 
     def finish(self, ok: bool) -> None:
