@@ -80,10 +80,9 @@ def check(cache: Path) -> Optional[str]:
     """
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cache) as probe:
+        with tempfile.TemporaryFile(dir=cache) as probe:  # a full disk refuses the write itself (no fsync needed)
             probe.write(b"\0" * _PROBE_BYTES)
             probe.flush()
-            os.fsync(probe.fileno())
     except OSError as err:
         reason = _reason(err)
         try:
