@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +41,12 @@ def _type_name(tp: Any) -> str:
     if tp is Path:
         return "path"
     return getattr(tp, "__name__", str(tp))
+
+
+def non_finite(value: Any) -> bool:
+    """True for a float that is NaN or infinite (YAML `.nan`, `.inf`, `1.0e999`): no limit or setting means one,
+    and every comparison with NaN is false, so it would pass every range check."""
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _describe(value: Any) -> str:
@@ -86,7 +93,9 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
     def fail(problem: str) -> ConfigError:
         return ConfigError(f"{source}:{key}: {problem}")
 
-    if tp is Any:
+    if tp is Any:  # a free-form value (an `options` entry); sections parsed later check their own numbers
+        if non_finite(value):
+            raise fail(f"expected a finite number, got {_describe(value)}")
         return value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -130,7 +139,8 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
         for k, v in value.items():
             if not isinstance(k, str):
                 raise fail(f"keys must be strings, got {_describe(k)}")
-            out[k] = _convert(val_type, v, source=source, key=f"{key}.{k}", base_dir=base_dir)
+            # A bare `dict` holds raw entries that are parsed one by one later (voices.yaml's voices): not here.
+            out[k] = _convert(val_type, v, source=source, key=f"{key}.{k}", base_dir=base_dir) if args else v
         return out
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, source=source, key=key, base_dir=base_dir)
@@ -150,7 +160,12 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail(f"expected a number, got {_describe(value)}")
-        return float(value)
+        if non_finite(value):
+            raise fail(f"expected a finite number, got {_describe(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float's range (YAML 0xfff...)
+            raise fail(f"expected a number below 1e308, got {_describe(value)}") from None
     if tp is str:
         if not isinstance(value, str):
             raise fail(f"expected a string, got {_describe(value)}")
@@ -181,6 +196,8 @@ def build(cls: type[T], data: Any, *, source: str, key: str = "", base_dir: Path
         sub = f"{key}.{name}" if key else name
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], source=source, key=sub, base_dir=base_dir)
+        elif isinstance(f.default, Path) and not f.default.is_absolute():
+            kwargs[name] = base_dir / f.default  # a default path, like a written one, is relative to the file
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}:{sub}: required key is missing")
     result = cls(**kwargs)
@@ -227,6 +244,10 @@ def load_yaml(path: Path, *, aliases: bool = True, max_bytes: Optional[int] = No
         where = f"line {mark.line + 1}" if mark is not None else "?"
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as err:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise ConfigError(f"{path}: invalid YAML: {str(err).split(';')[0]}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,9 +288,32 @@ class ServerSettings:
             return ("max_concurrent", "must be at least 1")
         if self.first_clause_words < 0:
             return ("first_clause_words", "must be 0 (off) or more")
-        if not self.uri.startswith(("tcp://", "unix://", "stdio://")):
-            return ("uri", f"expected tcp://HOST:PORT, unix://PATH or stdio://, got {self.uri!r}")
+        problem = uri_problem(self.uri)
+        if problem:
+            return ("uri", problem)
         return None
+
+
+def uri_problem(uri: str) -> Optional[str]:
+    """Why `uri` is no place to listen (None when it is one): the scheme, a tcp host and port, a unix path."""
+    from urllib.parse import urlparse
+
+    if not uri.startswith(("tcp://", "unix://", "stdio://")):
+        return f"expected tcp://HOST:PORT, unix://PATH or stdio://, got {_describe(uri)}"
+    parsed = urlparse(uri)
+    if parsed.scheme == "unix" and not parsed.path:
+        return f"{_describe(uri)}: a unix:// URI needs a path (unix:///run/wyoming.sock)"
+    if parsed.scheme != "tcp":
+        return None
+    try:
+        port = parsed.port
+    except ValueError:  # not a number, or out of range
+        port = -1
+    if not parsed.hostname or port is None:
+        return f"{_describe(uri)}: a tcp:// URI needs a host and a port (tcp://0.0.0.0:10200)"
+    if port < 0:
+        return f"{_describe(uri)}: the port must be a number from 0 to 65535"
+    return None
 
 
 @dataclass(frozen=True)
@@ -315,7 +359,7 @@ class Limits:
     """An engine that produces no audio for this long is considered hung: the request fails, the worker is replaced."""
 
     shutdown_grace_s: float = 10.0
-    """After SIGTERM/SIGINT, how long in-flight requests may finish before connections are closed."""
+    """After SIGTERM/SIGINT/SIGHUP, how long in-flight requests may finish before connections are closed."""
 
     max_reference_seconds: float = 120.0
     """Longest reference recording accepted, by its header (before it is read); longer files are refused."""

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import soundfile as sf
 
+from . import refcache
 from .errors import VoiceError
 from .paths import asset_dir, cache_dir
 from .recording import BLOCK_SECONDS, Source, mono_blocks, open_recording, read_mono
@@ -304,10 +304,12 @@ def normalize_reference(
 
 
 def _normalize(handle: sf.SoundFile, path: Path, has_transcript: bool, cache: Path) -> tuple[Path, ReferenceInfo]:
-    """The cached normalized WAV of an opened recording: reused when its content was normalized before."""
+    """The cached normalized WAV of an opened recording: reused when its content was normalized before (in the
+    reference cache, or in the temporary one while that cannot be written: refcache)."""
     digest = _digest(path)
-    target = cache / f"{digest}.wav"
-    sidecar = cache / f"{digest}.json"
+    folder = refcache.holding(cache, (f"{digest}.wav", f"{digest}.json"))
+    target = folder / f"{digest}.wav"
+    sidecar = folder / f"{digest}.json"
     info: Optional[ReferenceInfo] = None
     if target.is_file() and sidecar.is_file():
         try:
@@ -319,24 +321,13 @@ def _normalize(handle: sf.SoundFile, path: Path, has_transcript: bool, cache: Pa
             info = None  # was trimmed for a transcript-less profile: re-check so this one is refused
     if info is None:
         info, mono = _analyse(handle, path, has_transcript)
-        cache.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, lambda f: sf.write(f, mono, info.rate, subtype="PCM_16", format="WAV"))
+        wav = io.BytesIO()  # encoded in memory: a failed write is then an OSError, not an assertion in soundfile
+        sf.write(wav, mono, info.rate, subtype="PCM_16", format="WAV")
         record = {k: v for k, v in dataclasses.asdict(info).items() if k != "path"}
-        _atomic_write(sidecar, lambda f: f.write(json.dumps(record).encode()))
+        files = {target.name: wav.getvalue(), sidecar.name: json.dumps(record).encode()}
+        target = refcache.write(cache, files) / target.name
         _LOGGER.debug("Normalized %s -> %s (%s)", path, target, info.summary())
     return target, info
-
-
-def _atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def profile_reference(
@@ -353,7 +344,7 @@ def profile_reference(
             max_seconds=max_seconds,
         )
     except VoiceError as err:
-        raise VoiceError(f"{profile.source or '(no file)'}: voice {profile.name!r}: {err}") from None
+        raise type(err)(f"{profile.source or '(no file)'}: voice {profile.name!r}: {err}") from None
 
 
 def normalized_reference(profile: "VoiceProfile", cache_dir: Optional[Path] = None) -> Path:

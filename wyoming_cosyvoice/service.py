@@ -17,7 +17,7 @@ from . import __version__
 from .audio import AudioFormat, apply_gain
 from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
-from .errors import ServerBusy
+from .errors import ServerBusy, VoiceNotFound
 from .logs import LogThrottle
 from .preparation import VoicePreparer
 from .routing import Engines
@@ -183,10 +183,10 @@ class Reply:
         """Stream `text` in the reply's voice (the sinks get a copy); closing it early cancels the engine work."""
         if not text.strip():
             return
-        service, profile = self._service, self.profile
+        service = self._service
         with service.admission.slot():
-            await service.preparer.ready(profile)
-            stats = RequestStats(str(next(_REQUEST_IDS)), profile.name, len(text))
+            stats = RequestStats(str(next(_REQUEST_IDS)), self.profile.name, len(text))
+            profile = await self._current_version(stats)
             options = SynthesisOptions(
                 speed=profile.speed, request_id=stats.request_id, timeout=service.limits.engine_timeout_s
             )
@@ -218,6 +218,24 @@ class Reply:
                 finally:  # logged whatever happens to the client, a cancellation while closing included
                     stats.finished = time.perf_counter()
                     _LOGGER.info("%s", stats.line())
+
+    async def _current_version(self, stats: RequestStats) -> VoiceProfile:
+        """The voice as prepared now: a request that waited while the voice changed speaks with the new version
+        (VoiceNotFound when it was removed, or now needs another engine than the one this reply's format is of).
+        A request that ends here is logged too."""
+        try:
+            profile = await self._service.preparer.ready(self.profile)
+            if profile is not self.profile and self._service.engines.engine_for(profile) is not self.engine:
+                raise VoiceNotFound(
+                    f"voice {profile.name!r} changed to another engine while the request waited for it; ask again"
+                )
+        except BaseException as err:
+            stats.end = "cancelled" if isinstance(err, asyncio.CancelledError) else type(err).__name__
+            stats.finished = time.perf_counter()
+            _LOGGER.info("%s", stats.line())
+            raise
+        self.profile = profile
+        return profile
 
     def finish(self, ok: bool) -> None:
         """End the reply (`ok` False: cut off); the sinks finish in the background (`Service.close_sinks`)."""
