@@ -371,12 +371,18 @@ class CosyVoiceEngine(ThreadedEngine):
             yield chunk
 
     def _admit(self) -> None:
-        """ServerBusy when every slot is taken and the queue is full, or when one more stream would make the streams
-        in flight fall behind real time (`keep_real_time`, from the measured costs)."""
+        why = self.room()
+        if why is not None:
+            raise ServerBusy(f"cosyvoice engine {why}")
+
+    def room(self) -> Optional[str]:
+        """Why one more request cannot start now (None: it can): every slot taken and the queue full, or one more
+        stream would make the streams in flight fall behind real time (`keep_real_time`, from the measured costs).
+        The service waits on it (Engine.room); a direct `synthesize` without room raises ServerBusy."""
         in_flight, queued = self.in_flight, self.queued
         if in_flight >= self.concurrency and queued >= self.settings.max_queue:
-            raise ServerBusy(
-                f"cosyvoice engine busy: {in_flight} requests in flight, {queued} queued "
+            return (
+                f"busy: {in_flight} requests in flight, {queued} queued "
                 f"(concurrency {self.concurrency}, max_queue {self.settings.max_queue})"
             )
         if self.settings.keep_real_time and self.scheduling is not None and in_flight < self.concurrency:
@@ -385,7 +391,8 @@ class CosyVoiceEngine(ThreadedEngine):
                 in_flight, scheduling.costs.per_stream(), scheduling.llm_batched, scheduling.scheduler.slots
             )
             if why is not None:
-                raise ServerBusy(f"cosyvoice engine at capacity: {why}")
+                return f"at capacity: {why}"
+        return None
 
     def request_abandoned(self, cancel: threading.Event) -> None:
         """A hung request's thread was given up: free the flow + vocoder pass it may hold for the others."""
