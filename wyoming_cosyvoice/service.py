@@ -276,7 +276,11 @@ class Reply:
         """The piece's audio from the voice's engine (after waiting for room), else from the fallback engine."""
         service = self._service
         fallback = service.engines.fallback_for(self.engine)
-        if self.fallback_reason is None and service.settings.when_busy == "wait":
+        if self.fallback_reason is None and service.settings.when_busy == "error":
+            why = self.engine.room()
+            if why is not None:  # refused at once, as the client asked, whatever the engine does when called
+                raise ServerBusy(f"{self.engine.name} engine {why}")
+        elif self.fallback_reason is None:
             why = await self._wait_for_room(fallback is not None, stats)
             if why is not None:
                 self._switch(fallback, f"{self.engine.name} engine still {why}", text, stats)
