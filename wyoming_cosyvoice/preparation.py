@@ -25,7 +25,7 @@ from .engine import Engine, ThreadedEngine, worker_call_timeout
 from .errors import CosyVoiceServiceError, EngineTimeout, VoiceNotFound
 from .reference import ReferenceInfo, profile_reference
 from .routing import Engines
-from .voices import VoiceCatalog, VoiceProfile, problem_line
+from .voices import STALE_CACHE_HINT, VoiceCatalog, VoiceProfile, problem_line
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class VoicePreparer:
                 continue  # a changed voice keeps its previous version until the new file has settled
             self._settling.discard(name)
             if name in self._seen:
-                _LOGGER.info("Voice %r changed; preparing it again", name)
+                _LOGGER.info("Voice %r changed; preparing it again. %s", name, STALE_CACHE_HINT)
             else:
                 _LOGGER.info("Voice %r added; preparing it", name)
             forgotten = self._forget(name)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Collection, Optional
 from ..config import Config
 from ..errors import ConfigError, VoiceError, VoiceNotFound
 from ..voice_store import transcript_warning, voices_folder, write_voice
-from ..voices import LANGUAGE_PATTERN, NAME_PATTERN, VoiceCatalog, VoiceProfile, problem_line
+from ..voices import LANGUAGE_PATTERN, NAME_PATTERN, STALE_CACHE_HINT, VoiceCatalog, VoiceProfile, problem_line
 from . import add_config_argument, read_config
 
 if TYPE_CHECKING:
@@ -257,8 +257,8 @@ def run_add(args: argparse.Namespace) -> int:
     except VoiceError as err:
         raise VoiceError(problem_line(str(args.audio), name, str(err))) from None
     folder = _voices_folder(config, args.folder)
+    clash = next((p for p in folder.glob(f"*/{name}") if p.is_dir()), None) if folder.is_dir() else None
     if not args.force:
-        clash = next((p for p in folder.glob(f"*/{name}") if p.is_dir()), None) if folder.is_dir() else None
         if clash is not None:
             raise VoiceError(f"{clash}: voice {name!r}: already exists (use --force to replace it)")
         try:
@@ -283,6 +283,8 @@ def run_add(args: argparse.Namespace) -> int:
     print(f"added voice {name!r} ({language}, {mode}) in {target}: {info.summary()}")
     for warning in info.warnings:
         print(f"  warning: {warning}", file=sys.stderr)
+    if clash is not None:
+        print(f"  note: replaced the voice {name!r}. {STALE_CACHE_HINT}", file=sys.stderr)
     print(
         "A running server picks it up at once (a request naming it works now); Home Assistant lists it after its "
         "Wyoming integration is reloaded."

@@ -26,7 +26,7 @@ from ..voice_store import (
     update_voice,
     write_voice,
 )
-from ..voices import VoiceProfile
+from ..voices import STALE_CACHE_HINT, VoiceProfile
 from .app import FORM_KEY, STUDIO_KEY, Studio, problem
 from .forms import Form
 from .waveform import envelope, file_envelope
@@ -154,7 +154,7 @@ async def _validate(studio: Studio, form: Form, *, saving: bool) -> tuple[dict[s
         elif (existing is not None or in_folder) and not form.flag("replace"):
             errors.append(f"voice {name!r}: already exists (tick 'replace' to overwrite it)")
         elif existing is not None or in_folder:
-            warnings.append(f"replaces the existing voice {name!r}")
+            warnings.append(f"replaces the existing voice {name!r}. {STALE_CACHE_HINT}")
     info: Optional[ReferenceInfo] = None
     picture = None
     if form.audio is None:
