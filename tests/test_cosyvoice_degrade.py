@@ -59,6 +59,7 @@ async def test_requests_beyond_what_the_engine_admits_wait_and_all_get_its_audio
         service = server.service
         engine, queue = service.engine, service.room_queue(service.engine)
         assert queue is not None and engine.concurrency == 3
+        assert service.heard_as(service.catalog.resolve("v")) == "cloned"  # the studio's "heard as"
         costs = engine.scheduling.costs
         costs.llm_s_per_token, costs.flow_per_audio_s, costs.provisional = 0.01, 0.6, True
 

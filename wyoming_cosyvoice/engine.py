@@ -113,6 +113,16 @@ class Engine(ABC):
         """Engine facts for logs, `describe` and the health command (cheap, non-blocking)."""
         return {"engine": self.name, "sample_rate": self.sample_rate}
 
+    def heard_as(self, profile: "VoiceProfile") -> str:
+        """What a listener hears when this engine speaks `profile`, in a few words ("cloned", "espeak voice for
+        de-DE"), once it is ready: the studio, `voices add` and `voices list` show it. Default: the engine."""
+        return f"spoken by the {self.name} engine"
+
+    def cannot_start(self) -> Optional[str]:
+        """Why `start()` would fail here, judged cheaply without loading anything (settings, files); None when it
+        may start. `voices list` / `voices add` use it to say what a server would do. Default: None."""
+        return None
+
     def room(self) -> Optional[str]:
         """None when one more request may start now; else why not, in one line (every slot and the queue taken, or
         one more stream would make those in flight fall behind real time). The service waits, in order and bounded,

@@ -166,3 +166,35 @@ async def _start(config: Config, plugins: Plugins, name: str) -> Engine:
     engine = _create(config, plugins, name)
     await engine.start()
     return engine
+
+
+def predicted_heard_as(config: Config, plugins: Plugins, profiles: Iterable[VoiceProfile]) -> dict[str, str]:
+    """What a server started here with `config` would do with each profile (by name), judged without starting an
+    engine (`Engine.cannot_start`): "cloned", "espeak voice for de-DE (the cosyvoice engine is not set up)", ..."""
+    created: dict[str, tuple[Optional[Engine], Optional[str]]] = {}
+
+    def engine(name: str) -> tuple[Optional[Engine], Optional[str]]:
+        if name not in created:
+            try:
+                made = _create(config, plugins, name)
+            except CosyVoiceServiceError as err:  # not registered, or bad settings
+                created[name] = (None, str(err))
+            else:
+                why = made.cannot_start()
+                created[name] = (made, None if why is None else why if why.startswith(name) else f"engine {name} {why}")
+        return created[name]
+
+    main_name, fallback_name = config.engine.name, config.engine.fallback
+    engine(main_name)
+    fallback, fallback_why = engine(fallback_name) if fallback_name else (None, None)
+    predictions: dict[str, str] = {}
+    for profile in profiles:
+        wanted = profile.engine or main_name
+        serving, why = engine(wanted)
+        if serving is not None and why is None:
+            predictions[profile.name] = serving.heard_as(profile)
+        elif profile.engine is None and fallback is not None and fallback_why is None:
+            predictions[profile.name] = f"{fallback.heard_as(profile)} ({why})"
+        else:
+            predictions[profile.name] = f"nothing: {why}"
+    return predictions

@@ -192,6 +192,19 @@ class Service:
             return reply
         return Reply(self, profile, engine, self.tee if sinks else None, client=client)
 
+    def heard_as(self, profile: VoiceProfile) -> str:
+        """What a listener hears for `profile` from the running engines ("cloned", "espeak voice for de-DE", ...)."""
+        problem = self.engines.problem(profile)
+        if problem is not None:
+            if self.settings.unknown_voice == "default" and self.catalog.default is not None:
+                return f"the default voice {self.catalog.default.name} ({problem})"
+            return f"nothing: {problem}"
+        engine = self.engines.engine_for(profile)
+        state = engine.health().get("state")
+        if state not in (None, "ready"):  # loading, or parked until a request wakes it
+            return f"{engine.heard_as(profile)}, waiting for the {engine.name} engine ({state})"
+        return engine.heard_as(profile)
+
     def room_queue(self, engine: Engine) -> Optional[RoomQueue]:
         """The requests waiting for room in `engine` (None for an engine started after the service)."""
         return self._rooms.get(id(engine))

@@ -84,6 +84,17 @@ class CosyVoiceEngine(ThreadedEngine):
         self.set_concurrency(self._concurrency())
         self.state = "ready"
 
+    def cannot_start(self) -> Optional[str]:
+        """Not set up, or the checkout or model directory is missing (checked on disk; nothing is imported)."""
+        if self.settings.repo is None and self.settings.model_dir is None:
+            return "not set up"
+        try:
+            upstream.check_checkout(self.settings.repo)
+            upstream.inspect_model_dir(self.settings.model_dir)
+        except EngineUnavailable as err:
+            return str(err)
+        return None
+
     def _concurrency(self) -> int:
         """Requests in flight: 1 with upstream's loop; else the setting, or `auto` from the GPU's free memory."""
         wanted = self.settings.concurrency
@@ -393,6 +404,12 @@ class CosyVoiceEngine(ThreadedEngine):
             if why is not None:
                 return f"at capacity: {why}"
         return None
+
+    def heard_as(self, profile: VoiceProfile) -> str:
+        """Cloned from the recording (or the model's built-in speaker)."""
+        if profile.mode == "sft":
+            return "the model's built-in speaker"
+        return "cloned" if profile.mode != "instruct" else "cloned, with instructions"
 
     def request_abandoned(self, cancel: threading.Event) -> None:
         """A hung request's thread was given up: free the flow + vocoder pass it may hold for the others."""

@@ -84,6 +84,7 @@ def _voice_row(studio: Studio, profile: VoiceProfile, default: Optional[str], pr
         "problem": studio.redact(problem_line) if problem_line else None,
         "warnings": [studio.redact(w) for w in warnings],
         "engine": engine,
+        "heard_as": None if problem_line else service.heard_as(profile),
         "default": profile.name == default,
         "seconds": round(info.seconds, 2) if info else None,
         "kept_seconds": round(info.kept_seconds, 2) if info else None,
@@ -239,7 +240,9 @@ async def _add(studio: Studio, form: Form, remote: Optional[str]) -> web.Respons
             return problem(500 if isinstance(err, OSError) else 400, studio.redact(f"not saved: {err}"))
     _LOGGER.info("studio: voice %r added (%s, %s) from %s", report["name"], report["language"], info.summary(), remote)
     await studio.service.preparer.refresh()
-    return web.json_response({**report, "saved": True, "note": HA_NOTE}, status=201)
+    saved = _profile(studio, report["name"])
+    heard_as = studio.service.heard_as(saved) if saved is not None else None
+    return web.json_response({**report, "saved": True, "heard_as": heard_as, "note": HA_NOTE}, status=201)
 
 
 async def _folder_voice(studio: Studio, name: str) -> Optional[web.Response]:
