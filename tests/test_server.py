@@ -12,7 +12,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 from wyoming_cosyvoice.config import Config
 
-from .helpers import assert_speech, collect, connect, read, running_server, similar
+from .helpers import assert_speech, collect, connect, read, refusing_unknown_voices, running_server, similar
 
 SENTENCE_20 = (
     "Hello there, this is a test of the embedded speech engine, speaking twenty words for a quick latency "
@@ -145,10 +145,6 @@ async def test_empty_text(config: Config) -> None:
             await client.write_event(SynthesizeStop().event())
             reply = await collect(client, until="synthesize-stopped")
             assert reply.stopped and reply.events[-1].type == "synthesize-stopped"
-
-
-def refusing_unknown_voices(config: Config) -> Config:
-    return dataclasses.replace(config, server=dataclasses.replace(config.server, unknown_voice="error"))
 
 
 async def test_unknown_voice_gets_error_and_others_unaffected(config: Config) -> None:
