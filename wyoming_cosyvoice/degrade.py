@@ -1,14 +1,15 @@
-"""Degrade, don't refuse: the wait for room in a busy engine (in arrival order, bounded) and the counts of what was
-degraded (docs/reliability.md)."""
+"""Admission and degrading instead of refusing: the server's hard bound, the wait for room in a busy engine (in
+arrival order, bounded) and the counts of what was degraded (docs/reliability.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
-from typing import Optional
+from typing import Iterator, Optional
 
 from .engine import Engine
+from .errors import ServerBusy
 
 RECHECK_S = 0.5
 """A waiting request looks at the engine's room again at least this often: most changes are announced (a request
@@ -80,3 +81,24 @@ class RoomQueue:
         finally:
             self._waiting.remove(me)
             self._changed.set()  # the next in line looks again (this one got in, gave up, or was cancelled)
+
+
+class Admission:
+    """Bounds how many synthesis requests are admitted at once; the rest are refused with ServerBusy."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.closing = False
+        """Set at shutdown: requests in progress (and streams already open) finish, new ones are refused."""
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one slot for the duration of a request."""
+        if self.active >= self.limit:
+            raise ServerBusy(f"server busy: {self.active} requests in progress (limit {self.limit}); try again shortly")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1

@@ -9,14 +9,14 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import AsyncGenerator, AsyncIterator, Iterator, Optional
+from typing import AsyncGenerator, AsyncIterator, Optional
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
 from . import __version__
 from .audio import AudioFormat, PcmConverter, apply_gain
 from .config import Limits, ServerSettings
-from .degrade import Degraded, RoomQueue
+from .degrade import Admission, Degraded, RoomQueue
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import EngineError, EngineOutOfMemory, EngineTimeout, ServerBusy, VoiceNotFound
 from .logs import LogThrottle
@@ -31,27 +31,6 @@ _LOGGER = logging.getLogger(__name__)
 _ATTRIBUTION = Attribution(name="wyoming-cosyvoice", url="https://github.com/FunAudioLLM/CosyVoice")
 _REQUEST_IDS = itertools.count(1)
 _REPLY_IDS = itertools.count(1)
-
-
-class Admission:
-    """Bounds how many synthesis requests are admitted at once; the rest are refused with ServerBusy."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-        self.closing = False
-        """Set at shutdown: requests in progress (and streams already open) finish, new ones are refused."""
-
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one slot for the duration of a request."""
-        if self.active >= self.limit:
-            raise ServerBusy(f"server busy: {self.active} requests in progress (limit {self.limit}); try again shortly")
-        self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
 
 
 @dataclasses.dataclass
