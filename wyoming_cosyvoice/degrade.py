@@ -59,16 +59,20 @@ class RoomQueue:
         """Room may have changed: the first in line looks again."""
         self._changed.set()
 
-    async def wait(self, bound: float) -> tuple[Optional[str], float]:
+    async def wait(self, bound: float, *, first: bool = False) -> tuple[Optional[str], float]:
         """(None, seconds waited) once this request is first in line and the engine has room; (why not, seconds
-        waited) when `bound` seconds pass first. The caller starts the engine call right away, with no await in
-        between, so the room it saw is still there."""
-        if not self._waiting and self.engine.room() is None:
+        waited) when `bound` seconds pass first. `first`: ahead of those waiting (the next piece of a reply already
+        playing: a stream in flight goes before new requests). The caller starts the engine call right away, with
+        no await in between, so the room it saw is still there."""
+        if (first or not self._waiting) and self.engine.room() is None:
             return None, 0.0
         loop = asyncio.get_running_loop()
         started = loop.time()
         me = object()
-        self._waiting.append(me)
+        if first:
+            self._waiting.appendleft(me)
+        else:
+            self._waiting.append(me)
         try:
             while True:
                 why = self.engine.room() if self._waiting[0] is me else "waiting behind earlier requests"

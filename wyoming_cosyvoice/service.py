@@ -309,7 +309,7 @@ class Reply:
         bound = service.settings.busy_wait_s
         if not has_fallback:
             bound = max(bound, service.limits.engine_timeout_s)
-        why, waited = await queue.wait(bound)
+        why, waited = await queue.wait(bound, first=self._pieces > 1)  # a reply already playing goes first
         if why is not None and not has_fallback:
             raise ServerBusy(f"{self.engine.name} engine {why}; no room within {waited:.0f} s and no fallback engine")
         if why is None and waited > 0:
