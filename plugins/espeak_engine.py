@@ -97,6 +97,17 @@ def espeak_voice_for(profile: VoiceProfile) -> str:
     return voice
 
 
+def espeak_heard_as(profile: VoiceProfile) -> str:
+    """ "espeak voice for de-DE" (or the voice `options.espeak_voice` names): espeak never uses the recording."""
+    try:
+        voice = espeak_voice_for(profile)
+    except VoiceError as err:
+        return f"no espeak voice: {err}"
+    if profile.options.get("espeak_voice"):
+        return f"espeak voice {voice}"
+    return f"espeak voice for {profile.languages[0] if profile.languages else 'en'}"
+
+
 class EspeakEngine(ThreadedEngine):
     """espeak-ng called through ctypes on the engine's worker thread (the library is not thread-safe)."""
 
@@ -223,6 +234,10 @@ class EspeakEngine(ThreadedEngine):
             raise Cancelled()
         if result != _EE_OK:
             raise EngineError(f"espeak engine: espeak_Synth failed with code {result}")
+
+    def heard_as(self, profile: VoiceProfile) -> str:
+        """espeak's voice for the profile's language; the recording is never used."""
+        return espeak_heard_as(profile)
 
     def health(self) -> dict[str, Any]:
         """Engine facts."""

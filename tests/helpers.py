@@ -169,6 +169,11 @@ def replace(obj: Any, **changes: Any) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
+def refusing_unknown_voices(config: Config) -> Config:
+    """`config` with `server.unknown_voice: error` (a voice that is not there gets VoiceNotFound, not the default)."""
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, unknown_voice="error"))
+
+
 def load(path: Path) -> Config:
     """load_config, re-exported for tests."""
     return load_config(path)

@@ -81,8 +81,8 @@ async def test_hostile_voice_names_and_text_touch_no_file_and_no_network(tmp_pat
             spoken = await collect(clients[-1])
         finally:
             _AUDIT_ON.clear()
-        for reply in replies:
-            assert [e.code for e in reply.errors] == ["VoiceNotFound"], reply.errors
+        for reply in replies:  # the name is only ever compared: the default voice speaks (server.unknown_voice)
+            assert not reply.errors and reply.chunks > 0, reply.errors
         assert not spoken.errors and spoken.chunks > 0
         touched = [(event, args) for event, args in _AUDIT]
         assert not [t for t in touched if t[0] != "open"], touched

@@ -274,7 +274,21 @@ class ServerSettings:
     least this many words (a CJK character counts as one); 0: from its first sentence's end."""
 
     max_concurrent: int = 4
-    """Synthesis requests admitted at once (running plus queued for the engine); more get `ServerBusy`."""
+    """Synthesis requests admitted at once (running, waiting for room, or queued for the engine); more get
+    `ServerBusy` (a hard bound, whatever `when_busy` says)."""
+
+    when_busy: Literal["wait", "error"] = "wait"
+    """A request the engine cannot start now (docs/reliability.md): wait = wait for room, in order, up to
+    `busy_wait_s`, then speak it with the fallback engine (`engine.fallback`); error = refuse it with `ServerBusy`
+    at once (for clients other than Home Assistant that prefer an error to a later or plainer answer)."""
+
+    busy_wait_s: float = 3.0
+    """Longest wait for room in the engine before the reply is spoken by the fallback engine instead (0: at once).
+    Without a fallback engine the request waits up to `limits.engine_timeout_s`."""
+
+    unknown_voice: Literal["default", "error"] = "default"
+    """A request naming a voice that is not there (renamed, removed, broken): default = speak with the default voice
+    (or the first voice of the asked language) and log it; error = refuse with `VoiceNotFound`."""
 
     plugins_dir: Optional[Path] = None
     """Folder of extra `*.py` plugins, loaded after built-ins and entry points."""
@@ -288,6 +302,8 @@ class ServerSettings:
             return ("max_concurrent", "must be at least 1")
         if self.first_clause_words < 0:
             return ("first_clause_words", "must be 0 (off) or more")
+        if not 0 <= self.busy_wait_s <= 3600:  # NaN fails too
+            return ("busy_wait_s", "must be between 0 (fallback at once) and 3600 seconds")
         problem = uri_problem(self.uri)
         if problem:
             return ("uri", problem)
@@ -324,7 +340,9 @@ class EngineChoice:
     """Engine plugin name (see `wyoming-cosyvoice plugins`)."""
 
     fallback: Optional[str] = "espeak"
-    """Engine to serve with when `name` cannot start here (null: refuse to start instead)."""
+    """Engine to serve with when `name` cannot start here (null: refuse to start instead); while `name` serves, it
+    also runs beside it and speaks what `name` cannot: a request that waited `server.busy_wait_s` for room, or
+    one the engine failed (docs/reliability.md). null: no fallback, those wait longer or get an error."""
 
 
 @dataclass(frozen=True)

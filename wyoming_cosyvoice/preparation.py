@@ -26,7 +26,7 @@ from .engine import Engine, ThreadedEngine, worker_call_timeout
 from .errors import CacheUnwritable, CosyVoiceServiceError, EngineTimeout, VoiceNotFound
 from .reference import ReferenceInfo, default_cache_dir, profile_reference
 from .routing import Engines
-from .voices import VoiceCatalog, VoiceProfile, problem_line
+from .voices import STALE_CACHE_HINT, VoiceCatalog, VoiceProfile, problem_line
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class VoicePreparer:
                 continue  # a changed voice keeps its previous version until the new file has settled
             self._settling.discard(name)
             if name in self._seen:
-                _LOGGER.info("Voice %r changed; preparing it again", name)
+                _LOGGER.info("Voice %r changed; preparing it again. %s", name, STALE_CACHE_HINT)
             else:
                 _LOGGER.info("Voice %r added; preparing it", name)
             forgotten = self._forget(name)

@@ -67,6 +67,7 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
         max_concurrent=config.server.max_concurrent,
         streaming=config.server.streaming,
         first_clause_words=config.server.first_clause_words,
+        settings=config.server,
         tee=tee,
         limits=config.limits,
         preparer=preparer,

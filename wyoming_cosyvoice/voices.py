@@ -118,6 +118,13 @@ class VoiceProvider(Protocol):
     # `notes: list[str]`, one line per optional profile left out because it is not set up (not a problem).
 
 
+STALE_CACHE_HINT = (
+    "Home Assistant may replay audio it cached from the old version for texts it spoke before: clear its TTS cache "
+    "or save under a new name (docs/reliability.md)"
+)
+"""Said wherever a voice changes: HA caches replies by message, language, options and engine, not by recording."""
+
+
 def _lang_matches(wanted: str, languages: Sequence[str]) -> int:
     """2 for an exact tag match, 1 for a primary-subtag match, 0 for none."""
     wanted_l = wanted.lower().replace("_", "-")
