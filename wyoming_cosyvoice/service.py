@@ -179,8 +179,9 @@ class Reply:
             info = StreamInfo(label=f"r{next(_REPLY_IDS)}", voice=self.profile.name)
             self._copy = self._tee.open(self.format, info)
 
-    async def speak(self, text: str) -> AsyncGenerator[AudioChunk, None]:
-        """Stream `text` in the reply's voice (the sinks get a copy); closing it early cancels the engine work."""
+    async def speak(self, text: str, *, speed: float = 1.0) -> AsyncGenerator[AudioChunk, None]:
+        """Stream `text` in the reply's voice (the sinks get a copy); closing it early cancels the engine work.
+        `speed` multiplies the voice's own speaking rate (kept within 0.25..4)."""
         if not text.strip():
             return
         service, profile = self._service, self.profile
@@ -188,7 +189,9 @@ class Reply:
             await service.preparer.ready(profile)
             stats = RequestStats(str(next(_REQUEST_IDS)), profile.name, len(text))
             options = SynthesisOptions(
-                speed=profile.speed, request_id=stats.request_id, timeout=service.limits.engine_timeout_s
+                speed=min(4.0, max(0.25, profile.speed * speed)),
+                request_id=stats.request_id,
+                timeout=service.limits.engine_timeout_s,
             )
             chunks = self.engine.synthesize(text, profile, options)
             try:

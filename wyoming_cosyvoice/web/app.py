@@ -33,6 +33,9 @@ TOKEN_ENV = "WYOMING_COSYVOICE_WEB_TOKEN"
 CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 """Methods that change something (or run the engine): origin-checked and token-protected."""
 
+SELF_CHECKED = ("/v1/",)
+"""Paths whose routes check their own keys and read their own bodies (web/openai_api.py)."""
+
 _ASSETS = {
     "studio.js": "text/javascript",
     "studio.css": "text/css",
@@ -108,8 +111,9 @@ class Studio:
         app = web.Application(middlewares=[self._guard], client_max_size=self.settings.max_upload_bytes + 65536)
         app[STUDIO_KEY] = self
         app.on_response_prepare.append(self._headers)
-        app.router.add_get("/", self._page)
-        app.router.add_get("/static/{name}", self._asset)
+        if self.settings.studio:
+            app.router.add_get("/", self._page)
+            app.router.add_get("/static/{name}", self._asset)
         self.api(app.router)
         return app
 
@@ -201,6 +205,8 @@ class Studio:
             refused = self._cross_site(request)
             if refused:
                 return problem(403, refused)
+            if request.path.startswith(SELF_CHECKED):  # the OpenAI API checks its own keys and reads its own bodies
+                return await handler(request)
             has_header = bool(request.headers.get("X-Studio-Token") or request.headers.get("Authorization"))
             if self.token and has_header and not self.token_ok(request, None):
                 return problem(401, "wrong access token")
