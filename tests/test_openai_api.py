@@ -152,8 +152,8 @@ async def test_keys_are_checked_before_the_body_and_errors_have_openai_shape(tmp
         async with ClientSession() as http:  # no key at all, and a body that is never read
             async with http.post(srv.base_url + "/audio/speech", data=b"x" * 10_000_000) as response:
                 assert response.status == 401 and (await response.json())["error"]["code"] == "invalid_api_key"
-            async with http.get(srv.base_url + "/models") as response:
-                assert response.status == 401
+            async with http.get(srv.base_url + "/audio/voices") as response:  # as Open WebUI reads it: no key
+                assert response.status == 200 and (await response.json())["voices"][0]["id"] == "tars"
 
 
 async def _speak_with(srv: ApiServer, key: str, **fields: Any) -> tuple[Any, bytes]:
@@ -167,10 +167,10 @@ async def test_no_key_configured_is_open_on_loopback_only(tmp_path: Path) -> Non
         async with srv.client() as client:
             models = await client.models.list()
         assert "tts-1" in [m.id for m in models.data]
+        await _speak(srv, response_format="pcm")
     async with api_server(tmp_path / "lan", host="0.0.0.0") as srv:
         with pytest.raises(openai.AuthenticationError) as caught:
-            async with srv.client() as client:
-                await client.models.list()
+            await _speak(srv, response_format="pcm")
         assert "web.openai.api_keys" in caught.value.body["message"]
 
 
@@ -191,6 +191,7 @@ async def test_voices_unknown_builtin_and_aliased(tmp_path: Path) -> None:
             async with http.get(srv.base_url + "/audio/voices") as response:
                 listing = await response.json()
         assert [v["id"] for v in listing["voices"]] == ["tars", "anna"] and listing["aliases"] == {"nova": "anna"}
+        assert [v["default"] for v in listing["voices"]] == [True, False]
 
 
 async def test_bad_requests_are_refused_with_the_field_named(tmp_path: Path) -> None:

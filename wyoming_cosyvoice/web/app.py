@@ -136,11 +136,14 @@ class Studio:
                 f"web: cannot listen on {self.settings.host}:{self.settings.port} ({err.strerror or err})"
             ) from None
         _LOGGER.info(
-            "Voice studio on http://%s:%s/ (%s)",
+            "%s on http://%s:%s/ (%s)",
+            "Voice studio" if self.settings.studio else "Web port (OpenAI-compatible API only)",
             self.settings.host if ":" not in self.settings.host else f"[{self.settings.host}]",
             self.port,
             "token required for changes" if self.token else "no token set: anyone who reaches it can change voices",
         )
+        if self.settings.openai.enabled:
+            _LOGGER.info("OpenAI-compatible speech API on the same port under /v1 (docs/openai-api.md)")
 
     @property
     def port(self) -> Optional[int]:

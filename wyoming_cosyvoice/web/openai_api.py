@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, Optional
+from typing import Any, AsyncGenerator, Awaitable, Callable, Optional
 
 from aiohttp import web
 
@@ -40,6 +40,7 @@ MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "wyoming-cosyvoice")
 
 MAX_INSTRUCTIONS = 4096
 _OWNER = "wyoming-cosyvoice"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiError(Exception):
@@ -110,32 +111,36 @@ def _check_key(request: web.Request) -> None:
         raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
 
-def _guarded(handler: Any) -> Any:
-    """The key checked first; ApiErrors and unexpected failures answered in OpenAI's shape, never a traceback."""
+def _answer(*, needs_key: bool) -> Callable[[Handler], Handler]:
+    """A route whose key is checked first (`needs_key`), whose ApiErrors and unexpected failures are answered in
+    OpenAI's shape, never with a traceback."""
 
-    async def run(request: web.Request) -> web.StreamResponse:
-        try:
-            _check_key(request)
-            result: web.StreamResponse = await handler(request)
-            return result
-        except ApiError as err:
-            return err.response()
-        except web.HTTPException as err:
-            return ApiError(err.status, err.reason).response()
-        except Exception:
-            _LOGGER.exception("openai api: %s %s failed", request.method, request.path)
-            return ApiError(500, "internal error (logged on the server)").response()
+    def wrap(handler: Handler) -> Handler:
+        async def run(request: web.Request) -> web.StreamResponse:
+            try:
+                if needs_key:
+                    _check_key(request)
+                return await handler(request)
+            except ApiError as err:
+                return err.response()
+            except web.HTTPException as err:
+                return ApiError(err.status, err.reason).response()
+            except Exception:
+                _LOGGER.exception("openai api: %s %s failed", request.method, request.path)
+                return ApiError(500, "internal error (logged on the server)").response()
 
-    return run
+        return run
+
+    return wrap
 
 
-@_guarded
+@_answer(needs_key=False)
 async def not_found(request: web.Request) -> web.StreamResponse:
     """Any other /v1 path."""
     raise ApiError(404, f"no such route: {request.method} {request.path[:100]}", code="unknown_url")
 
 
-@_guarded
+@_answer(needs_key=False)  # lists are read without a key, as the studio's: Open WebUI sends none
 async def models(request: web.Request) -> web.StreamResponse:
     """OpenAI's model list: every accepted name (all serve with the configured engine)."""
     studio = request.app[STUDIO_KEY]
@@ -143,24 +148,25 @@ async def models(request: web.Request) -> web.StreamResponse:
     return web.json_response({"object": "list", "data": data})
 
 
-@_guarded
+@_answer(needs_key=False)  # lists are read without a key, as the studio's: Open WebUI sends none
 async def audio_models(request: web.Request) -> web.StreamResponse:
     """The speech models as Open WebUI and Kokoro-FastAPI list them."""
     return web.json_response({"models": [{"id": name} for name in _model_names(request.app[STUDIO_KEY])]})
 
 
-@_guarded
+@_answer(needs_key=False)  # lists are read without a key, as the studio's: Open WebUI sends none
 async def voices(request: web.Request) -> web.StreamResponse:
     """The usable voices (as Open WebUI and Kokoro-FastAPI read them) and the configured aliases."""
     studio = request.app[STUDIO_KEY]
     profiles = await studio.service.preparer.refresh()
+    default = studio.service.catalog.default
     listed = [
         {
             "id": p.name,
             "name": p.name,
             "description": p.description or p.name,
             "languages": list(p.languages),
-            "default": p.default,
+            "default": default is not None and p.name == default.name,
         }
         for p in profiles
     ]
@@ -283,7 +289,7 @@ def _pieces(text: str, first_clause_words: int) -> list[str]:
     return pieces + ([rest] if rest else [])
 
 
-@_guarded
+@_answer(needs_key=True)
 async def speech(request: web.Request) -> web.StreamResponse:
     """Synthesize `input` and stream it in `response_format` as it is made."""
     studio = request.app[STUDIO_KEY]
