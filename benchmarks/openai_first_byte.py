@@ -4,7 +4,7 @@
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/openai_first_byte.py [--rounds 20] [--engine espeak]
         [--json out.json]
 
-One server process (`serve`, the web port on) and the same two-sentence, 22-word text asked for in four ways: a
+One server process (`serve`, the web port on) and the same two-sentence, 23-word text asked for in four ways: a
 Wyoming `synthesize` and a Wyoming stream (`synthesize-start`, the text in one `synthesize-chunk`, `synthesize-stop`)
 timed to the first `audio-chunk` through the `wyoming` client; `POST /v1/audio/speech` as `pcm` and as `mp3`, timed
 to the first byte of the body through aiohttp. Every round runs all four, the order rotating each round, after one

@@ -17,6 +17,7 @@ from wyoming_cosyvoice.voice_store import voices_folder
 from wyoming_cosyvoice.web import start_studio
 from wyoming_cosyvoice.web.app import Studio
 
+from . import fault_engine
 from .helpers import running_server, write_config
 from .studio_support import GateEngine, GatePlugin
 
@@ -70,7 +71,7 @@ async def api_server(
     web = dataclasses.replace(
         config.web, enabled=True, port=0, openai=openai_settings or OpenAISettings(), **web_settings
     )
-    async with running_server(config, Plugins(extra=(GatePlugin,))) as running:
+    async with running_server(config, Plugins(extra=(GatePlugin, fault_engine))) as running:
         studio = await start_studio(running.service, web, voices_folder(config), config_dir=config.base_dir)
         try:
             yield ApiServer(running, studio, config)

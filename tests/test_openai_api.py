@@ -282,3 +282,21 @@ async def test_without_the_studio_the_port_serves_only_the_api(tmp_path: Path) -
         srv.gate.gate.set()
         headers, body = await _speak(srv, input="Only the API.", response_format="pcm")
         assert headers["x-voice"] == "tars" and len(body) // 2 == pytest.approx(GATE_SAMPLES, abs=4)
+
+
+async def test_an_engine_failing_mid_stream_cuts_the_transfer_and_sse_says_why(tmp_path: Path) -> None:
+    async with api_server(tmp_path, engine="fault") as srv:
+        with pytest.raises(Exception) as broken:  # no end-of-stream marker: a broken reply, not a short one
+            await _speak(srv, input="RAISE after the first chunk", response_format="pcm")
+        assert type(broken.value).__name__ == "RemoteProtocolError", broken.value  # httpx's (its module name varies)
+        headers, body = await _speak(
+            srv, input="RAISE after the first chunk", response_format="pcm", stream_format="sse"
+        )
+        events = [json.loads(line[6:]) for line in body.decode().split("\n\n") if line.startswith("data: ")]
+        assert events[0]["type"] == "speech.audio.delta" and events[-1]["type"] == "error", events[-1]
+        assert events[-1]["error"]["code"] == "EngineError"
+        with pytest.raises(openai.InternalServerError) as caught:  # before any audio: a JSON answer
+            await _speak(srv, input="OOM at once", response_format="pcm")
+        assert caught.value.body["type"] == "server_error" and "traceback" not in str(caught.value.body).lower()
+        _, body = await _speak(srv, input="Still serving", response_format="pcm")
+        assert len(body) > 0, "one failed reply does not hurt the next"
