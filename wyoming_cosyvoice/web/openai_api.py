@@ -335,14 +335,16 @@ class _Writer:
     async def error(self, err: ApiError) -> None:
         if self.sse:
             body = {"type": "error", "error": {"message": str(err), "type": err.kind, "code": err.code}}
-            await self.response.write(f"data: {json.dumps(body)}\n\n".encode())
-            await self.response.write_eof()
+            with contextlib.suppress(ConnectionError):  # the client may have gone too
+                await self.response.write(f"data: {json.dumps(body)}\n\n".encode())
+                await self.response.write_eof()
 
 
 async def _stream(request: web.Request, studio: Studio, reply: Reply, ask: SpeechRequest) -> web.StreamResponse:
     """Wait for the first audio (errors until then are JSON answers), then send each chunk as it comes."""
     pieces = _pieces(ask.input, studio.service.first_clause_words)
     audio = _pcm(reply, pieces, ask.speed)
+    encoder = Encoder(ask.format)
     started = time.perf_counter()
     outcome, complete = "failed", False
     reply.start()
@@ -358,8 +360,7 @@ async def _stream(request: web.Request, studio: Studio, reply: Reply, ask: Speec
         response.enable_chunked_encoding()
         await response.prepare(request)
         writer = _Writer(response, ask.sse)
-        encoder = Encoder(ask.format)
-        outcome = "cancelled"
+        outcome = "client left"
         try:
             await writer.audio(encoder.header())
             if first is not None:
@@ -369,14 +370,18 @@ async def _stream(request: web.Request, studio: Studio, reply: Reply, ask: Speec
             await writer.audio(await _encode(encoder, None))
             await writer.done(len(ask.input))
             outcome, complete = "done", True
-        except CosyVoiceServiceError as err:  # after the first audio: the stream ends early
+        except ConnectionError:
+            pass  # the client left: its synthesis was stopped with the stream
+        except Exception as err:  # after the first audio: the stream ends early, and says so
             outcome = type(err).__name__
-            _LOGGER.warning("openai api: voice=%s failed mid-stream: %s", reply.profile.name, err)
-            await writer.error(_api_error(err, studio))
+            if isinstance(err, CosyVoiceServiceError):
+                _LOGGER.warning("openai api: voice=%s failed mid-stream: %s", reply.profile.name, err)
+                await writer.error(_api_error(err, studio))
+            else:
+                _LOGGER.exception("openai api: voice=%s failed mid-stream", reply.profile.name)
+                await writer.error(ApiError(500, "internal error (logged on the server)"))
             if not ask.sse and request.transport is not None:
                 request.transport.close()  # no end-of-stream marker: the client sees a cut-off reply, not a short one
-        except ConnectionError:
-            _LOGGER.info("openai api: client left; synthesis stopped")
         _LOGGER.info(
             "openai api: voice=%s format=%s%s chars=%d first_audio=%.0f ms bytes=%d end=%s",
             reply.profile.name,
