@@ -414,6 +414,36 @@ class Limits:
         return None
 
 
+OPENAI_VOICE_NAMES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse")
+"""OpenAI's built-in voice names: a request for one gets the voice `web.openai.voices` maps it to (else the default)."""
+
+
+@dataclass(frozen=True)
+class OpenAISettings:
+    """The `web.openai:` section: the OpenAI-compatible speech API under `/v1` on the web port (docs/openai-api.md)."""
+
+    enabled: bool = True
+    """Serve `/v1/audio/speech`, `/v1/audio/voices` and `/v1/models` whenever the web port is on."""
+
+    api_keys: tuple[str, ...] = ()
+    """Keys accepted as `Authorization: Bearer KEY` besides `web.token`. With neither set the API answers only when
+    `web.host` is a loopback address."""
+
+    voices: Mapping[str, str] = field(default_factory=dict)
+    """Voice names a request may use besides the profiles' own, mapped to a profile (e.g. `alloy: robot-en`).
+    OpenAI's built-in names not listed here get the default voice."""
+
+    def validate(self) -> Optional[tuple[str, str]]:
+        """Check key lengths and the alias names."""
+        for i, key in enumerate(self.api_keys):
+            if len(key) < 8:
+                return (f"api_keys[{i}]", "must have at least 8 characters")
+        for alias, target in self.voices.items():
+            if not target.strip():
+                return (f"voices.{alias}", "must name a voice")
+        return None
+
+
 @dataclass(frozen=True)
 class WebSettings:
     """The `web:` section: the voice studio page, served by the same process and event loop (docs/studio.md)."""
@@ -448,6 +478,12 @@ class WebSettings:
 
     idle_timeout_s: float = 30.0
     """A kept-alive connection that sends no whole next request head within this is closed."""
+
+    studio: bool = True
+    """Serve the studio page and its `/api` (false: the web port serves only the OpenAI-compatible `/v1`)."""
+
+    openai: OpenAISettings = field(default_factory=OpenAISettings)
+    """The OpenAI-compatible speech API on the same port (docs/openai-api.md)."""
 
     def validate(self) -> Optional[tuple[str, str]]:
         """Check ranges."""

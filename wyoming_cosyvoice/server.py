@@ -269,7 +269,9 @@ async def _start_studio(config: Config, service: Service) -> Any:
     from .voice_store import voices_folder
     from .web import start_studio
 
-    return await start_studio(service, config.web, voices_folder(config), config_dir=config.base_dir)
+    # Without the studio nothing writes voices: the API alone needs no folder provider.
+    voices_dir = voices_folder(config) if config.web.studio else config.base_dir / "voices"
+    return await start_studio(service, config.web, voices_dir, config_dir=config.base_dir)
 
 
 async def run(config: Config, plugins: Plugins) -> None:

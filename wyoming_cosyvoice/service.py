@@ -233,8 +233,9 @@ class Reply:
             info = StreamInfo(label=f"r{next(_REPLY_IDS)}", voice=self.profile.name)
             self._copy = self._tee.open(self.format, info)
 
-    async def speak(self, text: str) -> AsyncGenerator[AudioChunk, None]:
-        """Stream `text` in the reply's voice (the sinks get a copy); closing it early cancels the engine work."""
+    async def speak(self, text: str, *, speed: float = 1.0) -> AsyncGenerator[AudioChunk, None]:
+        """Stream `text` in the reply's voice (the sinks get a copy); closing it early cancels the engine work.
+        `speed` multiplies the voice's own speaking rate (kept within 0.25..4)."""
         if not text.strip():
             return
         service = self._service
@@ -243,7 +244,9 @@ class Reply:
             stats = RequestStats(str(next(_REQUEST_IDS)), self.profile.name, len(text), degraded=list(self._notes))
             profile = await self._current_version(stats)
             options = SynthesisOptions(
-                speed=profile.speed, request_id=stats.request_id, timeout=service.limits.engine_timeout_s
+                speed=min(4.0, max(0.25, profile.speed * speed)),
+                request_id=stats.request_id,
+                timeout=service.limits.engine_timeout_s,
             )
             try:
                 async with _closing(self._chunks(text, options, stats)) as chunks:

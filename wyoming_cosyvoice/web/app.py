@@ -40,6 +40,9 @@ TOKEN_NEEDED = "this studio needs its access token (web.token) for changes"
 UPLOAD_WAIT_S = 10.0
 """How long an upload waits for one of the `web.max_uploads` slots before it is answered 503."""
 
+SELF_CHECKED = ("/v1/",)
+"""Paths whose routes check their own keys and read their own bodies (web/openai_api.py)."""
+
 _ASSETS = {
     "studio.js": "text/javascript",
     "studio.css": "text/css",
@@ -123,8 +126,9 @@ class Studio:
         )
         app[STUDIO_KEY] = self
         app.on_response_prepare.append(self._headers)
-        app.router.add_get("/", self._page)
-        app.router.add_get("/static/{name}", self._asset)
+        if self.settings.studio:
+            app.router.add_get("/", self._page)
+            app.router.add_get("/static/{name}", self._asset)
         self.api(app.router)
         return app
 
@@ -154,12 +158,16 @@ class Studio:
                 f"web: cannot listen on {self.settings.host}:{self.settings.port} ({err.strerror or err})"
             ) from None
         _LOGGER.info(
-            "Voice studio on http://%s:%s/ (%s)",
+            "%s on http://%s:%s/ (%s)",
+            "Voice studio" if self.settings.studio else "Web port (OpenAI-compatible API only)",
             self.settings.host if ":" not in self.settings.host else f"[{self.settings.host}]",
             self.port,
             "token required for changes" if self.token else "no token set: anyone who reaches it can change voices",
         )
         self._undo_quiet = quiet_accept_errors(asyncio.get_running_loop(), self.service.log_throttle)
+
+        if self.settings.openai.enabled:
+            _LOGGER.info("OpenAI-compatible speech API on the same port under /v1 (docs/openai-api.md)")
 
     @property
     def port(self) -> Optional[int]:
@@ -229,6 +237,8 @@ class Studio:
             refused = self._cross_site(request)
             if refused:
                 return problem(403, refused)
+            if request.path.startswith(SELF_CHECKED):  # the OpenAI API checks its own keys and reads its own bodies
+                return await handler(request)
             has_header = bool(request.headers.get("X-Studio-Token") or request.headers.get("Authorization"))
             if self.token and has_header and not self.token_ok(request, None):
                 return problem(401, "wrong access token")
