@@ -178,9 +178,8 @@ async def test_voices_unknown_builtin_and_aliased(tmp_path: Path) -> None:
     settings = OpenAISettings(voices={"nova": "anna"})
     async with api_server(tmp_path, engine="gate", openai_settings=settings) as srv:
         srv.gate.gate.set()
-        with pytest.raises(openai.NotFoundError) as caught:
-            await _speak(srv, voice="nobody")
-        assert caught.value.body["code"] == "voice_not_found" and caught.value.body["param"] == "voice"
+        headers, _ = await _speak(srv, voice="nobody", response_format="pcm")
+        assert headers["x-voice"] == "tars", "an unknown voice is spoken by the default voice (never silent)"
         headers, _ = await _speak(srv, voice="alloy", response_format="pcm")
         assert headers["x-voice"] == "tars", "OpenAI's built-in names without an alias get the default voice"
         headers, _ = await _speak(srv, voice="nova", response_format="pcm")
@@ -192,6 +191,16 @@ async def test_voices_unknown_builtin_and_aliased(tmp_path: Path) -> None:
                 listing = await response.json()
         assert [v["id"] for v in listing["voices"]] == ["tars", "anna"] and listing["aliases"] == {"nova": "anna"}
         assert [v["default"] for v in listing["voices"]] == [True, False]
+
+
+async def test_an_unknown_voice_is_a_404_when_the_server_refuses_them(tmp_path: Path) -> None:
+    async with api_server(tmp_path, engine="gate", server={"unknown_voice": "error"}) as srv:
+        srv.gate.gate.set()
+        with pytest.raises(openai.NotFoundError) as caught:
+            await _speak(srv, voice="nobody")
+        assert caught.value.body["code"] == "voice_not_found" and caught.value.body["param"] == "voice"
+        headers, _ = await _speak(srv, voice="alloy", response_format="pcm")
+        assert headers["x-voice"] == "tars", "OpenAI's built-in names still get the default voice"
 
 
 async def test_bad_requests_are_refused_with_the_field_named(tmp_path: Path) -> None:

@@ -244,19 +244,20 @@ def parse_speech(data: dict[str, Any], studio: Studio) -> SpeechRequest:
     return SpeechRequest(text, voice, fmt, float(speed), instructions.strip(), stream_format == "sse")
 
 
-def open_reply(studio: Studio, voice: Optional[str]) -> Reply:
-    """The reply for a request's voice: an alias from `web.openai.voices`, a profile, or (for OpenAI's built-in
-    names without an alias) the default voice. ApiError 404 when there is none."""
-    aliases = studio.settings.openai.voices
+def open_reply(studio: Studio, voice: Optional[str], client: str = "") -> Reply:
+    """The reply for a request's voice: an alias from `web.openai.voices`, a profile, or, for OpenAI's built-in
+    names without an alias or a voice of that name, the default voice. Any other unknown name follows
+    `server.unknown_voice` (the default voice and one log line naming `client`, or ApiError 404)."""
+    service, aliases = studio.service, studio.settings.openai.voices
     name = aliases.get(voice, voice) if voice else None
     try:
-        return studio.service.open_reply(voice=name, language=None)
-    except VoiceNotFound as err:
         if voice in OPENAI_VOICE_NAMES and voice not in aliases:
             try:
-                return studio.service.open_reply(voice=None, language=None)
+                return service.open_reply(voice=name, language=None, client=client, unknown_voice="error")
             except VoiceNotFound:
-                pass
+                return service.open_reply(voice=None, language=None, client=client)
+        return service.open_reply(voice=name, language=None, client=client)
+    except VoiceNotFound as err:
         raise ApiError(404, studio.redact(str(err)), param="voice", code="voice_not_found") from None
 
 
@@ -298,7 +299,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
     speech_request = parse_speech(await _read_json(request, limit), studio)
     if service.admission.closing:
         raise ApiError(503, "server is shutting down; try again shortly", code="shutting_down")
-    reply = open_reply(studio, speech_request.voice)
+    reply = open_reply(studio, speech_request.voice, client=f"http {request.remote}")
     return await _stream(request, studio, reply, speech_request)
 
 
