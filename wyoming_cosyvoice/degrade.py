@@ -93,8 +93,6 @@ class Admission:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
-        self.closing = False
-        """Set at shutdown: requests in progress (and streams already open) finish, new ones are refused."""
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:

@@ -9,7 +9,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import AsyncGenerator, AsyncIterator, Optional
+from typing import AsyncGenerator, AsyncIterator, Awaitable, Optional
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
@@ -97,7 +97,8 @@ class Service:
         self.degraded = Degraded()
         """How often a reply was degraded instead of refused (`degraded.counts()`)."""
         self._rooms = {id(engine): RoomQueue(engine) for engine in self.engines.running.values()}
-        self._finishing: set[asyncio.Task[object]] = set()
+        self._finishing: set[asyncio.Future[object]] = set()
+        self._closing = False
         self.log_throttle = LogThrottle()
         """Rate limit for the per-client warning lines (refusals, errors, stalls) shared by all connections."""
 
@@ -188,10 +189,33 @@ class Service:
         """The requests waiting for room in `engine` (None for an engine started after the service)."""
         return self._rooms.get(id(engine))
 
+    @property
+    def closing(self) -> bool:
+        """True once shutdown began: requests in progress (and streams already open) finish, new ones are refused."""
+        return self._closing
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests from now on (`closing`); those in progress go on."""
+        self._closing = True
+
+    def finish_later(self, finishing: Awaitable[object]) -> None:
+        """Run a reply's end for the sinks in the background; `close_sinks` waits for it."""
+        task = asyncio.ensure_future(finishing)
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
     async def close_sinks(self, timeout: float = 10.0) -> None:
         """Wait (bounded) for server-side sinks to finish the replies they are still writing."""
         if self._finishing:
             await asyncio.wait(set(self._finishing), timeout=timeout)
+
+    async def close(self) -> None:
+        """The end of serving (TCP and stdio alike): refuse new requests, let the sinks finish their replies
+        (bounded), stop preparing voices, close the engines."""
+        self.begin_shutdown()
+        await self.close_sinks()
+        await self.preparer.close()
+        await self.engines.close()
 
 
 class Reply:
@@ -379,9 +403,7 @@ class Reply:
         """End the reply (`ok` False: cut off); the sinks finish in the background (`Service.close_sinks`)."""
         copy, self._copy = self._copy, None
         if copy is not None:
-            task = asyncio.ensure_future(copy.close(ok))
-            self._service._finishing.add(task)
-            task.add_done_callback(self._service._finishing.discard)
+            self._service.finish_later(copy.close(ok))
 
 
 @contextlib.asynccontextmanager

@@ -95,7 +95,7 @@ async def audition(request: web.Request) -> web.StreamResponse:
     studio = request.app[STUDIO_KEY]
     service = studio.service
     form = request[FORM_KEY]
-    if service.admission.closing:
+    if service.closing:
         return problem(503, "server is shutting down")
     text = form.get("text").strip()
     if not text:

@@ -297,7 +297,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
     service = studio.service
     limit = service.limits.max_text_chars * 12 + 65536  # a character may take 12 bytes as JSON escapes
     speech_request = parse_speech(await _read_json(request, limit), studio)
-    if service.admission.closing:
+    if service.closing:
         raise ApiError(503, "server is shutting down; try again shortly", code="shutting_down")
     reply = open_reply(studio, speech_request.voice, client=f"http {request.remote}")
     return await _stream(request, studio, reply, speech_request)
