@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Optional, TypeVar
 
-from .aio import wait_within
+from .aio import TaskSet, wait_within
 from .audio import AudioFormat
 from .errors import CosyVoiceServiceError, EngineError, EngineOutOfMemory, EngineTimeout
 from .handoff import Cancelled, Handoff
@@ -198,7 +198,7 @@ class ThreadedEngine(Engine):
         self.restarts = 0
         """How many times a hung worker thread was replaced."""
         self._room_listeners: list[Callable[[], None]] = []
-        self._recoveries: "set[asyncio.Task[None]]" = set()
+        self._recoveries = TaskSet()
 
     def add_room_listener(self, listener: Callable[[], None]) -> None:
         """Call `listener` whenever a request gives its slot back (see Engine.add_room_listener)."""
@@ -289,10 +289,7 @@ class ThreadedEngine(Engine):
             except Exception:  # the worker's own errors were already reported
                 pass
 
-        task = asyncio.get_running_loop().create_task(watch(), name=f"{self.name} worker watch")
-        self._recoveries.add(task)
-        task.add_done_callback(self._recoveries.discard)
-        return task
+        return self._recoveries.add(asyncio.get_running_loop().create_task(watch(), name=f"{self.name} worker watch"))
 
     async def run_in_worker(self, func: Callable[..., T], *args: Any, exclusive: bool = False) -> T:
         """Run `func(*args)` on a worker thread (model loading, voice preparation), holding one slot, or with
@@ -460,8 +457,7 @@ class ThreadedEngine(Engine):
 
     async def close(self) -> None:
         """Stop the worker threads after their current jobs."""
-        for task in list(self._recoveries):
-            task.cancel()
+        self._recoveries.cancel()
         for worker in self._workers.values():
             worker.stop()
         self._workers.clear()

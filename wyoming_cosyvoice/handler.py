@@ -20,6 +20,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 from .audio import split_pcm
 from .config import Limits
 from .errors import BadRequest, CosyVoiceServiceError, LimitExceeded, ServerBusy
+from .guard import client_name
 from .service import Reply, Service
 from .text import SentenceSplitter
 from .wire import EventChannel
@@ -131,7 +132,7 @@ class TtsEventHandler(AsyncEventHandler):
         self._reply: Optional[Reply] = None  # the reply whose audio is on the wire (cut off if the connection ends)
         self.limits = limits or service.limits
         """This connection's limits (`service.limits` unless given: a pipe has no idle timeout)."""
-        self.peer = _peer_name(writer)
+        self.peer = client_name(writer.get_extra_info("peername"))
         self.channel = EventChannel(reader, writer, self.limits, self.peer, service.log_throttle)
         self._queued_chars = 0
         self._pending = 0
@@ -354,11 +355,3 @@ def _job_chars(job: _Job) -> int:
 
 def _job_cost(chars: int) -> int:
     return max(chars, MIN_JOB_CHARS)
-
-
-def _peer_name(writer: asyncio.StreamWriter) -> str:
-    """host:port of the client for log lines ("local" for pipes and unix sockets)."""
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer) if peer else "local"

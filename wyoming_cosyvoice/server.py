@@ -19,7 +19,7 @@ from wyoming.event import async_get_stdout, async_write_event
 from .announce import Announcement
 from .config import Config
 from .errors import ConfigError, ServerBusy
-from .guard import ConnectionGuard
+from .guard import ConnectionGuard, client_name
 from .handler import TtsEventHandler
 from .listener import Listener
 from .plugins import Plugins
@@ -120,10 +120,11 @@ class Server:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection, in its own task: allow-list, connection bound, then the protocol handler."""
         peername = writer.get_extra_info("peername")
+        client = client_name(peername)
         throttle = self.service.log_throttle
         if not self.guard.allowed(peername):
             throttle.warning(
-                _LOGGER, "not allowed", "connection from %s refused: not in limits.allowed_networks", peername
+                _LOGGER, "not allowed", "connection from %s refused: not in limits.allowed_networks", client
             )
             writer.transport.abort()
             return
@@ -133,7 +134,7 @@ class Server:
                 if self.service.closing
                 else f"too many connections (limits.max_connections = {self.guard.max_connections})"
             )
-            throttle.warning(_LOGGER, "refused busy", "connection from %s refused: %s", peername, busy)
+            throttle.warning(_LOGGER, "refused busy", "connection from %s refused: %s", client, busy)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(async_write_event(Error(text=str(busy), code=busy.code).event(), writer), 1.0)
             writer.transport.abort()
@@ -150,7 +151,7 @@ class Server:
             # a spurious error for a cancelled one.
             writer.transport.abort()
         except Exception:  # a bug in one connection must never take the server down
-            _LOGGER.exception("connection from %s failed", peername)
+            _LOGGER.exception("connection from %s failed", client)
             writer.transport.abort()
         finally:
             self.guard.open -= 1

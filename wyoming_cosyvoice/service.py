@@ -14,6 +14,7 @@ from typing import AsyncGenerator, AsyncIterator, Awaitable, Optional
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
 from . import __version__
+from .aio import TaskSet
 from .audio import AudioFormat, PcmConverter, apply_gain
 from .config import Limits, ServerSettings
 from .degrade import Admission, Degraded, RoomQueue
@@ -97,7 +98,7 @@ class Service:
         self.degraded = Degraded()
         """How often a reply was degraded instead of refused (`degraded.counts()`)."""
         self._rooms = {id(engine): RoomQueue(engine) for engine in self.engines.running.values()}
-        self._finishing: set[asyncio.Future[object]] = set()
+        self._finishing = TaskSet()
         self._closing = False
         self.log_throttle = LogThrottle()
         """Rate limit for the per-client warning lines (refusals, errors, stalls) shared by all connections."""
@@ -200,9 +201,7 @@ class Service:
 
     def finish_later(self, finishing: Awaitable[object]) -> None:
         """Run a reply's end for the sinks in the background; `close_sinks` waits for it."""
-        task = asyncio.ensure_future(finishing)
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
+        self._finishing.add(asyncio.ensure_future(finishing))
 
     async def close_sinks(self, timeout: float = 10.0) -> None:
         """Wait (bounded) for server-side sinks to finish the replies they are still writing."""

@@ -28,6 +28,7 @@ from ..errors import CosyVoiceServiceError, EngineError, ServerBusy, VoiceNotFou
 from ..service import Reply
 from ..text import SentenceSplitter
 from .app import STUDIO_KEY, Studio
+from .connections import request_client
 from .encoders import FORMATS, KNOWN, OUTPUT, Encoder, Format
 
 _LOGGER = logging.getLogger(__name__)
@@ -299,7 +300,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
     speech_request = parse_speech(await _read_json(request, limit), studio)
     if service.closing:
         raise ApiError(503, "server is shutting down; try again shortly", code="shutting_down")
-    reply = open_reply(studio, speech_request.voice, client=f"http {request.remote}")
+    reply = open_reply(studio, speech_request.voice, client=f"http {request_client(request)}")
     return await _stream(request, studio, reply, speech_request)
 
 
