@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterat
 from .aio import TaskSet, wait_within
 from .audio import AudioFormat
 from .errors import CosyVoiceServiceError, EngineError, EngineOutOfMemory, EngineTimeout
-from .handoff import Cancelled, Handoff
+from .handoff import Handoff, RequestCancelled
 from .workers import Slots, Worker
 
 if TYPE_CHECKING:
@@ -28,8 +28,8 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class AudioChunk:
-    """A piece of synthesized audio: little-endian signed PCM."""
+class PcmChunk:
+    """A piece of synthesized audio: little-endian signed PCM (not wyoming's `AudioChunk` event)."""
 
     audio: bytes
     """Raw PCM samples."""
@@ -57,6 +57,13 @@ class AudioChunk:
     def seconds(self) -> float:
         """Duration of this chunk in seconds."""
         return self.samples / self.rate
+
+
+AudioChunk = PcmChunk
+"""Deprecated: the old name of `PcmChunk`, kept for engine plugins outside this repository."""
+
+Cancelled = RequestCancelled
+"""Deprecated: the old name of `RequestCancelled`, kept for engine plugins outside this repository."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,7 @@ class Engine(ABC):
         Default: never (an engine whose `room` is always None has nothing to announce)."""
 
     @abstractmethod
-    def synthesize(self, text: str, profile: "VoiceProfile", options: SynthesisOptions) -> AsyncIterator[AudioChunk]:
+    def synthesize(self, text: str, profile: "VoiceProfile", options: SynthesisOptions) -> AsyncIterator[PcmChunk]:
         """Stream audio for `text` in `profile`'s voice; closing the iterator cancels the work."""
 
     async def close(self) -> None:
@@ -354,7 +361,7 @@ class ThreadedEngine(Engine):
         """Blocking: make PCM and pass each piece to `emit` (for callback-style libraries); default uses generate()."""
         for pcm in self.generate(text, profile, options, cancel):
             if cancel.is_set():
-                raise Cancelled()
+                raise RequestCancelled()
             emit(pcm)
 
     def _produce(self, handoff: Handoff, text: str, profile: "VoiceProfile", options: SynthesisOptions) -> None:
@@ -368,7 +375,7 @@ class ThreadedEngine(Engine):
         try:
             handoff.post("started")
             self.render(text, profile, options, handoff.emit, handoff.cancel)
-        except Cancelled:
+        except RequestCancelled:
             pass
         except BaseException as err:  # forwarded to the awaiting coroutine
             if is_out_of_memory(err):
@@ -382,7 +389,7 @@ class ThreadedEngine(Engine):
 
     async def synthesize(
         self, text: str, profile: "VoiceProfile", options: SynthesisOptions
-    ) -> AsyncIterator[AudioChunk]:
+    ) -> AsyncIterator[PcmChunk]:
         """Run `render` on a worker thread and hand each chunk to the event loop as it is made."""
         handoff = Handoff(asyncio.get_running_loop(), self.max_ahead_bytes())
         # The slot orders requests for the workers (queueing time does not count towards the timeout); it is
@@ -428,7 +435,7 @@ class ThreadedEngine(Engine):
                     ) from None
                 if kind == "chunk":
                     handoff.taken(len(item))
-                    yield AudioChunk(item, self.sample_rate, self.sample_width, self.channels)
+                    yield PcmChunk(item, self.sample_rate, self.sample_width, self.channels)
                 elif kind == "error":
                     finished = True
                     if isinstance(item, CosyVoiceServiceError):

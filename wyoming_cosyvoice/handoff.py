@@ -14,7 +14,7 @@ ALIVE_INTERVAL_S = 0.5
 """A worker that waits on a shared resource says so at most this often (a wake-up of the loop each time)."""
 
 
-class Cancelled(Exception):
+class RequestCancelled(Exception):
     """Raised inside the worker thread when the request was cancelled (client gone)."""
 
 
@@ -57,19 +57,19 @@ class Handoff:
             self.cancel.set()
 
     def emit(self, pcm: bytes) -> None:
-        """Hand a chunk of audio over, first waiting while the consumer is `limit` bytes behind; Cancelled when the
-        consumer is gone."""
+        """Hand a chunk of audio over, first waiting while the consumer is `limit` bytes behind; RequestCancelled when
+        the consumer is gone."""
         if not pcm:
             return
         with self._room:
             if self._ahead >= self.limit:
                 while self._ahead > self.low_water:
                     if self.cancel.is_set():
-                        raise Cancelled()
+                        raise RequestCancelled()
                     self._room.wait(0.1)
             self._ahead += len(pcm)
         if self.cancel.is_set():
-            raise Cancelled()
+            raise RequestCancelled()
         self.post("chunk", pcm)
 
     def alive(self) -> None:

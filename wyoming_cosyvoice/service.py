@@ -18,7 +18,7 @@ from .aio import TaskSet
 from .audio import AudioFormat, PcmConverter, apply_gain
 from .config import Limits, ServerSettings
 from .degrade import Admission, Degraded, RoomQueue
-from .engine import AudioChunk, Engine, SynthesisOptions
+from .engine import Engine, PcmChunk, SynthesisOptions
 from .errors import EngineError, EngineOutOfMemory, EngineTimeout, ServerBusy, VoiceNotFound
 from .logs import LogThrottle
 from .preparation import VoicePreparer
@@ -256,7 +256,7 @@ class Reply:
             info = StreamInfo(label=f"r{next(_REPLY_IDS)}", voice=self.profile.name)
             self._copy = self._tee.open(self.format, info)
 
-    async def speak(self, text: str, *, speed: float = 1.0) -> AsyncGenerator[AudioChunk, None]:
+    async def speak(self, text: str, *, speed: float = 1.0) -> AsyncGenerator[PcmChunk, None]:
         """Stream `text` in the reply's voice (the sinks get a copy); closing it early cancels the engine work.
         `speed` multiplies the voice's own speaking rate (kept within 0.25..4)."""
         if not text.strip():
@@ -290,7 +290,7 @@ class Reply:
                 stats.finished = time.perf_counter()
                 _LOGGER.info("%s", stats.line())
 
-    async def _chunks(self, text: str, options: SynthesisOptions, stats: RequestStats) -> AsyncIterator[AudioChunk]:
+    async def _chunks(self, text: str, options: SynthesisOptions, stats: RequestStats) -> AsyncIterator[PcmChunk]:
         """The piece's audio from the voice's engine (after waiting for room), else from the fallback engine."""
         service = self._service
         fallback = service.engines.fallback_for(self.engine)
@@ -323,7 +323,7 @@ class Reply:
                     self._converter = PcmConverter(chunk.format, self.format)
                 pcm = self._converter.convert(chunk.audio)
                 if pcm:
-                    yield AudioChunk(pcm, self.format.rate, self.format.width, self.format.channels)
+                    yield PcmChunk(pcm, self.format.rate, self.format.width, self.format.channels)
 
     async def _wait_for_room(self, has_fallback: bool, stats: RequestStats) -> Optional[str]:
         """Wait, in order, for room in the engine (`server.busy_wait_s`; without a fallback engine up to
@@ -345,7 +345,7 @@ class Reply:
 
     async def _engine_chunks(
         self, text: str, options: SynthesisOptions, stats: RequestStats
-    ) -> AsyncIterator[AudioChunk]:
+    ) -> AsyncIterator[PcmChunk]:
         """The piece's audio from the voice's engine; tried once more when it failed before its first audio for a
         reason that passes (a hung call replaced, out of memory after the cache was freed)."""
         gain = self.profile.gain
@@ -406,7 +406,7 @@ class Reply:
 
 
 @contextlib.asynccontextmanager
-async def _closing(chunks: AsyncIterator[AudioChunk]) -> AsyncIterator[AsyncIterator[AudioChunk]]:
+async def _closing(chunks: AsyncIterator[PcmChunk]) -> AsyncIterator[AsyncIterator[PcmChunk]]:
     """Close an engine's chunk iterator whatever happens (closing it cancels the engine work)."""
     try:
         yield chunks

@@ -15,7 +15,7 @@ import numpy as np
 
 from wyoming_cosyvoice.audio import float_to_pcm16
 from wyoming_cosyvoice.config import Section
-from wyoming_cosyvoice.engine import AudioChunk, Cancelled, SynthesisOptions, ThreadedEngine
+from wyoming_cosyvoice.engine import PcmChunk, RequestCancelled, SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineError, EngineNotConfigured, EngineUnavailable, ServerBusy, VoiceError
 from wyoming_cosyvoice.gpu import gpu_facts
 from wyoming_cosyvoice.reference import normalized_reference
@@ -377,9 +377,7 @@ class CosyVoiceEngine(ThreadedEngine):
 
     # --- synthesis ---------------------------------------------------------------------------------
 
-    async def synthesize(
-        self, text: str, profile: VoiceProfile, options: SynthesisOptions
-    ) -> AsyncIterator[AudioChunk]:
+    async def synthesize(self, text: str, profile: VoiceProfile, options: SynthesisOptions) -> AsyncIterator[PcmChunk]:
         """Admit (a free slot, or room in the queue, and room in the machine's speed), then stream the chunks."""
         if self.model is None:
             raise EngineError(f"cosyvoice engine is not ready (state: {self.state})")
@@ -439,7 +437,7 @@ class CosyVoiceEngine(ThreadedEngine):
         try:
             for pcm in chunks:
                 if cancel.is_set():
-                    raise Cancelled()
+                    raise RequestCancelled()
                 emit(pcm)
         finally:
             chunks.close()
