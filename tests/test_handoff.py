@@ -12,7 +12,7 @@ import pytest
 
 from wyoming_cosyvoice.engine import SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineTimeout
-from wyoming_cosyvoice.handoff import Handoff, RequestCancelled
+from wyoming_cosyvoice.handoff import Handoff, HandoffKind, RequestCancelled
 from wyoming_cosyvoice.voices import VoiceProfile
 from wyoming_cosyvoice.workers import Slots
 
@@ -41,8 +41,8 @@ async def test_items_come_in_order_with_one_wake_up_for_a_burst() -> None:
 
 async def test_alive_items_are_never_handed_out_and_nothing_is_a_timeout() -> None:
     handoff = Handoff(asyncio.get_running_loop(), limit=10_000)
-    handoff.post("alive")
-    handoff.post("chunk", b"ab")
+    handoff.post(HandoffKind.ALIVE)
+    handoff.post(HandoffKind.CHUNK, b"ab")
     assert await handoff.take(5) == ("chunk", b"ab")
     with pytest.raises(asyncio.TimeoutError):
         await handoff.take(0.05)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterat
 from .aio import TaskSet, wait_within
 from .audio import AudioFormat
 from .errors import CosyVoiceServiceError, EngineError, EngineOutOfMemory, EngineTimeout
-from .handoff import Handoff, RequestCancelled
+from .handoff import Handoff, HandoffKind, RequestCancelled
 from .workers import Slots, Worker
 
 if TYPE_CHECKING:
@@ -367,25 +367,25 @@ class ThreadedEngine(Engine):
     def _produce(self, handoff: Handoff, text: str, profile: "VoiceProfile", options: SynthesisOptions) -> None:
         """One request on its worker thread: render into the hand-off, then say how it ended."""
         if handoff.cancel.is_set():  # cancelled while waiting for the worker
-            handoff.post("end")
+            handoff.post(HandoffKind.END)
             return
         with self._running_lock:
             self._running.add(handoff)
         self._local.handoff = handoff
         try:
-            handoff.post("started")
+            handoff.post(HandoffKind.STARTED)
             self.render(text, profile, options, handoff.emit, handoff.cancel)
         except RequestCancelled:
             pass
         except BaseException as err:  # forwarded to the awaiting coroutine
             if is_out_of_memory(err):
                 self.release_memory()
-            handoff.post("error", err)
+            handoff.post(HandoffKind.ERROR, err)
         finally:
             self._local.handoff = None
             with self._running_lock:
                 self._running.discard(handoff)
-            handoff.post("end")
+            handoff.post(HandoffKind.END)
 
     async def synthesize(
         self, text: str, profile: "VoiceProfile", options: SynthesisOptions
@@ -433,10 +433,10 @@ class ThreadedEngine(Engine):
                         f"{self.name} engine produced no audio for {options.timeout:g} s; request abandoned "
                         "and the engine worker restarted"
                     ) from None
-                if kind == "chunk":
+                if kind == HandoffKind.CHUNK:
                     handoff.taken(len(item))
                     yield PcmChunk(item, self.sample_rate, self.sample_width, self.channels)
-                elif kind == "error":
+                elif kind == HandoffKind.ERROR:
                     finished = True
                     if isinstance(item, CosyVoiceServiceError):
                         raise item
@@ -446,7 +446,7 @@ class ThreadedEngine(Engine):
                             "cached memory was released, try a shorter text"
                         ) from item
                     raise EngineError(f"{self.name} engine failed: {type(item).__name__}: {item}") from item
-                elif kind == "end":
+                elif kind == HandoffKind.END:
                     finished = True
                     break
         finally:
