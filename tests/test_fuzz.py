@@ -177,7 +177,7 @@ class ServerThread:
         self.settle()
         assert self.tasks() == self._tasks_before
         assert self.server is not None and not self.server._connections and self.server.guard.open == 0
-        assert self.server.service.admission.active == 0
+        assert self.server.service.concurrency_limit.active == 0
         threads = {t.name for t in threading.enumerate()}
         assert {t for t in threads - self._threads_before if not t.startswith("asyncio_")} == set(), threads
 

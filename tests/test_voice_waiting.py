@@ -103,7 +103,7 @@ async def _waiting_request(tmp_path: Path, server: Server) -> tuple[Path, "async
             return await collect(client, timeout=TIMEOUT)
 
     task = asyncio.create_task(request())
-    await _until(lambda: server.service.admission.active == 1)  # admitted: waiting in `ready`
+    await _until(lambda: server.service.concurrency_limit.active == 1)  # admitted: waiting in `ready`
     return folder, task
 
 

@@ -17,7 +17,7 @@ from . import __version__
 from .aio import TaskSet
 from .audio import AudioFormat, PcmConverter, apply_gain
 from .config import Limits, ServerSettings
-from .degrade import Admission, Degraded, RoomQueue
+from .degrade import ConcurrencyLimit, Degraded, RoomQueue
 from .engine import Engine, PcmChunk, SynthesisOptions
 from .errors import EngineError, EngineOutOfMemory, EngineTimeout, ServerBusy, VoiceNotFound
 from .logs import LogThrottle
@@ -87,7 +87,8 @@ class Service:
         self.catalog = catalog
         self.preparer = preparer or VoicePreparer(catalog, self.engines)
         """Prepares new or changed voices in the background (hot reload) and leaves broken ones out."""
-        self.admission = Admission(max_concurrent)
+        self.concurrency_limit = ConcurrencyLimit(max_concurrent)
+        """How many requests may be in progress at once (`server.max_concurrent`); each holds a slot."""
         self.streaming = streaming
         self.first_clause_words = first_clause_words
         """Words a stream's first piece needs before it may end at a clause (`server.first_clause_words`; 0: off)."""
@@ -262,7 +263,7 @@ class Reply:
         if not text.strip():
             return
         service = self._service
-        with service.admission.slot():
+        with service.concurrency_limit.slot():
             self._pieces += 1
             stats = RequestStats(str(next(_REQUEST_IDS)), self.profile.name, len(text), degraded=list(self._notes))
             profile = await self._current_version(stats)

@@ -26,7 +26,7 @@ from . import stream as cosyvoice_stream
 from .options import CosyVoiceSettings, LoadPlan, auto_concurrency, plan_load
 from .prompts import PromptCache, default_cache_dir, prompt_key
 from .recipes import PreparedVoice, recipe, speakable, synthetic_prompt, v1_language_tag
-from .scheduler import admission
+from .scheduler import real_time_overload
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -381,11 +381,11 @@ class CosyVoiceEngine(ThreadedEngine):
         """Admit (a free slot, or room in the queue, and room in the machine's speed), then stream the chunks."""
         if self.model is None:
             raise EngineError(f"cosyvoice engine is not ready (state: {self.state})")
-        self._admit()
+        self._refuse_without_room()
         async for chunk in super().synthesize(text, profile, options):
             yield chunk
 
-    def _admit(self) -> None:
+    def _refuse_without_room(self) -> None:
         why = self.room()
         if why is not None:
             raise ServerBusy(f"cosyvoice engine {why}")
@@ -402,7 +402,7 @@ class CosyVoiceEngine(ThreadedEngine):
             )
         if self.settings.keep_real_time and self.scheduling is not None and in_flight < self.concurrency:
             scheduling = self.scheduling
-            why = admission(
+            why = real_time_overload(
                 in_flight,
                 scheduling.costs.per_stream(),
                 scheduling.llm_batched,

@@ -59,9 +59,9 @@ async def status(request: web.Request) -> web.Response:
             "engines": engines,
             "failed_engines": {k: studio.redact(v) for k, v in service.engines.failed.items()},
             "note": studio.redact(service.engines.note),
-            "in_flight": service.admission.active,
+            "in_flight": service.concurrency_limit.active,
             "degraded": service.degraded.counts(),
-            "max_concurrent": service.admission.limit,
+            "max_concurrent": service.concurrency_limit.limit,
             "preparing": sorted(service.preparer.preparing()),
             "token_required": bool(studio.token),
             "limits": {
