@@ -113,6 +113,21 @@ class Engine(ABC):
         """Engine facts for logs, `describe` and the health command (cheap, non-blocking)."""
         return {"engine": self.name, "sample_rate": self.sample_rate}
 
+    def reply_opening(self) -> Optional[Callable[[], None]]:
+        """A reply this engine will serve is opening (called on the loop at `synthesize-start`, before any text):
+        an engine that parks its model when idle starts waking it now, so the wake overlaps the text's arrival, and
+        may return a release to call when the reply ends (the model stays awake until then). Cheap; default none."""
+        return None
+
+    async def park(self) -> Optional[str]:
+        """Free the model's (GPU) memory until the next request; the engine's state after, or None when this engine
+        does not park (the default)."""
+        return None
+
+    async def wake(self) -> Optional[str]:
+        """Undo `park` now rather than at the next request; the state after, or None when this engine does not park."""
+        return None
+
     @abstractmethod
     def synthesize(self, text: str, profile: "VoiceProfile", options: SynthesisOptions) -> AsyncIterator[AudioChunk]:
         """Stream audio for `text` in `profile`'s voice; closing the iterator cancels the work."""

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from wyoming.audio import AudioChunk as WyomingAudioChunk
 from wyoming.audio import AudioStart, AudioStop
@@ -43,6 +43,13 @@ class _Stream:
     reply: Optional[Reply] = None  # opened at the first sentence, when its audio starts
     failed: bool = False
     chars: int = 0
+    release: Optional[Callable[[], None]] = None  # the engine's, from synthesize-start: called at the stream's end
+
+    def ended(self) -> None:
+        """The stream is over: its engine may park again once idle (dropped unreleased, it releases when collected)."""
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
 
 @dataclass
@@ -210,6 +217,8 @@ class TtsEventHandler(AsyncEventHandler):
                 raise BadRequest("synthesize-start while a stream is already open")
             name, language = _voice_fields(event.data)
             self._stream = _Stream(name, language, SentenceSplitter(self.service.first_clause_words))
+            # The LLM has just begun its reply: a parked model wakes while its text arrives.
+            self._stream.release = self.service.reply_opening(name, language)
             return True
         if SynthesizeChunk.is_type(event.type):
             if self._stream is None:
@@ -288,6 +297,7 @@ class TtsEventHandler(AsyncEventHandler):
                 await self._start(stream.reply)
             await self._speak(stream.reply, job.text)
         else:
+            job.stream.ended()
             if job.stream.reply is not None:
                 await self._finish(job.stream.reply)
             await self.write_event(SynthesizeStopped().event())
@@ -297,6 +307,7 @@ class TtsEventHandler(AsyncEventHandler):
         await self._send_error(err)
         if isinstance(job, _Sentence):
             job.stream.failed = True
+            job.stream.ended()
             # The rest of this stream is dropped; the client still gets its terminating event.
             await self.write_event(SynthesizeStopped().event())
         self._close()

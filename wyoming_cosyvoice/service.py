@@ -9,7 +9,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import AsyncGenerator, Iterator, Optional
+from typing import AsyncGenerator, Callable, Iterator, Optional
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
@@ -17,7 +17,7 @@ from . import __version__
 from .audio import AudioFormat, apply_gain
 from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
-from .errors import ServerBusy
+from .errors import CosyVoiceServiceError, ServerBusy
 from .logs import LogThrottle
 from .preparation import VoicePreparer
 from .routing import Engines
@@ -149,6 +149,25 @@ class Service:
         profile = self.catalog.resolve(voice, language)
         return Reply(self, profile, self.engines.engine_for(profile), self.tee if sinks else None)
 
+    def reply_opening(self, voice: Optional[str], language: Optional[str]) -> Optional[Callable[[], None]]:
+        """A streamed reply opens (`synthesize-start`, before its text): its engine may start waking its model now.
+        Returns the engine's release for the reply's end, or None (an unknown voice is reported at the first text)."""
+        try:
+            profile = self.catalog.resolve(voice, language)
+            return self.engines.engine_for(profile).reply_opening()
+        except CosyVoiceServiceError:
+            return None
+
+    async def park(self) -> dict[str, str]:
+        """Park every engine that parks (`wyoming-cosyvoice park`, the studio's API): engine name -> state after."""
+        states = {name: await engine.park() for name, engine in list(self.engines.running.items())}
+        return {name: state for name, state in states.items() if state is not None}
+
+    async def wake(self) -> dict[str, str]:
+        """Wake every parked engine now: engine name -> state after."""
+        states = {name: await engine.wake() for name, engine in list(self.engines.running.items())}
+        return {name: state for name, state in states.items() if state is not None}
+
     async def close_sinks(self, timeout: float = 10.0) -> None:
         """Wait (bounded) for server-side sinks to finish the replies they are still writing."""
         if self._finishing:
@@ -172,6 +191,7 @@ class Reply:
         self._service = service
         self._tee = tee
         self._copy: Optional[TeeStream] = None  # the sinks' copy, open from start() to finish()
+        self._release = engine.reply_opening()  # a parked model starts waking; it stays awake until finish()
 
     def start(self) -> None:
         """The audio begins: open the reply's stream on every server-side sink (one file or stream per reply)."""
@@ -221,6 +241,9 @@ class Reply:
 
     def finish(self, ok: bool) -> None:
         """End the reply (`ok` False: cut off); the sinks finish in the background (`Service.close_sinks`)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
         copy, self._copy = self._copy, None
         if copy is not None:
             task = asyncio.ensure_future(copy.close(ok))
