@@ -136,6 +136,10 @@ class Engine(ABC):
         """Release the model and threads."""
 
 
+ENGINE_PARK, ENGINE_WAKE, ENGINE_STATE = "engine-park", "engine-wake", "engine-state"
+"""This server's own Wyoming events (not the protocol's): park or wake the engines that park (`Engine.park`);
+answered with `engine-state`, data `{"engines": {name: state}}`."""
+
 OOM_MARKERS = ("out of memory", "cuda error: out of memory", "cublas_status_alloc_failed")
 """Lower-case message fragments that identify a (GPU) out-of-memory failure."""
 

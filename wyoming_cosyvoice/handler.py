@@ -18,6 +18,7 @@ from wyoming.server import AsyncEventHandler
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
 from .audio import split_pcm
+from .engine import ENGINE_PARK, ENGINE_STATE, ENGINE_WAKE
 from .errors import BadRequest, CosyVoiceServiceError, LimitExceeded, ServerBusy
 from .service import Reply, Service
 from .text import SentenceSplitter
@@ -240,6 +241,11 @@ class TtsEventHandler(AsyncEventHandler):
                 self._queue(_Sentence(self._stream, rest), len(rest))
             self._queue(_StreamEnd(self._stream), 0)
             self._stream = None
+            return True
+        if event.type in (ENGINE_PARK, ENGINE_WAKE):
+            # Our own events (`wyoming-cosyvoice park` / `wake`): free the GPU before a big job, or wake ahead of use.
+            states = await (self.service.park() if event.type == ENGINE_PARK else self.service.wake())
+            await self.write_event(Event(ENGINE_STATE, {"engines": states}))
             return True
         raise BadRequest(f"unsupported event type {event.type[:64]!r}")
 

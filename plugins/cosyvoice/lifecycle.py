@@ -170,6 +170,12 @@ class Keeper:
         """ready, parking, parked or waking."""
         return self.machine.state
 
+    @property
+    def label(self) -> str:
+        """The state as reported: ready, parking, parked (host|unload) or waking."""
+        state = self.machine.state
+        return f"parked ({self.mode})" if state == PARKED else state
+
     def start(self) -> None:
         """Start the idle timer (on the running loop)."""
         self._loop = asyncio.get_running_loop()
@@ -216,6 +222,7 @@ class Keeper:
                 self._stop_park.clear()
                 self.machine.parking()  # now, not when the task first runs: a request arriving meanwhile waits
                 self._begin(self._run_park())
+                self._nudge()
             await asyncio.shield(self._step)  # type: ignore[arg-type]
 
     def _begin(self, step: Awaitable[Any]) -> None:
@@ -298,7 +305,7 @@ class Keeper:
             self.machine.park_wanted = True
             self._nudge()
             await self.wait_until(lambda: not self.machine.park_wanted)
-        return self.machine.state
+        return self.label
 
     async def wake_now(self, why: str = "a wake command") -> str:
         """Wake (or wait for the wake in progress); the state after."""
@@ -306,12 +313,11 @@ class Keeper:
         action = self.machine.need()
         self._nudge()
         await self._settle(action, why)
-        return self.machine.state
+        return self.label
 
     def facts(self) -> dict[str, Any]:
         """For health and describe: the state, keep_alive and the last wake."""
-        state = self.machine.state
-        facts: dict[str, Any] = {"lifecycle": f"parked ({self.mode})" if state == PARKED else state}
+        facts: dict[str, Any] = {"lifecycle": self.label}
         keep = self.machine.keep_alive
         facts["keep_alive"] = "never" if keep < 0 else f"{keep:g} s ({self.mode})"
         if self.last_wake_at is not None and self.machine.last_wake_s is not None:

@@ -38,14 +38,15 @@ def _tensors(module: Any) -> list[Any]:
 
 def to_host(inner: Any, trt: Optional[TrtPlan], stop: threading.Event) -> bool:
     """Move the weights of `inner`'s parts to host memory (pinned on CUDA, so the wake copies at full speed) and
-    drop the TensorRT engine; stops between parts when `stop` is set. True when anything moved."""
+    drop the TensorRT engine; stops between parts when `stop` is set. False when it stopped before the first part
+    (nothing changed); on the CPU the weights are already in host memory and the park changes nothing but the state."""
     import torch
 
+    if stop.is_set():
+        return False
     cuda = torch.cuda.is_available()
-    moved = False
-    if trt is not None and getattr(inner.flow.decoder, "estimator", None) is not None:
+    if trt is not None:
         inner.flow.decoder.estimator = None  # the engine and its contexts hold GPU memory; the plan is on disk
-        moved = True
     for name in PARTS:
         if stop.is_set():
             break
@@ -55,11 +56,10 @@ def to_host(inner: Any, trt: Optional[TrtPlan], stop: threading.Event) -> bool:
             host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=cuda)
             host.copy_(tensor.data, non_blocking=cuda)
             tensor.data = host
-            moved = True
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    return moved
+    return True
 
 
 def to_device(inner: Any, trt: Optional[TrtPlan]) -> None:

@@ -1,0 +1,145 @@
+"""Parking and waking the REAL upstream CosyVoice 2 (tiny random-weight model, CPU), both modes: after `keep_alive`
+the engine reports parked (unload: the model's memory is given back), a request wakes it and gets exactly the audio
+it got awake (fixed seed), several requests share one wake, a request during the park waits for it and wakes the
+model, a client leaving during a wake leaves nothing behind, and park/wake cycles leak no memory, thread or fd.
+
+On the CPU `host` has nothing to copy (the weights are host memory already): it runs the same states and code paths;
+the copies themselves need a GPU (docs/cosyvoice.md). Unload cycles take ~1.5 s each here: 3 by default, more with
+WYOMING_COSYVOICE_PARK_CYCLES (50 for the figures in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from wyoming_cosyvoice.config import Section
+from wyoming_cosyvoice.engine import SynthesisOptions
+from wyoming_cosyvoice.voices import VoiceProfile
+from wyoming_cosyvoice_plugins.cosyvoice.engine import CosyVoiceEngine
+from wyoming_cosyvoice_plugins.cosyvoice.lifecycle import PARKED, PARKING, READY, WAKING
+from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings
+
+from .cosyvoice_support import forget_cosyvoice, write_prompt
+from .realcode import engine_section
+
+TEXT = "Hello there, how are you today?"
+KEEP_ALIVE = 0.3
+WAIT = 60.0
+UNLOAD_CYCLES = int(os.environ.get("WYOMING_COSYVOICE_PARK_CYCLES") or 3)
+
+
+@pytest.fixture(autouse=True)
+def fresh_import() -> Iterator[None]:
+    forget_cosyvoice()
+    yield
+    forget_cosyvoice()
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def snapshot() -> tuple[float, int, int]:
+    """RSS (MiB), threads, open file descriptors of this process."""
+    return rss_mb(), threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+
+def make_engine(tmp_path: Path, repo: Path, model: Path, mode: str) -> CosyVoiceEngine:
+    data = engine_section(repo, model, tmp_path / "cache", keep_alive=KEEP_ALIVE, park=mode)
+    section = Section("cosyvoice", data, "test", "engines.cosyvoice", tmp_path)
+    return CosyVoiceEngine(section.parse(CosyVoiceSettings))
+
+
+def seeded(engine: CosyVoiceEngine) -> None:
+    """Every request starts from the same random state (upstream samples tokens and the vocoder's phase)."""
+    import torch
+
+    original = engine.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Iterator[bytes]:
+        torch.manual_seed(1234)
+        yield from original(*args, **kwargs)
+
+    engine.generate = generate  # type: ignore[method-assign]
+
+
+async def say(engine: CosyVoiceEngine, profile: VoiceProfile) -> bytes:
+    audio = bytearray()
+    async for chunk in engine.synthesize(TEXT, profile, SynthesisOptions()):
+        audio += chunk.audio
+    return bytes(audio)
+
+
+async def until(engine: CosyVoiceEngine, settled: Callable[[], bool]) -> None:
+    await asyncio.wait_for(engine.lifecycle.wait_until(settled), WAIT)
+
+
+def in_state(engine: CosyVoiceEngine, state: str) -> Callable[[], bool]:
+    return lambda: engine.lifecycle.state == state
+
+
+@pytest.mark.parametrize("mode", ["unload", "host"])
+async def test_park_and_wake_give_the_same_audio(
+    tmp_path: Path, cosyvoice_repo: Path, tiny_cosyvoice2: Path, mode: str
+) -> None:
+    engine = make_engine(tmp_path, cosyvoice_repo, tiny_cosyvoice2, mode)
+    profile = VoiceProfile(name="v", mode="cross_lingual", reference_audio=write_prompt(tmp_path / "p.wav", rate=24000))
+    await engine.start()
+    try:
+        await engine.prepare([profile])
+        await engine.warmup()
+        seeded(engine)
+        release = engine.reply_opening()  # a reply open: awake (woken if it parked already) until released
+        await until(engine, in_state(engine, READY))
+        awake = await say(engine, profile)
+        assert awake and await say(engine, profile) == awake, "precondition: two awake requests agree"
+        rss_awake = rss_mb()
+        release()
+
+        await until(engine, in_state(engine, PARKED))
+        assert engine.health()["lifecycle"] == f"parked ({mode})"
+        if mode == "unload":
+            weights = sum((tiny_cosyvoice2 / name).stat().st_size for name in ("llm.pt", "flow.pt", "hift.pt"))
+            assert engine.model is None
+            assert rss_awake - rss_mb() >= 0.5 * weights / 2**20, "the model's memory was not given back"
+
+        wakes = engine.lifecycle.machine.wakes
+        replies = await asyncio.wait_for(asyncio.gather(*(say(engine, profile) for _ in range(3))), WAIT)
+        assert replies == [awake] * 3, "woken: not the audio it gave awake"
+        assert engine.lifecycle.machine.wakes == wakes + 1, "several requests, more than one wake"
+        assert "last_wake" in engine.health()
+
+        await until(engine, in_state(engine, PARKED))
+        leaving = asyncio.create_task(say(engine, profile))
+        await until(engine, in_state(engine, WAKING))
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        await until(engine, in_state(engine, PARKED))  # the wake finished for nobody, then the model parked again
+        assert engine.lifecycle.machine.in_flight == 0 and engine.in_flight == 0
+
+        await engine.wake()
+        await until(engine, in_state(engine, PARKING))
+        assert await asyncio.wait_for(say(engine, profile), WAIT) == awake, "a request during the park"
+
+        cycles = 50 if mode == "host" else UNLOAD_CYCLES
+        for _ in range(2):  # the allocator settles over the first cycles
+            await engine.park()
+            await engine.wake()
+        before = snapshot()
+        for _ in range(cycles):
+            assert await engine.park() == f"parked ({mode})"
+            assert await engine.wake() == READY
+        rss, threads, fds = snapshot()
+        assert (threads, fds) == before[1:]
+        assert rss - before[0] < 40, f"RSS grew {rss - before[0]:.0f} MiB over {cycles} cycles"
+        assert await say(engine, profile) == awake
+    finally:
+        await engine.close()
