@@ -156,7 +156,7 @@ async def test_requests_during_one_wake_share_it() -> None:
     keeper = Keeper(-1, "unload", steps.park, steps.wake)
     keeper.start()
     try:
-        assert await keeper.park_now() == PARKED
+        assert await keeper.park_now() == "parked (unload)"
         steps.wake_gate.clear()
         entered: list[int] = []
 
@@ -258,3 +258,18 @@ async def test_failed_wake_fails_the_request_and_the_next_one_retries() -> None:
             assert keeper.state == READY
     finally:
         await keeper.close()
+
+
+def test_triton_ignores_the_parking_keys_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    from pathlib import Path
+
+    from wyoming_cosyvoice.config import Section
+    from wyoming_cosyvoice_plugins.triton import without_parking_keys
+    from wyoming_cosyvoice_plugins.triton.settings import TritonSettings
+
+    data = {"endpoints": ["grpc://127.0.0.1:8001"], "keep_alive": 5, "park": "unload"}
+    section = Section("triton", data, "server.yaml", "engines.triton", Path("."))
+    settings = without_parking_keys(section).parse(TritonSettings)
+    assert settings.endpoints == ("grpc://127.0.0.1:8001",)
+    warnings = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(warnings) == 1 and "keep_alive and park ignored" in warnings[0], warnings

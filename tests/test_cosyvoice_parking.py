@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
-from wyoming_cosyvoice.config import Section
+from wyoming_cosyvoice.client import TtsClient
+from wyoming_cosyvoice.commands.describe import parse_health
+from wyoming_cosyvoice.config import Section, load_config
 from wyoming_cosyvoice.engine import SynthesisOptions
 from wyoming_cosyvoice.voices import VoiceProfile
 from wyoming_cosyvoice_plugins.cosyvoice.engine import CosyVoiceEngine
@@ -26,6 +29,7 @@ from wyoming_cosyvoice_plugins.cosyvoice.lifecycle import PARKED, PARKING, READY
 from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings
 
 from .cosyvoice_support import forget_cosyvoice, write_prompt
+from .helpers import collect, connect, running_server, write_config
 from .realcode import engine_section
 
 TEXT = "Hello there, how are you today?"
@@ -143,3 +147,40 @@ async def test_park_and_wake_give_the_same_audio(
         assert await say(engine, profile) == awake
     finally:
         await engine.close()
+
+
+async def test_a_parked_server_wakes_at_synthesize_start(
+    tmp_path: Path, cosyvoice_repo: Path, tiny_cosyvoice2: Path
+) -> None:
+    """Through the real server: `describe` shows the model parked; `synthesize-start` alone (Home Assistant sends it
+    when its LLM starts streaming) wakes it before any text arrives; the reply ends and the model parks again; the
+    `park` / `wake` commands' events answer with the state."""
+    section = engine_section(cosyvoice_repo, tiny_cosyvoice2, tmp_path / "cache", keep_alive=KEEP_ALIVE, park="host")
+    prompt = write_prompt(tmp_path / "p.wav", rate=24000)
+    path = write_config(
+        tmp_path / "cfg",
+        voices=[{"name": "v", "reference_audio": str(prompt), "mode": "cross_lingual"}],
+        engine={"name": "cosyvoice", "fallback": None},
+        engines={"cosyvoice": section},
+    )
+    async with running_server(load_config(path)) as server:
+        engine = server.service.engine
+        assert isinstance(engine, CosyVoiceEngine)
+        await until(engine, in_state(engine, PARKED))
+        async with TtsClient(f"tcp://127.0.0.1:{server.port}") as client:
+            health = parse_health((await client.describe()).tts[0].description)
+        assert health is not None and health["lifecycle"] == "parked (host)", health
+
+        async with connect(server) as client:
+            await client.write_event(SynthesizeStart(voice=SynthesizeVoice(name="v")).event())
+            await until(engine, in_state(engine, READY))
+            assert engine.lifecycle.last_wake_why == "a reply opening"
+            await client.write_event(SynthesizeChunk(text=TEXT).event())
+            await client.write_event(SynthesizeStop().event())
+            reply = await collect(client, until="synthesize-stopped", timeout=WAIT)
+        assert not reply.errors and reply.seconds > 0
+        await until(engine, in_state(engine, PARKED))
+
+        async with TtsClient(f"tcp://127.0.0.1:{server.port}", read_timeout=WAIT) as client:
+            assert await client.engine_control("wake") == {"cosyvoice": READY}
+            assert await client.engine_control("park") == {"cosyvoice": "parked (host)"}

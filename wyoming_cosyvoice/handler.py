@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 from wyoming.audio import AudioChunk as WyomingAudioChunk
 from wyoming.audio import AudioStart, AudioStop
@@ -20,7 +20,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 from .audio import split_pcm
 from .engine import ENGINE_PARK, ENGINE_STATE, ENGINE_WAKE
 from .errors import BadRequest, CosyVoiceServiceError, LimitExceeded, ServerBusy
-from .service import Reply, Service
+from .service import Opening, Reply, Service
 from .text import SentenceSplitter
 from .wire import EventChannel
 
@@ -44,13 +44,12 @@ class _Stream:
     reply: Optional[Reply] = None  # opened at the first sentence, when its audio starts
     failed: bool = False
     chars: int = 0
-    release: Optional[Callable[[], None]] = None  # the engine's, from synthesize-start: called at the stream's end
+    opening: Optional[Opening] = None  # voice and engine found at synthesize-start (the engine starts waking)
 
     def ended(self) -> None:
         """The stream is over: its engine may park again once idle (dropped unreleased, it releases when collected)."""
-        release, self.release = self.release, None
-        if release is not None:
-            release()
+        if self.opening is not None:
+            self.opening.close()
 
 
 @dataclass
@@ -218,8 +217,10 @@ class TtsEventHandler(AsyncEventHandler):
                 raise BadRequest("synthesize-start while a stream is already open")
             name, language = _voice_fields(event.data)
             self._stream = _Stream(name, language, SentenceSplitter(self.service.first_clause_words))
-            # The LLM has just begun its reply: a parked model wakes while its text arrives.
-            self._stream.release = self.service.reply_opening(name, language)
+            # The LLM has just begun its reply: a parked model wakes while its text arrives. A voice that cannot be
+            # found is reported at the first sentence, as before (the stream then ends with synthesize-stopped).
+            with contextlib.suppress(CosyVoiceServiceError):
+                self._stream.opening = self.service.reply_opening(name, language)
             return True
         if SynthesizeChunk.is_type(event.type):
             if self._stream is None:
@@ -299,7 +300,7 @@ class TtsEventHandler(AsyncEventHandler):
             if stream.failed:
                 return
             if stream.reply is None:
-                stream.reply = self.service.open_reply(stream.voice_name, stream.language)
+                stream.reply = self.service.open_reply(stream.voice_name, stream.language, opening=stream.opening)
                 await self._start(stream.reply)
             await self._speak(stream.reply, job.text)
         else:

@@ -17,7 +17,7 @@ from . import __version__
 from .audio import AudioFormat, apply_gain
 from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
-from .errors import CosyVoiceServiceError, ServerBusy
+from .errors import ServerBusy
 from .logs import LogThrottle
 from .preparation import VoicePreparer
 from .routing import Engines
@@ -143,20 +143,22 @@ class Service:
         )
         return Info(tts=[program])
 
-    def open_reply(self, voice: Optional[str], language: Optional[str], *, sinks: bool = True) -> Reply:
-        """The reply for a request's voice name / language: its profile and engine are found once, here
-        (VoiceNotFound when there is none, or its engine is not running). `sinks` False: no copy for the sinks."""
-        profile = self.catalog.resolve(voice, language)
-        return Reply(self, profile, self.engines.engine_for(profile), self.tee if sinks else None)
+    def open_reply(
+        self, voice: Optional[str], language: Optional[str], *, sinks: bool = True, opening: Optional[Opening] = None
+    ) -> Reply:
+        """The reply for a request's voice name / language: its profile and engine are found once, here or by
+        `reply_opening` (VoiceNotFound when there is none, or its engine is not running). `sinks` False: no copy for
+        the sinks."""
+        if opening is None:
+            opening = self.reply_opening(voice, language)
+        return Reply(self, opening, self.tee if sinks else None)
 
-    def reply_opening(self, voice: Optional[str], language: Optional[str]) -> Optional[Callable[[], None]]:
-        """A streamed reply opens (`synthesize-start`, before its text): its engine may start waking its model now.
-        Returns the engine's release for the reply's end, or None (an unknown voice is reported at the first text)."""
-        try:
-            profile = self.catalog.resolve(voice, language)
-            return self.engines.engine_for(profile).reply_opening()
-        except CosyVoiceServiceError:
-            return None
+    def reply_opening(self, voice: Optional[str], language: Optional[str]) -> Opening:
+        """A reply opens (a streamed one at `synthesize-start`, before its text): its voice and engine are found, and
+        the engine may start waking a parked model now, so the wake overlaps the text's arrival."""
+        profile = self.catalog.resolve(voice, language)
+        engine = self.engines.engine_for(profile)
+        return Opening(profile, engine, engine.reply_opening())
 
     async def park(self) -> dict[str, str]:
         """Park every engine that parks (`wyoming-cosyvoice park`, the studio's API): engine name -> state after."""
@@ -174,6 +176,22 @@ class Service:
             await asyncio.wait(set(self._finishing), timeout=timeout)
 
 
+@dataclasses.dataclass
+class Opening:
+    """A reply's voice and engine, found once, and the engine's release for the reply's end (`Engine.reply_opening`:
+    a model that parks stays awake until then)."""
+
+    profile: VoiceProfile
+    engine: Engine
+    release: Optional[Callable[[], None]] = None
+
+    def close(self) -> None:
+        """The reply is over (called once or more: only the first counts)."""
+        release, self.release = self.release, None
+        if release is not None:
+            release()
+
+
 class Reply:
     """One audio reply (`audio-start` .. `audio-stop`): its voice, engine and format, and its copy for the sinks.
 
@@ -181,17 +199,17 @@ class Reply:
     id, log line), `finish(ok)` at its end (`ok` False: cut off).
     """
 
-    def __init__(self, service: Service, profile: VoiceProfile, engine: Engine, tee: Optional[Tee]) -> None:
-        self.profile = profile
+    def __init__(self, service: Service, opening: Opening, tee: Optional[Tee]) -> None:
+        self.profile = opening.profile
         """The voice."""
-        self.engine = engine
+        self.engine = opening.engine
         """The engine that serves the voice."""
-        self.format: AudioFormat = engine.audio_format
+        self.format: AudioFormat = self.engine.audio_format
         """The format of every chunk of the reply."""
         self._service = service
         self._tee = tee
         self._copy: Optional[TeeStream] = None  # the sinks' copy, open from start() to finish()
-        self._release = engine.reply_opening()  # a parked model starts waking; it stays awake until finish()
+        self._opening = opening  # closed at finish(): a parked model woke for this reply and stays awake until then
 
     def start(self) -> None:
         """The audio begins: open the reply's stream on every server-side sink (one file or stream per reply)."""
@@ -241,9 +259,7 @@ class Reply:
 
     def finish(self, ok: bool) -> None:
         """End the reply (`ok` False: cut off); the sinks finish in the background (`Service.close_sinks`)."""
-        release, self._release = self._release, None
-        if release is not None:
-            release()
+        self._opening.close()
         copy, self._copy = self._copy, None
         if copy is not None:
             task = asyncio.ensure_future(copy.close(ok))

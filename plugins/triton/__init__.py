@@ -24,7 +24,7 @@ PARKING_KEYS = ("keep_alive", "park")
 """The CosyVoice engine's parking keys: accepted in `engines.triton` and ignored (Triton has its own model control)."""
 
 
-def _without_parking_keys(section: Section) -> Section:
+def without_parking_keys(section: Section) -> Section:
     """The section minus `keep_alive` / `park`, saying once (per engine created) that Triton ignores them."""
     present = [key for key in PARKING_KEYS if key in section.data]
     if not present:
@@ -41,7 +41,7 @@ def _without_parking_keys(section: Section) -> Section:
 def create_engine(section: Section) -> Any:
     """Factory: `engines.triton` settings -> engine; bad settings are a ConfigError, a missing client library
     EngineUnavailable (nothing connects before start())."""
-    settings = _without_parking_keys(section).parse(TritonSettings)
+    settings = without_parking_keys(section).parse(TritonSettings)
     try:
         from .engine import create_engine as create
     except ImportError as err:
