@@ -273,3 +273,30 @@ def test_triton_ignores_the_parking_keys_and_says_so(caplog: pytest.LogCaptureFi
     assert settings.endpoints == ("grpc://127.0.0.1:8001",)
     warnings = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert len(warnings) == 1 and "keep_alive and park ignored" in warnings[0], warnings
+
+
+def test_request_right_after_a_reply_opening_on_a_parked_model_does_not_spin() -> None:
+    """Regression: the reply opening's wake began in a task of its own; a request arriving before that task ran saw
+    `waking` with no wake to await and looped without yielding, freezing the event loop (the server stopped
+    answering). Run on a loop in a thread so that a frozen loop fails the test instead of hanging it."""
+    outcome: list[str] = []
+
+    async def scenario() -> None:
+        steps = Steps()
+        keeper = Keeper(-1, "unload", steps.park, steps.wake)
+        keeper.start()
+        try:
+            await keeper.park_now()
+            release = keeper.hold()
+            async with keeper.request():
+                outcome.append(keeper.state)
+            release()
+            outcome.append(f"wakes={steps.wakes}")
+        finally:
+            await keeper.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(scenario(),), daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the event loop froze"
+    assert outcome == [READY, "wakes=1"]

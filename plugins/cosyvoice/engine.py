@@ -413,6 +413,9 @@ class CosyVoiceEngine(ThreadedEngine):
         spk2info = self.model.frontend.spk2info
         self._kept_voices = parking.voices_to_host(spk2info, [k for k in spk2info if k.startswith("wcv-")])
         del spk2info
+        if stop.is_set():  # a request came while the voices were copied: keep the model
+            self._kept_voices = {}
+            return False
         self._unload()
         parking.release_memory()
         return True

@@ -222,7 +222,6 @@ class Keeper:
                 self._stop_park.clear()
                 self.machine.parking()  # now, not when the task first runs: a request arriving meanwhile waits
                 self._begin(self._run_park())
-                self._nudge()
             await asyncio.shield(self._step)  # type: ignore[arg-type]
 
     def _begin(self, step: Awaitable[Any]) -> None:
@@ -235,6 +234,8 @@ class Keeper:
             self._nudge()
 
         task.add_done_callback(done)
+        task.add_done_callback(_quiet)  # its failure reaches the requests awaiting it; none may be left to read it
+        self._nudge()
 
     async def _run_park(self) -> None:
         machine = self.machine
@@ -271,7 +272,12 @@ class Keeper:
             step = self._step
             if step is not None:
                 await asyncio.shield(step)  # a waiter that leaves does not cancel the wake others wait for
+            else:  # the step that answers this one has not begun yet: wait for a change, never spin
+                await self.wait_until(self._moved_from(self.machine.state))
             action = self.machine.need()
+
+    def _moved_from(self, state: str) -> Callable[[], bool]:
+        return lambda: self.machine.state != state or self._step is not None
 
     @contextlib.asynccontextmanager
     async def request(self, why: str = "a request") -> AsyncIterator[None]:
@@ -289,6 +295,9 @@ class Keeper:
         """A reply opens: start waking now (not awaited) and stay awake until the returned release is called (or
         dropped: a holder that goes away without calling it releases on collection)."""
         action = self.machine.hold()
+        if action == "wake":
+            self._begin(self._run_wake(why))  # now: a request arriving next waits for this very wake
+            action = "wait"
         if action != "run":
             waiter = asyncio.get_running_loop().create_task(self._settle(action, why), name="cosyvoice wake on reply")
             waiter.add_done_callback(_quiet)
@@ -352,7 +361,7 @@ class _Hold:
         self._finalizer()
 
 
-def _quiet(task: "asyncio.Task[Any]") -> None:
-    """A wake started by a reply opening reports its failure through the request that needs it, not here."""
+def _quiet(task: "asyncio.Future[Any]") -> None:
+    """A wake's failure is reported through the requests that need it, not as an unread task exception."""
     if not task.cancelled():
         task.exception()
