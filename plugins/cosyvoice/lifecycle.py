@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 _LOGGER = logging.getLogger(__name__)
@@ -52,14 +52,11 @@ class Machine:
     parks: int = 0
     last_wake_s: Optional[float] = None
     """How long the last wake took."""
-    history: list[str] = field(default_factory=list)
-    """The last few states, oldest first (tests and the log)."""
 
     def _to(self, state: str, *allowed: str) -> None:
         if self.state not in allowed:
             raise TransitionError(f"{self.state} -> {state} not allowed")
         self.state = state
-        self.history = (self.history + [state])[-8:]
 
     def deadline(self) -> Optional[float]:
         """When the model becomes due to park (None: not while things stand as they are)."""
@@ -222,7 +219,8 @@ class Keeper:
                 self._stop_park.clear()
                 self.machine.parking()  # now, not when the task first runs: a request arriving meanwhile waits
                 self._begin(self._run_park())
-            await asyncio.shield(self._step)  # type: ignore[arg-type]
+            with contextlib.suppress(Exception):  # a failed wake is the waiting requests' to report
+                await asyncio.shield(self._step)  # type: ignore[arg-type]
 
     def _begin(self, step: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(step)
