@@ -220,7 +220,7 @@ class TtsEventHandler(AsyncEventHandler):
             # The LLM has just begun its reply: a parked model wakes while its text arrives. A voice that cannot be
             # found is reported at the first sentence, as before (the stream then ends with synthesize-stopped).
             with contextlib.suppress(CosyVoiceServiceError):
-                self._stream.opening = self.service.reply_opening(name, language)
+                self._stream.opening = self.service.reply_opening(name, language, client=self.peer)
             return True
         if SynthesizeChunk.is_type(event.type):
             if self._stream is None:
@@ -291,7 +291,7 @@ class TtsEventHandler(AsyncEventHandler):
 
     async def _run_job(self, job: _Job) -> None:
         if isinstance(job, _OneShot):
-            reply = self.service.open_reply(job.voice_name, job.language)
+            reply = self.service.open_reply(job.voice_name, job.language, client=self.peer)
             await self._start(reply)
             await self._speak(reply, job.text)
             await self._finish(reply)
@@ -300,7 +300,9 @@ class TtsEventHandler(AsyncEventHandler):
             if stream.failed:
                 return
             if stream.reply is None:
-                stream.reply = self.service.open_reply(stream.voice_name, stream.language, opening=stream.opening)
+                stream.reply = self.service.open_reply(
+                    stream.voice_name, stream.language, client=self.peer, opening=stream.opening
+                )
                 await self._start(stream.reply)
             await self._speak(stream.reply, job.text)
         else:
