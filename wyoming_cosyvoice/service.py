@@ -170,8 +170,11 @@ class Service:
         except VoiceNotFound as err:
             if not voice or (unknown_voice or self.settings.unknown_voice) == "error":
                 raise
-            profile = self.catalog.resolve(None, language)
-            engine = self.engines.engine_for(profile)
+            try:
+                profile = self.catalog.resolve(None, language)
+                engine = self.engines.engine_for(profile)
+            except VoiceNotFound:
+                raise err from None  # no voice to speak instead: why the asked one is not there says the most
             self.degraded.note("default_voice")
             _LOGGER.warning(
                 "client %s asked for voice %r, which is not there (%s); speaking with voice %s instead "
