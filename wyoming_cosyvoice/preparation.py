@@ -23,6 +23,7 @@ from typing import Optional
 from .aio import wait_within
 from .engine import Engine, ThreadedEngine, worker_call_timeout
 from .errors import CosyVoiceServiceError, EngineTimeout, VoiceNotFound
+from .metrics import Metrics
 from .reference import ReferenceInfo, profile_reference
 from .routing import Engines
 from .voices import VoiceCatalog, VoiceProfile, problem_line
@@ -64,6 +65,7 @@ class VoicePreparer:
         *,
         timeout: Optional[float] = None,
         max_reference_seconds: Optional[float] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self.catalog = catalog
         self.max_reference_seconds = max_reference_seconds
@@ -72,6 +74,8 @@ class VoicePreparer:
         """Seconds one voice's preparation may take (`limits.engine_timeout_s`); beyond it the voice is broken."""
         self.engines = engines
         """The running engines; each profile is prepared by the one that serves it."""
+        self.metrics = metrics or Metrics()
+        """Counts each preparation's outcome."""
         self.engine = self.engines.main
         self.cache_dir = cache_dir
         self.references: dict[str, ReferenceInfo] = {}
@@ -320,9 +324,11 @@ class VoicePreparer:
                 for warning in checked[1].warnings:
                     _LOGGER.warning("%s", problem_line(profile.source, profile.name, f"reference audio: {warning}"))
             self.catalog.broken.pop(profile.name, None)
+            self.metrics.voice_prepared("ok")
             return
         self._retire(self._normalized.pop(profile.name, None))
         self._broken(profile.name, problem)
+        self.metrics.voice_prepared("broken")
 
     def _broken(self, name: str, problem: str) -> None:
         """Leave `name` out of describe and resolution with `problem` as the reason; logged once per version."""

@@ -9,7 +9,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import AsyncGenerator, Iterator, Optional
+from typing import AsyncGenerator, Callable, Iterator, Optional
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
@@ -19,6 +19,7 @@ from .config import Limits
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import ServerBusy
 from .logs import LogThrottle
+from .metrics import NO_RECORD, Metrics, RequestRecord
 from .preparation import VoicePreparer
 from .routing import Engines
 from .sinks import StreamInfo, Tee, TeeStream
@@ -42,9 +43,10 @@ class Admission:
         """Set at shutdown: requests in progress (and streams already open) finish, new ones are refused."""
 
     @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one slot for the duration of a request."""
+    def slot(self, refused: Callable[[str], None] = lambda reason: None) -> Iterator[None]:
+        """Hold one slot for the duration of a request (`refused("busy")` is called before a refusal)."""
         if self.active >= self.limit:
+            refused("busy")
             raise ServerBusy(f"server busy: {self.active} requests in progress (limit {self.limit}); try again shortly")
         self.active += 1
         try:
@@ -92,6 +94,7 @@ class Service:
         limits: Optional[Limits] = None,
         preparer: Optional[VoicePreparer] = None,
         first_clause_words: int = DEFAULT_FIRST_CLAUSE_WORDS,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self.engines = engines
         """Every running engine; `engines.engine_for` picks the one for a profile."""
@@ -111,12 +114,18 @@ class Service:
         self._finishing: set[asyncio.Task[object]] = set()
         self.log_throttle = LogThrottle()
         """Rate limit for the per-client warning lines (refusals, errors, stalls) shared by all connections."""
+        self.metrics = metrics or Metrics()
+        """The recorder every reply reports to (docs/metrics.md); the default records nothing."""
+        self.metrics.watch(self)
 
     async def info(self) -> Info:
         """Build `info` from the current usable voice profiles (the voices are rescanned off the event loop)."""
         profiles = await self.preparer.refresh()
         health = self.engine.health()
         facts = ", ".join(f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine")
+        served = self.metrics.summary()
+        if served.get("requests"):  # the numbers the studio shows too (one source: the recorder)
+            facts = ", ".join(_served_facts(served)) + (", " + facts if facts else "")
         description = f"CosyVoice voice cloning TTS (engine: {self.engine.name}{'; ' + facts if facts else ''})"
         notes = self.engines.notes()
         if notes:
@@ -143,16 +152,27 @@ class Service:
         )
         return Info(tts=[program])
 
-    def open_reply(self, voice: Optional[str], language: Optional[str], *, sinks: bool = True) -> Reply:
+    def open_reply(
+        self, voice: Optional[str], language: Optional[str], *, sinks: bool = True, protocol: str = "wyoming"
+    ) -> Reply:
         """The reply for a request's voice name / language: its profile and engine are found once, here
-        (VoiceNotFound when there is none, or its engine is not running). `sinks` False: no copy for the sinks."""
+        (VoiceNotFound when there is none, or its engine is not running). `sinks` False: no copy for the sinks;
+        `protocol` (wyoming, http, studio) labels its metrics."""
         profile = self.catalog.resolve(voice, language)
-        return Reply(self, profile, self.engines.engine_for(profile), self.tee if sinks else None)
+        reply = Reply(self, profile, self.engines.engine_for(profile), self.tee if sinks else None)
+        reply.record = self.metrics.request(protocol, profile.name)
+        return reply
 
     async def close_sinks(self, timeout: float = 10.0) -> None:
         """Wait (bounded) for server-side sinks to finish the replies they are still writing."""
         if self._finishing:
             await asyncio.wait(set(self._finishing), timeout=timeout)
+
+
+def _served_facts(summary: dict[str, object]) -> list[str]:
+    """The recorder's headline numbers as `describe`'s health facts (key=value)."""
+    keys = ("requests", "error", "first_audio_p50_ms", "first_audio_p95_ms", "underruns", "refused", "fallbacks")
+    return [f"{key}={summary[key]}" for key in keys if summary.get(key) is not None]
 
 
 class Reply:
@@ -172,6 +192,8 @@ class Reply:
         self._service = service
         self._tee = tee
         self._copy: Optional[TeeStream] = None  # the sinks' copy, open from start() to finish()
+        self.record: RequestRecord = NO_RECORD
+        """The reply's metrics (`Service.metrics`): timings, outcome; `record.degraded(reason)` for a fallback."""
 
     def start(self) -> None:
         """The audio begins: open the reply's stream on every server-side sink (one file or stream per reply)."""
@@ -183,13 +205,22 @@ class Reply:
         """Stream `text` in the reply's voice (the sinks get a copy); closing it early cancels the engine work."""
         if not text.strip():
             return
-        service, profile = self._service, self.profile
-        with service.admission.slot():
-            await service.preparer.ready(profile)
+        service, profile, record = self._service, self.profile, self.record
+        record.speaking()
+        with service.admission.slot(record.refused):
+            try:
+                await service.preparer.ready(profile)
+            except Exception as err:  # the voice turned out broken
+                record.failed(err)
+                raise
             stats = RequestStats(str(next(_REQUEST_IDS)), profile.name, len(text))
             options = SynthesisOptions(
-                speed=profile.speed, request_id=stats.request_id, timeout=service.limits.engine_timeout_s
+                speed=profile.speed,
+                request_id=stats.request_id,
+                timeout=service.limits.engine_timeout_s,
+                started=record.engine_started,
             )
+            record.engine_called()
             chunks = self.engine.synthesize(text, profile, options)
             try:
                 async for chunk in chunks:
@@ -201,11 +232,13 @@ class Reply:
                     if self._copy is not None:
                         self._copy.write(chunk.audio)
                     yield chunk
+                    record.written(chunk.seconds)  # the consumer asks for the next chunk once it has sent this one
             except (asyncio.CancelledError, GeneratorExit):
                 stats.end = "cancelled"
                 raise
             except Exception as err:
                 stats.end = type(err).__name__
+                record.failed(err)
                 raise
             finally:
                 try:
@@ -217,10 +250,12 @@ class Reply:
                     raise
                 finally:  # logged whatever happens to the client, a cancellation while closing included
                     stats.finished = time.perf_counter()
+                    record.spoken()
                     _LOGGER.info("%s", stats.line())
 
     def finish(self, ok: bool) -> None:
         """End the reply (`ok` False: cut off); the sinks finish in the background (`Service.close_sinks`)."""
+        self.record.finish(ok)
         copy, self._copy = self._copy, None
         if copy is not None:
             task = asyncio.ensure_future(copy.close(ok))
