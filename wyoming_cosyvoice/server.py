@@ -272,7 +272,7 @@ async def _start_studio(config: Config, service: Service) -> Any:
     )
 
 
-async def _start_metrics(config: Config, service: Service) -> Any:
+async def start_metrics_listener(config: Config, service: Service) -> Any:
     """The /metrics-only listener when `metrics.port` is set (None otherwise)."""
     if config.metrics.port is None or not config.metrics.enabled:
         return None
@@ -303,7 +303,7 @@ async def run(config: Config, plugins: Plugins) -> None:
     service = await build_service(config, plugins)
     if config.server.uri.startswith("stdio://"):
         studio = await _start_studio(config, service)
-        listener = await _start_metrics(config, service)
+        listener = await start_metrics_listener(config, service)
         try:
             await serve_stdio(service)
         finally:
@@ -316,7 +316,7 @@ async def run(config: Config, plugins: Plugins) -> None:
     )
     await server.start()
     server.studio = await _start_studio(config, service)
-    server.metrics_listener = await _start_metrics(config, service)
+    server.metrics_listener = await start_metrics_listener(config, service)
     where = config.server.uri
     if server.port is not None:
         where = f"tcp://{urlparse(where).hostname}:{server.port}"
