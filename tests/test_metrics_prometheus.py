@@ -22,6 +22,7 @@ from wyoming_cosyvoice.config import MetricsSettings  # noqa: E402
 from wyoming_cosyvoice.web.metrics_route import MetricsListener  # noqa: E402
 
 from .helpers import TIMEOUT, collect, connect, running_server  # noqa: E402
+from .metrics_support import expressions as dashboard_expressions  # noqa: E402
 from .studio_support import wait_for  # noqa: E402
 
 PROMETHEUS = shutil.which("prometheus")
@@ -122,6 +123,10 @@ async def test_prometheus_scrapes_counts_and_first_audio_p95(config: Any, tmp_pa
                 )
                 count = await scalar(session, url, "wyoming_cosyvoice_first_audio_seconds_count")
                 summary = server.service.metrics.summary()
+                for expr in dashboard_expressions():  # every dashboard query is PromQL this Prometheus accepts
+                    promql = expr.replace("$__rate_interval", "1m")
+                    async with session.get(f"{url}/api/v1/query", params={"query": promql}) as response:
+                        assert response.status == 200, f"{promql}: {await response.text()}"
         finally:
             await listener.close()
     assert ok == REQUESTS

@@ -198,15 +198,20 @@ def snapshot(service: "Service") -> Snapshot:
     return Snapshot(service.admission.active, queued, tuple(engines), voices)
 
 
+GPU_METRICS = ("gpu_memory_used_bytes", "gpu_memory_total_bytes", "gpu_utilization_ratio")
+"""Exported only where NVML answers (an NVIDIA GPU and nvidia-ml-py)."""
+
+
 def gpu_samples() -> Iterator[tuple[str, float]]:
     """(metric, value) from NVML: memory used in bytes and utilization as a ratio; nothing without a GPU."""
     facts = gpu_facts()
     if not facts.available:
         return
-    yield "gpu_memory_used_bytes", float(facts.memory_used_mb) * 2**20
-    yield "gpu_memory_total_bytes", float(facts.memory_total_mb) * 2**20
+    used, total, busy = GPU_METRICS
+    yield used, float(facts.memory_used_mb) * 2**20
+    yield total, float(facts.memory_total_mb) * 2**20
     if facts.utilization_percent is not None:
-        yield "gpu_utilization_ratio", facts.utilization_percent / 100.0
+        yield busy, facts.utilization_percent / 100.0
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
