@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from .audio import Playback
 from .errors import ServerBusy
 from .gpu import gpu_facts
 
@@ -229,31 +227,6 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
             return lower + (upper - lower) * ((rank - below) / (count - below) if count > below else 0.0)
         lower, below = upper, count
     return lower
-
-
-class Timings:
-    """The timings of one reply (what `RequestRecord` implementations share)."""
-
-    __slots__ = ("opened", "first", "speak_started", "engine_mark", "busy", "audio", "playback", "error", "fallback")
-
-    def __init__(self) -> None:
-        self.opened = time.perf_counter()
-        self.first = 0.0
-        self.speak_started = 0.0
-        self.engine_mark = 0.0
-        self.busy = 0.0
-        self.audio = 0.0
-        self.playback = Playback()
-        self.error = False
-        self.fallback = False
-
-    def outcome(self, ok: bool) -> str:
-        """ok, error, cancelled or degraded."""
-        if self.error:
-            return "error"
-        if not ok:
-            return "cancelled"
-        return "degraded" if self.fallback else "ok"
 
 
 def refusal_of(error: BaseException) -> Optional[str]:

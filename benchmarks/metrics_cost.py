@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""What recording metrics costs the request path: the same server with metrics on and off (docs/benchmarks.md).
+
+    .venv/bin/python benchmarks/metrics_cost.py [--rounds 8] [--requests 200] [--clients 16] [--json out.json]
+
+Two `serve` processes on the zero-cost `pcm` engine (benchmarks/plugins), one with `metrics.enabled: true` and a
+/metrics listener that this script scrapes every second while it measures (a busier scraper than Prometheus' 15 s),
+one with `metrics.enabled: false`. The `bench` command's client measures time to first audio at `--clients` clients,
+`--requests` requests per round, rounds alternated ABBA (on, off, off, on, ...) so that load from other jobs on the
+machine hits both alike. Prints the median and p99 of each and the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run_benchmarks import ServerProcess, cpu_pressure, free_port, write_config  # noqa: E402
+
+from wyoming_cosyvoice.bench import BenchSettings, percentile, run_bench, sentence  # noqa: E402
+
+
+def config_with_metrics(base: Path, directory: Path, enabled: bool, port: int) -> Path:
+    """A copy of the benchmark config with metrics on (and a /metrics port) or off."""
+    doc = yaml.safe_load(base.read_text())
+    doc["metrics"] = {"enabled": enabled, "port": port if enabled else None}
+    path = directory / f"server-metrics-{'on' if enabled else 'off'}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+async def scrape_every_second(url: str, stop: asyncio.Event, counts: dict[str, int]) -> None:
+    """GET /metrics once a second until `stop` (a raw HTTP/1.0 request: no client library needed)."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    while not stop.is_set():
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        body = await reader.read()
+        writer.close()
+        counts["scrapes"] += 1
+        counts["bytes"] = len(body)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="metrics-cost-") as tmp:
+        directory = Path(tmp)
+        base = write_config(directory)
+        metrics_port = free_port()
+        servers = {
+            "on": ServerProcess(config_with_metrics(base, directory, True, metrics_port), "pcm", directory / "on.log"),
+            "off": ServerProcess(config_with_metrics(base, directory, False, 0), "pcm", directory / "off.log"),
+        }
+        try:
+            for server in servers.values():
+                await server.wait_ready()
+            ttfa: dict[str, list[float]] = {"on": [], "off": []}
+            rounds: list[dict[str, Any]] = []
+            load_before = (os.getloadavg(), cpu_pressure())
+            counts = {"scrapes": 0, "bytes": 0}
+            stop = asyncio.Event()
+            scraper = asyncio.create_task(scrape_every_second(f"http://127.0.0.1:{metrics_port}/metrics", stop, counts))
+            order = ["on", "off", "off", "on"]
+            for index in range(args.rounds):
+                which = order[index % 4]
+                settings = BenchSettings(
+                    uri=servers[which].uri,
+                    text=sentence(20),
+                    concurrency=args.clients,
+                    requests=args.requests,
+                    warmup=args.clients,
+                )
+                result = await run_bench(settings)
+                values = [r.ttfa_ms for r in result.ok]
+                ttfa[which] += values
+                ordered = sorted(values)
+                rounds.append(
+                    {
+                        "metrics": which,
+                        "failed": result.summary()["failed"],
+                        "median_ms": percentile(ordered, 50),
+                        "p99_ms": percentile(ordered, 99),
+                    }
+                )
+                print(
+                    f"round {index + 1}: metrics {which:3} median {rounds[-1]['median_ms']:.3f} ms "
+                    f"p99 {rounds[-1]['p99_ms']:.3f} ms",
+                    flush=True,
+                )
+            stop.set()
+            await scraper
+            load_after = (os.getloadavg(), cpu_pressure())
+        finally:
+            for server in servers.values():
+                server.stop()
+    summary = {}
+    for which, values in ttfa.items():
+        ordered = sorted(values)
+        summary[which] = {
+            "requests": len(ordered),
+            "median_ms": percentile(ordered, 50),
+            "p90_ms": percentile(ordered, 90),
+            "p99_ms": percentile(ordered, 99),
+        }
+    on, off = summary["on"], summary["off"]
+    added = {k: on[k] - off[k] for k in ("median_ms", "p90_ms", "p99_ms")}
+    added_pct = {k: 100.0 * (on[k] - off[k]) / off[k] for k in ("median_ms", "p90_ms", "p99_ms")}
+    print(f"metrics on : median {on['median_ms']:.3f} ms, p90 {on['p90_ms']:.3f} ms, p99 {on['p99_ms']:.3f} ms")
+    print(f"metrics off: median {off['median_ms']:.3f} ms, p90 {off['p90_ms']:.3f} ms, p99 {off['p99_ms']:.3f} ms")
+    print(
+        f"added by metrics: median {added['median_ms']:+.3f} ms ({added_pct['median_ms']:+.1f}%), "
+        f"p90 {added['p90_ms']:+.3f} ms ({added_pct['p90_ms']:+.1f}%), "
+        f"p99 {added['p99_ms']:+.3f} ms ({added_pct['p99_ms']:+.1f}%); {counts['scrapes']} scrapes of "
+        f"{counts['bytes']} bytes"
+    )
+    return {
+        "settings": vars(args),
+        "load": {"before": load_before, "after": load_after},
+        "rounds": rounds,
+        "summary": summary,
+        "added_ms": added,
+        "added_percent": added_pct,
+        "scrapes": counts,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=8, help="rounds in all, alternated ABBA (default 8)")
+    parser.add_argument("--requests", type=int, default=200, help="requests per round (default 200)")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    parser.add_argument("--json", type=Path, help="write rounds and summary here")
+    arguments = parser.parse_args()
+    report = asyncio.run(main(arguments))
+    if arguments.json:
+        arguments.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
