@@ -4,10 +4,11 @@
     .venv/bin/python benchmarks/metrics_cost.py [--rounds 8] [--requests 200] [--clients 16] [--json out.json]
 
 Two `serve` processes on the zero-cost `pcm` engine (benchmarks/plugins), one with `metrics.enabled: true` and a
-/metrics listener that this script scrapes every second while it measures (a busier scraper than Prometheus' 15 s),
+/metrics listener that this script scrapes every `--scrape-interval` s while it measures (15 s: the compose profile's),
 one with `metrics.enabled: false`. The `bench` command's client measures time to first audio at `--clients` clients,
 `--requests` requests per round, rounds alternated ABBA (on, off, off, on, ...) so that load from other jobs on the
-machine hits both alike. Prints the median and p99 of each and the difference.
+machine hits both alike, after `--warmup` unmeasured requests per server. Prints the median, p90 and p99 of each,
+the difference, the median over ABBA blocks of on-minus-off, and the server's CPU time per request.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -42,8 +44,8 @@ def config_with_metrics(base: Path, directory: Path, enabled: bool, port: int) -
     return path
 
 
-async def scrape_every_second(url: str, stop: asyncio.Event, counts: dict[str, int]) -> None:
-    """GET /metrics once a second until `stop` (a raw HTTP/1.0 request: no client library needed)."""
+async def scrape_every(interval: float, url: str, stop: asyncio.Event, counts: dict[str, int]) -> None:
+    """GET /metrics every `interval` s until `stop` (a raw HTTP/1.0 request: no client library needed)."""
     host, port = url.split("//")[1].split("/")[0].split(":")
     while not stop.is_set():
         reader, writer = await asyncio.open_connection(host, int(port))
@@ -53,7 +55,7 @@ async def scrape_every_second(url: str, stop: asyncio.Event, counts: dict[str, i
         counts["scrapes"] += 1
         counts["bytes"] = len(body)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
+            await asyncio.wait_for(stop.wait(), interval)
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,12 +70,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         try:
             for server in servers.values():
                 await server.wait_ready()
+                # A fresh process is slower for its first requests (run_benchmarks.py does the same).
+                await run_bench(
+                    BenchSettings(
+                        uri=server.uri, text=sentence(20), concurrency=args.clients, requests=args.warmup, warmup=1
+                    )
+                )
             ttfa: dict[str, list[float]] = {"on": [], "off": []}
             rounds: list[dict[str, Any]] = []
             load_before = (os.getloadavg(), cpu_pressure())
             counts = {"scrapes": 0, "bytes": 0}
             stop = asyncio.Event()
-            scraper = asyncio.create_task(scrape_every_second(f"http://127.0.0.1:{metrics_port}/metrics", stop, counts))
+            scraper = asyncio.create_task(
+                scrape_every(args.scrape_interval, f"http://127.0.0.1:{metrics_port}/metrics", stop, counts)
+            )
             order = ["on", "off", "off", "on"]
             for index in range(args.rounds):
                 which = order[index % 4]
@@ -84,7 +94,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     requests=args.requests,
                     warmup=args.clients,
                 )
+                cpu = servers[which].cpu_seconds()
                 result = await run_bench(settings)
+                cpu = servers[which].cpu_seconds() - cpu
                 values = [r.ttfa_ms for r in result.ok]
                 ttfa[which] += values
                 ordered = sorted(values)
@@ -94,11 +106,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         "failed": result.summary()["failed"],
                         "median_ms": percentile(ordered, 50),
                         "p99_ms": percentile(ordered, 99),
+                        "server_cpu_ms_per_request": cpu * 1000.0 / (args.requests + args.clients),
                     }
                 )
                 print(
                     f"round {index + 1}: metrics {which:3} median {rounds[-1]['median_ms']:.3f} ms "
-                    f"p99 {rounds[-1]['p99_ms']:.3f} ms",
+                    f"p99 {rounds[-1]['p99_ms']:.3f} ms, server CPU {rounds[-1]['server_cpu_ms_per_request']:.3f} ms "
+                    "per request",
                     flush=True,
                 )
             stop.set()
@@ -116,6 +130,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "p90_ms": percentile(ordered, 90),
             "p99_ms": percentile(ordered, 99),
         }
+    for which in ("on", "off"):
+        cpu = sorted(r["server_cpu_ms_per_request"] for r in rounds if r["metrics"] == which)
+        summary[which]["server_cpu_ms_per_request"] = percentile(cpu, 50)
+    # ABBA blocks: each block's on-minus-off of the round medians, then the median over the blocks.
+    blocks = [rounds[i : i + 4] for i in range(0, len(rounds) - 3, 4)]
+    paired = sorted(
+        statistics.fmean(r["median_ms"] for r in block if r["metrics"] == "on")
+        - statistics.fmean(r["median_ms"] for r in block if r["metrics"] == "off")
+        for block in blocks
+    )
     on, off = summary["on"], summary["off"]
     added = {k: on[k] - off[k] for k in ("median_ms", "p90_ms", "p99_ms")}
     added_pct = {k: 100.0 * (on[k] - off[k]) / off[k] for k in ("median_ms", "p90_ms", "p99_ms")}
@@ -127,7 +151,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         f"p99 {added['p99_ms']:+.3f} ms ({added_pct['p99_ms']:+.1f}%); {counts['scrapes']} scrapes of "
         f"{counts['bytes']} bytes"
     )
+    if paired:
+        print(
+            f"paired ABBA blocks (on - off of round medians): median {percentile(paired, 50):+.3f} ms over "
+            f"{len(paired)} blocks, from {paired[0]:+.3f} to {paired[-1]:+.3f} ms"
+        )
+    print(
+        f"server CPU per request (median of rounds): on {on['server_cpu_ms_per_request']:.3f} ms, "
+        f"off {off['server_cpu_ms_per_request']:.3f} ms"
+    )
     return {
+        "paired_block_differences_ms": paired,
         "settings": vars(args),
         "load": {"before": load_before, "after": load_after},
         "rounds": rounds,
@@ -143,6 +177,10 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=8, help="rounds in all, alternated ABBA (default 8)")
     parser.add_argument("--requests", type=int, default=200, help="requests per round (default 200)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    parser.add_argument(
+        "--scrape-interval", type=float, default=15.0, help="seconds between scrapes of /metrics (default 15)"
+    )
+    parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests per server first (default 200)")
     parser.add_argument("--json", type=Path, help="write rounds and summary here")
     arguments = parser.parse_args()
     report = asyncio.run(main(arguments))

@@ -166,7 +166,7 @@ class Playback:
     server's metrics share: a chunk that arrives later after the first chunk than the audio before it lasts means
     playback waited; with playback pausing until audio is there, the waits add up to the largest such lag."""
 
-    __slots__ = ("first", "audio", "stall", "earlier")
+    __slots__ = ("first", "audio", "stall", "earlier", "total")
 
     def __init__(self) -> None:
         self.first = 0.0
@@ -177,6 +177,8 @@ class Playback:
         """How long the current run's playback waited for audio, in seconds."""
         self.earlier = 0.0
         """Waits of the runs that ended (see `rest`)."""
+        self.total = 0.0
+        """Seconds of audio received in all."""
 
     def chunk(self, now: float, seconds: float) -> None:
         """A chunk of `seconds` of audio arrived at `now` (time.perf_counter)."""
@@ -187,6 +189,7 @@ class Playback:
             if lag > self.stall:
                 self.stall = lag
         self.audio += seconds
+        self.total += seconds
 
     def rest(self, now: float) -> None:
         """The sender waits for more text: if playback has played everything by `now`, the next chunk starts a new

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .service import Service
 
 _PREFIX = NAMESPACE + "_"
+_clock = time.perf_counter
 
 
 class Histogram:
@@ -75,7 +76,7 @@ class _Record(RequestRecord):
     """One reply's timings, counted into `PrometheusMetrics` when it finishes."""
 
     __slots__ = (
-        "_metrics", "_protocol", "_voice", "_opened", "_first", "_speak_started", "_engine_mark", "_busy", "_audio",
+        "_metrics", "_protocol", "_voice", "_opened", "_first", "_speak_started", "_engine_mark", "_busy",
         "_playback", "_error", "_fallback", "_done",
     )  # fmt: skip
 
@@ -88,7 +89,6 @@ class _Record(RequestRecord):
         self._speak_started = 0.0
         self._engine_mark = 0.0
         self._busy = 0.0
-        self._audio = 0.0
         self._playback = Playback()
         self._error = False
         self._fallback = False
@@ -108,12 +108,11 @@ class _Record(RequestRecord):
         self._engine_mark = time.perf_counter()
 
     def written(self, seconds: float) -> None:
-        now = time.perf_counter()
+        now = _clock()
         if not self._first:
             self._first = now
             self._metrics.first_audio.observe(now - self._opened)
         self._playback.chunk(now, seconds)
-        self._audio += seconds
 
     def spoken(self) -> None:
         if not self._speak_started:
@@ -146,7 +145,7 @@ class _Record(RequestRecord):
             (self._protocol, self._voice, outcome),
             time.perf_counter() - self._opened,
             self._busy,
-            self._audio,
+            self._playback.total,
             self._playback.dry_seconds,
         )
 

@@ -228,11 +228,12 @@ class Reply:
                         stats.first_audio = time.perf_counter()
                     if profile.gain != 1.0:
                         chunk = dataclasses.replace(chunk, audio=apply_gain(chunk.audio, profile.gain))
-                    stats.audio_seconds += chunk.seconds
+                    seconds = chunk.seconds
+                    stats.audio_seconds += seconds
                     if self._copy is not None:
                         self._copy.write(chunk.audio)
                     yield chunk
-                    record.written(chunk.seconds)  # the consumer asks for the next chunk once it has sent this one
+                    record.written(seconds)  # the consumer asks for the next chunk once it has sent this one
             except (asyncio.CancelledError, GeneratorExit):
                 stats.end = "cancelled"
                 raise
