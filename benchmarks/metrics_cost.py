@@ -39,7 +39,7 @@ def config_with_metrics(base: Path, directory: Path, enabled: bool, port: int) -
     """A copy of the benchmark config with metrics on (and a /metrics port) or off."""
     doc = yaml.safe_load(base.read_text())
     doc["metrics"] = {"enabled": enabled, "port": port if enabled else None}
-    path = directory / f"server-metrics-{'on' if enabled else 'off'}.yaml"
+    path = directory / f"server-metrics-{'on' if enabled else 'off'}-{port}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -64,7 +64,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         base = write_config(directory)
         metrics_port = free_port()
         servers = {
-            "on": ServerProcess(config_with_metrics(base, directory, True, metrics_port), "pcm", directory / "on.log"),
+            "on": ServerProcess(
+                config_with_metrics(base, directory, not args.control, metrics_port), "pcm", directory / "on.log"
+            ),
             "off": ServerProcess(config_with_metrics(base, directory, False, 0), "pcm", directory / "off.log"),
         }
         try:
@@ -81,8 +83,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             load_before = (os.getloadavg(), cpu_pressure())
             counts = {"scrapes": 0, "bytes": 0}
             stop = asyncio.Event()
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
             scraper = asyncio.create_task(
-                scrape_every(args.scrape_interval, f"http://127.0.0.1:{metrics_port}/metrics", stop, counts)
+                scrape_every(args.scrape_interval, url, stop, counts) if not args.control else stop.wait()
             )
             order = ["on", "off", "off", "on"]
             for index in range(args.rounds):
@@ -177,6 +180,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=8, help="rounds in all, alternated ABBA (default 8)")
     parser.add_argument("--requests", type=int, default=200, help="requests per round (default 200)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    parser.add_argument(
+        "--control", action="store_true", help="A/A control: metrics off on both servers (the noise floor)"
+    )
     parser.add_argument(
         "--scrape-interval", type=float, default=15.0, help="seconds between scrapes of /metrics (default 15)"
     )
