@@ -3,13 +3,14 @@ LLM thread steps aside, whether one more stream fits, and where a stream ahead o
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Optional
 
 import pytest
 
-from wyoming_cosyvoice_plugins.cosyvoice.chunking import cut_due, grid_floor, grown_end, on_grid
+from wyoming_cosyvoice_plugins.cosyvoice.chunking import ChunkGrid, cut_due, grid_floor, grown_end, on_grid
 from wyoming_cosyvoice_plugins.cosyvoice.scheduler import (
     Costs,
     FlowScheduler,
@@ -208,24 +209,24 @@ def test_the_chunk_grid() -> None:
 
 
 def test_a_stream_ahead_of_playback_grows_its_next_chunk() -> None:
-    args = dict(lookahead=3, prompt_tokens=75)
+    grid = ChunkGrid(prompt_tokens=75, lookahead=3)
     # 1 s ahead, tokens coming at 5 ms each, passes of 0.1 s: doubling while it fits 1 s / 1.5.
     # 50 tokens: 53 x 5 ms + 0.1 = 0.365 s ok; 100: 0.615 ok; 200: 1.115 s x 1.5 > 1 s: no.
-    assert grown_end(100, 25, 103, False, 1.0, 0.005, flat(0.1), **args) == 200
+    assert grown_end(grid, 100, 25, 103, False, 1.0, 0.005, flat(0.1)) == 200
     # Far ahead: up to MAX_GROWN_HOP (800 tokens).
-    assert grown_end(100, 25, 103, False, 60.0, 0.005, flat(0.1), **args) == 900
+    assert grown_end(grid, 100, 25, 103, False, 60.0, 0.005, flat(0.1)) == 900
     # Not ahead enough even for the default: the default (upstream's size) all the same.
-    assert grown_end(100, 25, 103, False, 0.1, 0.005, flat(0.1), **args) == 125
+    assert grown_end(grid, 100, 25, 103, False, 0.1, 0.005, flat(0.1)) == 125
     # The LLM can make no more than `limit` tokens: no chunk waits for tokens that cannot come.
-    assert grown_end(100, 25, 103, False, 60.0, 0.005, flat(0.1), limit=300, **args) == 200
+    assert grown_end(dataclasses.replace(grid, limit=300), 100, 25, 103, False, 60.0, 0.005, flat(0.1)) == 200
     # The LLM has ended and one final pass over everything fits: None (finish now, one pass).
-    assert grown_end(100, 25, 400, True, 1.0, 0.005, flat(0.2), **args) is None
+    assert grown_end(grid, 100, 25, 400, True, 1.0, 0.005, flat(0.2)) is None
     # ...and when it does not fit, a chunk out of the tokens there are (nothing to wait for).
-    assert grown_end(100, 25, 400, True, 0.25, 0.005, flat(0.2), **args) == 125
+    assert grown_end(grid, 100, 25, 400, True, 0.25, 0.005, flat(0.2)) == 125
     # Other streams' passes ahead of it count: 0.5 s of waiting makes 200 tokens too late.
-    assert grown_end(100, 25, 103, False, 1.5, 0.005, flat(0.1), wait=0.5, **args) == 150
+    assert grown_end(grid, 100, 25, 103, False, 1.5, 0.005, flat(0.1), wait=0.5) == 150
     # The grid from the start of a call (offset 0) is kept: 60 prompt tokens, first end 40, then 90, 190...
-    end = grown_end(0, 40, 43, False, 10.0, 0.001, flat(0.05), lookahead=3, prompt_tokens=60)
+    end = grown_end(ChunkGrid(prompt_tokens=60, lookahead=3), 0, 40, 43, False, 10.0, 0.001, flat(0.05))
     assert end is not None and on_grid(end, 60) and end > 40
 
 
@@ -239,16 +240,16 @@ def test_a_stream_waiting_for_a_grown_chunk_cuts_when_due() -> None:
 def test_a_longer_first_chunk_when_upstreams_would_run_dry() -> None:
     from wyoming_cosyvoice_plugins.cosyvoice.chunking import first_size
 
-    args = dict(hop=25, max_hop=100, scale=2, lookahead=3, prompt_tokens=76)  # upstream's first chunk: 49 tokens
+    grid = ChunkGrid(prompt_tokens=76, hop=25, max_hop=100, scale=2, lookahead=3)  # upstream's first chunk: 49 tokens
     # Alone on a fast machine: upstream's first chunk keeps ahead.
-    assert first_size(49, seconds_per_token=0.005, cost=flat(0.1), **args) == 49
+    assert first_size(grid, 49, seconds_per_token=0.005, cost=flat(0.1)) == 49
     # Sharing the flow with three others (each pass counted 4x: 1.2 s): 49 tokens (1.8 s of audio) would run dry
     # before the 50 tokens after it (0.25 s of LLM + 1.2 s, x1.5); 74 tokens do not.
-    assert first_size(49, seconds_per_token=0.005, cost=flat(1.2), **args) == 74
+    assert first_size(grid, 49, seconds_per_token=0.005, cost=flat(1.2)) == 74
     # Heavier still: 124 tokens (upstream's own first chunk from its second request on).
-    assert first_size(49, seconds_per_token=0.005, cost=flat(1.8), **args) == 124
+    assert first_size(grid, 49, seconds_per_token=0.005, cost=flat(1.8)) == 124
     # Nothing keeps ahead (an LLM slower than real time), or no pass timed yet: upstream's, no later first audio.
-    assert first_size(49, seconds_per_token=0.05, cost=flat(0.1), **args) == 49
-    assert first_size(49, seconds_per_token=0.005, cost=flat(None), **args) == 49
+    assert first_size(grid, 49, seconds_per_token=0.05, cost=flat(0.1)) == 49
+    assert first_size(grid, 49, seconds_per_token=0.005, cost=flat(None)) == 49
     # A text short enough to fit in one first chunk.
-    assert first_size(49, seconds_per_token=0.005, cost=flat(5.0), limit=60, **args) == 74
+    assert first_size(dataclasses.replace(grid, limit=60), 49, seconds_per_token=0.005, cost=flat(5.0)) == 74

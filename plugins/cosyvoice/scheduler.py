@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
+from .chunking import TOKENS_PER_SECOND
+
 FIRST_CHUNK_MARGIN_S = 0.3
 """A new request's first chunk goes ahead only if each waiting stream keeps this much after it (both passes run)."""
 
@@ -33,9 +35,6 @@ urgent stream."""
 ADMIT_SAFETY = 1.0
 """One more stream is admitted only if all of them together need at most 1/ADMIT_SAFETY of the model's time. The
 sum is already pessimistic (a stream's LLM and flow + vocoder partly overlap, on a GPU and on several cores), so 1."""
-
-TOKENS_PER_SECOND = 25
-"""CosyVoice 2/3 speech tokens per second of audio."""
 
 
 @dataclass(eq=False)
