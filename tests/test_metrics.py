@@ -200,6 +200,18 @@ def test_voice_labels_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 'voice="other"} 2.0' in body and 'voice="c"' not in body
 
 
+def test_without_prometheus_client_the_recorder_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from wyoming_cosyvoice import metrics as metrics_module
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "wyoming_cosyvoice.prometheus", None)
+    assert type(create_metrics(True)) is Metrics
+    hint = metrics_module.missing_dependency()
+    assert hint is not None and "wyoming-cosyvoice[metrics]" in hint
+
+
 def test_off_records_nothing() -> None:
     off = create_metrics(False)
     assert type(off) is Metrics and not off.enabled
