@@ -32,6 +32,8 @@ REFUSALS = ("busy", "engine_busy", "shutting_down", "connections", "not_allowed"
 """Why a request or connection was refused: admission limit, the engine's own admission, shutdown,
 `limits.max_connections`, `limits.allowed_networks`."""
 ENGINE_STATES = ("ready", "loading", "parking", "parked", "waking", "failed", "closed")
+_STATE_ALIASES = {"created": "loading", "starting": "loading"}
+"""Engines' own words for a state of ENGINE_STATES."""
 VOICE_STATES = ("ok", "warning", "broken")
 PREPARATION_OUTCOMES = ("ok", "broken")
 MAX_VOICE_LABELS = 200
@@ -45,7 +47,8 @@ RTF_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
-def _bounded(value: str, allowed: tuple[str, ...]) -> str:
+def bounded(value: str, allowed: tuple[str, ...]) -> str:
+    """`value` when it is one of `allowed`, else "other" (a label value never comes from outside the lists)."""
     return value if value in allowed else "other"
 
 
@@ -172,6 +175,7 @@ def snapshot(service: "Service") -> Snapshot:
             health = {"state": "failed"}
         queued += int(getattr(engine, "queued", 0) or 0)
         state = str(health.get("state", "ready"))
+        state = _STATE_ALIASES.get(state, state)
         engines.append(
             EngineFacts(
                 name=name,

@@ -29,7 +29,7 @@ from .metrics import (
     Metrics,
     RequestRecord,
     Snapshot,
-    _bounded,
+    bounded,
     gpu_samples,
     histogram_quantile,
     refusal_of,
@@ -180,7 +180,7 @@ class PrometheusMetrics(Metrics):
                 voice = "other"
             else:
                 self._voices.add(voice)
-        return _Record(self, _bounded(protocol, PROTOCOLS), voice)
+        return _Record(self, bounded(protocol, PROTOCOLS), voice)
 
     def finished(self, key: tuple[str, str, str], seconds: float, busy: float, audio: float, dry: float) -> None:
         """Count one reply (its record calls this once): labels, duration, synthesis time, audio, dry time."""
@@ -194,7 +194,7 @@ class PrometheusMetrics(Metrics):
             self.underrun_seconds += dry
 
     def refused(self, reason: str) -> None:
-        reason = _bounded(reason, REFUSALS)
+        reason = bounded(reason, REFUSALS)
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
     def fallback(self, reason: str) -> None:
@@ -203,7 +203,7 @@ class PrometheusMetrics(Metrics):
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
 
     def voice_prepared(self, outcome: str) -> None:
-        outcome = _bounded(outcome, PREPARATION_OUTCOMES)
+        outcome = bounded(outcome, PREPARATION_OUTCOMES)
         self.preparations[outcome] = self.preparations.get(outcome, 0) + 1
 
     def watch(self, service: "Service") -> None:
