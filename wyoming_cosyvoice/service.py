@@ -159,9 +159,9 @@ class Service:
         (VoiceNotFound when there is none, or its engine is not running). `sinks` False: no copy for the sinks;
         `protocol` (wyoming, http, studio) labels its metrics."""
         profile = self.catalog.resolve(voice, language)
-        reply = Reply(self, profile, self.engines.engine_for(profile), self.tee if sinks else None)
-        reply.record = self.metrics.request(protocol, profile.name)
-        return reply
+        engine = self.engines.engine_for(profile)
+        record = self.metrics.request(protocol, profile.name)
+        return Reply(self, profile, engine, self.tee if sinks else None, record)
 
     async def close_sinks(self, timeout: float = 10.0) -> None:
         """Wait (bounded) for server-side sinks to finish the replies they are still writing."""
@@ -182,7 +182,14 @@ class Reply:
     id, log line), `finish(ok)` at its end (`ok` False: cut off).
     """
 
-    def __init__(self, service: Service, profile: VoiceProfile, engine: Engine, tee: Optional[Tee]) -> None:
+    def __init__(
+        self,
+        service: Service,
+        profile: VoiceProfile,
+        engine: Engine,
+        tee: Optional[Tee],
+        record: RequestRecord = NO_RECORD,
+    ) -> None:
         self.profile = profile
         """The voice."""
         self.engine = engine
@@ -192,7 +199,7 @@ class Reply:
         self._service = service
         self._tee = tee
         self._copy: Optional[TeeStream] = None  # the sinks' copy, open from start() to finish()
-        self.record: RequestRecord = NO_RECORD
+        self.record = record
         """The reply's metrics (`Service.metrics`): timings, outcome; `record.degraded(reason)` for a fallback."""
 
     def start(self) -> None:
