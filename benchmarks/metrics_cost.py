@@ -2,6 +2,7 @@
 """What recording metrics costs the request path: the same server with metrics on and off (docs/benchmarks.md).
 
     .venv/bin/python benchmarks/metrics_cost.py [--rounds 8] [--requests 200] [--clients 16] [--json out.json]
+    .venv/bin/python benchmarks/metrics_cost.py --in-process   # the recorder alone; the reply path without sockets
 
 Two `serve` processes on the zero-cost `pcm` engine (benchmarks/plugins), one with `metrics.enabled: true` and a
 /metrics listener that this script scrapes every `--scrape-interval` s while it measures (15 s: the compose profile's),
@@ -21,6 +22,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +177,91 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def recorder_cost(repeat: int = 5, number: int = 2000) -> dict[str, float]:
+    """Microseconds the recorder takes (best of `repeat` x `number`), on and off: a reply up to its first chunk,
+    and a whole reply of 60 chunks (the 20-word sentence on `pcm`)."""
+    import timeit
+
+    from wyoming_cosyvoice.metrics import create_metrics
+
+    def up_to_first(metrics: Any) -> None:
+        record = metrics.request("wyoming", "bench")
+        record.speaking()
+        record.engine_called()
+        record.engine_started()
+        record.written(0.1)
+
+    def whole(metrics: Any) -> None:
+        record = metrics.request("wyoming", "bench")
+        record.speaking()
+        record.engine_called()
+        record.engine_started()
+        for _ in range(60):
+            record.written(0.1)
+        record.spoken()
+        record.finish(True)
+
+    result = {}
+    for name, enabled in (("on", True), ("off", False)):
+        metrics = create_metrics(enabled)
+        for label, func in (("first_chunk", up_to_first), ("reply_60_chunks", whole)):
+            best = min(timeit.repeat(lambda f=func, m=metrics: f(m), number=number, repeat=repeat))
+            result[f"{label}_{name}_us"] = best / number * 1e6
+    return result
+
+
+async def reply_path_cost(rounds: int = 8, replies: int = 500) -> dict[str, list[float]]:
+    """Microseconds of process CPU per reply through `Reply.speak` on `pcm` (no sockets), metrics on and off,
+    alternated `rounds` times."""
+    import dataclasses
+    import logging
+
+    from run_benchmarks import PLUGINS_DIR
+
+    from wyoming_cosyvoice.config import load_config
+    from wyoming_cosyvoice.plugins import Plugins
+    from wyoming_cosyvoice.server import build_service
+
+    logging.disable(logging.INFO)  # the per-request log line is the same either way; keep the output readable
+    text = sentence(20)
+    with tempfile.TemporaryDirectory(prefix="metrics-cost-") as tmp:
+        config = load_config(write_config(Path(tmp)))
+        config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, name="pcm"))
+        services = {
+            name: await build_service(
+                dataclasses.replace(config, metrics=dataclasses.replace(config.metrics, enabled=enabled)),
+                Plugins(PLUGINS_DIR),
+            )
+            for name, enabled in (("on", True), ("off", False))
+        }
+        result: dict[str, list[float]] = {"on": [], "off": []}
+        for _ in range(rounds):
+            for name, service in services.items():
+                started = time.process_time()
+                for _ in range(replies):
+                    reply = service.open_reply(None, None)
+                    reply.start()
+                    async for _chunk in reply.speak(text):
+                        pass
+                    reply.finish(True)
+                result[name].append((time.process_time() - started) / replies * 1e6)
+        for service in services.values():
+            await service.engines.close()
+    return result
+
+
+async def in_process() -> dict[str, Any]:
+    """The recorder alone and the reply path without sockets; printed and returned."""
+    recorder = recorder_cost()
+    for key, value in recorder.items():
+        print(f"recorder {key}: {value:.1f} us")
+    path = await reply_path_cost()
+    for name, values in path.items():
+        ordered = sorted(values)
+        print(f"reply path, metrics {name}: min {ordered[0]:.1f} us, median {percentile(ordered, 50):.1f} us per reply")
+    return {"recorder_us": recorder, "reply_path_us": path}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=8, help="rounds in all, alternated ABBA (default 8)")
@@ -188,7 +275,10 @@ if __name__ == "__main__":
     )
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests per server first (default 200)")
     parser.add_argument("--json", type=Path, help="write rounds and summary here")
+    parser.add_argument(
+        "--in-process", action="store_true", help="instead: the recorder alone and the reply path without sockets"
+    )
     arguments = parser.parse_args()
-    report = asyncio.run(main(arguments))
+    report = asyncio.run(in_process() if arguments.in_process else main(arguments))
     if arguments.json:
         arguments.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
