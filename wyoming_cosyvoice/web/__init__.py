@@ -47,9 +47,8 @@ async def start_studio(
         router.add_get("/api/status", audition.status)
         router.add_post("/api/audition", audition.audition)
         voices_api.add_routes(router)
-        if metrics.enabled:
-            token = metrics_route.scrape_token(metrics, studio.token)
-            router.add_get("/metrics", metrics_route.metrics_handler(service, token, is_loopback_host(settings.host)))
+        token = metrics_route.scrape_token(metrics, studio.token)  # metrics off: it answers 503 with the reason
+        router.add_get("/metrics", metrics_route.metrics_handler(service, token, is_loopback_host(settings.host)))
 
     studio = Studio(service, settings, voices_dir, config_dir=config_dir, api=api)
     await studio.start()
