@@ -148,7 +148,7 @@ async def test_a_client_leaving_counts_as_cancelled(tmp_path: Path) -> None:
             events = [await read(client), await read(client)]
             assert [e.type for e in events if e] == ["audio-start", "audio-chunk"]
         await counted(server, "cancelled")
-        assert engine.outcomes == ["cancelled"]
+        await wait_for(lambda: engine.outcomes == ["cancelled"], what="the engine's work cancelled")
         assert value(server, "first_audio_seconds_count") == 1
         assert requests(server, "ok") == 0
 
