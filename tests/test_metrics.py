@@ -153,6 +153,24 @@ async def test_a_client_leaving_counts_as_cancelled(tmp_path: Path) -> None:
         assert requests(server, "ok") == 0
 
 
+async def test_a_fallback_and_a_default_voice_count_as_degraded(tmp_path: Path) -> None:
+    config = load(
+        write_config(
+            tmp_path / "cfg", engine={"name": "fault", "fallback": "espeak"}, server={"unknown_voice": "default"}
+        )
+    )
+    async with running_server(config, fault_plugins()) as server:
+        reply = await speak(server, "FAIL so the fallback speaks")
+        assert reply.stops == 1 and not reply.errors
+        await counted(server, "degraded")
+        assert value(server, "fallback_total", reason="failed") == 1
+        assert (await speak(server, "Hello there.", voice="nobody-by-this-name")).stops == 1
+        await counted(server, "degraded", 2)
+        assert value(server, "fallback_total", reason="default_voice") == 1
+        assert value(server, "degraded_total", kind="fallback") == 1  # describe's own counts, read at scrape
+        assert value(server, "degraded_total", kind="default_voice") == 1
+
+
 async def test_broken_voice_counts_in_voices_and_preparations(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"RIFF" + b"\x00" * 100)  # a reference that exists but is no audio: preparation fails

@@ -162,6 +162,7 @@ class Snapshot:
     queued: int = 0
     engines: tuple[EngineFacts, ...] = ()
     voices: dict[str, int] = field(default_factory=dict)
+    degraded: dict[str, int] = field(default_factory=dict)
 
 
 def snapshot(service: "Service") -> Snapshot:
@@ -197,7 +198,7 @@ def snapshot(service: "Service") -> Snapshot:
             voices["warning"] += 1
         else:
             voices["ok"] += 1
-    return Snapshot(service.admission.active, queued, tuple(engines), voices)
+    return Snapshot(service.admission.active, queued, tuple(engines), voices, service.degraded.counts())
 
 
 GPU_METRICS = ("gpu_memory_used_bytes", "gpu_memory_total_bytes", "gpu_utilization_ratio")

@@ -269,6 +269,12 @@ class _Collector:
         for name, count in snap.voices.items():
             voices.add_metric([name], count)
         yield voices
+        degraded = CounterMetricFamily(
+            _PREFIX + "degraded", "Requests degraded instead of refused, by kind (describe's counts)", labels=["kind"]
+        )
+        for kind, count in snap.degraded.items():
+            degraded.add_metric([kind], count)
+        yield degraded
         if self._gpu:
             samples = list(gpu_samples())
             self._gpu = bool(samples)

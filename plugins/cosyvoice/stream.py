@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from wyoming_cosyvoice.engine import Cancelled
 
+from .batching import DecoderRoute, batchable
 from .chunking import (
     MAX_TOKEN_TEXT_RATIO,
     SAFETY,
@@ -85,9 +86,17 @@ class Streaming:
     """What every call on one model shares: the flow + vocoder scheduler, the measured costs, the settings."""
 
     def __init__(
-        self, early_first_chunk: bool, sample_rate: int, flow_slots: int = 1, llm_batched: bool = False
+        self,
+        early_first_chunk: bool,
+        sample_rate: int,
+        flow_slots: int = 1,
+        llm_batched: bool = False,
+        max_flow_batch: int = 1,
     ) -> None:
-        self.scheduler = FlowScheduler(flow_slots)
+        self.scheduler = FlowScheduler(flow_slots, max_batch=max_flow_batch)
+        self.route: Optional[DecoderRoute] = None
+        """Routes the flow decoder's calls of batched passes (None: every pass runs alone)."""
+        self.batch_note = "off" if max_flow_batch < 2 else f"up to {max_flow_batch} passes"
         self.llm_batched = llm_batched
         """The LLM batches the calls itself (vLLM): one stream's LLM need for all (admission, overload)."""
         self.cost = ChunkCost()
@@ -105,7 +114,29 @@ class Streaming:
         costs = self.costs.per_stream()
         if costs is None or self.scheduler.open_streams < 2:
             return False
-        return load(self.scheduler.open_streams, *costs, self.llm_batched, self.scheduler.slots) > 1.0
+        return load(self.scheduler.open_streams, *costs, self.llm_batched, self.scheduler.slots, self.marginal()) > 1.0
+
+    def limit_batch(self, streams: int) -> None:
+        """No batch of more passes than `streams` (the requests in flight at once)."""
+        self.scheduler.max_batch = max(1, min(self.scheduler.max_batch, streams))
+        if self.route is not None and self.scheduler.max_batch < 2:
+            self.batch_note = "off: one request at a time"
+        elif self.route is not None:
+            self.batch_note = f"up to {self.scheduler.max_batch} passes"
+
+    def batch_report(self) -> str:
+        """Batched flow passes for health: the bound, the batches run, what one more member adds."""
+        if self.route is None:
+            return self.batch_note
+        marginal = self.scheduler.marginal
+        added = "not measured yet" if marginal is None else f"one more pass adds {marginal:.0%} of its own"
+        return f"{self.batch_note}; {self.scheduler.batches} batched passes; {added}"
+
+    def marginal(self) -> float:
+        """What one more stream adds to a flow pass, as a share of its own (1.0: passes are not batched)."""
+        if self.route is None or self.scheduler.marginal is None:
+            return 1.0
+        return self.scheduler.marginal
 
     def begin(self, cancel: threading.Event, alive: Callable[[], None] = lambda: None) -> Request:
         """Register a request made on this thread (its calls find it through `current`)."""
@@ -202,8 +233,11 @@ def install(inner: Any, streaming: Streaming) -> bool:
         if request is None:
             request = streaming.begin(threading.Event())
         stream, seconds = request.stream, streaming.cost.predict(10 * TOKENS_PER_SECOND) or 0.0
+        stream.final = bool(kwargs.get("finalize", True))
         if not streaming.scheduler.acquire(stream, seconds, request.stop, request.alive):
             raise Cancelled()  # the request was cancelled while waiting: it ends here
+        if streaming.route is not None:  # granted with other passes: its decoder call meets theirs
+            streaming.route.join(stream.batch, stream)
         audio = 0.0
         try:
             streaming.holding = True
@@ -212,12 +246,23 @@ def install(inner: Any, streaming: Streaming) -> bool:
             return speech
         finally:
             streaming.holding = False
+            if streaming.route is not None:
+                streaming.route.alone()
             streaming.scheduler.release(stream, audio)
             if own:
                 streaming.end(request)
 
     inner.tts = tts
     inner.token2wav = scheduled_token2wav
+    if streaming.scheduler.max_batch > 1:
+        why = batchable(getattr(inner.flow, "decoder", None))
+        if why is None:
+            streaming.route = DecoderRoute(inner.flow.decoder)
+            streaming.route.install()
+        else:
+            streaming.scheduler.max_batch = 1
+            streaming.batch_note = f"off: {why}"
+            _LOGGER.info("Batched flow passes off: %s", why)
     return True
 
 
@@ -434,12 +479,16 @@ class StreamCall:
         """One flow + vocoder pass from `offset` once the scheduler grants it, ending at `floor` or later (None: the
         final pass); (output, end), end None when it was the final pass; (None, 0) when the call stopped while
         waiting."""
-        sched, stream, grid = self.sched, self.stream, self.grid
+        sched, stream, grid, route = self.sched, self.stream, self.grid, self.streaming.route
+        stream.final = floor is None
         if not sched.acquire(
             stream, self.cost.predict(grid.prompt_tokens + planned) or 0.0, self.stop, self.request.alive
         ):
             return None, 0
-        audio, end = 0.0, floor
+        batched = stream.batch is not None
+        if route is not None:
+            route.join(stream.batch, stream)
+        audio, end, took = 0.0, floor, None
         try:
             end = None if floor is None else self._longest(floor)
             if end is None:
@@ -466,8 +515,11 @@ class StreamCall:
             took = time.perf_counter() - began
             audio = out["tts_speech"].shape[1] / self.streaming.sample_rate
         finally:
-            sched.release(stream, audio)
-        self.cost.observe(grid.prompt_tokens + n, took)
+            if route is not None:
+                route.alone()
+            sched.release(stream, audio, took)
+        if not batched:  # a batched pass's time is the batch's: the scheduler weighs it (marginal)
+            self.cost.observe(grid.prompt_tokens + n, took)
         self.flow_s, self.audio_s = self.flow_s + took, self.audio_s + audio
         _LOGGER.debug(
             "Call %s: pass %d-%s of %d tokens in %.0f ms, %.2f s of audio, %s ms ahead of playback",

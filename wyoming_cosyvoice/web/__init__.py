@@ -36,17 +36,21 @@ async def start_studio(
     config_dir: Optional[Path] = None,
     metrics: Optional["MetricsSettings"] = None,
 ) -> "Studio":
-    """Start serving the studio page on `settings.host:settings.port` in the running event loop (with /metrics)."""
+    """Start serving the studio page (and the OpenAI API, /metrics) on `settings.host:settings.port` in the running
+    event loop."""
     from ..config import MetricsSettings
-    from . import audition, metrics_route, voices_api
+    from . import audition, metrics_route, openai_api, voices_api
     from .app import Studio, is_loopback_host
 
     metrics = metrics or MetricsSettings()
 
     def api(router: "web.UrlDispatcher") -> None:
-        router.add_get("/api/status", audition.status)
-        router.add_post("/api/audition", audition.audition)
-        voices_api.add_routes(router)
+        if settings.studio:
+            router.add_get("/api/status", audition.status)
+            router.add_post("/api/audition", audition.audition)
+            voices_api.add_routes(router)
+        if settings.openai.enabled:
+            openai_api.add_routes(router)
         token = metrics_route.scrape_token(metrics, studio.token)  # metrics off: it answers 503 with the reason
         router.add_get("/metrics", metrics_route.metrics_handler(service, token, is_loopback_host(settings.host)))
 

@@ -60,6 +60,7 @@ async def status(request: web.Request) -> web.Response:
             "failed_engines": {k: studio.redact(v) for k, v in service.engines.failed.items()},
             "note": studio.redact(service.engines.note),
             "in_flight": service.admission.active,
+            "degraded": service.degraded.counts(),
             "metrics": service.metrics.summary(),
             "max_concurrent": service.admission.limit,
             "preparing": sorted(service.preparer.preparing()),
@@ -104,7 +105,9 @@ async def audition(request: web.Request) -> web.StreamResponse:
     if len(text) > service.limits.max_text_chars:
         return problem(413, f"text has {len(text)} characters; the limit is {service.limits.max_text_chars}")
     try:
-        reply = service.open_reply(form.get("voice") or None, None, sinks=False, protocol="studio")
+        reply = service.open_reply(
+            form.get("voice") or None, None, sinks=False, unknown_voice="error", protocol="studio"
+        )
     except VoiceNotFound as err:
         return problem(404, studio.redact(str(err)))
     profile = reply.profile
