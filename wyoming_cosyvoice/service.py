@@ -20,6 +20,7 @@ from .degrade import Admission, Degraded, RoomQueue
 from .engine import AudioChunk, Engine, SynthesisOptions
 from .errors import EngineError, EngineOutOfMemory, EngineTimeout, ServerBusy, VoiceNotFound
 from .logs import LogThrottle
+from .metrics import NO_RECORD, Metrics, RequestRecord
 from .preparation import VoicePreparer
 from .routing import Engines
 from .sinks import StreamInfo, Tee, TeeStream
@@ -76,6 +77,7 @@ class Service:
         preparer: Optional[VoicePreparer] = None,
         first_clause_words: int = DEFAULT_FIRST_CLAUSE_WORDS,
         settings: Optional[ServerSettings] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self.engines = engines
         """Every running engine; `engines.engine_for` picks the one for a profile."""
@@ -100,13 +102,18 @@ class Service:
         self._finishing: set[asyncio.Task[object]] = set()
         self.log_throttle = LogThrottle()
         """Rate limit for the per-client warning lines (refusals, errors, stalls) shared by all connections."""
+        self.metrics = metrics or Metrics()
+        """The recorder every reply reports to (docs/metrics.md); the default records nothing."""
+        self.metrics.watch(self)
 
     async def info(self) -> Info:
         """Build `info` from the current usable voice profiles (the voices are rescanned off the event loop)."""
         profiles = await self.preparer.refresh()
         health = self.engine.health()
+        served = self.metrics.summary()  # the numbers the studio shows too (one source: the recorder)
         facts = ", ".join(
-            [f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine"]
+            (_served_facts(served) if served.get("requests") else [])
+            + [f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine"]
             + [f"{kind}={n}" for kind, n in self.degraded.counts().items()]
         )
         description = f"CosyVoice voice cloning TTS (engine: {self.engine.name}{'; ' + facts if facts else ''})"
@@ -144,13 +151,17 @@ class Service:
         client: str = "",
         unknown_voice: Optional[str] = None,
         opening: Optional[Opening] = None,
+        protocol: str = "wyoming",
     ) -> Reply:
         """The reply for a request's voice name / language, its profile and engine found once: here, or earlier by
-        `reply_opening` (`opening`). `sinks` False: no copy for the sinks."""
+        `reply_opening` (`opening`). `sinks` False: no copy for the sinks; `protocol` (wyoming, http, studio) labels
+        its metrics."""
         opening = opening or self.reply_opening(voice, language, client=client, unknown_voice=unknown_voice)
-        reply = Reply(self, opening.profile, opening.engine, self.tee if sinks else None, client=client)
+        record = self.metrics.request(protocol, opening.profile.name)
+        reply = Reply(self, opening.profile, opening.engine, self.tee if sinks else None, client=client, record=record)
         reply.hold(opening)
         if opening.note:
+            record.degraded("default_voice")
             reply.note(opening.note)
         return reply
 
@@ -220,6 +231,12 @@ class Service:
             await asyncio.wait(set(self._finishing), timeout=timeout)
 
 
+def _served_facts(summary: dict[str, object]) -> list[str]:
+    """The recorder's headline numbers as `describe`'s health facts (key=value)."""
+    keys = ("requests", "error", "first_audio_p50_ms", "first_audio_p95_ms", "underruns", "refused", "fallbacks")
+    return [f"{key}={summary[key]}" for key in keys if summary.get(key) is not None]
+
+
 @dataclasses.dataclass
 class Opening:
     """A reply's voice and engine, found once, and the engine's release for the reply's end (`Engine.reply_opening`:
@@ -248,7 +265,14 @@ class Reply:
     """
 
     def __init__(
-        self, service: Service, profile: VoiceProfile, engine: Engine, tee: Optional[Tee], *, client: str = ""
+        self,
+        service: Service,
+        profile: VoiceProfile,
+        engine: Engine,
+        tee: Optional[Tee],
+        *,
+        client: str = "",
+        record: RequestRecord = NO_RECORD,
     ) -> None:
         self.profile = profile
         """The voice."""
@@ -260,6 +284,8 @@ class Reply:
         """Who asked (host:port), for log lines."""
         self.fallback_reason: Optional[str] = None
         """Why the fallback engine speaks the rest of the reply (None: the voice's engine does)."""
+        self.record = record
+        """The reply's metrics (`Service.metrics`): timings, outcome, fallbacks."""
         self._service = service
         self._tee = tee
         self._copy: Optional[TeeStream] = None  # the sinks' copy, open from start() to finish()
@@ -287,8 +313,9 @@ class Reply:
         `speed` multiplies the voice's own speaking rate (kept within 0.25..4)."""
         if not text.strip():
             return
-        service = self._service
-        with service.admission.slot():
+        service, record = self._service, self.record
+        record.speaking()
+        with service.admission.slot(record.refused):
             self._pieces += 1
             stats = RequestStats(str(next(_REQUEST_IDS)), self.profile.name, len(text), degraded=list(self._notes))
             profile = await self._current_version(stats)
@@ -296,24 +323,29 @@ class Reply:
                 speed=min(4.0, max(0.25, profile.speed * speed)),
                 request_id=stats.request_id,
                 timeout=service.limits.engine_timeout_s,
+                started=record.engine_started,
             )
             try:
                 async with _closing(self._chunks(text, options, stats)) as chunks:
                     async for chunk in chunks:
                         if stats.first_audio is None:
                             stats.first_audio = time.perf_counter()
-                        stats.audio_seconds += chunk.seconds
+                        seconds = chunk.seconds
+                        stats.audio_seconds += seconds
                         if self._copy is not None:
                             self._copy.write(chunk.audio)
                         yield chunk
+                        record.written(seconds)  # the consumer asks for the next chunk once it has sent this one
             except (asyncio.CancelledError, GeneratorExit):
                 stats.end = "cancelled"
                 raise
             except Exception as err:
                 stats.end = type(err).__name__
+                record.failed(err)
                 raise
             finally:  # logged whatever happens to the client, a cancellation while closing included
                 stats.finished = time.perf_counter()
+                record.spoken()
                 _LOGGER.info("%s", stats.line())
 
     async def _chunks(self, text: str, options: SynthesisOptions, stats: RequestStats) -> AsyncIterator[AudioChunk]:
@@ -327,7 +359,7 @@ class Reply:
         elif self.fallback_reason is None:
             why = await self._wait_for_room(fallback is not None, stats)
             if why is not None:
-                self._switch(fallback, f"{self.engine.name} engine still {why}", text, stats)
+                self._switch(fallback, f"{self.engine.name} engine still {why}", text, stats, "busy")
         if self.fallback_reason is None:
             try:
                 async with _closing(self._engine_chunks(text, options, stats)) as chunks:
@@ -340,9 +372,10 @@ class Reply:
                 cut = (
                     f" after {stats.audio_seconds:.2f} s of its audio (spoken again whole)" if stats.first_audio else ""
                 )
-                self._switch(fallback, f"{err}{cut}", text, stats)
+                self._switch(fallback, f"{err}{cut}", text, stats, "busy" if isinstance(err, ServerBusy) else "failed")
         assert fallback is not None
         stats.degraded.append(f"fallback {fallback.name}")
+        self.record.engine_called()
         async with _closing(fallback.synthesize(text, self.profile, options)) as chunks:
             async for chunk in chunks:
                 if self._converter is None:
@@ -377,6 +410,7 @@ class Reply:
         gain = self.profile.gain
         for attempt in (1, 2):
             try:
+                self.record.engine_called()
                 async with _closing(self.engine.synthesize(text, self.profile, options)) as chunks:
                     async for chunk in chunks:
                         yield chunk if gain == 1.0 else dataclasses.replace(chunk, audio=apply_gain(chunk.audio, gain))
@@ -390,11 +424,13 @@ class Reply:
                     "request %s: %s; trying once more on the %s engine", stats.request_id, err, self.engine.name
                 )
 
-    def _switch(self, fallback: Optional[Engine], why: str, text: str, stats: RequestStats) -> None:
-        """The fallback engine speaks this piece and the rest of the reply."""
+    def _switch(self, fallback: Optional[Engine], why: str, text: str, stats: RequestStats, reason: str) -> None:
+        """The fallback engine speaks this piece and the rest of the reply (`reason`, busy or failed, labels the
+        metrics' fallback count)."""
         assert fallback is not None
         self.fallback_reason = why
         self._service.degraded.note("fallback")
+        self.record.degraded(reason)
         _LOGGER.warning(
             "request %s (client %s, voice %s): %s; piece %d of the reply (%r) and the rest spoken by the %s engine",
             stats.request_id,
@@ -417,6 +453,8 @@ class Reply:
                     f"voice {profile.name!r} changed to another engine while the request waited for it; ask again"
                 )
         except BaseException as err:
+            if isinstance(err, Exception):
+                self.record.failed(err)
             stats.end = "cancelled" if isinstance(err, asyncio.CancelledError) else type(err).__name__
             stats.finished = time.perf_counter()
             _LOGGER.info("%s", stats.line())
@@ -426,6 +464,7 @@ class Reply:
 
     def finish(self, ok: bool) -> None:
         """End the reply (`ok` False: cut off); the sinks finish in the background (`Service.close_sinks`)."""
+        self.record.finish(ok)
         if self._opening is not None:
             self._opening.close()
         copy, self._copy = self._copy, None
