@@ -354,6 +354,7 @@ class _Hold:
             loop.call_soon_threadsafe(keeper._release)
 
         self._finalizer = weakref.finalize(self, release)
+        self._finalizer.atexit = False  # at interpreter exit there is no model left to keep awake
 
     def __call__(self) -> None:
         self._finalizer()
