@@ -76,10 +76,21 @@ class EspeakSettings:
     """Child processes with `isolation: process` (requests spoken at once; one more stays ready while a crashed
     one is replaced)."""
 
+    max_restarts: int = 10
+    """Child processes lost (crashed) within `restart_window_s` before no more are started and requests are refused
+    until the window has passed (a crash loop: a broken library, or a flood of crashing texts)."""
+
+    restart_window_s: float = 60.0
+    """The crash-loop window."""
+
     def validate(self) -> Optional[tuple[str, str]]:
         """Check ranges."""
         if not 1 <= self.processes <= 16:
             return ("processes", "must be between 1 and 16")
+        if self.max_restarts < 1:
+            return ("max_restarts", "must be at least 1")
+        if not 0 < self.restart_window_s < 1e6:
+            return ("restart_window_s", "must be a positive number of seconds")
         if not 80 <= self.rate <= 500:
             return ("rate", "must be between 80 and 500 words per minute")
         if not 0 <= self.pitch <= 100:
@@ -126,7 +137,7 @@ class EspeakEngine(ThreadedEngine):
         self._started = False
         self.sample_rate = 22050
         if settings.isolation == "process":
-            self.isolation = Isolation(processes=settings.processes)
+            self.isolation = Isolation(settings.processes, settings.max_restarts, settings.restart_window_s)
 
     def child_args(self) -> tuple[Any, ...]:
         """What a child process needs to rebuild this engine: its settings."""

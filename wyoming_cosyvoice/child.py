@@ -5,23 +5,28 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import multiprocessing
 import os
 import pickle
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .handoff import Cancelled
 
 _LOGGER = logging.getLogger(__name__)
 
-CONTEXT = multiprocessing.get_context("spawn")
-"""Children start from a fresh interpreter: the server runs threads and an event loop, which must never be forked."""
+BOOT = "import sys; sys.path.insert(0, sys.argv[2]); from wyoming_cosyvoice.child import child_main; child_main()"
+"""A child is a fresh interpreter (the server runs threads and an event loop, which must never be forked without an
+exec) that imports only this module before it reads its spec: unlike multiprocessing's spawn, it does not run the
+server's main script again (a script without a main guard would start a server in every child) and needs no
+resource-tracker process."""
 
 POLL_S = 0.1
 """How often a waiting side looks at its cancel flag (the pipe itself wakes it as soon as a message comes)."""
@@ -52,6 +57,8 @@ class ChildSpec:
     qualname: str
     args: bytes
     log_level: int
+    path: tuple[str, ...]
+    """The server's sys.path (where the engine's module and its settings' classes are found)."""
 
     @classmethod
     def of(cls, engine_type: type, args: tuple[Any, ...]) -> "ChildSpec":
@@ -63,10 +70,12 @@ class ChildSpec:
             engine_type.__qualname__,
             pickle.dumps(args),
             logging.getLogger().getEffectiveLevel(),
+            tuple(sys.path),
         )
 
     def build(self) -> Any:
         """Import the module (by name, else from its file) and construct the engine (in the child)."""
+        sys.path[:] = list(self.path)
         try:
             module = importlib.import_module(self.module)
         except ModuleNotFoundError:
@@ -173,11 +182,17 @@ class _Serving:
             self.engine.release_memory()
 
 
-def child_main(conn: Connection, spec: ChildSpec) -> None:
-    """Entry point of a child process: build and load the engine, say "ready" (or why not), then serve."""
+def child_main() -> None:
+    """Entry point of a child process (`BOOT`; its pipe is fd argv[1]): read the spec, build and load the engine,
+    say "ready" (or why not), then serve until told to stop or the server is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
-    logging.basicConfig(level=spec.log_level, format=LOG_FORMAT)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    conn = Connection(int(sys.argv[1]))
+    try:
+        spec: ChildSpec = conn.recv()
+    except (EOFError, OSError):
+        return
+    logging.basicConfig(level=spec.log_level, format=LOG_FORMAT)
     try:
         engine = spec.build()
         engine.load()
@@ -200,26 +215,56 @@ class Child:
     come from any thread."""
 
     def __init__(self, spec: ChildSpec, name: str) -> None:
-        self._conn, theirs = CONTEXT.Pipe()
-        self.process = CONTEXT.Process(target=child_main, args=(theirs, spec), name=name, daemon=True)
+        ours, theirs = socket.socketpair()
         try:
-            self.process.start()
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", BOOT, str(theirs.fileno()), str(Path(__file__).resolve().parents[1])],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+            )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
-        self.pid = self.process.pid
+        self.name = name
+        self._conn = Connection(ours.detach())
+        try:
+            self._conn.send(spec)
+        except OSError:  # it died at once: `wait_ready` says how
+            pass
+        self.pid: int = self.process.pid
         self.facts: Optional[dict[str, Any]] = None
         """Audio format the engine reported once loaded (None while it loads)."""
+        self._early: Optional[tuple[Any, ...]] = None  # the first message, when `loaded` read it
         self._lock = threading.Lock()
         self._released = False
+
+    def loaded(self) -> bool:
+        """True once the engine has loaded (never blocks; for an idle child only: a loading one's first message
+        is read here or by `wait_ready`)."""
+        if self.facts is None and self._early is None:
+            try:
+                if self._conn.poll(0):
+                    self._early = self._conn.recv()
+            except (EOFError, OSError):
+                self._early = ("died",)
+            if self._early is not None and self._early[0] == "ready":
+                self.facts, self._early = self._early[1], None
+        return self.facts is not None
 
     def wait_ready(self, timeout: float) -> dict[str, Any]:
         """Wait for the engine to load; its facts. The child's own load error is raised as it was raised there;
         ChildDied / ChildHung when it died or took longer than `timeout`."""
         if self.facts is None:
-            if not self._poll(timeout):
-                self.kill()
-                raise ChildHung(f"did not load within {timeout:g} s")
-            message = self._recv()
+            message, self._early = self._early, None
+            if message is None:
+                if not self._poll(timeout):
+                    self.kill()
+                    raise ChildHung(f"did not load within {timeout:g} s")
+                message = self._recv()
+            if message[0] == "died":
+                raise ChildDied(self.death())
             if message[0] == "failed":
                 raise message[1]
             self.facts = message[1]
@@ -291,9 +336,9 @@ class Child:
 
     def death(self) -> str:
         """How the process ended: the signal's name (SIGSEGV, SIGABRT) or its exit code."""
-        self.process.join(2.0)
-        code = self.process.exitcode
-        if code is None:
+        try:
+            code = self.process.wait(2.0)
+        except subprocess.TimeoutExpired:
             self.kill()
             return "closed its pipe and was killed"
         if code < 0:
@@ -313,17 +358,18 @@ class Child:
     def kill(self) -> None:
         """End the process now (any thread)."""
         with self._lock:
-            if not self._released and self.process.exitcode is None:
+            if not self._released and self.process.poll() is None:
                 self.process.kill()
 
     def release(self, timeout: float = 2.0) -> None:
-        """Wait up to `timeout` s for the process to end, kill it if it has not, and close its pipe and handle."""
-        self.process.join(timeout)
-        self.kill()
+        """Wait up to `timeout` s for the process to end, kill it if it has not, reap it and close its pipe."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
         with self._lock:
             if self._released:
                 return
             self._released = True
-        self.process.join()
+        self.process.wait()
         self._conn.close()
-        self.process.close()

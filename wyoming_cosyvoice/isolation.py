@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .child import Child, ChildDied, ChildHung, ChildSpec
-from .errors import EngineCrashed, EngineUnavailable
+from .errors import CosyVoiceServiceError, EngineCrashed, EngineUnavailable
 from .handoff import Cancelled
 
 _LOGGER = logging.getLogger(__name__)
@@ -79,7 +79,14 @@ class ChildPool:
         try:
             return child.wait_ready(self.policy.start_timeout_s)
         except (ChildDied, ChildHung) as err:
-            raise EngineUnavailable(f"{self.engine} engine: its worker process {err} while loading") from None
+            how = f"died ({err})" if isinstance(err, ChildDied) else str(err)
+            raise EngineUnavailable(f"{self.engine} engine: its worker process {how} while loading") from None
+        except CosyVoiceServiceError:
+            raise
+        except Exception as err:
+            raise EngineUnavailable(
+                f"{self.engine} engine could not load in its worker process: {type(err).__name__}: {err}"
+            ) from None
 
     def close(self) -> None:
         """Stop every child: idle ones are asked to exit, busy ones are killed (the server is going away)."""
@@ -105,7 +112,7 @@ class ChildPool:
         with self._lock:
             facts: dict[str, Any] = {
                 "isolation": "process",
-                "processes": f"{sum(1 for c in self._idle if c.facts) + len(self._busy)}/{self.policy.processes}",
+                "processes": f"{sum(1 for c in self._idle if c.loaded()) + len(self._busy)}/{self.policy.processes}",
                 "restarts": self.restarts,
             }
             if self._refusing(now):
@@ -168,7 +175,7 @@ class ChildPool:
             with self._lock:
                 if self._closed:
                     raise EngineUnavailable(f"{self.engine} engine is closed")
-                child = next((c for c in self._idle if c.facts), None) or next(iter(self._idle), None)
+                child = next((c for c in self._idle if c.loaded()), None) or next(iter(self._idle), None)
                 if child is not None:
                     self._idle.remove(child)
                     self._busy.add(child)
