@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -23,6 +24,7 @@ from wyoming_cosyvoice.engine import ThreadedEngine
 from wyoming_cosyvoice.errors import EngineUnavailable
 from wyoming_cosyvoice.plugins import Plugins
 from wyoming_cosyvoice.server import Server
+from wyoming_cosyvoice_plugins import example_tone
 
 from . import crash_engine
 from .helpers import (
@@ -293,3 +295,27 @@ async def test_serve_as_a_user_survives_and_leaves_no_child_after_sigterm(tmp_pa
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
+
+
+async def test_a_plugin_from_the_plugins_folder_opts_in(tmp_path: Path) -> None:
+    """example_tone, copied into a plugins folder as a user does, runs in a child with `isolation: process` and
+    makes exactly the audio it makes on a thread."""
+    plugins_dir = tmp_path / "plugins"
+    plugins_dir.mkdir()
+    shutil.copy(Path(example_tone.__file__), plugins_dir / "example_tone.py")
+    replies = {}
+    for isolation in ("thread", "process"):
+        path = write_config(
+            tmp_path / isolation,
+            server={"plugins_dir": str(plugins_dir)},
+            engine={"name": "tone", "fallback": None},
+            engines={"tone": {"isolation": isolation}},
+        )
+        config = load_config(path)
+        async with running_server(config) as server:
+            engine = engine_of(server)
+            assert type(engine).__module__ == "wyoming_cosyvoice_user_plugins.example_tone"
+            assert len(engine.child_pids()) == (1 if isolation == "process" else 0)
+            replies[isolation] = await speak(server, "one two three")
+    assert replies["process"].errors == [] and len(replies["process"].audio) == 3 * 24000 * 300 // 1000 * 2
+    assert replies["process"].audio == replies["thread"].audio

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -84,6 +85,10 @@ class ChildSpec:
             spec = importlib.util.spec_from_file_location(self.module, self.file)
             if spec is None or spec.loader is None:
                 raise
+            parent = self.module.rpartition(".")[0]
+            if parent and parent not in sys.modules:  # a plugins-folder module's package (plugins.USER_PACKAGE)
+                sys.modules[parent] = types.ModuleType(parent)
+                sys.modules[parent].__path__ = []
             module = importlib.util.module_from_spec(spec)
             sys.modules[self.module] = module
             spec.loader.exec_module(module)
