@@ -1,7 +1,7 @@
 """Example plugin: a `tone` engine that "speaks" a beep per word from prepared PCM, at no cost. Copy this file into
 your `server.plugins_dir` to load it (it is not a built-in). It shows the whole plugin contract in a few lines, and
 serves benchmarks as a zero-cost engine that exposes the server's own cost. With `isolation: process` it runs in a
-child process (docs/plugins.md "Process isolation": an engine opts in with `isolation` and `child_args`)."""
+child process (docs/reliability.md "Plugin engines: asking for process isolation")."""
 
 import threading
 from dataclasses import dataclass

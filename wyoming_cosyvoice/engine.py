@@ -168,9 +168,9 @@ class ThreadedEngine(Engine):
     cannot kill it; it exits at its next chunk boundary if it ever returns); the other slots go on. An out-of-memory
     error calls `release_memory()` on the request's thread before its slot is free again.
 
-    With `isolation` set (docs/plugins.md "Process isolation"), `load` and `render` run in warm child processes
-    instead (isolation.py), one per slot: each slot's thread relays its request to a child, so a crash in native
-    code fails that request with EngineCrashed and the child is replaced; everything above stays the same.
+    With `isolation` set (docs/reliability.md, "Native engine crashes"), `load` and `render` run in warm child
+    processes instead (isolation.py), one per slot: each slot's thread relays its request to a child, so a crash in
+    native code fails that request with EngineCrashed and the child is replaced; everything above stays the same.
     """
 
     isolation: Optional[Isolation] = None

@@ -37,6 +37,15 @@ class Isolation:
     start_timeout_s: float = 120.0
     """Seconds a child may take to load the engine."""
 
+    def __post_init__(self) -> None:
+        if self.processes < 1 or self.max_restarts < 1:
+            raise ValueError("Isolation needs at least one process and one restart")
+
+
+def _how(err: BaseException) -> str:
+    """What happened to a child, for a log or error line: "died (SIGSEGV)", "did not load within 120 s"."""
+    return f"died ({err})" if isinstance(err, ChildDied) else str(err)
+
 
 class ChildPool:
     """`Isolation.processes` warm children of one engine. A worker thread checks one out per request or call and
@@ -79,8 +88,7 @@ class ChildPool:
         try:
             return child.wait_ready(self.policy.start_timeout_s)
         except (ChildDied, ChildHung) as err:
-            how = f"died ({err})" if isinstance(err, ChildDied) else str(err)
-            raise EngineUnavailable(f"{self.engine} engine: its worker process {how} while loading") from None
+            raise EngineUnavailable(f"{self.engine} engine: its worker process {_how(err)} while loading") from None
         except CosyVoiceServiceError:
             raise
         except Exception as err:
@@ -152,8 +160,9 @@ class ChildPool:
         try:
             result = child.call(name, args, timeout)
         except (ChildDied, ChildHung) as err:
-            self._lost(child, f"{'died (%s)' % err if isinstance(err, ChildDied) else err} in {name}")
-            raise EngineCrashed(f"{self.engine} engine: its worker process {err} in {name}; it was replaced") from None
+            how = _how(err)
+            self._lost(child, f"{how} in {name}")
+            raise EngineCrashed(f"{self.engine} engine: its worker process {how} in {name}; it was replaced") from None
         except BaseException:
             self._checkin(child)
             raise
@@ -189,7 +198,7 @@ class ChildPool:
                 child.wait_ready(self.policy.start_timeout_s)
                 return child
             except (ChildDied, ChildHung) as err:
-                self._lost(child, f"{'died (%s)' % err if isinstance(err, ChildDied) else err} while loading")
+                self._lost(child, f"{_how(err)} while loading")
             except BaseException as err:  # the engine's load failed in the child (a library gone since start)
                 self._lost(child, f"could not load the engine: {type(err).__name__}: {err}")
 
