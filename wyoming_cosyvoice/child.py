@@ -225,6 +225,7 @@ class Child:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", BOOT, str(theirs.fileno()), str(Path(__file__).resolve().parents[1])],
                 stdin=subprocess.DEVNULL,
+                stdout=2,  # never the server's stdout: over stdio:// that is the Wyoming connection
                 pass_fds=(theirs.fileno(),),
             )
         except BaseException:
