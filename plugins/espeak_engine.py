@@ -102,7 +102,7 @@ class EspeakSettings:
         return None
 
 
-VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,63}$")
+VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,63}")
 """espeak voice names (`en-us`, `en-us+f3`, `mb-de1`): libespeak-ng opens a name with `/` as a file: none has one."""
 
 
@@ -113,11 +113,22 @@ def espeak_voice_for(profile: VoiceProfile) -> str:
         voice = (profile.languages[0] if profile.languages else "en").lower().replace("_", "-")
     else:
         voice = explicit
-    if not isinstance(voice, str) or not VOICE_NAME.match(voice):
+    if not isinstance(voice, str) or not VOICE_NAME.fullmatch(voice):
         raise VoiceError(
             f"options.espeak_voice: {str(voice)[:40]!r} is not an espeak voice name (letters, digits, '_', '+', '-')"
         )
     return voice
+
+
+def espeak_heard_as(profile: VoiceProfile) -> str:
+    """ "espeak voice for de-DE" (or the voice `options.espeak_voice` names): espeak never uses the recording."""
+    try:
+        voice = espeak_voice_for(profile)
+    except VoiceError as err:
+        return f"no espeak voice: {err}"
+    if profile.options.get("espeak_voice"):
+        return f"espeak voice {voice}"
+    return f"espeak voice for {profile.languages[0] if profile.languages else 'en'}"
 
 
 class EspeakEngine(ThreadedEngine):
@@ -260,6 +271,10 @@ class EspeakEngine(ThreadedEngine):
             raise Cancelled()
         if result != _EE_OK:
             raise EngineError(f"espeak engine: espeak_Synth failed with code {result}")
+
+    def heard_as(self, profile: VoiceProfile) -> str:
+        """espeak's voice for the profile's language; the recording is never used."""
+        return espeak_heard_as(profile)
 
     def health(self) -> dict[str, Any]:
         """Engine facts (with the child processes' under process isolation)."""

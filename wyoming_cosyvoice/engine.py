@@ -115,6 +115,26 @@ class Engine(ABC):
         """Engine facts for logs, `describe` and the health command (cheap, non-blocking)."""
         return {"engine": self.name, "sample_rate": self.sample_rate}
 
+    def heard_as(self, profile: "VoiceProfile") -> str:
+        """What a listener hears when this engine speaks `profile`, in a few words ("cloned", "espeak voice for
+        de-DE"), once it is ready: the studio, `voices add` and `voices list` show it. Default: the engine."""
+        return f"spoken by the {self.name} engine"
+
+    def cannot_start(self) -> Optional[str]:
+        """Why `start()` would fail here, judged cheaply without loading anything (settings, files); None when it
+        may start. `voices list` / `voices add` use it to say what a server would do. Default: None."""
+        return None
+
+    def room(self) -> Optional[str]:
+        """None when one more request may start now; else why not, in one line (every slot and the queue taken, or
+        one more stream would make those in flight fall behind real time). The service waits, in order and bounded,
+        while it says no (`server.busy_wait_s`); `synthesize` called regardless raises ServerBusy. Default: room."""
+        return None
+
+    def add_room_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (on the event loop) whenever a request leaves the engine, so `room` may have changed.
+        Default: never (an engine whose `room` is always None has nothing to announce)."""
+
     @abstractmethod
     def synthesize(self, text: str, profile: "VoiceProfile", options: SynthesisOptions) -> AsyncIterator[AudioChunk]:
         """Stream audio for `text` in `profile`'s voice; closing the iterator cancels the work."""
@@ -187,6 +207,7 @@ class ThreadedEngine(Engine):
         self._queued = 0
         self.restarts = 0
         """How many times a hung worker thread was replaced."""
+        self._room_listeners: list[Callable[[], None]] = []
         self._recoveries: "set[asyncio.Task[None]]" = set()
         self._pool: Optional[ChildPool] = None
 
@@ -228,6 +249,17 @@ class ThreadedEngine(Engine):
         if self._pool is not None:
             facts.update(self._pool.health())
         return facts
+
+    def add_room_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever a request gives its slot back (see Engine.add_room_listener)."""
+        self._room_listeners.append(listener)
+
+    def _room_changed(self) -> None:
+        for listener in self._room_listeners:
+            try:
+                listener()
+            except Exception:  # a listener's bug must not keep the slot from being released
+                _LOGGER.exception("%s engine: room listener failed", self.name)
 
     @property
     def concurrency(self) -> int:
@@ -432,6 +464,7 @@ class ThreadedEngine(Engine):
                 released = True
                 self._in_flight -= 1
                 self._slots.release(slot)
+                self._room_changed()
 
         try:
             worker = self._worker_for(slot)

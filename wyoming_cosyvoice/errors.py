@@ -26,6 +26,11 @@ class VoiceError(CosyVoiceServiceError):
     """A voice profile is invalid (bad reference audio, transcript, language)."""
 
 
+class CacheUnwritable(VoiceError):
+    """A cache folder cannot be written (read-only, full, not a folder): this machine's problem, not the voice's;
+    a voice that fails with it is retried."""
+
+
 class EngineUnavailable(CosyVoiceServiceError):
     """An engine cannot start here (missing model, checkout, library or GPU)."""
 

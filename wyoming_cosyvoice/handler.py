@@ -275,7 +275,7 @@ class TtsEventHandler(AsyncEventHandler):
 
     async def _run_job(self, job: _Job) -> None:
         if isinstance(job, _OneShot):
-            reply = self.service.open_reply(job.voice_name, job.language)
+            reply = self.service.open_reply(job.voice_name, job.language, client=self.peer)
             await self._start(reply)
             await self._speak(reply, job.text)
             await self._finish(reply)
@@ -284,7 +284,7 @@ class TtsEventHandler(AsyncEventHandler):
             if stream.failed:
                 return
             if stream.reply is None:
-                stream.reply = self.service.open_reply(stream.voice_name, stream.language)
+                stream.reply = self.service.open_reply(stream.voice_name, stream.language, client=self.peer)
                 await self._start(stream.reply)
             await self._speak(stream.reply, job.text)
         else:

@@ -82,7 +82,20 @@ class CosyVoiceEngine(ThreadedEngine):
             self.state = "failed"
             raise
         self.set_concurrency(self._concurrency())
+        if self.scheduling is not None:  # no batch larger than the streams there can be
+            self.scheduling.limit_batch(self.concurrency)
         self.state = "ready"
+
+    def cannot_start(self) -> Optional[str]:
+        """Not set up, or the checkout or model directory is missing (checked on disk; nothing is imported)."""
+        if self.settings.repo is None and self.settings.model_dir is None:
+            return "not set up"
+        try:
+            upstream.check_checkout(self.settings.repo)
+            upstream.inspect_model_dir(self.settings.model_dir)
+        except EngineUnavailable as err:
+            return str(err)
+        return None
 
     def _concurrency(self) -> int:
         """Requests in flight: 1 with upstream's loop; else the setting, or `auto` from the GPU's free memory."""
@@ -169,7 +182,11 @@ class CosyVoiceEngine(ThreadedEngine):
             raise EngineUnavailable(upstream.PREFIX + checked.problem)
         flow_slots = self.settings.trt_concurrent if plan.load_trt else 1
         scheduling = cosyvoice_stream.Streaming(
-            self.settings.early_first_chunk, int(model.sample_rate), flow_slots, llm_batched=bool(plan.load_vllm)
+            self.settings.early_first_chunk,
+            int(model.sample_rate),
+            flow_slots,
+            llm_batched=bool(plan.load_vllm),
+            max_flow_batch=self.settings.flow_batch_limit(),
         )
         own_loop = cosyvoice_stream.install(model.model, scheduling)
         self.scheduling = scheduling if own_loop else None
@@ -371,21 +388,38 @@ class CosyVoiceEngine(ThreadedEngine):
             yield chunk
 
     def _admit(self) -> None:
-        """ServerBusy when every slot is taken and the queue is full, or when one more stream would make the streams
-        in flight fall behind real time (`keep_real_time`, from the measured costs)."""
+        why = self.room()
+        if why is not None:
+            raise ServerBusy(f"cosyvoice engine {why}")
+
+    def room(self) -> Optional[str]:
+        """Why one more request cannot start now (None: it can): every slot taken and the queue full, or one more
+        stream would make the streams in flight fall behind real time (`keep_real_time`, from the measured costs).
+        The service waits on it (Engine.room); a direct `synthesize` without room raises ServerBusy."""
         in_flight, queued = self.in_flight, self.queued
         if in_flight >= self.concurrency and queued >= self.settings.max_queue:
-            raise ServerBusy(
-                f"cosyvoice engine busy: {in_flight} requests in flight, {queued} queued "
+            return (
+                f"busy: {in_flight} requests in flight, {queued} queued "
                 f"(concurrency {self.concurrency}, max_queue {self.settings.max_queue})"
             )
         if self.settings.keep_real_time and self.scheduling is not None and in_flight < self.concurrency:
             scheduling = self.scheduling
             why = admission(
-                in_flight, scheduling.costs.per_stream(), scheduling.llm_batched, scheduling.scheduler.slots
+                in_flight,
+                scheduling.costs.per_stream(),
+                scheduling.llm_batched,
+                scheduling.scheduler.slots,
+                flow_marginal=scheduling.marginal(),
             )
             if why is not None:
-                raise ServerBusy(f"cosyvoice engine at capacity: {why}")
+                return f"at capacity: {why}"
+        return None
+
+    def heard_as(self, profile: VoiceProfile) -> str:
+        """Cloned from the recording (or the model's built-in speaker)."""
+        if profile.mode == "sft":
+            return "the model's built-in speaker"
+        return "cloned" if profile.mode != "instruct" else "cloned, with instructions"
 
     def request_abandoned(self, cancel: threading.Event) -> None:
         """A hung request's thread was given up: free the flow + vocoder pass it may hold for the others."""
@@ -524,6 +558,7 @@ class CosyVoiceEngine(ThreadedEngine):
             costs = self.scheduling.costs.per_stream()
             if costs is not None:  # what one stream needs of the model per second of audio (admission weighs it)
                 facts["stream_cost"] = f"llm {costs[0]:.2f} + flow {costs[1]:.2f} s per s"
+            facts["batched_flow"] = self.scheduling.batch_report()
         if self.text_normalizer:
             facts["text_normalizer"] = self.text_normalizer
         if self.self_check:

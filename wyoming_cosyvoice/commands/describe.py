@@ -11,6 +11,7 @@ from typing import Any, Optional
 from wyoming.info import Info
 
 from ..client import TtsClient
+from . import seconds
 from .say import DEFAULT_URI
 
 _HEALTH = re.compile(r"\(engine: (?P<engine>[^;)]+)(?:; (?P<facts>[^)]*))?\)(?: \[(?P<note>[^\]]*)\])?")
@@ -20,7 +21,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     """Register the `describe` subcommand."""
     parser = subparsers.add_parser("describe", help="show a Wyoming server's programs, voices and health")
     parser.add_argument("--uri", default=DEFAULT_URI, help=f"server (default: {DEFAULT_URI})")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
+    parser.add_argument("--timeout", type=seconds, default=10.0, help="seconds to wait for the answer (default 10)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--debug", action="store_true", help="log debug messages")
     parser.set_defaults(func=run)

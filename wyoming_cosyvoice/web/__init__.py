@@ -32,13 +32,16 @@ async def start_studio(
     service: "Service", settings: "WebSettings", voices_dir: Path, *, config_dir: Optional[Path] = None
 ) -> "Studio":
     """Start serving the studio page on `settings.host:settings.port` in the running event loop."""
-    from . import audition, voices_api
+    from . import audition, openai_api, voices_api
     from .app import Studio
 
     def api(router: "web.UrlDispatcher") -> None:
-        router.add_get("/api/status", audition.status)
-        router.add_post("/api/audition", audition.audition)
-        voices_api.add_routes(router)
+        if settings.studio:
+            router.add_get("/api/status", audition.status)
+            router.add_post("/api/audition", audition.audition)
+            voices_api.add_routes(router)
+        if settings.openai.enabled:
+            openai_api.add_routes(router)
 
     studio = Studio(service, settings, voices_dir, config_dir=config_dir, api=api)
     await studio.start()
