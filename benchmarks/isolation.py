@@ -2,7 +2,7 @@
 """The cost of process isolation: espeak in child processes against espeak in the server process.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/isolation.py [--rounds 6] [--requests 100] [--clients 1 4]
-        [--json out.json]
+        [--direct] [--json out.json]
 
 Starts two `serve` processes that differ only in `engines.espeak.isolation` (`process`, the default, with its two
 children; `thread`, the old way), then, in every round, sends `--requests` requests from each number of `--clients`
@@ -10,7 +10,8 @@ to each server, alternating which goes first, so that noise from other jobs hits
 client: a new connection per request, the standard 20-word sentence, first audio timed from writing `synthesize` to
 the first `audio-chunk`). Reports, per server: median and p90 first audio, median total time, throughput (audio
 seconds delivered per wall second) and CPU per audio second (the server and its children, user + system). The
-ratios are process / thread. A script, not a test: it never fails on a missed target.
+ratios are process / thread. `--direct` also calls the engines in this process without a server (espeak and the
+zero-cost `tone` engine, whose numbers are the hop alone). A script, not a test: it never fails on a missed target.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from run_benchmarks import CLOCK_TICKS, ServerProcess, cpu_pressure  # noqa: E402
 
 from wyoming_cosyvoice.bench import BenchSettings, percentile, run_bench, sentence  # noqa: E402
+from wyoming_cosyvoice.engine import SynthesisOptions, ThreadedEngine  # noqa: E402
+from wyoming_cosyvoice.voices import VoiceProfile  # noqa: E402
+from wyoming_cosyvoice_plugins.espeak_engine import EspeakEngine, EspeakSettings  # noqa: E402
+from wyoming_cosyvoice_plugins.example_tone import ToneEngine, ToneSettings  # noqa: E402
 
 MODES = ("process", "thread")
 
@@ -105,12 +110,47 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+async def direct(rounds: int, requests: int) -> dict[str, dict[str, float]]:
+    """The engines called in this process (`engine.synthesize`, no server): first chunk and whole reply, in children
+    against on a thread, alternating each round; espeak and the zero-cost `tone` engine (the hop alone)."""
+    profile = VoiceProfile(name="robot-en", languages=("en-US",))
+    text = sentence(20)
+    engines: dict[str, ThreadedEngine] = {}
+    for mode in MODES:
+        engines[f"espeak {mode}"] = EspeakEngine(EspeakSettings(isolation=mode))  # type: ignore[arg-type]
+        engines[f"tone {mode}"] = ToneEngine(ToneSettings(isolation=mode, chunk_ms=60))  # type: ignore[arg-type]
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in engines}
+    try:
+        for engine in engines.values():
+            await engine.start()
+        for round_ in range(rounds + 1):  # round 0 warms up, unmeasured
+            names = list(engines) if round_ % 2 else list(engines)[::-1]
+            for name in names:
+                for _ in range(requests):
+                    started = time.perf_counter()
+                    first = None
+                    async for _chunk in engines[name].synthesize(text, profile, SynthesisOptions()):
+                        if first is None:
+                            first = time.perf_counter() - started
+                    if round_ and first is not None:
+                        times[name][0].append(first * 1000)
+                        times[name][1].append((time.perf_counter() - started) * 1000)
+    finally:
+        for engine in engines.values():
+            await engine.close()
+    return {
+        name: {"first_median_ms": statistics.median(f), "total_median_ms": statistics.median(t)}
+        for name, (f, t) in times.items()
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--requests", type=int, default=100, help="measured requests per server, round and level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--direct", action="store_true", help="also call the engines in this process (no server)")
     args = parser.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     facts = {"started": started, "load": os.getloadavg(), "pressure_start": cpu_pressure()}
@@ -131,6 +171,7 @@ async def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
+    direct_results = await direct(args.rounds, args.requests) if args.direct else {}
     facts["load_end"] = os.getloadavg()
     facts["pressure_end"] = cpu_pressure()
     results = {f"{m}@{c}": summary(r) for (m, c), r in runs.items()}
@@ -161,8 +202,15 @@ async def main() -> None:
             f"throughput x{p['audio_s_per_wall_s'] / t['audio_s_per_wall_s']:.2f}; "
             f"CPU per audio second x{p['cpu_ms_per_audio_s'] / t['cpu_ms_per_audio_s']:.2f}"
         )
+    if direct_results:
+        print("\nDirect (engine.synthesize in this process, no server):\n")
+        print("| engine | isolation | first chunk median (ms) | whole reply median (ms) |\n|---|---|---|---|")
+        for name, d in direct_results.items():
+            engine, mode = name.split()
+            print(f"| {engine} | {mode} | {d['first_median_ms']:.2f} | {d['total_median_ms']:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"facts": facts, "results": results}, indent=2) + "\n")
+        doc = {"facts": facts, "results": results, "direct": direct_results}
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 if __name__ == "__main__":
