@@ -347,7 +347,7 @@ class EngineChoice:
 
 @dataclass(frozen=True)
 class Limits:
-    """The `limits:` section: protocol, resource and access limits (README "Limits and security")."""
+    """The `limits:` section: protocol, resource and access limits (docs/reliability.md, "Limits")."""
 
     max_header_bytes: int = 65536
     """Longest accepted event header line (JSON), in bytes."""
@@ -527,7 +527,7 @@ class Config:
     """Server-side sinks that receive a copy of every synthesis, keyed by name."""
 
     limits: Limits = field(default_factory=Limits)
-    """Protocol, resource and access limits (see the README's "Limits and security")."""
+    """Protocol, resource and access limits (see docs/reliability.md, "Limits")."""
 
     web: WebSettings = field(default_factory=WebSettings)
     """The voice studio page (off by default)."""
