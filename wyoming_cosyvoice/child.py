@@ -259,16 +259,22 @@ class Child:
                 self.facts, self._early = self._early[1], None
         return self.facts is not None
 
-    def wait_ready(self, timeout: float) -> dict[str, Any]:
+    def wait_ready(self, timeout: float, tick: Optional[Callable[[], None]] = None) -> dict[str, Any]:
         """Wait for the engine to load; its facts. The child's own load error is raised as it was raised there;
-        ChildDied / ChildHung when it died or took longer than `timeout`."""
+        ChildDied / ChildHung when it died or took longer than `timeout`. `tick` is called every POLL_S while it
+        waits (a request's keep-alive; it may raise Cancelled)."""
         if self.facts is None:
             message, self._early = self._early, None
-            if message is None:
-                if not self._poll(timeout):
+            deadline = time.monotonic() + timeout
+            while message is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     self.kill()
                     raise ChildHung(f"did not load within {timeout:g} s")
-                message = self._recv()
+                if self._poll(min(left, POLL_S) if tick is not None else left):
+                    message = self._recv()
+                elif tick is not None:
+                    tick()
             if message[0] == "died":
                 raise ChildDied(self.death())
             if message[0] == "failed":

@@ -427,7 +427,8 @@ class ThreadedEngine(Engine):
         try:
             handoff.post("started")
             if self._pool is not None:
-                self._pool.render(options.request_id, (text, profile, options), handoff.emit, handoff.cancel)
+                request = (text, profile, options)
+                self._pool.render(options.request_id, request, handoff.emit, handoff.cancel, handoff.alive)
             else:
                 self.render(text, profile, options, handoff.emit, handoff.cancel)
         except Cancelled:

@@ -135,9 +135,17 @@ class ChildPool:
         request: tuple[str, Any, Any],
         emit: Callable[[bytes], None],
         cancel: threading.Event,
+        alive: Callable[[], None],
     ) -> None:
-        """Make one request's audio (text, profile, options) in a child, passing each chunk to `emit`."""
-        child = self._checkout()
+        """Make one request's audio (text, profile, options) in a child, passing each chunk to `emit`. While it
+        waits for a child to load (one replacing a crashed one), `alive` says so: that is no hung engine."""
+
+        def waiting() -> None:
+            if cancel.is_set():
+                raise Cancelled()
+            alive()
+
+        child = self._checkout(waiting)
         try:
             child.render(self._next_id(), request, emit, cancel, self.policy.stop_grace_s)
         except ChildDied as died:
@@ -177,9 +185,9 @@ class ChildPool:
     def _new_child(self) -> Child:
         return Child(self.spec, f"{self.engine}-child-{self._next_id()}")
 
-    def _checkout(self) -> Child:
+    def _checkout(self, tick: Optional[Callable[[], None]] = None) -> Child:
         """A loaded child for one request: an idle one (loaded ones first), else a new one; each that fails to
-        load counts as lost, so this ends at the crash-loop bound at the latest."""
+        load counts as lost, so this ends at the crash-loop bound at the latest. `tick` runs while it waits."""
         while True:
             with self._lock:
                 if self._closed:
@@ -195,17 +203,22 @@ class ChildPool:
                 with self._lock:
                     self._busy.add(child)
             try:
-                child.wait_ready(self.policy.start_timeout_s)
+                child.wait_ready(self.policy.start_timeout_s, tick)
                 return child
+            except Cancelled:  # the request is gone; the child goes on loading for the next one
+                self._checkin(child)
+                raise
             except (ChildDied, ChildHung) as err:
                 self._lost(child, f"{_how(err)} while loading")
             except BaseException as err:  # the engine's load failed in the child (a library gone since start)
                 self._lost(child, f"could not load the engine: {type(err).__name__}: {err}")
 
     def _checkin(self, child: Child) -> None:
+        """A child back from a request: idle again, or stopped when the pool is closed or has one too many (one
+        started while a killed child's request was still winding down)."""
         with self._lock:
             self._busy.discard(child)
-            if not self._closed:
+            if not self._closed and len(self._idle) + len(self._busy) < self.policy.processes:
                 self._idle.append(child)
                 return
         child.stop()
