@@ -17,8 +17,8 @@ COPY wyoming_cosyvoice /src/wyoming_cosyvoice
 COPY plugins /src/plugins
 COPY config/server.yaml config/voices.yaml /src/config/
 COPY asset /src/asset
-# zeroconf: Home Assistant discovers the server when it runs with --zeroconf on the host network.
-RUN /opt/venv/bin/python -m pip install --no-cache-dir --quiet "/src[zeroconf]"
+# zeroconf: Home Assistant discovers the server when it runs with --zeroconf on the host network; metrics: /metrics.
+RUN /opt/venv/bin/python -m pip install --no-cache-dir --quiet "/src[zeroconf,metrics]"
 
 FROM ${BASE_IMAGE}
 COPY --from=build /opt/venv /opt/venv

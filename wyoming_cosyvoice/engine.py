@@ -74,6 +74,9 @@ class SynthesisOptions:
     timeout: Optional[float] = None
     """Seconds the engine may go without producing audio before the request fails (None: no limit)."""
 
+    started: Optional[Callable[[], None]] = None
+    """Called (on the loop) when the engine starts on the request after waiting for a worker (the queue wait ends)."""
+
 
 class Engine(ABC):
     """A TTS engine: fixed output format per instance, async streaming synthesis."""
@@ -457,6 +460,8 @@ class ThreadedEngine(Engine):
         finally:
             self._queued -= 1
         self._in_flight += 1
+        if options.started is not None:
+            options.started()
         released = False
 
         def release(_: Any = None) -> None:

@@ -196,6 +196,7 @@ class TtsEventHandler(AsyncEventHandler):
             return True
         if (Synthesize.is_type(event.type) and self._stream is None) or SynthesizeStart.is_type(event.type):
             if self.service.admission.closing:
+                self.service.metrics.refused("shutting_down")
                 raise ServerBusy("server is shutting down; try again shortly")
         if Synthesize.is_type(event.type):
             if self._stream is not None:
@@ -308,10 +309,10 @@ class TtsEventHandler(AsyncEventHandler):
     async def _start(self, reply: Reply) -> None:
         """`audio-start` in the format of the engine serving the voice; the reply's copy for the sinks opens."""
         fmt = reply.format
-        await self.write_event(AudioStart(rate=fmt.rate, width=fmt.width, channels=fmt.channels).event())
         if self._reply is not None:  # a reply left open (not expected: a failure ends the connection) is cut off
             self._reply.finish(ok=False)
-        self._reply = reply
+        self._reply = reply  # before writing: a client gone already still ends the reply (its metrics count it)
+        await self.write_event(AudioStart(rate=fmt.rate, width=fmt.width, channels=fmt.channels).event())
         reply.start()
 
     async def _speak(self, reply: Reply, text: str) -> None:
