@@ -4,6 +4,7 @@ crash in native code fails one request instead of ending the server; dead childr
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -40,6 +41,15 @@ class Isolation:
     def __post_init__(self) -> None:
         if self.processes < 1 or self.max_restarts < 1:
             raise ValueError("Isolation needs at least one process and one restart")
+
+
+def _portable(options: Any) -> Any:
+    """Request options without their callbacks (`SynthesisOptions.started`): those run in the server, and a
+    function cannot cross to a child."""
+    if not dataclasses.is_dataclass(options) or isinstance(options, type):
+        return options
+    changes = {f.name: None for f in dataclasses.fields(options) if callable(getattr(options, f.name))}
+    return dataclasses.replace(options, **changes) if changes else options
 
 
 def _how(err: BaseException) -> str:
@@ -145,9 +155,10 @@ class ChildPool:
                 raise Cancelled()
             alive()
 
+        text, profile, options = request
         child = self._checkout(waiting)
         try:
-            child.render(self._next_id(), request, emit, cancel, self.policy.stop_grace_s)
+            child.render(self._next_id(), (text, profile, _portable(options)), emit, cancel, self.policy.stop_grace_s)
         except ChildDied as died:
             self._lost(child, f"died ({died}) during request {request_id or '?'}")
             raise EngineCrashed(
