@@ -314,3 +314,11 @@ def test_parse_health() -> None:
         "note": "fallback from x: y",
     }
     assert parse_health("Piper TTS") is None
+    nested = "X (engine: cosyvoice; lifecycle=parked (host), concurrency=1 (auto: 1, on the CPU), state=ready) [n]"
+    assert parse_health(nested) == {
+        "engine": "cosyvoice",
+        "lifecycle": "parked (host)",
+        "concurrency": "1 (auto: 1, on the CPU)",
+        "state": "ready",
+        "note": "n",
+    }

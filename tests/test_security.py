@@ -157,9 +157,9 @@ def test_documented_defaults_match_the_code() -> None:
     config = load_config(DEFAULT_CONFIG_DIR / "server.yaml")
     assert config.limits == Limits()
     assert config.server.uri == Config().server.uri == "tcp://0.0.0.0:10200"
-    readme = (DEFAULT_CONFIG_DIR.parent / "README.md").read_text()
+    table = (DEFAULT_CONFIG_DIR.parent / "docs" / "reliability.md").read_text()
     for name in Limits.__dataclass_fields__:
-        assert f"`limits.{name}`" in readme, f"README's limits table lacks {name}"
+        assert f"`limits.{name}`" in table, f"docs/reliability.md's limits table lacks {name}"
 
 
 async def test_names_and_language_tags_ending_in_a_newline_are_refused_everywhere(tmp_path: Path) -> None:

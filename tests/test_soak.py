@@ -21,7 +21,7 @@ from .test_fuzz import ServerThread, encode, exchange, parse, speak
 
 CLIENTS = 64
 ROUNDS = 6
-"""64 clients x 6 rounds = 384 connections; about 20-40 s on a shared 2-core machine."""
+"""64 clients x 6 rounds = 384 connections (its running time: docs/reliability.md, "Fuzzing")."""
 
 
 def open_fds() -> int:

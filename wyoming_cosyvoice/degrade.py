@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from .engine import Engine
 from .errors import ServerBusy
@@ -95,9 +95,10 @@ class ConcurrencyLimit:
         self.active = 0
 
     @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one slot for the duration of a request."""
+    def slot(self, refused: Callable[[str], None] = lambda reason: None) -> Iterator[None]:
+        """Hold one slot for the duration of a request (`refused("busy")` is called before a refusal)."""
         if self.active >= self.limit:
+            refused("busy")
             raise ServerBusy(f"server busy: {self.active} requests in progress (limit {self.limit}); try again shortly")
         self.active += 1
         try:

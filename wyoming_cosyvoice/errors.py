@@ -87,6 +87,11 @@ class EngineTimeout(EngineError):
     """The engine produced no audio for longer than `limits.engine_timeout_s`; its worker was replaced."""
 
 
+class EngineCrashed(EngineError):
+    """The engine's worker process died during the request (a crash in native code) and was replaced, or it
+    crashed too often of late and is not restarted yet; other requests and connections go on."""
+
+
 class EngineOutOfMemory(EngineError):
     """The engine ran out of (GPU) memory for one request; caches were released and the next request may run."""
 

@@ -24,6 +24,7 @@ from . import refcache
 from .aio import TaskSet, wait_within
 from .engine import Engine, ThreadedEngine, worker_call_timeout
 from .errors import CacheUnwritable, CosyVoiceServiceError, EngineTimeout, VoiceNotFound
+from .metrics import Metrics
 from .reference import ReferenceInfo, default_cache_dir, profile_reference
 from .routing import Engines
 from .voices import STALE_CACHE_HINT, VoiceCatalog, VoiceProfile, file_stamp, problem_line
@@ -63,6 +64,7 @@ class VoicePreparer:
         *,
         timeout: Optional[float] = None,
         max_reference_seconds: Optional[float] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self.catalog = catalog
         self.max_reference_seconds = max_reference_seconds
@@ -71,6 +73,8 @@ class VoicePreparer:
         """Seconds one voice's preparation may take (`limits.engine_timeout_s`); beyond it the voice is broken."""
         self.engines = engines
         """The running engines; each profile is prepared by the one that serves it."""
+        self.metrics = metrics or Metrics()
+        """Counts each preparation's outcome."""
         self.engine = self.engines.main
         self.cache_dir = cache_dir
         self.references: dict[str, ReferenceInfo] = {}
@@ -348,11 +352,13 @@ class VoicePreparer:
                 for warning in checked[1].warnings:
                     _LOGGER.warning("%s", problem_line(profile.source, profile.name, f"reference audio: {warning}"))
             self.catalog.broken.pop(profile.name, None)
+            self.metrics.voice_prepared("ok")
             if self._retries.pop(profile.name, None) is not None:
                 _LOGGER.info("Voice %r prepared on a later try; available again", profile.name)
             return
         self._retire(self._normalized.pop(profile.name, None))
         self._broken(profile.name, problem, quiet=retrying)
+        self.metrics.voice_prepared("broken")
 
     def _retry_later(self, profile: VoiceProfile) -> str:
         """Prepare `profile` again later (it failed because of this machine, which may be fixed); says when."""

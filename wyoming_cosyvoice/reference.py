@@ -1,6 +1,6 @@
 """Reference audio for voice cloning: validated and normalized once, cached as a clean 16-bit mono WAV.
 
-Rules (README "Voice profiles"): any sample rate >= 16 kHz; integer or float WAV/FLAC (anything libsndfile reads);
+Rules (docs/voices.md): any sample rate >= 16 kHz; integer or float WAV/FLAC (anything libsndfile reads);
 stereo is downmixed; leading/trailing silence is trimmed; the result must keep at least 0.5 s of sound; longer than
 30 s after trimming is REFUSED when the profile has a transcript (the transcript would no longer match the audio)
 and otherwise TRIMMED to 30 s (cut at the quietest moment of the last 2 s) with a warning; peaks are normalized to

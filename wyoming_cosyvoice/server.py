@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ from .errors import ConfigError, ServerBusy
 from .guard import ConnectionGuard, client_name
 from .handler import TtsEventHandler
 from .listener import Listener
+from .metrics import create_metrics
 from .plugins import Plugins
 from .preparation import VoicePreparer
 from .routing import Engines
@@ -46,11 +48,13 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
     catalog = await asyncio.to_thread(build_catalog, config, plugins)  # file scans and YAML, off the loop
     tee = server_tee(config, plugins)  # before the engines: a bad sink setting fails fast
     engines = await Engines.start(config, plugins, [p.engine for p in catalog.all_profiles if p.engine])
+    metrics = create_metrics(config.metrics.enabled)
     preparer = VoicePreparer(
         catalog,
         engines,
         timeout=config.limits.engine_timeout_s,
         max_reference_seconds=config.limits.max_reference_seconds,
+        metrics=metrics,
     )
     await preparer.prepare_all()
     await engines.warmup()
@@ -72,6 +76,7 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
         tee=tee,
         limits=config.limits,
         preparer=preparer,
+        metrics=metrics,
     )
 
 
@@ -101,6 +106,8 @@ class Server:
         self._force = asyncio.Event()
         self.studio: Any = None
         """The voice studio page served on this loop (web.enabled), closed first at shutdown."""
+        self.metrics_listener: Any = None
+        """The /metrics-only listener (metrics.port), closed with the studio."""
 
     @property
     def port(self) -> Optional[int]:
@@ -123,6 +130,7 @@ class Server:
         client = client_name(peername)
         throttle = self.service.log_throttle
         if not self.guard.allowed(peername):
+            self.service.metrics.refused("not_allowed")
             throttle.warning(
                 _LOGGER, "not allowed", "connection from %s refused: not in limits.allowed_networks", client
             )
@@ -134,6 +142,7 @@ class Server:
                 if self.service.closing
                 else f"too many connections (limits.max_connections = {self.guard.max_connections})"
             )
+            self.service.metrics.refused("shutting_down" if self.service.closing else "connections")
             throttle.warning(_LOGGER, "refused busy", "connection from %s refused: %s", client, busy)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(async_write_event(Error(text=str(busy), code=busy.code).event(), writer), 1.0)
@@ -211,6 +220,9 @@ class Server:
         if self.studio is not None:  # auditions end with the page; Wyoming clients get their grace period
             studio, self.studio = self.studio, None
             await studio.close()
+        if self.metrics_listener is not None:
+            metrics_listener, self.metrics_listener = self.metrics_listener, None
+            await metrics_listener.close()
         deadline = time.monotonic() + grace
         while self.busy_connections() and time.monotonic() < deadline and not self._force.is_set():
             await asyncio.sleep(0.05)
@@ -267,7 +279,19 @@ async def _start_studio(config: Config, service: Service) -> Any:
 
     # Without the studio nothing writes voices: the API alone needs no folder provider.
     voices_dir = voices_folder(config) if config.web.studio else config.base_dir / "voices"
-    return await start_studio(service, config.web, voices_dir, config_dir=config.base_dir)
+    return await start_studio(service, config.web, voices_dir, config_dir=config.base_dir, metrics=config.metrics)
+
+
+async def start_metrics_listener(config: Config, service: Service) -> Any:
+    """The /metrics-only listener when `metrics.port` is set (None otherwise)."""
+    if config.metrics.port is None or not config.metrics.enabled:
+        return None
+    from .web.app import TOKEN_ENV
+    from .web.metrics_route import MetricsListener
+
+    listener = MetricsListener(service, config.metrics, config.web.token or os.environ.get(TOKEN_ENV))
+    await listener.start()
+    return listener
 
 
 async def run(config: Config, plugins: Plugins) -> None:
@@ -279,6 +303,13 @@ async def run(config: Config, plugins: Plugins) -> None:
         missing = missing_dependency()  # before the engine loads: a missing extra should not cost a model load
         if missing:
             raise ConfigError(f"{config.source}:web.enabled: {missing}")
+    if config.metrics.enabled and config.metrics.port is not None:
+        from .metrics import missing_dependency as metrics_missing
+        from .web import missing_dependency
+
+        missing = metrics_missing() or missing_dependency()
+        if missing:
+            raise ConfigError(f"{config.source}:metrics.port: {missing}")
     listener = None
     if not config.server.uri.startswith("stdio://"):
         # Before the engine loads (minutes with CosyVoice): a busy port is one line now, not a traceback then.
@@ -291,11 +322,13 @@ async def run(config: Config, plugins: Plugins) -> None:
         raise
     if listener is None:
         studio = await _start_studio(config, service)
+        metrics_listener = await start_metrics_listener(config, service)
         try:
             await serve_stdio(service)
         finally:
-            if studio is not None:
-                await studio.close()
+            for site in (studio, metrics_listener):
+                if site is not None:
+                    await site.close()
         return
     server = Server(
         service,
@@ -306,6 +339,7 @@ async def run(config: Config, plugins: Plugins) -> None:
     )
     await server.start()
     server.studio = await _start_studio(config, service)
+    server.metrics_listener = await start_metrics_listener(config, service)
     where = config.server.uri
     if server.port is not None:
         where = f"tcp://{urlparse(where).hostname}:{server.port}"

@@ -9,7 +9,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import AsyncGenerator, AsyncIterator, Awaitable, Optional
+from typing import AsyncGenerator, AsyncIterator, Awaitable, Callable, Optional
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
@@ -21,6 +21,7 @@ from .degrade import ConcurrencyLimit, Degraded, RoomQueue
 from .engine import Engine, PcmChunk, SynthesisOptions
 from .errors import EngineError, EngineOutOfMemory, EngineTimeout, ServerBusy, VoiceNotFound
 from .logs import LogThrottle
+from .metrics import NO_RECORD, Metrics, RequestRecord
 from .preparation import VoicePreparer
 from .routing import Engines
 from .sinks import StreamInfo, Tee, TeeStream
@@ -77,6 +78,7 @@ class Service:
         preparer: Optional[VoicePreparer] = None,
         first_clause_words: int = DEFAULT_FIRST_CLAUSE_WORDS,
         settings: Optional[ServerSettings] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self.engines = engines
         """Every running engine; `engines.engine_for` picks the one for a profile."""
@@ -103,13 +105,18 @@ class Service:
         self._closing = False
         self.log_throttle = LogThrottle()
         """Rate limit for the per-client warning lines (refusals, errors, stalls) shared by all connections."""
+        self.metrics = metrics or Metrics()
+        """The recorder every reply reports to (docs/metrics.md); the default records nothing."""
+        self.metrics.watch(self)
 
     async def info(self) -> Info:
         """Build `info` from the current usable voice profiles (the voices are rescanned off the event loop)."""
         profiles = await self.preparer.refresh()
         health = self.engine.health()
+        served = self.metrics.summary()  # the numbers the studio shows too (one source: the recorder)
         facts = ", ".join(
-            [f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine"]
+            (_served_facts(served) if served.get("requests") else [])
+            + [f"{k}={v}" for k, v in health.items() if isinstance(v, (str, int, float)) and k != "engine"]
             + [f"{kind}={n}" for kind, n in self.degraded.counts().items()]
         )
         description = f"CosyVoice voice cloning TTS (engine: {self.engine.name}{'; ' + facts if facts else ''})"
@@ -146,20 +153,42 @@ class Service:
         sinks: bool = True,
         client: str = "",
         unknown_voice: Optional[str] = None,
+        opening: Optional[Opening] = None,
+        protocol: str = "wyoming",
     ) -> Reply:
-        """The reply for a request's voice name / language: its profile and engine are found once, here. A voice that
-        is not there (or whose engine is not running) is spoken by the default voice, or the first of `language`
+        """The reply for a request's voice name / language, its profile and engine found once: here, or earlier by
+        `reply_opening` (`opening`). `sinks` False: no copy for the sinks; `protocol` (wyoming, http, studio) labels
+        its metrics."""
+        opening = opening or self.reply_opening(voice, language, client=client, unknown_voice=unknown_voice)
+        record = self.metrics.request(protocol, opening.profile.name)
+        reply = Reply(self, opening.profile, opening.engine, self.tee if sinks else None, client=client, record=record)
+        reply.hold(opening)
+        if opening.note:
+            record.degraded("default_voice")
+            reply.note(opening.note)
+        return reply
+
+    def reply_opening(
+        self, voice: Optional[str], language: Optional[str], *, client: str = "", unknown_voice: Optional[str] = None
+    ) -> Opening:
+        """A reply opens (a streamed one at `synthesize-start`, before its text): its voice and engine are found, and
+        the engine may start waking a parked model now, so the wake overlaps the text's arrival. A voice that is not
+        there (or whose engine is not running) is spoken by the default voice, or the first of `language`
         (`server.unknown_voice: default`), with one log line naming `client`; VoiceNotFound when there is none, or
         with `unknown_voice: error` (the keyword overrides the setting for one caller: the studio auditions a voice
-        by its name, or not at all). `sinks` False: no copy for the sinks."""
+        by its name, or not at all)."""
+        note = ""
         try:
             profile = self.catalog.resolve(voice, language)
             engine = self.engines.engine_for(profile)
         except VoiceNotFound as err:
             if not voice or (unknown_voice or self.settings.unknown_voice) == "error":
                 raise
-            profile = self.catalog.resolve(None, language)
-            engine = self.engines.engine_for(profile)
+            try:
+                profile = self.catalog.resolve(None, language)
+                engine = self.engines.engine_for(profile)
+            except VoiceNotFound:
+                raise err from None  # no voice to speak instead: why the asked one is not there says the most
             self.degraded.note("default_voice")
             _LOGGER.warning(
                 "client %s asked for voice %r, which is not there (%s); speaking with voice %s instead "
@@ -169,10 +198,18 @@ class Service:
                 err,
                 profile.name,
             )
-            reply = Reply(self, profile, engine, self.tee if sinks else None, client=client)
-            reply.note(f"default voice {profile.name} for {voice[:80]!r}")
-            return reply
-        return Reply(self, profile, engine, self.tee if sinks else None, client=client)
+            note = f"default voice {profile.name} for {voice[:80]!r}"
+        return Opening(profile, engine, engine.reply_opening(), note)
+
+    async def park(self) -> dict[str, str]:
+        """Park every engine that parks (`wyoming-cosyvoice park`, the studio's API): engine name -> state after."""
+        states = {name: await engine.park() for name, engine in list(self.engines.running.items())}
+        return {name: state for name, state in states.items() if state is not None}
+
+    async def wake(self) -> dict[str, str]:
+        """Wake every parked engine now: engine name -> state after."""
+        states = {name: await engine.wake() for name, engine in list(self.engines.running.items())}
+        return {name: state for name, state in states.items() if state is not None}
 
     def heard_as(self, profile: VoiceProfile) -> str:
         """What a listener hears for `profile` from the running engines ("cloned", "espeak voice for de-DE", ...)."""
@@ -218,6 +255,30 @@ class Service:
         await self.engines.close()
 
 
+def _served_facts(summary: dict[str, object]) -> list[str]:
+    """The recorder's headline numbers as `describe`'s health facts (key=value)."""
+    keys = ("requests", "error", "first_audio_p50_ms", "first_audio_p95_ms", "underruns", "refused", "fallbacks")
+    return [f"{key}={summary[key]}" for key in keys if summary.get(key) is not None]
+
+
+@dataclasses.dataclass
+class Opening:
+    """A reply's voice and engine, found once, and the engine's release for the reply's end (`Engine.reply_opening`:
+    a model that parks stays awake until then)."""
+
+    profile: VoiceProfile
+    engine: Engine
+    release: Optional[Callable[[], None]] = None
+    note: str = ""
+    """A degradation of the whole reply (the default voice for an unknown one)."""
+
+    def close(self) -> None:
+        """The reply is over (called once or more: only the first counts)."""
+        release, self.release = self.release, None
+        if release is not None:
+            release()
+
+
 class Reply:
     """One audio reply (`audio-start` .. `audio-stop`): its voice, engine and format, and its copy for the sinks.
 
@@ -228,7 +289,14 @@ class Reply:
     """
 
     def __init__(
-        self, service: Service, profile: VoiceProfile, engine: Engine, tee: Optional[Tee], *, client: str = ""
+        self,
+        service: Service,
+        profile: VoiceProfile,
+        engine: Engine,
+        tee: Optional[Tee],
+        *,
+        client: str = "",
+        record: RequestRecord = NO_RECORD,
     ) -> None:
         self.profile = profile
         """The voice."""
@@ -240,16 +308,23 @@ class Reply:
         """Who asked (host:port), for log lines."""
         self.fallback_reason: Optional[str] = None
         """Why the fallback engine speaks the rest of the reply (None: the voice's engine does)."""
+        self.record = record
+        """The reply's metrics (`Service.metrics`): timings, outcome, fallbacks."""
         self._service = service
         self._tee = tee
         self._copy: Optional[TeeStream] = None  # the sinks' copy, open from start() to finish()
         self._notes: list[str] = []  # degradations of the whole reply, repeated on each request line
         self._pieces = 0
         self._converter: Optional[PcmConverter] = None  # fallback audio -> the announced format, across pieces
+        self._opening: Optional[Opening] = None  # closed at finish(): a parked model stays awake until then
 
     def note(self, what: str) -> None:
         """Record a degradation of the whole reply (each of its request lines says it)."""
         self._notes.append(what)
+
+    def hold(self, opening: Opening) -> None:
+        """Keep `opening` until `finish`: a parked model woke for this reply and stays awake until then."""
+        self._opening = opening
 
     def start(self) -> None:
         """The audio begins: open the reply's stream on every server-side sink (one file or stream per reply)."""
@@ -262,8 +337,9 @@ class Reply:
         `speed` multiplies the voice's own speaking rate (kept within 0.25..4)."""
         if not text.strip():
             return
-        service = self._service
-        with service.concurrency_limit.slot():
+        service, record = self._service, self.record
+        record.speaking()
+        with service.concurrency_limit.slot(record.refused):
             self._pieces += 1
             stats = RequestStats(str(next(_REQUEST_IDS)), self.profile.name, len(text), degraded=list(self._notes))
             profile = await self._current_version(stats)
@@ -271,24 +347,29 @@ class Reply:
                 speed=min(4.0, max(0.25, profile.speed * speed)),
                 request_id=stats.request_id,
                 timeout=service.limits.engine_timeout_s,
+                started=record.engine_started,
             )
             try:
                 async with _closing(self._chunks(text, options, stats)) as chunks:
                     async for chunk in chunks:
                         if stats.first_audio is None:
                             stats.first_audio = time.perf_counter()
-                        stats.audio_seconds += chunk.seconds
+                        seconds = chunk.seconds
+                        stats.audio_seconds += seconds
                         if self._copy is not None:
                             self._copy.write(chunk.audio)
                         yield chunk
+                        record.written(seconds)  # the consumer asks for the next chunk once it has sent this one
             except (asyncio.CancelledError, GeneratorExit):
                 stats.end = "cancelled"
                 raise
             except Exception as err:
                 stats.end = type(err).__name__
+                record.failed(err)
                 raise
             finally:  # logged whatever happens to the client, a cancellation while closing included
                 stats.finished = time.perf_counter()
+                record.spoken()
                 _LOGGER.info("%s", stats.line())
 
     async def _chunks(self, text: str, options: SynthesisOptions, stats: RequestStats) -> AsyncIterator[PcmChunk]:
@@ -302,7 +383,7 @@ class Reply:
         elif self.fallback_reason is None:
             why = await self._wait_for_room(fallback is not None, stats)
             if why is not None:
-                self._switch(fallback, f"{self.engine.name} engine still {why}", text, stats)
+                self._switch(fallback, f"{self.engine.name} engine still {why}", text, stats, "busy")
         if self.fallback_reason is None:
             try:
                 async with _closing(self._engine_chunks(text, options, stats)) as chunks:
@@ -315,9 +396,10 @@ class Reply:
                 cut = (
                     f" after {stats.audio_seconds:.2f} s of its audio (spoken again whole)" if stats.first_audio else ""
                 )
-                self._switch(fallback, f"{err}{cut}", text, stats)
+                self._switch(fallback, f"{err}{cut}", text, stats, "busy" if isinstance(err, ServerBusy) else "failed")
         assert fallback is not None
         stats.degraded.append(f"fallback {fallback.name}")
+        self.record.engine_called()
         async with _closing(fallback.synthesize(text, self.profile, options)) as chunks:
             async for chunk in chunks:
                 if self._converter is None:
@@ -352,6 +434,7 @@ class Reply:
         gain = self.profile.gain
         for attempt in (1, 2):
             try:
+                self.record.engine_called()
                 async with _closing(self.engine.synthesize(text, self.profile, options)) as chunks:
                     async for chunk in chunks:
                         yield chunk if gain == 1.0 else dataclasses.replace(chunk, audio=apply_gain(chunk.audio, gain))
@@ -365,11 +448,13 @@ class Reply:
                     "request %s: %s; trying once more on the %s engine", stats.request_id, err, self.engine.name
                 )
 
-    def _switch(self, fallback: Optional[Engine], why: str, text: str, stats: RequestStats) -> None:
-        """The fallback engine speaks this piece and the rest of the reply."""
+    def _switch(self, fallback: Optional[Engine], why: str, text: str, stats: RequestStats, reason: str) -> None:
+        """The fallback engine speaks this piece and the rest of the reply (`reason`, busy or failed, labels the
+        metrics' fallback count)."""
         assert fallback is not None
         self.fallback_reason = why
         self._service.degraded.note("fallback")
+        self.record.degraded(reason)
         _LOGGER.warning(
             "request %s (client %s, voice %s): %s; piece %d of the reply (%r) and the rest spoken by the %s engine",
             stats.request_id,
@@ -392,6 +477,8 @@ class Reply:
                     f"voice {profile.name!r} changed to another engine while the request waited for it; ask again"
                 )
         except BaseException as err:
+            if isinstance(err, Exception):
+                self.record.failed(err)
             stats.end = "cancelled" if isinstance(err, asyncio.CancelledError) else type(err).__name__
             stats.finished = time.perf_counter()
             _LOGGER.info("%s", stats.line())
@@ -401,6 +488,9 @@ class Reply:
 
     def finish(self, ok: bool) -> None:
         """End the reply (`ok` False: cut off); the sinks finish in the background (`Service.close_sinks`)."""
+        self.record.finish(ok)
+        if self._opening is not None:
+            self._opening.close()
         copy, self._copy = self._copy, None
         if copy is not None:
             self._service.finish_later(copy.close(ok))

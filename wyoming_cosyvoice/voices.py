@@ -210,7 +210,7 @@ class VoiceCatalog:
         return usable[0] if usable else None
 
     def resolve(self, name: Optional[str] = None, language: Optional[str] = None) -> VoiceProfile:
-        """Pick the profile for a request (rules in the README's "Choosing a voice"); names are never paths."""
+        """Pick the profile for a request (rules in docs/voices.md, "Choosing a voice"); names are never paths."""
         profiles = self.profiles
         if name:
             if name in self.broken:

@@ -23,9 +23,12 @@ from wyoming_cosyvoice.errors import CosyVoiceServiceError, DownloadError, Engin
 
 
 def add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Register the `download` and `health` subcommands."""
+    """Register the `download`, `health`, `park` and `wake` subcommands."""
+    from . import control
+
     add_download_parser(subparsers)
     add_health_parser(subparsers)
+    control.add_parsers(subparsers)
 
 
 # ---------------------------------------------------------------------------- download

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -80,6 +81,14 @@ class CosyVoiceSettings:
     warmup_text: str = "Hello, this is a warm-up."
     """Text synthesized once at startup (checks the output is finite, primes kernels and plans)."""
 
+    keep_alive: float = -1
+    """Seconds without a request (and no reply open) before the model is parked to free the GPU for other programs;
+    -1 never, 0 after every reply. A request, or a reply opening (`synthesize-start`), wakes it (docs/cosyvoice.md)."""
+
+    park: Literal["host", "unload"] = "host"
+    """How the model parks: host = weights copied to (pinned) host memory, waking copies them back; unload = the model
+    is dropped (memory released), waking reloads it from disk; prepared voices stay prepared either way."""
+
     def validate(self) -> Optional[tuple[str, str]]:
         """Check ranges."""
         if self.trt_concurrent < 1:
@@ -88,6 +97,8 @@ class CosyVoiceSettings:
             return ("max_queue", "must be at least 0")
         if self.concurrency != "auto" and self.concurrency < 1:
             return ("concurrency", "must be auto or at least 1")
+        if not math.isfinite(self.keep_alive) or (self.keep_alive < 0 and self.keep_alive != -1):
+            return ("keep_alive", "must be -1 (never park), 0 (after every reply) or seconds")
         if self.max_flow_batch != "auto" and self.max_flow_batch < 1:
             return ("max_flow_batch", "must be auto or at least 1")
         return None

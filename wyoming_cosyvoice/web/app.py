@@ -71,7 +71,7 @@ def problem(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
-def _is_loopback_host(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
     if host in _LOOPBACK_NAMES:
         return True
     try:
@@ -80,7 +80,7 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
-def _host_name(host_header: str) -> str:
+def host_name(host_header: str) -> str:
     """The name part of a Host header (`[::1]:8080` -> `::1`, `example:80` -> `example`)."""
     return (urlsplit(f"//{host_header}").hostname or "").lower()
 
@@ -107,7 +107,7 @@ class Studio:
         self.token = settings.token or os.environ.get(TOKEN_ENV) or None
         self.write_lock = asyncio.Lock()
         """One change to the voices folder at a time."""
-        self.loopback_only = _is_loopback_host(settings.host)
+        self.loopback_only = is_loopback_host(settings.host)
         self._changes = TaskSet()
         self.warden = ConnectionWarden(settings)
         """The web port's connection cap and deadlines (connections.py): every route is served under them."""
@@ -229,7 +229,7 @@ class Studio:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.loopback_only and not _is_loopback_host(_host_name(request.host)):
+        if self.loopback_only and not is_loopback_host(host_name(request.host)):
             return problem(421, "this page answers only on localhost / 127.0.0.1 (web.host is a loopback address)")
         if request.method in CHANGING:
             refused = self._cross_site(request)

@@ -254,10 +254,12 @@ def open_reply(studio: Studio, voice: Optional[str], client: str = "") -> Reply:
     try:
         if voice in OPENAI_VOICE_NAMES and voice not in aliases:
             try:
-                return service.open_reply(voice=name, language=None, client=client, unknown_voice="error")
+                return service.open_reply(
+                    voice=name, language=None, client=client, unknown_voice="error", protocol="http"
+                )
             except VoiceNotFound:
-                return service.open_reply(voice=None, language=None, client=client)
-        return service.open_reply(voice=name, language=None, client=client)
+                return service.open_reply(voice=None, language=None, client=client, protocol="http")
+        return service.open_reply(voice=name, language=None, client=client, protocol="http")
     except VoiceNotFound as err:
         raise ApiError(404, studio.redact(str(err)), param="voice", code="voice_not_found") from None
 
@@ -299,6 +301,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
     limit = service.limits.max_text_chars * 12 + 65536  # a character may take 12 bytes as JSON escapes
     speech_request = parse_speech(await _read_json(request, limit), studio)
     if service.closing:
+        service.metrics.refused("shutting_down")
         raise ApiError(503, "server is shutting down; try again shortly", code="shutting_down")
     reply = open_reply(studio, speech_request.voice, client=f"http {request_client(request)}")
     return await _stream(request, studio, reply, speech_request)

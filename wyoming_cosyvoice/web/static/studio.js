@@ -8,7 +8,7 @@ const LABELS = {
   streaming: "Streaming", voices_prepared: "Prepared voices", voices_failed: "Failed voices", normalizer: "Normalizer",
   gpu: "GPU", gpu_memory: "GPU memory", gpu_utilization: "GPU load", driver: "Driver", cuda_driver: "CUDA (driver)",
   compute_capability: "Compute capability", gpu_note: "GPU note", sample_rate: "Sample rate", prompt_cache: "Prompt cache",
-  warmup: "Warm-up",
+  warmup: "Warm-up", lifecycle: "Model state", keep_alive: "Park after", last_wake: "Last wake", vram_held: "VRAM held",
 };
 const studio = {
   token: sessionStorage.getItem("studio-token") || "",
