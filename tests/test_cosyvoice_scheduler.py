@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytest
 
@@ -261,17 +261,32 @@ def test_a_longer_first_chunk_when_upstreams_would_run_dry() -> None:
 # --- batched passes ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def waiters_stop() -> Iterator[threading.Event]:
+    """Set at the end of each test: waiters still blocked in `acquire` (granted nothing) give up and end."""
+    done = threading.Event()
+    STOP.append(done)
+    yield done
+    done.set()
+    STOP.remove(done)
+
+
+STOP: list[threading.Event] = []
+
+
 def grant_behind(sched: FlowScheduler, holder: Stream, waiters: list[Stream], costs: list[float]) -> list[Stream]:
-    """`waiters` ask for a pass while `holder` runs one; `holder` releases; returns them in the order granted."""
+    """`waiters` ask for a pass while `holder` runs one; `holder` releases; returns them in the order granted (a
+    waiter never granted gives up when the test ends)."""
     granted: list[Stream] = []
     lock = threading.Lock()
+    done = STOP[-1]
 
     def wait(stream: Stream, cost: float) -> None:
-        assert sched.acquire(stream, cost, lambda: False, poll=0.01)
-        with lock:
-            granted.append(stream)
+        if sched.acquire(stream, cost, done.is_set, poll=0.01):
+            with lock:
+                granted.append(stream)
 
-    threads = [threading.Thread(target=wait, args=(s, c)) for s, c in zip(waiters, costs, strict=True)]
+    threads = [threading.Thread(target=wait, args=(s, c), daemon=True) for s, c in zip(waiters, costs, strict=True)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
