@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from wyoming_cosyvoice import gpu
+from wyoming_cosyvoice.gpu import gpu_facts
+
 from .cosyvoice_support import STANDIN_REPO, make_model_dir
 from .helpers import write_config
 
@@ -117,6 +120,10 @@ def test_health_reports_gpu_and_checks(tmp_path: Path) -> None:
     result = cli("health", "--config", str(path))
     assert result.returncode == 1
     assert "gpu: " in result.stdout and "engine: cosyvoice (fallback: espeak)" in result.stdout
+    if gpu_facts().driver_version == "" and gpu.driver_version() is None:  # no NVIDIA driver on this machine
+        assert "cuda_fit: no NVIDIA driver found" in result.stdout
+    else:
+        assert "cuda_fit: NVIDIA driver " in result.stdout
     assert f"cosyvoice checkout: {STANDIN_REPO}" in result.stdout
     assert f"cosyvoice problem: cosyvoice engine: model directory {tmp_path / 'nope'} not found" in result.stdout
     make_model_dir(tmp_path / "nope", 3)

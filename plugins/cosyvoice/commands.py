@@ -222,13 +222,15 @@ def checks(settings: Any) -> tuple[list[tuple[str, str]], bool]:
 
 def run_health(args: argparse.Namespace) -> int:
     """Print GPU facts and engine checks; exit 1 when the configured engine could not start."""
-    from wyoming_cosyvoice.gpu import gpu_facts
+    from wyoming_cosyvoice.gpu import driver_fit_here, gpu_facts
 
     from .options import CosyVoiceSettings
 
     config = read_config(args.config, args.data_dir)
-    for key, value in gpu_facts().as_dict().items():
+    facts = gpu_facts()
+    for key, value in facts.as_dict().items():
         print(f"{key}: {value}")
+    print(f"cuda_fit: {driver_fit_here(facts).line}")
     print(f"engine: {config.engine.name} (fallback: {config.engine.fallback or 'none'})")
     settings = config.section("engines", "cosyvoice").parse(CosyVoiceSettings)
     rows, ok = checks(settings)

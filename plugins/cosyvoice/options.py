@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from wyoming_cosyvoice.errors import EngineUnavailable
+from wyoming_cosyvoice.gpu import driver_fit_here
 
 PREFIX = "cosyvoice engine: "
 
@@ -149,10 +150,11 @@ def plan_load(
     """Decide the load options for this machine; a required piece that is missing is a one-line EngineUnavailable."""
     if not cuda:
         if settings.require_gpu:
+            fit = driver_fit_here()
+            hint = "; is CUDA_VISIBLE_DEVICES empty?" if fit.fits else ""
             raise EngineUnavailable(
-                PREFIX
-                + "no CUDA GPU visible to torch (CPU-only torch, no NVIDIA driver, or CUDA_VISIBLE_DEVICES empty); "
-                "set engines.cosyvoice.require_gpu: false to run on the CPU (slow)"
+                PREFIX + f"no CUDA GPU visible to torch: {fit.line}{hint}; "
+                "or set engines.cosyvoice.require_gpu: false to run on the CPU (slow)"
             )
         return LoadPlan("cpu", False, False, False, False, False, ("no CUDA: CPU, fp32, no TensorRT/JIT/vLLM",))
     notes: list[str] = []
