@@ -12,9 +12,9 @@ from typing import Any, Callable, Optional, Union
 
 from wyoming_cosyvoice.audio import AudioFormat, PcmConverter
 from wyoming_cosyvoice.errors import NoAudioDevice, SinkError
+from wyoming_cosyvoice.extras import require
 from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.sinks import StreamInfo
-from wyoming_cosyvoice.extras import require
 
 _LOGGER = logging.getLogger(__name__)
 

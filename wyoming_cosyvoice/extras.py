@@ -18,7 +18,7 @@ MODULES = {"speaker": "sounddevice", "zeroconf": "zeroconf", "web": "aiohttp", "
 
 
 def install_method(prefix: str = sys.prefix) -> str:
-    """"pipx" (a pipx-managed venv), "checkout" (runs from a source checkout) or "pip"."""
+    """ "pipx" (a pipx-managed venv), "checkout" (runs from a source checkout) or "pip"."""
     if re.search(r"[/\\]pipx[/\\]venvs[/\\]", prefix + "/"):
         return "pipx"
     if checkout_dir() is not None:
@@ -56,4 +56,6 @@ def installed(extra: str) -> bool:
 def require(extra: str, what: str) -> None:
     """Raise a one-line MissingExtra when `extra` is not installed; `what` names the feature that needs it."""
     if not installed(extra):
-        raise MissingExtra(f"{what} needs the '{extra}' extra ({MODULES[extra]} is not installed): {install_hint(extra)}")
+        raise MissingExtra(
+            f"{what} needs the '{extra}' extra ({MODULES[extra]} is not installed): {install_hint(extra)}"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import sys
 import threading
@@ -219,13 +220,13 @@ def driver_version(facts: Optional[GpuFacts] = None) -> Optional[str]:
 
 def torch_cuda_version() -> Optional[str]:
     """The CUDA version torch was built for ("13.0"), None for a CPU build or without torch (imported when present)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
+    module = sys.modules.get("torch")
+    if module is None:
         try:
-            import torch
+            module = importlib.import_module("torch")
         except ImportError:
             return None
-    version = getattr(torch, "version", None)
+    version = getattr(module, "version", None)
     return getattr(version, "cuda", None) or None
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..service import Service
     from .app import Studio
 
+
 def missing_dependency() -> Optional[str]:
     """One line saying what to install when the studio cannot run here (None: it can)."""
     from ..extras import install_hint
