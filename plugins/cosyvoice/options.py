@@ -171,8 +171,8 @@ def plan_load(
     if settings.load_trt is True:
         if trt_version is None:
             raise EngineUnavailable(
-                PREFIX + "load_trt is true but TensorRT is not installed (pip install tensorrt-cu12, "
-                "see docs/cosyvoice.md), or set engines.cosyvoice.load_trt: false"
+                PREFIX + "load_trt is true but TensorRT is not installed (pip install tensorrt-cu13, or tensorrt-cu12 "
+                "with CUDA 12 torch; see docs/cosyvoice.md), or set engines.cosyvoice.load_trt: false"
             )
         if not onnx.is_file():
             raise EngineUnavailable(PREFIX + f"load_trt is true but {onnx} is missing (re-download the model)")
