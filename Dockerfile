@@ -1,7 +1,7 @@
 # wyoming-cosyvoice, CPU image: the Wyoming TTS server with the embedded espeak-ng engine (no GPU, no model).
 #   docker build -t wyoming-cosyvoice .
 #   docker run -d -p 10200:10200 -v wyoming-cosyvoice-data:/data wyoming-cosyvoice
-# The GPU image (CosyVoice on NVIDIA CUDA) is Dockerfile.gpu; docker-compose.yml runs either; README "Docker".
+# The GPU image (CosyVoice on NVIDIA CUDA) is Dockerfile.gpu; docker-compose.yml runs either; docs/install.md "Docker".
 # BASE_IMAGE is any Debian-like image with python3 (3.10-3.13) and its venv module; a test builds on a local one.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
@@ -17,8 +17,9 @@ COPY wyoming_cosyvoice /src/wyoming_cosyvoice
 COPY plugins /src/plugins
 COPY config/server.yaml config/voices.yaml /src/config/
 COPY asset /src/asset
-# zeroconf: Home Assistant discovers the server when it runs with --zeroconf on the host network; web: the studio.
-RUN /opt/venv/bin/python -m pip install --no-cache-dir --quiet "/src[web,zeroconf]"
+# zeroconf: Home Assistant discovers the server when it runs with --zeroconf on the host network; web: the studio;
+# metrics: /metrics.
+RUN /opt/venv/bin/python -m pip install --no-cache-dir --quiet "/src[web,zeroconf,metrics]"
 
 FROM ${BASE_IMAGE}
 COPY --from=build /opt/venv /opt/venv

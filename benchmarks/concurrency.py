@@ -146,42 +146,78 @@ async def concurrency_sweep(
     text: str,
     levels: list[int],
     rounds: int = 2,
+    batching: bool = False,
 ) -> list[dict[str, Any]]:
-    """Per level: `rounds` batches of N requests per path, alternated; the pooled figures per path and ratios."""
+    """Per level: `rounds` batches of N requests per path, alternated; the pooled figures per path and ratios.
+    `batching`: a third path, ours with batched flow passes off (the same loaded engine, its batch bound set to 1
+    for that path only), so batched and unbatched passes are compared in one run."""
     assert profile.reference_audio is not None
+    scheduler = getattr(getattr(engine, "scheduling", None), "scheduler", None)
+    if batching and scheduler is None:
+        raise SystemExit("--gpu-batch-compare needs the CosyVoice engine with its own streaming loop")
+    bound = scheduler.max_batch if scheduler is not None else 1
+    paths = ["ours", "upstream"] + (["ours_unbatched"] if batching else [])
     rows = []
     for level in levels:
-        pooled: dict[str, list[Outcome]] = {"ours": [], "upstream": []}
-        walls: dict[str, float] = {"ours": 0.0, "upstream": 0.0}
+        pooled: dict[str, list[Outcome]] = {k: [] for k in paths}
+        walls: dict[str, float] = {k: 0.0 for k in paths}
         for r in range(rounds):
-            for which in ("ours", "upstream") if (r + level) % 2 == 0 else ("upstream", "ours"):
-                if which == "ours":
-                    outcomes, wall = await ours_batch(engine, profile, text, level)
-                else:
+            shift = (r + level) % len(paths)
+            for which in paths[shift:] + paths[:shift]:
+                if which == "upstream":
                     outcomes, wall = await upstream_batch(upstream, text, prompt_text, profile.reference_audio, level)
+                else:
+                    if scheduler is not None:
+                        scheduler.max_batch = 1 if which == "ours_unbatched" else bound
+                    outcomes, wall = await ours_batch(engine, profile, text, level)
+                    if scheduler is not None:
+                        scheduler.max_batch = bound
                 pooled[which] += outcomes
                 walls[which] += wall
-        ours, theirs = (summarize(pooled[k], walls[k]) for k in ("ours", "upstream"))
+        summaries = {k: summarize(pooled[k], walls[k]) for k in paths}
+        ours, theirs = summaries["ours"], summaries["upstream"]
         row = {
             "level": level,
             "rounds": rounds,
-            "ours": ours,
-            "upstream": theirs,
+            **summaries,
             "first_median_ratio": _ratio(theirs["first_median_ms"], ours["first_median_ms"]),
             "first_worst_ratio": _ratio(theirs["first_worst_ms"], ours["first_worst_ms"]),
             "rtf_ratio": _ratio(theirs["rtf_median"], ours["rtf_median"]),
             "runs": {k: [dataclasses.asdict(o) for o in v] for k, v in pooled.items()},
         }
+        if batching:
+            row["batched_flow"] = engine.health().get("batched_flow")
         rows.append(row)
-        print(
-            f"  {level} at once: first audio median/worst ours {ours['first_median_ms']:.0f}/"
-            f"{ours['first_worst_ms']:.0f} ms, upstream {theirs['first_median_ms']:.0f}/"
-            f"{theirs['first_worst_ms']:.0f} ms; behind real time ours {ours['behind']}, upstream "
-            f"{theirs['behind']}; refused ours {ours['refused']}; failed ours {ours['failed']}, upstream "
-            f"{theirs['failed']}; RTF ours {ours['rtf_median']:.3f}, upstream {theirs['rtf_median']:.3f}",
-            flush=True,
-        )
+        for k in paths:
+            a = summaries[k]
+            print(
+                f"  {level} at once, {k}: first audio median/worst {a['first_median_ms']:.0f}/"
+                f"{a['first_worst_ms']:.0f} ms; behind {a['behind']}; refused {a['refused']}; failed {a['failed']}; "
+                f"RTF {a['rtf_median']:.3f}; x real time {a['x_real_time']:.2f}",
+                flush=True,
+            )
     return rows
+
+
+def batching_markdown(rows: list[dict[str, Any]]) -> str:
+    """Batched flow passes against unbatched ones and upstream's threads, one row per level and path."""
+    lines = [
+        "| at once | path | requests | first audio median (ms) | worst (ms) | fell behind | refused | failed | "
+        "RTF median | audio x real time |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = {"ours": "ours, batched flow", "ours_unbatched": "ours, unbatched", "upstream": "upstream threads"}
+    for row in rows:
+        for key in ("ours", "ours_unbatched", "upstream"):
+            a = row.get(key)
+            if a is None:
+                continue
+            lines.append(
+                f"| {row['level']} | {names[key]} | {a['requests']} | {a['first_median_ms']:.0f} | "
+                f"{a['first_worst_ms']:.0f} | {a['behind']} | {a['refused']} | {a['failed']} | {a['rtf_median']:.3f} | "
+                f"{a['x_real_time']:.2f} |"
+            )
+    return "\n".join(lines)
 
 
 def concurrency_markdown(rows: list[dict[str, Any]]) -> str:

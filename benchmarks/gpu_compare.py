@@ -302,6 +302,7 @@ async def gpu_compare(
     repeats: int = 1,
     levels: Sequence[int] = (),
     rounds: int = 2,
+    batching: bool = False,
 ) -> dict[str, Any]:
     """Load both paths, warm both up, alternate requests (ours and upstream, the first of the pair alternating),
     print and return the per-request table and the summary. `repeats` > 1 loads upstream's model afresh (a new
@@ -371,7 +372,7 @@ async def gpu_compare(
         theirs_runs.append(theirs)
     levels_rows: list[dict[str, Any]] = []
     if levels:
-        from concurrency import concurrency_markdown, concurrency_sweep  # benchmarks/concurrency.py
+        from concurrency import batching_markdown, concurrency_markdown, concurrency_sweep  # benchmarks/concurrency.py
 
         if upstream is None:
             upstream, note = await asyncio.to_thread(
@@ -379,9 +380,11 @@ async def gpu_compare(
             )
             await asyncio.to_thread(timed_upstream, upstream, text, prompt_text, profile.reference_audio, False)
         print(f"Concurrent requests on one model, {rounds} rounds per level (ours, upstream alternated):", flush=True)
-        levels_rows = await concurrency_sweep(engine, profile, upstream, prompt_text, text, list(levels), rounds)
+        levels_rows = await concurrency_sweep(
+            engine, profile, upstream, prompt_text, text, list(levels), rounds, batching
+        )
         print("\n## Concurrent requests, ours vs upstream's own API from as many threads\n")
-        print(concurrency_markdown(levels_rows))
+        print(batching_markdown(levels_rows) if batching else concurrency_markdown(levels_rows))
 
     def facts() -> dict:
         return {

@@ -448,6 +448,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             args.gpu_repeats,
             args.gpu_levels,
             args.gpu_rounds,
+            args.gpu_batch_compare,
         )
         if args.gpu_only:
             return results
@@ -521,6 +522,11 @@ def main() -> int:
     )
     parser.add_argument("--gpu-rounds", type=int, default=2, help="with --gpu-levels: batches per level and path")
     parser.add_argument("--gpu-only", action="store_true", help="with --gpu: skip the CPU benchmarks")
+    parser.add_argument(
+        "--gpu-batch-compare",
+        action="store_true",
+        help="with --gpu-levels: a third path per level, ours with batched flow passes off (same engine)",
+    )
     args = parser.parse_args()
     if args.gpu:
         # Before torch (and its OpenMP runtime) loads: spin-waiting OpenMP teams of the LLM and flow threads

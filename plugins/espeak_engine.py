@@ -8,12 +8,13 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Literal, Optional
 
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import Cancelled, SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, VoiceError
 from wyoming_cosyvoice.hookspecs import Register, hookimpl
+from wyoming_cosyvoice.isolation import Isolation
 from wyoming_cosyvoice.voices import VoiceProfile
 
 _LOGGER = logging.getLogger(__name__)
@@ -66,8 +67,30 @@ class EspeakSettings:
     data_dir: Optional[Path] = None
     """Path to espeak-ng-data (default: the one bundled in espeakng-loader)."""
 
+    isolation: Literal["process", "thread"] = "process"
+    """`process`: libespeak-ng runs in `processes` warm child processes, so a text that crashes it fails that one
+    request (the child is replaced); `thread`: in the server process, on one worker thread (a crash ends the
+    server; docs/reliability.md "Native engine crashes")."""
+
+    processes: int = 2
+    """Child processes with `isolation: process` (requests spoken at once; one more stays ready while a crashed
+    one is replaced)."""
+
+    max_restarts: int = 10
+    """Child processes lost (crashed) within `restart_window_s` before no more are started and requests are refused
+    until the window has passed (a crash loop: a broken library, or a flood of crashing texts)."""
+
+    restart_window_s: float = 60.0
+    """The crash-loop window."""
+
     def validate(self) -> Optional[tuple[str, str]]:
         """Check ranges."""
+        if not 1 <= self.processes <= 16:
+            return ("processes", "must be between 1 and 16")
+        if self.max_restarts < 1:
+            return ("max_restarts", "must be at least 1")
+        if not 0 < self.restart_window_s < 1e6:
+            return ("restart_window_s", "must be a positive number of seconds")
         if not 80 <= self.rate <= 500:
             return ("rate", "must be between 80 and 500 words per minute")
         if not 0 <= self.pitch <= 100:
@@ -79,7 +102,7 @@ class EspeakSettings:
         return None
 
 
-VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,63}$")
+VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,63}")
 """espeak voice names (`en-us`, `en-us+f3`, `mb-de1`): libespeak-ng opens a name with `/` as a file: none has one."""
 
 
@@ -90,15 +113,27 @@ def espeak_voice_for(profile: VoiceProfile) -> str:
         voice = (profile.languages[0] if profile.languages else "en").lower().replace("_", "-")
     else:
         voice = explicit
-    if not isinstance(voice, str) or not VOICE_NAME.match(voice):
+    if not isinstance(voice, str) or not VOICE_NAME.fullmatch(voice):
         raise VoiceError(
             f"options.espeak_voice: {str(voice)[:40]!r} is not an espeak voice name (letters, digits, '_', '+', '-')"
         )
     return voice
 
 
+def espeak_heard_as(profile: VoiceProfile) -> str:
+    """ "espeak voice for de-DE" (or the voice `options.espeak_voice` names): espeak never uses the recording."""
+    try:
+        voice = espeak_voice_for(profile)
+    except VoiceError as err:
+        return f"no espeak voice: {err}"
+    if profile.options.get("espeak_voice"):
+        return f"espeak voice {voice}"
+    return f"espeak voice for {profile.languages[0] if profile.languages else 'en'}"
+
+
 class EspeakEngine(ThreadedEngine):
-    """espeak-ng called through ctypes on the engine's worker thread (the library is not thread-safe)."""
+    """espeak-ng called through ctypes, in child processes (`isolation: process`) or on one worker thread of the
+    server: one request at a time per library instance (it is not thread-safe)."""
 
     name = "espeak"
 
@@ -110,12 +145,25 @@ class EspeakEngine(ThreadedEngine):
         self._emit: Optional[Callable[[bytes], None]] = None
         self._cancel: Optional[threading.Event] = None
         self._voice: Optional[str] = None
+        self._started = False
         self.sample_rate = 22050
+        if settings.isolation == "process":
+            self.isolation = Isolation(settings.processes, settings.max_restarts, settings.restart_window_s)
+
+    def child_args(self) -> tuple[Any, ...]:
+        """What a child process needs to rebuild this engine: its settings."""
+        return (self.settings,)
 
     async def start(self) -> None:
-        """Load and initialize libespeak-ng on the worker thread."""
-        self.sample_rate = await self.run_in_worker(self._load)
-        _LOGGER.info("espeak-ng ready (%s Hz)", self.sample_rate)
+        """Load and initialize libespeak-ng: in the child processes, or on the worker thread."""
+        await super().start()
+        self._started = True
+        where = f"in {self.concurrency} worker processes" if self.isolation else "in the server process"
+        _LOGGER.info("espeak-ng ready (%s Hz, %s)", self.sample_rate, where)
+
+    def load(self) -> None:
+        """Load and initialize libespeak-ng (blocking; where `render` will run)."""
+        self.sample_rate = self._load()
 
     def _load(self) -> int:
         library, data_dir = self.settings.library, self.settings.data_dir
@@ -224,9 +272,15 @@ class EspeakEngine(ThreadedEngine):
         if result != _EE_OK:
             raise EngineError(f"espeak engine: espeak_Synth failed with code {result}")
 
+    def heard_as(self, profile: VoiceProfile) -> str:
+        """espeak's voice for the profile's language; the recording is never used."""
+        return espeak_heard_as(profile)
+
     def health(self) -> dict[str, Any]:
-        """Engine facts."""
-        return {"engine": self.name, "sample_rate": self.sample_rate, "state": "ready" if self._lib else "loading"}
+        """Engine facts (with the child processes' under process isolation)."""
+        facts = super().health()
+        facts.setdefault("state", "ready" if self._started else "loading")
+        return facts
 
 
 def create_engine(section: Section) -> EspeakEngine:

@@ -33,10 +33,10 @@ TEXT_FILES = ("transcript.txt", "instruct.txt", "profile.yaml")
 PROFILE_KEYS = ("description", "languages", "mode", "speed", "gain", "engine", "default", "speaker", "options")
 """Keys allowed in a voice folder's `profile.yaml` (paths and texts come from the folder's files)."""
 
-OPTION_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+OPTION_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 """`options` keys in a `profile.yaml`: identifiers."""
 
-OPTION_TEXT = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,63}$")
+OPTION_TEXT = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,63}")
 """`options` text values in a `profile.yaml`: names like `en-us+f3` (no path separator, no `..`, no spaces)."""
 
 MAX_PROFILE_BYTES = 65536
@@ -59,14 +59,14 @@ def check_options(options: Any) -> None:
     if len(options) > MAX_OPTIONS:
         raise ConfigError(f"profile.yaml:options: {len(options)} entries; at most {MAX_OPTIONS} are allowed")
     for key, value in options.items():
-        if not isinstance(key, str) or not OPTION_KEY.match(key):
+        if not isinstance(key, str) or not OPTION_KEY.fullmatch(key):
             raise ConfigError(f"profile.yaml:options: {str(key)[:40]!r} is not an option name (letters, digits, _)")
         where = f"profile.yaml:options.{key}"
         if isinstance(value, (bool, int, float)):
             continue
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a name, a number or true/false, got a {type(value).__name__}")
-        if not OPTION_TEXT.match(value) or ".." in value:
+        if not OPTION_TEXT.fullmatch(value) or ".." in value:
             raise ConfigError(
                 f"{where}: {value[:40]!r} is not allowed (letters, digits, '_', '.', '+', '-'; no paths); "
                 "profile.yaml cannot name files"
@@ -147,10 +147,10 @@ class FolderVoiceProvider:
     def _profile(self, root: Path, lang_dir: Path, voice_dir: Path) -> VoiceProfile:
         """Build one voice folder's profile; ConfigError (problem only) when it is unusable."""
         name = voice_dir.name
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             raise ConfigError("folder name is not a valid voice name (letters, digits, '_', '.', '-')")
         language = language_tag(lang_dir.name)
-        if not LANGUAGE_PATTERN.match(lang_dir.name):
+        if not LANGUAGE_PATTERN.fullmatch(lang_dir.name):
             raise ConfigError(f"language folder {lang_dir.name!r} is not a language tag (like en_US or de)")
         reference = next((voice_dir / n for n in REFERENCE_NAMES if (voice_dir / n).exists()), None)
         if reference is None:

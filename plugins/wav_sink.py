@@ -25,7 +25,7 @@ STALE_PART_SECONDS = 600.0
 """A `.part` file nobody has written to for this long is left over from a killed process (a live stream writes every
 chunk)."""
 
-_PART = re.compile(r"^\..+\.(\d+)\.part$")
+_PART = re.compile(r"\..+\.(\d+)\.part")
 
 
 def _running(pid: int) -> bool:
@@ -48,7 +48,7 @@ def sweep_stale_parts(folder: Path, max_age: float = STALE_PART_SECONDS) -> list
         return removed
     now = time.time()
     for path in entries:
-        match = _PART.match(path.name)
+        match = _PART.fullmatch(path.name)
         if match is None:
             continue
         pid = int(match.group(1))

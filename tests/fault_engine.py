@@ -2,10 +2,13 @@
 
 It is a real ThreadedEngine (the worker-thread bridge under test) with a `generate` that makes plain PCM:
 - "RAISE" in the text: a ValueError after the first chunk;
+- "FAIL": a ValueError before the first chunk (an engine that cannot speak this at all);
 - "OOM": an exception shaped like torch's (class `OutOfMemoryError`, a RuntimeError, "CUDA out of memory...");
 - "HANG": blocks without looking at the cancel flag (a wedged native call) until `release` is set;
 - "SLOW": waits `slow_s` before the first chunk (a cold model);
 - "WEDGE": makes its chunks, then blocks like HANG (a call that wedges after the audio was made);
+- "ONCE" with "OOM" or "RAISE": the fault happens the first time that text is asked for only (a passing fault);
+- `room_for` > 0: `room()` says no while that many requests hold or wait for a slot (an engine at capacity);
 - otherwise: `chunks_per_word` chunks per word, `chunk_ms` apart, each `chunk_bytes` long.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import SynthesisOptions, ThreadedEngine
@@ -45,6 +48,9 @@ class FaultSettings:
     slow_s: float = 1.0
     """Delay before the first chunk for "SLOW" texts."""
 
+    room_for: int = 0
+    """Requests admitted at once by `room()` (0: no limit)."""
+
 
 class FaultEngine(ThreadedEngine):
     """Counts what it makes; misbehaves on request."""
@@ -65,6 +71,15 @@ class FaultEngine(ThreadedEngine):
         """Set by tests to let a HANG request return."""
         self.memory_released = 0
         self.worker_threads: set[str] = set()
+        self.calls: list[str] = []
+        """The text of every call, in order."""
+
+    def room(self) -> Optional[str]:
+        """No room while `room_for` requests hold or wait for a slot."""
+        taken = self.in_flight + self.queued
+        if self.settings.room_for and taken >= self.settings.room_for:
+            return f"at capacity: {taken} requests (room_for {self.settings.room_for})"
+        return None
 
     def release_memory(self) -> None:
         """Count calls (the real one would empty torch's CUDA cache)."""
@@ -76,6 +91,8 @@ class FaultEngine(ThreadedEngine):
     ) -> Iterator[bytes]:
         """Chunks of a square wave, or the fault the text asks for."""
         self.worker_threads.add(threading.current_thread().name)
+        faulty = "ONCE" not in text or text not in self.calls
+        self.calls.append(text)
         outcome = "cancelled"
         try:
             if "HANG" in text:
@@ -84,7 +101,9 @@ class FaultEngine(ThreadedEngine):
                 return
             if "SLOW" in text:
                 time.sleep(self.settings.slow_s)
-            if "OOM" in text:
+            if "FAIL" in text:
+                raise ValueError("simulated engine failure")
+            if "OOM" in text and faulty:
                 raise OutOfMemoryError(
                     "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.81 GiB of "
                     "which 1.02 GiB is free."
@@ -93,7 +112,7 @@ class FaultEngine(ThreadedEngine):
             chunk = (period * (self.settings.chunk_bytes // len(period) + 1))[: self.settings.chunk_bytes]
             for i in range(len(text.split()) * self.settings.chunks_per_word):
                 time.sleep(self.settings.chunk_ms / 1000)
-                if i == 1 and "RAISE" in text:
+                if i == 1 and "RAISE" in text and faulty:
                     raise ValueError("simulated engine bug")
                 self.produced += 1
                 yield chunk

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 import numpy as np
 import yaml
@@ -169,6 +169,11 @@ def replace(obj: Any, **changes: Any) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
+def refusing_unknown_voices(config: Config) -> Config:
+    """`config` with `server.unknown_voice: error` (a voice that is not there gets VoiceNotFound, not the default)."""
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, unknown_voice="error"))
+
+
 def load(path: Path) -> Config:
     """load_config, re-exported for tests."""
     return load_config(path)
@@ -260,11 +265,14 @@ async def cli(*args: str, stdin: Optional[bytes] = None, env: Optional[dict[str,
     return proc.returncode, out.decode(), err.decode()
 
 
-def start_server(config: Path, env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen[str], int]:
+def start_server(
+    config: Path, env: Optional[dict[str, str]] = None, preexec_fn: Optional[Callable[[], Any]] = None
+) -> tuple[subprocess.Popen[str], int]:
     """Start `python -m wyoming_cosyvoice serve` on an ephemeral port; return it with the port from "Ready on"."""
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "wyoming_cosyvoice", "serve", "--config", str(config), "--uri", "tcp://127.0.0.1:0"],
+        preexec_fn=preexec_fn,  # a signal disposition for the server to inherit (nohup's)
         cwd=Path(__file__).resolve().parents[1],
         stderr=subprocess.PIPE,
         text=True,

@@ -17,7 +17,7 @@ from wyoming_cosyvoice.__main__ import main
 from wyoming_cosyvoice.bench import PERCENTILES, BenchSettings, percentile, run_bench, sentence
 from wyoming_cosyvoice.config import Config
 
-from .helpers import running_server
+from .helpers import refusing_unknown_voices, running_server
 
 CLI_TIMEOUT = 120.0
 
@@ -94,7 +94,7 @@ async def test_bench_streaming_counts_every_request(config: Config) -> None:
 async def test_bench_records_server_errors(config: Config, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Requests the server refuses are counted as failed with the server's error code; the exit status is 1."""
     out = tmp_path / "bench.json"
-    async with running_server(config) as server:
+    async with running_server(refusing_unknown_voices(config)) as server:
         argv = [
             "bench",
             "--uri",

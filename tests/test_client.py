@@ -20,7 +20,7 @@ from wyoming_cosyvoice.commands.describe import parse_health
 from wyoming_cosyvoice.config import Config
 from wyoming_cosyvoice.errors import ClientError, RemoteError
 
-from .helpers import TIMEOUT, assert_speech, cli, running_server
+from .helpers import TIMEOUT, assert_speech, cli, refusing_unknown_voices, running_server
 from .peers import ForeignTts, serve
 
 
@@ -53,7 +53,7 @@ async def wait_for_file(pattern_dir: Path, glob: str, min_bytes: int) -> Path:
 
 
 async def test_client_one_shot_against_our_server(config: Config) -> None:
-    async with running_server(config) as server:
+    async with running_server(refusing_unknown_voices(config)) as server:
         async with TtsClient(f"tcp://127.0.0.1:{server.port}") as client:
             stats = ReplyStats()
             audio = await gather(client.synthesize("Hello there, how are you today?", stats=stats))
@@ -314,3 +314,11 @@ def test_parse_health() -> None:
         "note": "fallback from x: y",
     }
     assert parse_health("Piper TTS") is None
+    nested = "X (engine: cosyvoice; lifecycle=parked (host), concurrency=1 (auto: 1, on the CPU), state=ready) [n]"
+    assert parse_health(nested) == {
+        "engine": "cosyvoice",
+        "lifecycle": "parked (host)",
+        "concurrency": "1 (auto: 1, on the CPU)",
+        "state": "ready",
+        "note": "n",
+    }

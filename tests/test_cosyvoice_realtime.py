@@ -24,7 +24,7 @@ from wyoming.tts import Synthesize, SynthesizeVoice  # noqa: E402
 
 from wyoming_cosyvoice.config import load_config  # noqa: E402
 from wyoming_cosyvoice_plugins.cosyvoice import stream  # noqa: E402
-from wyoming_cosyvoice_plugins.cosyvoice.stream import keeps_ahead  # noqa: E402
+from wyoming_cosyvoice_plugins.cosyvoice.chunking import keeps_ahead  # noqa: E402
 
 from .cosyvoice_support import forget_cosyvoice, write_prompt  # noqa: E402
 from .helpers import connect, read, running_server, write_config  # noqa: E402

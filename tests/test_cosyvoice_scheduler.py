@@ -3,14 +3,18 @@ LLM thread steps aside, whether one more stream fits, and where a stream ahead o
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Optional
 
 import pytest
 
-from wyoming_cosyvoice_plugins.cosyvoice.chunking import cut_due, grid_floor, grown_end, on_grid
+from wyoming_cosyvoice_plugins.cosyvoice.chunking import ChunkGrid, cut_due, grid_floor, grown_end, on_grid
 from wyoming_cosyvoice_plugins.cosyvoice.scheduler import (
+    BATCH_PROBE_EVERY,
+    Batch,
+    BatchFailed,
     Costs,
     FlowScheduler,
     Stream,
@@ -208,24 +212,24 @@ def test_the_chunk_grid() -> None:
 
 
 def test_a_stream_ahead_of_playback_grows_its_next_chunk() -> None:
-    args = dict(lookahead=3, prompt_tokens=75)
+    grid = ChunkGrid(prompt_tokens=75, lookahead=3)
     # 1 s ahead, tokens coming at 5 ms each, passes of 0.1 s: doubling while it fits 1 s / 1.5.
     # 50 tokens: 53 x 5 ms + 0.1 = 0.365 s ok; 100: 0.615 ok; 200: 1.115 s x 1.5 > 1 s: no.
-    assert grown_end(100, 25, 103, False, 1.0, 0.005, flat(0.1), **args) == 200
+    assert grown_end(grid, 100, 25, 103, False, 1.0, 0.005, flat(0.1)) == 200
     # Far ahead: up to MAX_GROWN_HOP (800 tokens).
-    assert grown_end(100, 25, 103, False, 60.0, 0.005, flat(0.1), **args) == 900
+    assert grown_end(grid, 100, 25, 103, False, 60.0, 0.005, flat(0.1)) == 900
     # Not ahead enough even for the default: the default (upstream's size) all the same.
-    assert grown_end(100, 25, 103, False, 0.1, 0.005, flat(0.1), **args) == 125
+    assert grown_end(grid, 100, 25, 103, False, 0.1, 0.005, flat(0.1)) == 125
     # The LLM can make no more than `limit` tokens: no chunk waits for tokens that cannot come.
-    assert grown_end(100, 25, 103, False, 60.0, 0.005, flat(0.1), limit=300, **args) == 200
+    assert grown_end(dataclasses.replace(grid, limit=300), 100, 25, 103, False, 60.0, 0.005, flat(0.1)) == 200
     # The LLM has ended and one final pass over everything fits: None (finish now, one pass).
-    assert grown_end(100, 25, 400, True, 1.0, 0.005, flat(0.2), **args) is None
+    assert grown_end(grid, 100, 25, 400, True, 1.0, 0.005, flat(0.2)) is None
     # ...and when it does not fit, a chunk out of the tokens there are (nothing to wait for).
-    assert grown_end(100, 25, 400, True, 0.25, 0.005, flat(0.2), **args) == 125
+    assert grown_end(grid, 100, 25, 400, True, 0.25, 0.005, flat(0.2)) == 125
     # Other streams' passes ahead of it count: 0.5 s of waiting makes 200 tokens too late.
-    assert grown_end(100, 25, 103, False, 1.5, 0.005, flat(0.1), wait=0.5, **args) == 150
+    assert grown_end(grid, 100, 25, 103, False, 1.5, 0.005, flat(0.1), wait=0.5) == 150
     # The grid from the start of a call (offset 0) is kept: 60 prompt tokens, first end 40, then 90, 190...
-    end = grown_end(0, 40, 43, False, 10.0, 0.001, flat(0.05), lookahead=3, prompt_tokens=60)
+    end = grown_end(ChunkGrid(prompt_tokens=60, lookahead=3), 0, 40, 43, False, 10.0, 0.001, flat(0.05))
     assert end is not None and on_grid(end, 60) and end > 40
 
 
@@ -239,16 +243,158 @@ def test_a_stream_waiting_for_a_grown_chunk_cuts_when_due() -> None:
 def test_a_longer_first_chunk_when_upstreams_would_run_dry() -> None:
     from wyoming_cosyvoice_plugins.cosyvoice.chunking import first_size
 
-    args = dict(hop=25, max_hop=100, scale=2, lookahead=3, prompt_tokens=76)  # upstream's first chunk: 49 tokens
+    grid = ChunkGrid(prompt_tokens=76, hop=25, max_hop=100, scale=2, lookahead=3)  # upstream's first chunk: 49 tokens
     # Alone on a fast machine: upstream's first chunk keeps ahead.
-    assert first_size(49, seconds_per_token=0.005, cost=flat(0.1), **args) == 49
+    assert first_size(grid, 49, seconds_per_token=0.005, cost=flat(0.1)) == 49
     # Sharing the flow with three others (each pass counted 4x: 1.2 s): 49 tokens (1.8 s of audio) would run dry
     # before the 50 tokens after it (0.25 s of LLM + 1.2 s, x1.5); 74 tokens do not.
-    assert first_size(49, seconds_per_token=0.005, cost=flat(1.2), **args) == 74
+    assert first_size(grid, 49, seconds_per_token=0.005, cost=flat(1.2)) == 74
     # Heavier still: 124 tokens (upstream's own first chunk from its second request on).
-    assert first_size(49, seconds_per_token=0.005, cost=flat(1.8), **args) == 124
+    assert first_size(grid, 49, seconds_per_token=0.005, cost=flat(1.8)) == 124
     # Nothing keeps ahead (an LLM slower than real time), or no pass timed yet: upstream's, no later first audio.
-    assert first_size(49, seconds_per_token=0.05, cost=flat(0.1), **args) == 49
-    assert first_size(49, seconds_per_token=0.005, cost=flat(None), **args) == 49
+    assert first_size(grid, 49, seconds_per_token=0.05, cost=flat(0.1)) == 49
+    assert first_size(grid, 49, seconds_per_token=0.005, cost=flat(None)) == 49
     # A text short enough to fit in one first chunk.
-    assert first_size(49, seconds_per_token=0.005, cost=flat(5.0), limit=60, **args) == 74
+    assert first_size(dataclasses.replace(grid, limit=60), 49, seconds_per_token=0.005, cost=flat(5.0)) == 74
+
+
+# --- batched passes ---------------------------------------------------------------------------------------------
+
+
+def grant_behind(sched: FlowScheduler, holder: Stream, waiters: list[Stream], costs: list[float]) -> list[Stream]:
+    """`waiters` ask for a pass while `holder` runs one; `holder` releases; returns them in the order granted."""
+    granted: list[Stream] = []
+    lock = threading.Lock()
+
+    def wait(stream: Stream, cost: float) -> None:
+        assert sched.acquire(stream, cost, lambda: False, poll=0.01)
+        with lock:
+            granted.append(stream)
+
+    threads = [threading.Thread(target=wait, args=(s, c)) for s, c in zip(waiters, costs, strict=True)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while sched.waiting < len(waiters) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sched.release(holder, 1.0)
+    deadline = time.monotonic() + 30
+    while len(granted) < len(waiters) and time.monotonic() < deadline:
+        time.sleep(0.005)
+        if len(granted) == 1 and granted[0].batch is None:
+            break  # granted alone: the others wait for its release
+    return granted
+
+
+def test_passes_ready_together_are_granted_as_one_batch_and_measured() -> None:
+    sched = FlowScheduler(1, Clock(), max_batch=3)
+    holder, b, c = sched.open(), sched.open(), sched.open()
+    assert sched.acquire(holder, 0.4, lambda: False)
+    granted = grant_behind(sched, holder, [b, c], [0.4, 0.4])
+    assert sorted(map(id, granted)) == sorted(map(id, (b, c))), "both granted at once"
+    assert b.batch is c.batch and b.batch is not None and b.batch.size == 2
+    sched.release(b, 1.0, seconds=0.5)
+    assert sched.batches == 0, "the batch is over when its last member releases"
+    sched.release(c, 1.0, seconds=0.6)
+    assert sched.batches == 1 and b.batch is None and c.batch is None
+    # 0.6 s for two passes of 0.4 s each: the second added 0.2 s, half its own.
+    assert sched.marginal == pytest.approx(0.5)
+    assert sched.batch_cost([0.4, 0.4, 0.4]) == pytest.approx(0.8)
+
+
+def test_only_passes_of_the_same_kind_share_a_batch() -> None:
+    sched = FlowScheduler(1, Clock(), max_batch=3)
+    holder, chunk, last = sched.open(), sched.open(), sched.open()
+    last.final = True
+    assert sched.acquire(holder, 0.4, lambda: False)
+    granted = grant_behind(sched, holder, [chunk, last], [0.4, 0.4])
+    assert len(granted) == 1 and granted[0].batch is None, "a chunk pass and a last pass run one after the other"
+    sched.close(granted[0])
+    sched.close(chunk)
+    sched.close(last)
+
+
+def test_a_started_stream_is_not_made_to_run_dry_by_a_batch() -> None:
+    clock = Clock()
+    sched = FlowScheduler(1, clock, max_batch=3)
+    holder, urgent_one, relaxed = sched.open(), sched.open(), sched.open()
+    urgent_one.first_out, urgent_one.sent = clock.now - 1.0, 1.7  # 0.7 s from running dry: fine alone (0.4 left)
+    relaxed.first_out, relaxed.sent = clock.now - 1.0, 6.0
+    assert sched.acquire(holder, 0.3, lambda: False)
+    granted = grant_behind(sched, holder, [urgent_one, relaxed], [0.3, 0.3])
+    assert granted == [urgent_one] and urgent_one.batch is None, "0.6 s batched would leave it 0.1 s: alone"
+    sched.close(urgent_one)
+    sched.close(relaxed)
+    # One that runs dry even alone (0.5 s left, a 0.3 s pass, under the 0.3 s margin either way) is batched: the
+    # batch's throughput serves it better than waiting one pass after another.
+    holder, doomed, other = sched.open(), sched.open(), sched.open()
+    doomed.first_out, doomed.sent = clock.now - 1.0, 1.5
+    other.first_out, other.sent = clock.now - 1.0, 6.0
+    assert sched.acquire(holder, 0.3, lambda: False)
+    granted = grant_behind(sched, holder, [doomed, other], [0.3, 0.3])
+    assert doomed.batch is not None and doomed.batch is other.batch
+
+
+def test_batches_that_do_not_pay_are_only_probed_now_and_then() -> None:
+    sched = FlowScheduler(1, Clock(), max_batch=2)
+    sched.marginal = 1.0  # measured: a batch takes as long as its passes one after the other
+    formed = 0
+    for _ in range(BATCH_PROBE_EVERY):
+        holder, a, b = sched.open(), sched.open(), sched.open()
+        assert sched.acquire(holder, 0.2, lambda: False)
+        granted = grant_behind(sched, holder, [a, b], [0.2, 0.2])
+        formed += granted[0].batch is not None
+        for s in (holder, a, b):
+            sched.close(s)
+    assert formed == 1
+
+
+def test_a_batch_runs_once_for_its_members_and_a_member_that_leaves_holds_nobody_up() -> None:
+    members = [Stream(arrived=0.0) for _ in range(3)]
+    batch = Batch(members)
+    runs: list[list[int]] = []
+    results: dict[int, int] = {}
+
+    def run(inputs: list[int]) -> list[int]:
+        runs.append(sorted(inputs))
+        return [x * 10 for x in inputs]
+
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, batch.meet(members[i], i, run))) for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    batch.leave(members[2])
+    for t in threads:
+        t.join(10)
+    assert runs == [[0, 1]] and results == {0: 0, 1: 10}
+
+
+def test_a_failed_batched_call_tells_every_member() -> None:
+    members = [Stream(arrived=0.0) for _ in range(2)]
+    batch = Batch(members)
+    errors: list[BaseException] = []
+
+    def run(inputs: list[int]) -> list[int]:
+        raise RuntimeError("boom")
+
+    def member(i: int) -> None:
+        try:
+            batch.meet(members[i], i, run)
+        except BatchFailed as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=member, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 2 and all("boom" in str(e) for e in errors)
+
+
+def test_admission_counts_a_batched_streams_measured_share() -> None:
+    # Two streams of 0.1 LLM + 0.4 flow per second: 100% unbatched, 80% when one more adds half its flow.
+    assert load(2, 0.1, 0.4) == pytest.approx(1.0)
+    assert load(2, 0.1, 0.4, flow_marginal=0.5) == pytest.approx(0.8)
+    assert admission(2, (0.1, 0.4)) is not None
+    assert admission(2, (0.1, 0.25), flow_marginal=0.5) is None  # three: 0.3 + 0.25 x 2 = 80%

@@ -4,6 +4,7 @@ chunk, stopping the LLM of a closed call, LLM failures."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,12 +16,13 @@ pytest.importorskip("torch")
 
 from wyoming_cosyvoice.engine import SynthesisOptions  # noqa: E402
 from wyoming_cosyvoice.errors import EngineError  # noqa: E402
-from wyoming_cosyvoice_plugins.cosyvoice.stream import ChunkCost, first_hop, keeps_ahead  # noqa: E402
+from wyoming_cosyvoice_plugins.cosyvoice.chunking import ChunkCost, ChunkGrid, first_hop, keeps_ahead  # noqa: E402
 
 from .cosyvoice_support import write_prompt  # noqa: E402
 from .test_cosyvoice_engine import LONG_TEXT, fresh_import, settings, speak, started, voice  # noqa: E402,F401
 
 TOKEN = 960  # samples per speech token at 24 kHz (25 tokens per second)
+GRID = ChunkGrid(prompt_tokens=60, hop=25, max_hop=100, scale=2, lookahead=3)
 
 
 def test_first_hop_is_upstreams_or_the_prompt_padding_alone() -> None:
@@ -37,16 +39,16 @@ def flat(seconds: float) -> Any:
 def test_keeps_ahead_weighs_llm_tokens_and_flow_plus_vocoder() -> None:
     # 15 tokens early = 0.44 s out before the next chunk is due (4 tokens are held back for the cross-fade).
     # LLM at 1000 tokens/s, flow + vocoder free: the next 25 tokens take 25 ms (x1.5): in time, and so on.
-    assert keeps_ahead(15, 25, 100, 2, 3, 60, 0.001, flat(0.0))
+    assert keeps_ahead(GRID, 15, 0.001, flat(0.0))
     # At 20 tokens/s the next 25 tokens take 1.25 s: the early chunk would run dry, upstream's first chunk is kept.
-    assert not keeps_ahead(15, 25, 100, 2, 3, 60, 0.05, flat(0.0))
+    assert not keeps_ahead(GRID, 15, 0.05, flat(0.0))
     # A fast LLM but a flow + vocoder pass of 0.3 s: 0.325 s x 1.5 > 0.44 s. The LLM's rate alone said yes here,
     # and the next chunk arrived after the early one had played (the stalls measured through the server).
-    assert not keeps_ahead(15, 25, 100, 2, 3, 60, 0.001, flat(0.3))
-    assert keeps_ahead(15, 25, 100, 2, 3, 60, 0.001, flat(0.2))  # 0.225 x 1.5 = 0.34 s <= 0.44 s
+    assert not keeps_ahead(GRID, 15, 0.001, flat(0.3))
+    assert keeps_ahead(GRID, 15, 0.001, flat(0.2))  # 0.225 x 1.5 = 0.34 s <= 0.44 s
     # No flow + vocoder call seen yet (the warm-up makes the first ones), or no LLM rate: no early chunk.
-    assert not keeps_ahead(15, 25, 100, 2, 3, 60, 0.001, lambda tokens: None)
-    assert not keeps_ahead(15, 25, 100, 2, 3, 60, 0.0, flat(0.0))
+    assert not keeps_ahead(GRID, 15, 0.001, lambda tokens: None)
+    assert not keeps_ahead(GRID, 15, 0.0, flat(0.0))
 
 
 def test_keeps_ahead_looks_past_the_second_chunk() -> None:
@@ -55,9 +57,9 @@ def test_keeps_ahead_looks_past_the_second_chunk() -> None:
     def jumping(tokens: int) -> float:
         return 0.2 if tokens <= 103 else 0.9
 
-    assert not keeps_ahead(15, 25, 100, 2, 3, 60, 0.001, jumping)
+    assert not keeps_ahead(GRID, 15, 0.001, jumping)
     # A short text ends before that chunk: its LLM makes at most 20 speech tokens per text token.
-    assert keeps_ahead(15, 25, 100, 2, 3, 60, 0.001, jumping, limit=40)
+    assert keeps_ahead(dataclasses.replace(GRID, limit=40), 15, 0.001, jumping)
 
 
 def test_chunk_cost_fits_the_calls_seen() -> None:

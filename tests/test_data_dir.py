@@ -119,3 +119,22 @@ def test_one_cache_root_for_references_and_the_cosyvoice_prompt_cache(
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
     assert prompts.default_cache_dir() == tmp_path / "c"
     assert default_cache_dir() == tmp_path / "c" / "references"
+
+
+def test_default_voice_paths_are_beside_server_yaml_not_in_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server.yaml without `voice_providers` uses the voices.yaml and voices/ beside it, wherever it is run from."""
+    from wyoming_cosyvoice.config import load_config
+    from wyoming_cosyvoice.plugins import Plugins
+    from wyoming_cosyvoice.server import build_catalog
+
+    config_dir, elsewhere = tmp_path / "cfg", tmp_path / "elsewhere"
+    for folder, name in ((config_dir, "beside"), (elsewhere, "cwd")):
+        (folder / "voices" / "en_US" / f"{name}-folder").mkdir(parents=True)
+        audiogen.write(folder / "voices" / "en_US" / f"{name}-folder" / "reference.wav")
+        (folder / "voices.yaml").write_text(f"voices:\n  - name: {name}\n    languages: [en-US]\n")
+    (config_dir / "server.yaml").write_text("engine:\n  name: espeak\n")
+    monkeypatch.chdir(elsewhere)
+    catalog = build_catalog(load_config(Path("..") / "cfg" / "server.yaml"), Plugins())
+    assert [p.name for p in catalog.all_profiles] == ["beside", "beside-folder"]

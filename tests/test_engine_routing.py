@@ -97,6 +97,8 @@ def _config(
     return load_config(
         write_config(
             tmp_path / "cfg",
+            # These tests read why a voice is unavailable from its error (the default speaks it otherwise).
+            server={"unknown_voice": "error"},
             voices=voices,
             engine={"name": main, "fallback": fallback},
             engines={

@@ -31,6 +31,7 @@ def _config(tmp_path: Path, engine: str = "espeak", **limits: Any) -> Config:
         write_config(
             tmp_path / "cfg",
             voices=[{"name": "robot", "reference_audio": "robot.wav", "languages": ["en-US"]}],
+            server={"unknown_voice": "error"},  # these tests read why a voice is refused from its error
             engine={"name": engine, "fallback": None},
             voice_providers={"yaml": {"path": "voices.yaml"}, "folder": {"path": "voices"}},
             limits=limits,

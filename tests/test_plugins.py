@@ -127,13 +127,16 @@ def test_hook_register_commands(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers(dest="command", required=True)
     added = plugins.add_commands(subparsers)
-    assert added == {"wyoming_cosyvoice_plugins.cosyvoice": ["download", "health"], "greeter": ["hello"]}
+    assert added == {
+        "wyoming_cosyvoice_plugins.cosyvoice": ["download", "health", "park", "wake"],
+        "greeter": ["hello"],
+    }
     args = parser.parse_args(["hello", "world"])
     assert args.func(args) == 3 and capsys.readouterr().out == "hello world\n"
     rows = {row["name"]: row for row in plugins.describe()}
     assert rows["greeter"]["hooks"] == ["register_commands"] and rows["greeter"]["registers"] == {"commands": ["hello"]}
     cosyvoice = rows["wyoming_cosyvoice_plugins.cosyvoice"]
-    assert cosyvoice["registers"] == {"engines": ["cosyvoice"], "commands": ["download", "health"]}
+    assert cosyvoice["registers"] == {"engines": ["cosyvoice"], "commands": ["download", "health", "park", "wake"]}
 
 
 def test_a_command_name_taken_twice_is_an_error_naming_the_plugin() -> None:
@@ -205,5 +208,5 @@ def test_plugins_command_lists_plugins(tmp_path: Path, capsys: pytest.CaptureFix
     assert f"wyoming_cosyvoice_user_plugins.example_tone  [{plugins_dir / 'example_tone.py'}]" in out
     assert "  engines: tone" in out
     assert "wyoming_cosyvoice_plugins.cosyvoice  [built-in]\n  hooks: register_commands, register_engines\n" in out
-    assert "  engines: cosyvoice\n  commands: download, health\n" in out
+    assert "  engines: cosyvoice\n  commands: download, health, park, wake\n" in out
     sys.modules.pop("wyoming_cosyvoice_user_plugins.example_tone", None)

@@ -52,7 +52,8 @@ async def test_a_reply_copies_its_audio_to_the_sinks_from_start_to_finish(tmp_pa
     async with running_server(config) as server:
         service = server.service
         with pytest.raises(VoiceNotFound):
-            service.open_reply("nobody", None)
+            service.open_reply("nobody", None, unknown_voice="error")
+        assert service.open_reply("nobody", "de-DE").profile.name == "anna"  # the first voice of the language
         reply = service.open_reply("anna", None)
         assert reply.profile.name == "anna" and reply.engine is service.engine
         assert reply.format == service.engine.audio_format

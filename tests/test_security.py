@@ -81,8 +81,8 @@ async def test_hostile_voice_names_and_text_touch_no_file_and_no_network(tmp_pat
             spoken = await collect(clients[-1])
         finally:
             _AUDIT_ON.clear()
-        for reply in replies:
-            assert [e.code for e in reply.errors] == ["VoiceNotFound"], reply.errors
+        for reply in replies:  # the name is only ever compared: the default voice speaks (server.unknown_voice)
+            assert not reply.errors and reply.chunks > 0, reply.errors
         assert not spoken.errors and spoken.chunks > 0
         touched = [(event, args) for event, args in _AUDIT]
         assert not [t for t in touched if t[0] != "open"], touched
@@ -157,6 +157,40 @@ def test_documented_defaults_match_the_code() -> None:
     config = load_config(DEFAULT_CONFIG_DIR / "server.yaml")
     assert config.limits == Limits()
     assert config.server.uri == Config().server.uri == "tcp://0.0.0.0:10200"
-    readme = (DEFAULT_CONFIG_DIR.parent / "README.md").read_text()
+    table = (DEFAULT_CONFIG_DIR.parent / "docs" / "reliability.md").read_text()
     for name in Limits.__dataclass_fields__:
-        assert f"`limits.{name}`" in readme, f"README's limits table lacks {name}"
+        assert f"`limits.{name}`" in table, f"docs/reliability.md's limits table lacks {name}"
+
+
+async def test_names_and_language_tags_ending_in_a_newline_are_refused_everywhere(tmp_path: Path) -> None:
+    """Issue 21, finding 13: `^...$` with `re.match` let "bob\\n" through (`$` matches before a final newline)."""
+    from wyoming_cosyvoice.errors import VoiceError
+    from wyoming_cosyvoice.voice_store import check_language, check_name
+    from wyoming_cosyvoice_plugins.espeak_engine import VOICE_NAME
+    from wyoming_cosyvoice_plugins.folder_voices import check_options
+    from wyoming_cosyvoice_plugins.triton.settings import TritonSettings
+
+    from .helpers import write_config
+
+    voices = [
+        {"name": "bob\n", "languages": ["en-US"]},
+        {"name": "eve", "languages": ["en-US\n"]},
+        {"name": "tars", "languages": ["en-US"]},
+    ]
+    config = load_config(write_config(tmp_path, voices=voices))
+    async with running_server(config) as server, connect(server) as client:
+        await client.write_event(Describe().event())
+        info = Info.from_event(await read(client))
+        assert [v.name for v in info.tts[0].voices] == ["tars"]
+        assert [lang for v in info.tts[0].voices for lang in v.languages] == ["en-US"]
+    with pytest.raises(VoiceError, match="not a valid voice name"):
+        check_name("bob\n")
+    with pytest.raises(VoiceError, match="BCP-47"):
+        check_language("bob", "en-US\n")
+    assert VOICE_NAME.fullmatch("en-us\n") is None
+    with pytest.raises(ConfigError, match="not an option name"):
+        check_options({"speaker\n": 1})
+    with pytest.raises(ConfigError, match="not allowed"):
+        check_options({"espeak_voice": "en-us\n"})
+    problem = TritonSettings(endpoints=("grpc://127.0.0.1:8001",), model="cosyvoice2\n").validate()
+    assert problem is not None and problem[0] == "model"

@@ -6,12 +6,13 @@ import asyncio
 import dataclasses
 
 from wyoming.audio import AudioStart
+from wyoming.event import Event
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
 from wyoming_cosyvoice.config import Config
 
-from .helpers import assert_speech, collect, connect, read, running_server, similar
+from .helpers import assert_speech, collect, connect, read, refusing_unknown_voices, running_server, similar
 
 SENTENCE_20 = (
     "Hello there, this is a test of the embedded speech engine, speaking twenty words for a quick latency "
@@ -147,7 +148,8 @@ async def test_empty_text(config: Config) -> None:
 
 
 async def test_unknown_voice_gets_error_and_others_unaffected(config: Config) -> None:
-    async with running_server(config) as server, connect(server) as good:
+    """With `server.unknown_voice: error` (for clients that prefer an error to the default voice)."""
+    async with running_server(refusing_unknown_voices(config)) as server, connect(server) as good:
         async with connect(server) as bad:
             await bad.write_event(Synthesize(text="Hi.", voice=SynthesizeVoice(name="nobody")).event())
             reply = await collect(bad)
@@ -161,13 +163,36 @@ async def test_unknown_voice_gets_error_and_others_unaffected(config: Config) ->
 
 
 async def test_unknown_voice_in_stream_still_ends_stream(config: Config) -> None:
-    async with running_server(config) as server, connect(server) as client:
+    async with running_server(refusing_unknown_voices(config)) as server, connect(server) as client:
         await client.write_event(SynthesizeStart(voice=SynthesizeVoice(name="nobody")).event())
         await client.write_event(SynthesizeChunk(text="Hello there. ").event())
         await client.write_event(SynthesizeStop().event())
         reply = await collect(client, until="synthesize-stopped")
         assert [e.code for e in reply.errors] == ["VoiceNotFound"]
         assert reply.stopped
+
+
+async def test_unknown_voice_is_spoken_by_the_default_voice(config: Config) -> None:
+    """Home Assistant plays nothing on an `error`: by default a voice that is not there (renamed, removed) is spoken
+    by the default voice, or the first voice of the asked language; the same speech as asking for that voice."""
+    async with running_server(config) as server:
+        replies = {}
+        for name, voice in (("gone", SynthesizeVoice(name="gone")), ("tars", SynthesizeVoice(name="tars"))):
+            async with connect(server) as client:
+                await client.write_event(Synthesize(text="Hello there.", voice=voice).event())
+                replies[name] = await collect(client)
+        async with connect(server) as client:  # a stream, asking for a German voice that is not there
+            # (the wyoming library's SynthesizeVoice leaves the language out when a name is given)
+            await client.write_event(Event("synthesize-start", {"voice": {"name": "gone", "language": "de-DE"}}))
+            await client.write_event(SynthesizeChunk(text="Guten Tag. ").event())
+            await client.write_event(SynthesizeStop().event())
+            streamed = await collect(client, until="synthesize-stopped")
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="Guten Tag.", voice=SynthesizeVoice(name="anna")).event())
+            anna = await collect(client)
+        assert not replies["gone"].errors and similar(replies["gone"].audio, replies["tars"].audio)
+        assert not streamed.errors and streamed.stopped and similar(streamed.audio, anna.audio)
+        assert server.service.degraded.counts()["default_voice"] == 2
 
 
 async def test_two_clients_at_once(config: Config) -> None:

@@ -30,7 +30,9 @@ def archived(folder: Path) -> list[float]:
     return [soundfile.info(str(folder / n)).duration for n in names]
 
 
-async def test_sigterm_finishes_in_flight_audio_then_exits_0(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_sigterm_finishes_in_flight_audio_then_exits_0(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGHUP (a closed terminal, `kill -HUP`) stops the same way: it used to kill the process, cutting the reply."""
     archive = tmp_path / "archive"
     config = write_config(tmp_path, limits={"shutdown_grace_s": 20.0}, sinks={"wav": {"dir": str(archive)}})
     proc, port = start_server(config)
@@ -41,7 +43,7 @@ async def test_sigterm_finishes_in_flight_audio_then_exits_0(tmp_path: Path) -> 
         await client.write_event(Synthesize(text=long_text).event())
         first = await asyncio.wait_for(client.read_event(), TIMEOUT)
         assert first is not None and first.type == "audio-start"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         await asyncio.sleep(0.5)
         # No new connections once stopping.
         with pytest.raises(OSError):
@@ -160,6 +162,24 @@ async def test_sigterm_lets_an_open_stream_finish_between_sentences(tmp_path: Pa
         await poll(lambda: "Server stopped" in log.text())
         assert len(re.findall(r"request \d+: voice=", log.text())) == 2, log.text()
         assert "Traceback" not in log.text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_sighup_ignored_by_nohup_stays_ignored(tmp_path: Path) -> None:
+    proc, port = start_server(write_config(tmp_path), preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        proc.send_signal(signal.SIGHUP)
+        client = AsyncTcpClient("127.0.0.1", port)
+        await asyncio.wait_for(client.connect(), TIMEOUT)
+        await client.write_event(Synthesize(text="Still here.").event())
+        reply = await collect(client)
+        await client.disconnect()
+        assert not reply.errors and reply.stops == 1 and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -73,6 +73,7 @@ async def test_check_validates_without_writing_then_save_writes_the_folder_and_w
 
         status, saved = await _json(http, "POST", srv.url + "api/voices", data=_form(audio, **fields))
         assert status == 201 and saved["saved"] and "Home Assistant" in saved["note"]
+        assert saved["heard_as"] == "espeak voice for en-US"  # what a listener hears: espeak ignores the recording
         voice = srv.voices / "en_US" / "alice"
         assert srv.files() == ["en_US", "en_US/alice", "en_US/alice/profile.yaml", "en_US/alice/reference.wav",
                                "en_US/alice/transcript.txt"]  # fmt: skip
@@ -87,6 +88,7 @@ async def test_check_validates_without_writing_then_save_writes_the_folder_and_w
         row = await wait_for(listed, what="alice prepared")
         assert row["state"] == "warning" and row["editable"] and row["kept_seconds"] < 3.5
         assert row["description"] == "Alice A" and row["languages"] == ["en-US"] and row["engine"] == "espeak"
+        assert row["heard_as"] == "espeak voice for en-US"
         status, picture = await _json(http, "GET", srv.url + "api/voices/alice/envelope")
         assert status == 200 and picture["seconds"] == 5.0 and max(picture["peaks"]) == 1.0
 

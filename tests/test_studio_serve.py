@@ -41,12 +41,23 @@ def test_the_studio_is_off_by_default_and_its_settings_are_checked(tmp_path: Pat
         "port": 10201,
         "token": None,
         "max_upload_bytes": 16777216,
+        "max_uploads": 4,
+        "max_connections": 32,
+        "header_timeout_s": 10.0,
+        "body_timeout_s": 60.0,
+        "idle_timeout_s": 30.0,
     }
+    assert load_config(ROOT / "config" / "server.yaml").web == defaults
     for web, problem in (
         ({"port": 70000}, "web.port: must be between 0 and 65535"),
         ({"token": "short"}, "web.token: must have at least 8 characters"),
         ({"max_upload_bytes": 10}, "web.max_upload_bytes: must be at least 65536"),
         ({"bogus": 1}, "web.bogus: unknown key"),
+        ({"max_connections": 0}, "web.max_connections: must be at least 1"),
+        ({"max_uploads": 0}, "web.max_uploads: must be at least 1"),
+        ({"header_timeout_s": 0}, "web.header_timeout_s: must be a finite number greater than 0"),
+        ({"idle_timeout_s": float("nan")}, "web.idle_timeout_s: expected a finite number, got nan"),
+        ({"body_timeout_s": float("inf")}, "web.body_timeout_s: expected a finite number, got inf"),
     ):
         with pytest.raises(ConfigError, match=re.escape(problem)):
             load_config(_studio_config(tmp_path / str(len(problem)), **web))

@@ -180,3 +180,19 @@ def test_flush_starts_a_new_stream() -> None:
     assert splitter.feed("One two three four five, six. Seven") == ["One two three four five,", "six."]
     assert splitter.flush() == "Seven"
     assert splitter.feed("Eight nine ten eleven twelve, thirteen") == ["Eight nine ten eleven twelve,"]
+
+
+def test_a_word_ending_in_a_combining_mark_ends_a_clause() -> None:
+    """Hindi vowel signs and decomposed Latin accents are combining marks, which `\\w` leaves out."""
+    hindi = "मैं आज बाज़ार जाऊँगा और सब्ज़ी लूँगी, फिर घर आऊँगी।"  # "लूँगी" ends in the vowel sign "ी"
+    assert count_words("मैं आज बाज़ार जाऊँगा और सब्ज़ी लूँगी") == 7
+    latin = "Je suis alle\u0301 au marche\u0301 ce matin, puis je suis rentre\u0301."  # NFD: e + U+0301
+    for text, head in (
+        (hindi, "मैं आज बाज़ार जाऊँगा और सब्ज़ी लूँगी,"),
+        (latin, "Je suis alle\u0301 au marche\u0301 ce matin,"),
+    ):
+        for sizes in ([len(text)], [1], [3], [1, 5, 2]):
+            parts = pieces(text, sizes)
+            assert parts[0] == head, (text, sizes)
+            assert_covers(text, parts)
+    assert pieces("Il a de\u0301ja\u0300 vu cinq films cre\u0301e\u0301s - puis rien.", [1])[0].endswith(" -")

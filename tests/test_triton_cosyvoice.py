@@ -66,7 +66,7 @@ def cosyvoice_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trito
     server = TritonServer(work, "cv")
     params = {"repo": str(REPO), "model_dir": str(model_dir), "cache_dir": str(work / "cache"), "warmup": "false"}
     server.add_model("cosyvoice2", MODELS / "cosyvoice2_model.py", params)
-    try:  # OpenMP spin-waiting inflates CPU runs 4-6x when cores are shared
+    try:  # OpenMP spin-waiting inflates CPU runs several times over when cores are shared (docs/cosyvoice.md)
         yield server.start(timeout=300, models=("cosyvoice2",), env={"OMP_WAIT_POLICY": "PASSIVE"})
     finally:
         server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -201,21 +202,56 @@ async def test_without_cancelling_a_left_request_is_read_to_its_end(
         assert f"triton {endpoint.version}; 0 active; 1 served" in server.service.engine.health()["endpoint1"]
 
 
+async def test_a_drained_request_keeps_its_admission_slot(tmp_path: Path, triton: TritonServer, control: Path) -> None:
+    """`cancel_requests: auto` on this Triton 2.51: requests of clients that left run to their end on Triton, and
+    each keeps its slot of `server.max_concurrent` meanwhile (they used to run outside it: 30 clients that hung up
+    left 30 requests on Triton with max_concurrent 4)."""
+    config = triton_config(tmp_path, [triton.url])
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, max_concurrent=2))
+    async with running_server(config) as server:
+        endpoint, admission = server.service.engine.endpoints[0], server.service.admission
+        assert endpoint.cancel == "auto" and not endpoint.may_cancel
+        for token in ("k1", "k2"):
+            async with connect(server) as client:
+                await client.write_event(Synthesize(text=f"gate:{token} " + "Nobody hears this. " * 3).event())
+                await read(client)  # audio-start
+                assert AudioChunk.is_type((await read(client)).type)
+        await until(lambda: endpoint.draining == 2, "both requests to be drained")
+        assert admission.active == 2
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="One more.").event())
+            reply = await collect(client)
+        assert [e.code for e in reply.errors] == ["ServerBusy"] and not reply.audio
+        for token in ("k1", "k2"):
+            open_gate(control, token)
+        await until(lambda: admission.active == 0 and endpoint.draining == 0, "the drains to end and free the slots")
+        async with connect(server) as client:
+            await client.write_event(Synthesize(text="One more.").event())
+            reply = await collect(client)
+        assert not reply.errors and reply.audio
+
+
 async def test_clients_leaving_mid_stream_do_not_crash_triton(tmp_path: Path, control: Path) -> None:
     """tritonserver 2.51 (nvidia-pytriton 0.7.0) segfaulted here within 5-26 streams cancelled while the model was
-    sending; `cancel_requests: auto` drains those streams on Triton < 2.53 instead, and the server survives."""
+    sending; `cancel_requests: auto` drains those streams on Triton < 2.53 instead, and the server survives. The
+    drains hold their admission slots: never more than `server.max_concurrent` (4) run at once."""
     old = tone_server(tmp_path / "old", "old", control)
     try:
         config = triton_config(tmp_path, [old.url])
         async with running_server(config) as server:
+            endpoint, admission = server.service.engine.endpoints[0], server.service.admission
+            most = 0
             for n in range(30):
+                await until(lambda: admission.active < admission.limit, "a free slot")
                 async with connect(server) as client:
                     await client.write_event(Synthesize(text=f"Leave number {n} " * 8).event())
                     await read(client)  # audio-start
                     assert AudioChunk.is_type((await read(client)).type)
                 # gone while the model sends the rest
-            endpoint = server.service.engine.endpoints[0]
+                most = max(most, endpoint.draining)
+                assert endpoint.draining <= admission.active <= admission.limit
             await until(lambda: endpoint.draining == 0 and endpoint.outstanding == 0, "the drains to end")
+            assert most >= 2  # the drains did overlap
             assert endpoint.state == "ready" and not old.alive(), old.alive()
     finally:
         old.stop()

@@ -114,3 +114,57 @@ def test_transcript_warning_flags_a_transcript_too_long_for_the_audio() -> None:
     assert transcript_warning("Hello there.", 2.0) is None
     warning = transcript_warning("x" * 200, 2.0)
     assert warning is not None and "does it match the recording" in warning
+
+
+def _outside_language_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """`voices/en_US` a symlink to a folder outside holding `precious/thesis.txt` (issue 21, finding 2)."""
+    outside = tmp_path / "outside"
+    (outside / "precious").mkdir(parents=True)
+    (outside / "precious" / "thesis.txt").write_text("years of work\n")
+    folder = tmp_path / "voices"
+    folder.mkdir()
+    (folder / "en_US").symlink_to(outside, target_is_directory=True)
+    return folder, outside
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_write_voice_never_writes_or_deletes_through_a_symlinked_language_folder(tmp_path: Path, force: bool) -> None:
+    folder, outside = _outside_language_folder(tmp_path)
+    data = write(tmp_path / "a.wav").read_bytes()
+    with pytest.raises(VoiceError, match="en_US/ in the voices folder is a link"):
+        write_voice(folder, "precious", "en-US", data, ".wav", force=force)
+    assert (outside / "precious" / "thesis.txt").read_text() == "years of work\n"
+    assert _files(outside) == ["precious", "precious/thesis.txt"], "something was written outside"
+    assert find_voice_dirs(folder, "precious") == []
+    with pytest.raises(VoiceError, match="not in the voices folder"):
+        remove_voice(folder, "precious")
+    assert (outside / "precious" / "thesis.txt").is_file()
+
+
+def test_write_voice_never_replaces_a_link_or_file_that_is_not_a_voice_folder(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep\n")
+    folder = tmp_path / "voices"
+    (folder / "en_US").mkdir(parents=True)
+    (folder / "en_US" / "linked").symlink_to(outside, target_is_directory=True)
+    (folder / "en_US" / "plain").write_text("a file, not a voice\n")
+    data = write(tmp_path / "a.wav").read_bytes()
+    for name in ("linked", "plain"):
+        with pytest.raises(VoiceError, match="is not a voice folder"):
+            write_voice(folder, name, "en-US", data, ".wav", force=True)
+    assert (outside / "keep.txt").read_text() == "keep\n" and sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+    assert (folder / "en_US" / "linked").is_symlink() and (folder / "en_US" / "plain").is_file()
+    assert _files(folder) == ["en_US", "en_US/linked", "en_US/plain"], "a staging folder was left behind"
+
+
+def test_a_symlinked_voices_folder_itself_is_still_written_through(tmp_path: Path) -> None:
+    real = tmp_path / "data" / "voices"
+    real.mkdir(parents=True)
+    folder = tmp_path / "voices"
+    folder.symlink_to(real, target_is_directory=True)
+    data = write(tmp_path / "a.wav").read_bytes()
+    assert write_voice(folder, "alice", "en-US", data, ".wav") == folder / "en_US" / "alice"
+    assert (real / "en_US" / "alice" / "reference.wav").read_bytes() == data
+    write_voice(folder, "alice", "de-DE", data, ".wav", force=True)
+    assert _files(real) == ["de_DE", "de_DE/alice", "de_DE/alice/reference.wav", "en_US"]

@@ -57,7 +57,7 @@ def test_list_and_check_as_a_subprocess(tmp_path: Path) -> None:
     listed = _cli("voices", "list", "--config", str(server))
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[1] if line.startswith("*") else line.split()[0]: line for line in listed.stdout.splitlines()}
-    assert rows["good"].startswith("*") and " ok " in rows["good"] and "zero_shot" in rows["good"]
+    assert rows["good"].startswith("*") and " ok " in rows["good"] and " espeak voice for en-US " in rows["good"]
     assert "(3.0 s)" in rows["good"] and rows["good"].rstrip().endswith("Good voice")
     assert " broken " in rows["phone"] and " warning " in rows["plain"]
 
@@ -82,6 +82,31 @@ def test_list_json_and_check_one(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["voices", "check", "../../etc/passwd", "--config", str(server)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: unknown voice '../../etc/passwd' (available: good, phone, plain)"
+
+
+@pytest.mark.parametrize("model_dir", [None, "no-model"])
+def test_list_says_what_the_engine_will_do_with_each_voice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_dir: str | None
+) -> None:
+    """Not "zero-shot": what a listener will hear. The CosyVoice engine cannot start here, so espeak speaks every
+    voice in its language (the recording unused); a voice naming the CosyVoice engine is not spoken by espeak."""
+    audiogen.write(tmp_path / "cfg" / "good.wav", 3.0, 24000)
+    cosyvoice = {"model_dir": str(tmp_path / model_dir), "repo": str(tmp_path / "no-checkout")} if model_dir else {}
+    server = write_config(
+        tmp_path / "cfg",
+        voices=[
+            {"name": "good", "reference_audio": "good.wav", "languages": ["de-DE"]},
+            {"name": "pinned", "reference_audio": "good.wav", "engine": "cosyvoice"},
+            {"name": "robot", "languages": ["en-GB"], "engine": "espeak"},
+        ],
+        engine={"name": "cosyvoice", "fallback": "espeak"},
+        engines={"cosyvoice": cosyvoice},
+    )
+    assert main(["voices", "list", "--json", "--config", str(server)]) == 0
+    heard = {row["name"]: row["heard_as"] for row in json.loads(capsys.readouterr().out)["voices"]}
+    why = "engine cosyvoice not set up" if model_dir is None else "cosyvoice engine: CosyVoice checkout"
+    assert heard["good"].startswith(f"espeak voice for de-DE ({why}"), heard
+    assert heard["pinned"].startswith(f"nothing: {why}") and heard["robot"] == "espeak voice for en-GB"
 
 
 def test_check_a_recording_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,7 +151,9 @@ def test_add_validates_then_writes_a_folder_the_server_reads(
         ]
     )
     assert code == 0
-    assert "added voice 'mei' (zh-CN, zero_shot)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "added voice 'mei' (zh-CN, zero_shot)" in out
+    assert "  heard as: espeak voice for zh-CN\n" in out  # the config's engine is espeak: the recording is unused
     voice = folder / "zh_CN" / "mei"
     assert sorted(p.name for p in voice.iterdir()) == ["profile.yaml", "reference.wav", "transcript.txt"]
     assert (voice / "reference.wav").read_bytes() == source.read_bytes()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import tracemalloc
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from wyoming_cosyvoice.reference import (
     MAX_SECONDS,
     TARGET_PEAK,
     inspect_reference,
+    inspect_reference_data,
     normalize_reference,
     normalized_reference,
 )
@@ -193,3 +197,68 @@ def test_normalized_reference_for_engines(tmp_path: Path) -> None:
     with pytest.raises(VoiceError) as caught:
         normalized_reference(bad, cache_dir=tmp_path / "c")
     assert str(caught.value).startswith(f"v.yaml: voice 'bob': reference audio {tmp_path / '8k.wav'}: sample rate")
+
+
+T = TypeVar("T")
+
+
+def constant_flac(seconds: float, rate: int = 16000, channels: int = 1) -> bytes:
+    """A FLAC of constant audio: a few hundred KB that decode to `seconds` of sound (a decompression bomb)."""
+    buffer = io.BytesIO()
+    block = np.full((rate * 60, channels), 0.5, dtype=np.float32)
+    with sf.SoundFile(buffer, "w", samplerate=rate, channels=channels, format="FLAC", subtype="PCM_16") as handle:
+        for _ in range(int(seconds // 60)):
+            handle.write(block)
+        handle.write(block[: int(seconds % 60 * rate)])
+    return buffer.getvalue()
+
+
+def unknown_length(flac: bytes) -> bytes:
+    """The same FLAC with its header's sample count set to 0 ("unknown")."""
+    data = bytearray(flac)
+    fields = int.from_bytes(data[18:26], "big") & ~((1 << 36) - 1)  # STREAMINFO: total samples, 36 bits
+    data[18:26] = fields.to_bytes(8, "big")
+    return bytes(data)
+
+
+def peak_memory(call: Callable[[], T]) -> tuple[T, float]:
+    """What `call` returned (or raised, as the value) and the most memory Python and numpy held meanwhile, in MB."""
+    tracemalloc.start()
+    try:
+        try:
+            result: T = call()
+        except VoiceError as err:
+            result = err  # type: ignore[assignment]
+        return result, tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_before_decoding(tmp_path: Path) -> None:
+    """Issue 21, finding 3: 20 min of constant audio in a 60 KB FLAC (the audit used 2 h); uploads had no cap."""
+    bomb = constant_flac(1200.0)
+    assert len(bomb) < 1_000_000
+    refused, peak = peak_memory(lambda: inspect_reference_data(bomb, Path("bomb.flac")))
+    assert isinstance(refused, VoiceError) and "1200 s long; the limit is 120 s" in str(refused)
+    assert peak < 10, f"{peak:.0f} MB held while refusing a 60 KB upload"
+    (tmp_path / "bomb.flac").write_bytes(bomb)
+    refused, peak = peak_memory(
+        lambda: normalize_reference(tmp_path / "bomb.flac", cache_dir=tmp_path, max_seconds=120)
+    )
+    assert isinstance(refused, VoiceError) and "1200 s long" in str(refused) and peak < 10
+    with pytest.raises(VoiceError, match="the header does not say how long it is"):
+        inspect_reference_data(unknown_length(constant_flac(5.0)), Path("stream.flac"))
+    with pytest.raises(VoiceError, match="the header does not say how long it is"):
+        inspect_reference_data(unknown_length(constant_flac(5.0)), Path("stream.flac"), max_seconds=None)
+
+
+def test_only_the_part_kept_is_decoded(tmp_path: Path) -> None:
+    """100 s of 48 kHz stereo under the 120 s cap: measured block by block, only the first 30 s decoded whole."""
+    data = constant_flac(100.0, rate=48000, channels=2)
+    info, peak = peak_memory(lambda: inspect_reference_data(data, Path("long.flac")))
+    assert not isinstance(info, VoiceError)
+    assert info.seconds == pytest.approx(100.0) and info.cut and info.kept_seconds <= MAX_SECONDS
+    decoded = 100 * 48000 * 2 * 4 / 1e6  # what reading it whole as float32 takes
+    assert peak < 25 < decoded, f"{peak:.0f} MB held for a reference of which 30 s are kept"
+    with pytest.raises(VoiceError, match="100 s long; the limit is 60 s"):
+        inspect_reference_data(data, Path("long.flac"), max_seconds=60)

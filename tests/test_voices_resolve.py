@@ -1,4 +1,4 @@
-"""How a request's voice name or language resolves to a profile (README: "Choosing a voice")."""
+"""How a request's voice name or language resolves to a profile (docs/voices.md: "Choosing a voice")."""
 
 import pytest
 

@@ -66,6 +66,7 @@ def _config(tmp_path: Path, voices: list[dict[str, Any]], default: str | None = 
             tmp_path / "cfg",
             voices=voices,
             default=default,
+            server={"unknown_voice": "error"},  # these tests read why a voice is not served from its error
             engine={"name": "espeak-recording", "fallback": None},
             voice_providers={"yaml": {"path": "voices.yaml"}, "folder": {"path": "voices"}},
         )

@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Optional, TypeVar
+from typing import Any, Awaitable, Optional, TypeVar
 
 T = TypeVar("T")
+
+
+def _retrieve(task: "asyncio.Future[Any]") -> None:
+    """Mark a finished task's exception as seen: the caller who would have seen it left (cancelled or timed out)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def wait_within(awaitable: Awaitable[T], timeout: Optional[float]) -> T:
     """Await `awaitable` for at most `timeout` s (None: no limit); asyncio.TimeoutError when it takes longer.
 
     Unlike `asyncio.wait_for` before Python 3.12, this never swallows a cancellation of the caller that arrives
-    just as the awaitable completes (which left a cancelled connection's synthesis running to the end).
+    just as the awaitable completes (which left a cancelled connection's synthesis running to the end). When the
+    caller is cancelled or times out, the awaitable is cancelled and whatever it ends with is retrieved, so no
+    "Task exception was never retrieved" is logged for it.
     """
     if timeout is None:
         return await awaitable
     task = asyncio.ensure_future(awaitable)
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)
-    finally:
-        if not task.done():
-            task.cancel()
+    except BaseException:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise
     if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
         raise asyncio.TimeoutError()
     return task.result()

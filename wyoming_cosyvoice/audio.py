@@ -159,3 +159,46 @@ class PcmConverter:
         frames = remix(frames, self.dst.channels)
         frames = self._resampler.process(frames)
         return from_float_frames(frames, self.dst.width)
+
+
+class Playback:
+    """Would a listener who starts playing at the first chunk have run dry? The one rule the `bench` command and the
+    server's metrics share: a chunk that arrives later after the first chunk than the audio before it lasts means
+    playback waited; with playback pausing until audio is there, the waits add up to the largest such lag."""
+
+    __slots__ = ("first", "audio", "stall", "earlier", "total")
+
+    def __init__(self) -> None:
+        self.first = 0.0
+        """When the first chunk (of the current run of playback) arrived; 0: none yet."""
+        self.audio = 0.0
+        """Seconds of audio received in the current run."""
+        self.stall = 0.0
+        """How long the current run's playback waited for audio, in seconds."""
+        self.earlier = 0.0
+        """Waits of the runs that ended (see `rest`)."""
+        self.total = 0.0
+        """Seconds of audio received in all."""
+
+    def chunk(self, now: float, seconds: float) -> None:
+        """A chunk of `seconds` of audio arrived at `now` (time.perf_counter)."""
+        if not self.first:
+            self.first = now
+        else:
+            lag = (now - self.first) - self.audio
+            if lag > self.stall:
+                self.stall = lag
+        self.audio += seconds
+        self.total += seconds
+
+    def rest(self, now: float) -> None:
+        """The sender waits for more text: if playback has played everything by `now`, the next chunk starts a new
+        run (waiting for text that was not there yet is no underrun); else playback goes on."""
+        if self.first and now - self.first - self.stall >= self.audio:
+            self.earlier += self.stall
+            self.first, self.audio, self.stall = 0.0, 0.0, 0.0
+
+    @property
+    def dry_seconds(self) -> float:
+        """How long playback would have waited for audio in all (0: it never ran dry)."""
+        return self.earlier + self.stall

@@ -20,6 +20,7 @@ from wyoming.event import Event
 from wyoming.info import Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped, SynthesizeVoice
 
+from .audio import Playback
 from .client import TtsClient
 from .errors import ClientError, RemoteError, UsageError
 
@@ -228,9 +229,8 @@ async def _connect(uri: str) -> AsyncClient:
 async def _exchange(client: AsyncClient, events: list[Event], stream: bool, result: RequestResult) -> None:
     """Send one request and read its reply; timings go into `result`. Kept lean: 64 clients share a few cores."""
     bytes_per_second = 0.0
-    audio_before = 0.0
+    playback = Playback()
     first = 0.0
-    stall = 0.0
     clock = time.perf_counter
     sent = clock()
     for request in events:
@@ -246,12 +246,10 @@ async def _exchange(client: AsyncClient, events: list[Event], stream: bool, resu
             if not first:
                 first = now
                 result.ttfa_ms = (now - sent) * 1000.0
-            else:
-                stall = max(stall, (now - first) - audio_before)
             if not bytes_per_second:
                 data = event.data or {}
                 bytes_per_second = float(data["rate"] * data["width"] * data["channels"])
-            audio_before += len(event.payload or b"") / bytes_per_second
+            playback.chunk(now, len(event.payload or b"") / bytes_per_second)
             result.chunks += 1
         elif AudioStart.is_type(kind):
             start = AudioStart.from_event(event)
@@ -265,10 +263,10 @@ async def _exchange(client: AsyncClient, events: list[Event], stream: bool, resu
             break
     end = clock()
     result.total_ms = (end - sent) * 1000.0
-    result.audio_s = audio_before
-    result.stall_ms = stall * 1000.0
-    if audio_before > 0:
-        result.rtf = (end - sent) / audio_before
+    result.audio_s = playback.audio
+    result.stall_ms = playback.dry_seconds * 1000.0
+    if playback.audio > 0:
+        result.rtf = (end - sent) / playback.audio
 
 
 async def measure_request(settings: BenchSettings, index: int) -> RequestResult:

@@ -28,6 +28,7 @@ from wyoming.tts import (
 )
 
 from .audio import AudioFormat, PcmConverter
+from .engine import ENGINE_PARK, ENGINE_STATE, ENGINE_WAKE
 from .errors import ClientError, CosyVoiceServiceError, RemoteError
 
 _LOGGER = logging.getLogger(__name__)
@@ -223,6 +224,15 @@ class TtsClient:
             if Info.is_type(event.type):
                 self._info = Info.from_event(event)
                 return self._info
+
+    async def engine_control(self, action: str) -> dict[str, str]:
+        """`park` or `wake` the server's engines that park (this server's own events): engine name -> state after."""
+        await self._write(Event(ENGINE_WAKE if action == "wake" else ENGINE_PARK))
+        while True:
+            event = await self._read()
+            if event.type == ENGINE_STATE:
+                engines = (event.data or {}).get("engines") or {}
+                return {str(k): str(v) for k, v in engines.items()} if isinstance(engines, dict) else {}
 
     async def supports_streaming(self) -> bool:
         """Whether the server advertises streaming synthesis (asks once)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +41,12 @@ def _type_name(tp: Any) -> str:
     if tp is Path:
         return "path"
     return getattr(tp, "__name__", str(tp))
+
+
+def non_finite(value: Any) -> bool:
+    """True for a float that is NaN or infinite (YAML `.nan`, `.inf`, `1.0e999`): no limit or setting means one,
+    and every comparison with NaN is false, so it would pass every range check."""
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _describe(value: Any) -> str:
@@ -86,7 +93,9 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
     def fail(problem: str) -> ConfigError:
         return ConfigError(f"{source}:{key}: {problem}")
 
-    if tp is Any:
+    if tp is Any:  # a free-form value (an `options` entry); sections parsed later check their own numbers
+        if non_finite(value):
+            raise fail(f"expected a finite number, got {_describe(value)}")
         return value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -130,7 +139,8 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
         for k, v in value.items():
             if not isinstance(k, str):
                 raise fail(f"keys must be strings, got {_describe(k)}")
-            out[k] = _convert(val_type, v, source=source, key=f"{key}.{k}", base_dir=base_dir)
+            # A bare `dict` holds raw entries that are parsed one by one later (voices.yaml's voices): not here.
+            out[k] = _convert(val_type, v, source=source, key=f"{key}.{k}", base_dir=base_dir) if args else v
         return out
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, source=source, key=key, base_dir=base_dir)
@@ -150,7 +160,12 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail(f"expected a number, got {_describe(value)}")
-        return float(value)
+        if non_finite(value):
+            raise fail(f"expected a finite number, got {_describe(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float's range (YAML 0xfff...)
+            raise fail(f"expected a number below 1e308, got {_describe(value)}") from None
     if tp is str:
         if not isinstance(value, str):
             raise fail(f"expected a string, got {_describe(value)}")
@@ -181,6 +196,8 @@ def build(cls: type[T], data: Any, *, source: str, key: str = "", base_dir: Path
         sub = f"{key}.{name}" if key else name
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], source=source, key=sub, base_dir=base_dir)
+        elif isinstance(f.default, Path) and not f.default.is_absolute():
+            kwargs[name] = base_dir / f.default  # a default path, like a written one, is relative to the file
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}:{sub}: required key is missing")
     result = cls(**kwargs)
@@ -227,6 +244,10 @@ def load_yaml(path: Path, *, aliases: bool = True, max_bytes: Optional[int] = No
         where = f"line {mark.line + 1}" if mark is not None else "?"
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as err:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise ConfigError(f"{path}: invalid YAML: {str(err).split(';')[0]}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,7 +274,21 @@ class ServerSettings:
     least this many words (a CJK character counts as one); 0: from its first sentence's end."""
 
     max_concurrent: int = 4
-    """Synthesis requests admitted at once (running plus queued for the engine); more get `ServerBusy`."""
+    """Synthesis requests admitted at once (running, waiting for room, or queued for the engine); more get
+    `ServerBusy` (a hard bound, whatever `when_busy` says)."""
+
+    when_busy: Literal["wait", "error"] = "wait"
+    """A request the engine cannot start now (docs/reliability.md): wait = wait for room, in order, up to
+    `busy_wait_s`, then speak it with the fallback engine (`engine.fallback`); error = refuse it with `ServerBusy`
+    at once (for clients other than Home Assistant that prefer an error to a later or plainer answer)."""
+
+    busy_wait_s: float = 3.0
+    """Longest wait for room in the engine before the reply is spoken by the fallback engine instead (0: at once).
+    Without a fallback engine the request waits up to `limits.engine_timeout_s`."""
+
+    unknown_voice: Literal["default", "error"] = "default"
+    """A request naming a voice that is not there (renamed, removed, broken): default = speak with the default voice
+    (or the first voice of the asked language) and log it; error = refuse with `VoiceNotFound`."""
 
     plugins_dir: Optional[Path] = None
     """Folder of extra `*.py` plugins, loaded after built-ins and entry points."""
@@ -267,9 +302,34 @@ class ServerSettings:
             return ("max_concurrent", "must be at least 1")
         if self.first_clause_words < 0:
             return ("first_clause_words", "must be 0 (off) or more")
-        if not self.uri.startswith(("tcp://", "unix://", "stdio://")):
-            return ("uri", f"expected tcp://HOST:PORT, unix://PATH or stdio://, got {self.uri!r}")
+        if not 0 <= self.busy_wait_s <= 3600:  # NaN fails too
+            return ("busy_wait_s", "must be between 0 (fallback at once) and 3600 seconds")
+        problem = uri_problem(self.uri)
+        if problem:
+            return ("uri", problem)
         return None
+
+
+def uri_problem(uri: str) -> Optional[str]:
+    """Why `uri` is no place to listen (None when it is one): the scheme, a tcp host and port, a unix path."""
+    from urllib.parse import urlparse
+
+    if not uri.startswith(("tcp://", "unix://", "stdio://")):
+        return f"expected tcp://HOST:PORT, unix://PATH or stdio://, got {_describe(uri)}"
+    parsed = urlparse(uri)
+    if parsed.scheme == "unix" and not parsed.path:
+        return f"{_describe(uri)}: a unix:// URI needs a path (unix:///run/wyoming.sock)"
+    if parsed.scheme != "tcp":
+        return None
+    try:
+        port = parsed.port
+    except ValueError:  # not a number, or out of range
+        port = -1
+    if not parsed.hostname or port is None:
+        return f"{_describe(uri)}: a tcp:// URI needs a host and a port (tcp://0.0.0.0:10200)"
+    if port < 0:
+        return f"{_describe(uri)}: the port must be a number from 0 to 65535"
+    return None
 
 
 @dataclass(frozen=True)
@@ -280,12 +340,14 @@ class EngineChoice:
     """Engine plugin name (see `wyoming-cosyvoice plugins`)."""
 
     fallback: Optional[str] = "espeak"
-    """Engine to serve with when `name` cannot start here (null: refuse to start instead)."""
+    """Engine to serve with when `name` cannot start here (null: refuse to start instead); while `name` serves, it
+    also runs beside it and speaks what `name` cannot: a request that waited `server.busy_wait_s` for room, or
+    one the engine failed (docs/reliability.md). null: no fallback, those wait longer or get an error."""
 
 
 @dataclass(frozen=True)
 class Limits:
-    """The `limits:` section: protocol, resource and access limits (README "Limits and security")."""
+    """The `limits:` section: protocol, resource and access limits (docs/reliability.md, "Limits")."""
 
     max_header_bytes: int = 65536
     """Longest accepted event header line (JSON), in bytes."""
@@ -315,7 +377,7 @@ class Limits:
     """An engine that produces no audio for this long is considered hung: the request fails, the worker is replaced."""
 
     shutdown_grace_s: float = 10.0
-    """After SIGTERM/SIGINT, how long in-flight requests may finish before connections are closed."""
+    """After SIGTERM/SIGINT/SIGHUP, how long in-flight requests may finish before connections are closed."""
 
     max_reference_seconds: float = 120.0
     """Longest reference recording accepted, by its header (before it is read); longer files are refused."""
@@ -352,6 +414,36 @@ class Limits:
         return None
 
 
+OPENAI_VOICE_NAMES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse")
+"""OpenAI's built-in voice names: a request for one gets the voice `web.openai.voices` maps it to (else the default)."""
+
+
+@dataclass(frozen=True)
+class OpenAISettings:
+    """The `web.openai:` section: the OpenAI-compatible speech API under `/v1` on the web port (docs/openai-api.md)."""
+
+    enabled: bool = True
+    """Serve `/v1/audio/speech`, `/v1/audio/voices` and `/v1/models` whenever the web port is on."""
+
+    api_keys: tuple[str, ...] = ()
+    """Keys accepted as `Authorization: Bearer KEY` besides `web.token`. With neither set the API answers only when
+    `web.host` is a loopback address."""
+
+    voices: Mapping[str, str] = field(default_factory=dict)
+    """Voice names a request may use besides the profiles' own, mapped to a profile (e.g. `alloy: robot-en`).
+    OpenAI's built-in names not listed here get the default voice."""
+
+    def validate(self) -> Optional[tuple[str, str]]:
+        """Check key lengths and the alias names."""
+        for i, key in enumerate(self.api_keys):
+            if len(key) < 8:
+                return (f"api_keys[{i}]", "must have at least 8 characters")
+        for alias, target in self.voices.items():
+            if not target.strip():
+                return (f"voices.{alias}", "must name a voice")
+        return None
+
+
 @dataclass(frozen=True)
 class WebSettings:
     """The `web:` section: the voice studio page, served by the same process and event loop (docs/studio.md)."""
@@ -371,16 +463,74 @@ class WebSettings:
     max_upload_bytes: int = 16 * 1024 * 1024
     """Largest accepted reference upload, in bytes (a 30 s 48 kHz stereo 32-bit WAV is 11.5 MB)."""
 
+    max_uploads: int = 4
+    """Uploads received or held at once (memory stays under max_uploads x max_upload_bytes); more wait, then 503."""
+
+    max_connections: int = 32
+    """Open connections to the web port at once; more are answered 503 and closed, so the Wyoming port keeps its
+    file descriptors (lowered at start when the file limit cannot hold both)."""
+
+    header_timeout_s: float = 10.0
+    """A new connection that has not sent a whole request head within this is closed (slow or silent clients)."""
+
+    body_timeout_s: float = 60.0
+    """A request whose body has not arrived whole within this after its head is dropped (stalled uploads)."""
+
+    idle_timeout_s: float = 30.0
+    """A kept-alive connection that sends no whole next request head within this is closed."""
+
+    studio: bool = True
+    """Serve the studio page and its `/api` (false: the web port serves only the OpenAI-compatible `/v1`)."""
+
+    openai: OpenAISettings = field(default_factory=OpenAISettings)
+    """The OpenAI-compatible speech API on the same port (docs/openai-api.md)."""
+
     def validate(self) -> Optional[tuple[str, str]]:
         """Check ranges."""
+        import math
+
         if not 0 <= self.port <= 65535:
             return ("port", "must be between 0 and 65535")
         if not self.host:
             return ("host", "must not be empty")
         if self.max_upload_bytes < 65536:
             return ("max_upload_bytes", "must be at least 65536")
+        for name in ("max_uploads", "max_connections"):
+            if getattr(self, name) < 1:
+                return (name, "must be at least 1")
+        for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                return (name, "must be a finite number greater than 0")
         if self.token is not None and len(self.token) < 8:
             return ("token", "must have at least 8 characters (or be null for none)")
+        return None
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The `metrics:` section: Prometheus metrics at `/metrics` (docs/metrics.md; needs the `metrics` extra)."""
+
+    enabled: bool = True
+    """Record metrics (when prometheus_client is installed) and serve them at `/metrics` on the studio's port."""
+
+    port: Optional[int] = None
+    """A listener for `/metrics` alone (null: none; the studio's port serves it when `web.enabled`)."""
+
+    host: str = "127.0.0.1"
+    """Address of that listener; any other than a loopback address needs a token (`token` or `web.token`)."""
+
+    token: Optional[str] = None
+    """Token a scraper sends as `Authorization: Bearer` (null: `web.token`; env WYOMING_COSYVOICE_METRICS_TOKEN)."""
+
+    def validate(self) -> Optional[tuple[str, str]]:
+        """Check ranges."""
+        if self.port is not None and not 0 <= self.port <= 65535:
+            return ("port", "must be between 0 and 65535 (or null for none)")
+        if not self.host:
+            return ("host", "must not be empty")
+        if self.token is not None and len(self.token) < 8:
+            return ("token", "must have at least 8 characters (or be null for web.token)")
         return None
 
 
@@ -404,10 +554,13 @@ class Config:
     """Server-side sinks that receive a copy of every synthesis, keyed by name."""
 
     limits: Limits = field(default_factory=Limits)
-    """Protocol, resource and access limits (see the README's "Limits and security")."""
+    """Protocol, resource and access limits (see docs/reliability.md, "Limits")."""
 
     web: WebSettings = field(default_factory=WebSettings)
     """The voice studio page (off by default)."""
+
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    """Prometheus metrics (recorded when prometheus_client is installed; served by the studio or `metrics.port`)."""
 
     _source: str = field(default="(defaults)", compare=False)
     _base_dir: Path = field(default=Path("."), compare=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import sys
 import threading
@@ -15,8 +16,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterat
 
 from .aio import wait_within
 from .audio import AudioFormat
-from .errors import CosyVoiceServiceError, EngineError, EngineOutOfMemory, EngineTimeout
+from .errors import CosyVoiceServiceError, EngineError, EngineOutOfMemory, EngineTimeout, EngineUnavailable
 from .handoff import Cancelled, Handoff
+from .isolation import ChildPool, ChildSpec, Isolation
 from .workers import Slots, Worker
 
 if TYPE_CHECKING:
@@ -72,6 +74,9 @@ class SynthesisOptions:
     timeout: Optional[float] = None
     """Seconds the engine may go without producing audio before the request fails (None: no limit)."""
 
+    started: Optional[Callable[[], None]] = None
+    """Called (on the loop) when the engine starts on the request after waiting for a worker (the queue wait ends)."""
+
 
 class Engine(ABC):
     """A TTS engine: fixed output format per instance, async streaming synthesis."""
@@ -113,6 +118,41 @@ class Engine(ABC):
         """Engine facts for logs, `describe` and the health command (cheap, non-blocking)."""
         return {"engine": self.name, "sample_rate": self.sample_rate}
 
+    def reply_opening(self) -> Optional[Callable[[], None]]:
+        """A reply this engine will serve is opening (called on the loop at `synthesize-start`, before any text):
+        an engine that parks its model when idle starts waking it now, so the wake overlaps the text's arrival, and
+        may return a release to call when the reply ends (the model stays awake until then). Cheap; default none."""
+        return None
+
+    async def park(self) -> Optional[str]:
+        """Free the model's (GPU) memory until the next request; the engine's state after, or None when this engine
+        does not park (the default)."""
+        return None
+
+    async def wake(self) -> Optional[str]:
+        """Undo `park` now rather than at the next request; the state after, or None when this engine does not park."""
+        return None
+
+    def heard_as(self, profile: "VoiceProfile") -> str:
+        """What a listener hears when this engine speaks `profile`, in a few words ("cloned", "espeak voice for
+        de-DE"), once it is ready: the studio, `voices add` and `voices list` show it. Default: the engine."""
+        return f"spoken by the {self.name} engine"
+
+    def cannot_start(self) -> Optional[str]:
+        """Why `start()` would fail here, judged cheaply without loading anything (settings, files); None when it
+        may start. `voices list` / `voices add` use it to say what a server would do. Default: None."""
+        return None
+
+    def room(self) -> Optional[str]:
+        """None when one more request may start now; else why not, in one line (every slot and the queue taken, or
+        one more stream would make those in flight fall behind real time). The service waits, in order and bounded,
+        while it says no (`server.busy_wait_s`); `synthesize` called regardless raises ServerBusy. Default: room."""
+        return None
+
+    def add_room_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (on the event loop) whenever a request leaves the engine, so `room` may have changed.
+        Default: never (an engine whose `room` is always None has nothing to announce)."""
+
     @abstractmethod
     def synthesize(self, text: str, profile: "VoiceProfile", options: SynthesisOptions) -> AsyncIterator[AudioChunk]:
         """Stream audio for `text` in `profile`'s voice; closing the iterator cancels the work."""
@@ -120,6 +160,10 @@ class Engine(ABC):
     async def close(self) -> None:
         """Release the model and threads."""
 
+
+ENGINE_PARK, ENGINE_WAKE, ENGINE_STATE = "engine-park", "engine-wake", "engine-state"
+"""This server's own Wyoming events (not the protocol's): park or wake the engines that park (`Engine.park`);
+answered with `engine-state`, data `{"engines": {name: state}}`."""
 
 OOM_MARKERS = ("out of memory", "cuda error: out of memory", "cublas_status_alloc_failed")
 """Lower-case message fragments that identify a (GPU) out-of-memory failure."""
@@ -165,7 +209,15 @@ class ThreadedEngine(Engine):
     EngineTimeout and the thread of its slot is replaced by a fresh one (the stuck thread is abandoned: Python
     cannot kill it; it exits at its next chunk boundary if it ever returns); the other slots go on. An out-of-memory
     error calls `release_memory()` on the request's thread before its slot is free again.
+
+    With `isolation` set (docs/reliability.md, "Native engine crashes"), `load` and `render` run in warm child
+    processes instead (isolation.py), one per slot: each slot's thread relays its request to a child, so a crash in
+    native code fails that request with EngineCrashed and the child is replaced; everything above stays the same.
     """
+
+    isolation: Optional[Isolation] = None
+    """None: `load` and `render` run on this process's worker threads. An `Isolation`: in that many child
+    processes (set it in `__init__`, before `start`, and implement `child_args`)."""
 
     def __init__(self) -> None:
         self._slots = Slots(1)
@@ -177,7 +229,59 @@ class ThreadedEngine(Engine):
         self._queued = 0
         self.restarts = 0
         """How many times a hung worker thread was replaced."""
+        self._room_listeners: list[Callable[[], None]] = []
         self._recoveries: "set[asyncio.Task[None]]" = set()
+        self._pool: Optional[ChildPool] = None
+
+    def load(self) -> None:
+        """Blocking: load what `render` needs and set `sample_rate` (default: nothing). The default `start` runs it
+        on a worker thread, or in each child process with `isolation` set."""
+
+    def child_args(self) -> tuple[Any, ...]:
+        """Picklable arguments that rebuild this engine in a child process as `type(self)(*child_args())`
+        (process isolation only; typically the engine's settings)."""
+        raise NotImplementedError(f"{type(self).__name__} sets `isolation` but does not implement child_args()")
+
+    async def start(self) -> None:
+        """Load the engine: `load` on a worker thread, or in `isolation.processes` warm child processes."""
+        if self.isolation is None:
+            await self.run_in_worker(self.load, exclusive=True)
+            return
+        try:
+            spec = ChildSpec.of(type(self), self.child_args())
+        except Exception as err:  # unpicklable settings, no child_args: a plugin's mistake, said in one line
+            raise EngineUnavailable(f"{self.name} engine: cannot run in a child process: {err}") from None
+        self.set_concurrency(self.isolation.processes)
+        pool = ChildPool(self.name, spec, self.isolation)
+        facts = await self.run_in_worker(pool.start, exclusive=True)
+        self._pool = pool
+        self.sample_rate, self.sample_width, self.channels = (
+            facts["sample_rate"],
+            facts["sample_width"],
+            facts["channels"],
+        )
+
+    def child_pids(self) -> list[int]:
+        """Process ids of this engine's child processes (none without isolation)."""
+        return self._pool.pids() if self._pool is not None else []
+
+    def health(self) -> dict[str, Any]:
+        """Engine facts, with the child processes' (ready, restarts, a crash loop) under process isolation."""
+        facts = super().health()
+        if self._pool is not None:
+            facts.update(self._pool.health())
+        return facts
+
+    def add_room_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever a request gives its slot back (see Engine.add_room_listener)."""
+        self._room_listeners.append(listener)
+
+    def _room_changed(self) -> None:
+        for listener in self._room_listeners:
+            try:
+                listener()
+            except Exception:  # a listener's bug must not keep the slot from being released
+                _LOGGER.exception("%s engine: room listener failed", self.name)
 
     @property
     def concurrency(self) -> int:
@@ -268,8 +372,15 @@ class ThreadedEngine(Engine):
 
         Inside `worker_call_timeout(s)`, a call still running after `s` seconds fails with EngineTimeout and its
         worker thread is replaced (a call has no cancel flag: the thread is hung for all we know).
+
+        Under process isolation a method of this engine (`self.method`) runs on the engine in a child process,
+        where the model lives; any other callable runs here.
         """
         timeout = WORKER_CALL_TIMEOUT.get()
+        what = getattr(func, "__name__", "call")
+        pool = self._pool
+        if pool is not None and getattr(func, "__self__", None) is self:
+            func, args = functools.partial(pool.call, what, args, timeout), ()
         if exclusive:
             await self._slots.acquire_all()
             slot = 0
@@ -281,7 +392,6 @@ class ThreadedEngine(Engine):
             try:
                 return await wait_within(asyncio.shield(asyncio.wrap_future(future)), timeout)
             except asyncio.TimeoutError:
-                what = getattr(func, "__name__", "call")
                 if self._workers.get(slot) is worker:
                     self.replace_worker(f"{what} did not finish within {timeout:g} s", slot)
                 raise EngineTimeout(
@@ -338,7 +448,11 @@ class ThreadedEngine(Engine):
         self._local.handoff = handoff
         try:
             handoff.post("started")
-            self.render(text, profile, options, handoff.emit, handoff.cancel)
+            if self._pool is not None:
+                request = (text, profile, options)
+                self._pool.render(options.request_id, request, handoff.emit, handoff.cancel, handoff.alive)
+            else:
+                self.render(text, profile, options, handoff.emit, handoff.cancel)
         except Cancelled:
             pass
         except BaseException as err:  # forwarded to the awaiting coroutine
@@ -365,6 +479,8 @@ class ThreadedEngine(Engine):
         finally:
             self._queued -= 1
         self._in_flight += 1
+        if options.started is not None:
+            options.started()
         released = False
 
         def release(_: Any = None) -> None:
@@ -373,6 +489,7 @@ class ThreadedEngine(Engine):
                 released = True
                 self._in_flight -= 1
                 self._slots.release(slot)
+                self._room_changed()
 
         try:
             worker = self._worker_for(slot)
@@ -432,3 +549,6 @@ class ThreadedEngine(Engine):
         for worker in self._workers.values():
             worker.stop()
         self._workers.clear()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, pool.close)

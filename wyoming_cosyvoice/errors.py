@@ -26,6 +26,11 @@ class VoiceError(CosyVoiceServiceError):
     """A voice profile is invalid (bad reference audio, transcript, language)."""
 
 
+class CacheUnwritable(VoiceError):
+    """A cache folder cannot be written (read-only, full, not a folder): this machine's problem, not the voice's;
+    a voice that fails with it is retried."""
+
+
 class EngineUnavailable(CosyVoiceServiceError):
     """An engine cannot start here (missing model, checkout, library or GPU)."""
 
@@ -80,6 +85,11 @@ class ClientTimeout(CosyVoiceServiceError):
 
 class EngineTimeout(EngineError):
     """The engine produced no audio for longer than `limits.engine_timeout_s`; its worker was replaced."""
+
+
+class EngineCrashed(EngineError):
+    """The engine's worker process died during the request (a crash in native code) and was replaced, or it
+    crashed too often of late and is not restarted yet; other requests and connections go on."""
 
 
 class EngineOutOfMemory(EngineError):

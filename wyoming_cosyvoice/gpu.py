@@ -233,3 +233,19 @@ def torch_cuda_version() -> Optional[str]:
 def driver_fit_here(facts: Optional[GpuFacts] = None) -> DriverFit:
     """`driver_fit` for this machine and this process's torch (the image sets WYOMING_COSYVOICE_CUDA)."""
     return driver_fit(driver_version(facts), torch_cuda_version(), os.environ.get("WYOMING_COSYVOICE_CUDA", ""))
+
+
+def process_memory_mb(index: int = 0, pid: Optional[int] = None) -> Optional[int]:
+    """GPU memory (MiB) that process `pid` (default: this one) holds on GPU `index`, as NVML counts it (its CUDA
+    context included); None without NVML or a GPU, or when NVML does not report per-process memory."""
+    import os
+
+    pid = os.getpid() if pid is None else pid
+    try:
+        nvml = _init_nvml()
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except Exception:  # no nvidia-ml-py, no driver, no such GPU, or not supported (some containers, MIG)
+        return None
+    used = [p.usedGpuMemory for p in processes if p.pid == pid and p.usedGpuMemory is not None]
+    return sum(int(u) for u in used) // 2**20 if used else 0

@@ -18,8 +18,9 @@ from wyoming.server import AsyncEventHandler
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
 from .audio import split_pcm
+from .engine import ENGINE_PARK, ENGINE_STATE, ENGINE_WAKE
 from .errors import BadRequest, CosyVoiceServiceError, LimitExceeded, ServerBusy
-from .service import Reply, Service
+from .service import Opening, Reply, Service
 from .text import SentenceSplitter
 from .wire import EventChannel
 
@@ -43,6 +44,12 @@ class _Stream:
     reply: Optional[Reply] = None  # opened at the first sentence, when its audio starts
     failed: bool = False
     chars: int = 0
+    opening: Optional[Opening] = None  # voice and engine found at synthesize-start (the engine starts waking)
+
+    def ended(self) -> None:
+        """The stream is over: its engine may park again once idle (dropped unreleased, it releases when collected)."""
+        if self.opening is not None:
+            self.opening.close()
 
 
 @dataclass
@@ -196,6 +203,7 @@ class TtsEventHandler(AsyncEventHandler):
             return True
         if (Synthesize.is_type(event.type) and self._stream is None) or SynthesizeStart.is_type(event.type):
             if self.service.admission.closing:
+                self.service.metrics.refused("shutting_down")
                 raise ServerBusy("server is shutting down; try again shortly")
         if Synthesize.is_type(event.type):
             if self._stream is not None:
@@ -210,6 +218,10 @@ class TtsEventHandler(AsyncEventHandler):
                 raise BadRequest("synthesize-start while a stream is already open")
             name, language = _voice_fields(event.data)
             self._stream = _Stream(name, language, SentenceSplitter(self.service.first_clause_words))
+            # The LLM has just begun its reply: a parked model wakes while its text arrives. A voice that cannot be
+            # found is reported at the first sentence, as before (the stream then ends with synthesize-stopped).
+            with contextlib.suppress(CosyVoiceServiceError):
+                self._stream.opening = self.service.reply_opening(name, language, client=self.peer)
             return True
         if SynthesizeChunk.is_type(event.type):
             if self._stream is None:
@@ -231,6 +243,11 @@ class TtsEventHandler(AsyncEventHandler):
                 self._queue(_Sentence(self._stream, rest), len(rest))
             self._queue(_StreamEnd(self._stream), 0)
             self._stream = None
+            return True
+        if event.type in (ENGINE_PARK, ENGINE_WAKE):
+            # Our own events (`wyoming-cosyvoice park` / `wake`): free the GPU before a big job, or wake ahead of use.
+            states = await (self.service.park() if event.type == ENGINE_PARK else self.service.wake())
+            await self.write_event(Event(ENGINE_STATE, {"engines": states}))
             return True
         raise BadRequest(f"unsupported event type {event.type[:64]!r}")
 
@@ -275,7 +292,7 @@ class TtsEventHandler(AsyncEventHandler):
 
     async def _run_job(self, job: _Job) -> None:
         if isinstance(job, _OneShot):
-            reply = self.service.open_reply(job.voice_name, job.language)
+            reply = self.service.open_reply(job.voice_name, job.language, client=self.peer)
             await self._start(reply)
             await self._speak(reply, job.text)
             await self._finish(reply)
@@ -284,10 +301,13 @@ class TtsEventHandler(AsyncEventHandler):
             if stream.failed:
                 return
             if stream.reply is None:
-                stream.reply = self.service.open_reply(stream.voice_name, stream.language)
+                stream.reply = self.service.open_reply(
+                    stream.voice_name, stream.language, client=self.peer, opening=stream.opening
+                )
                 await self._start(stream.reply)
             await self._speak(stream.reply, job.text)
         else:
+            job.stream.ended()
             if job.stream.reply is not None:
                 await self._finish(job.stream.reply)
             await self.write_event(SynthesizeStopped().event())
@@ -297,6 +317,7 @@ class TtsEventHandler(AsyncEventHandler):
         await self._send_error(err)
         if isinstance(job, _Sentence):
             job.stream.failed = True
+            job.stream.ended()
             # The rest of this stream is dropped; the client still gets its terminating event.
             await self.write_event(SynthesizeStopped().event())
         self._close()
@@ -308,10 +329,10 @@ class TtsEventHandler(AsyncEventHandler):
     async def _start(self, reply: Reply) -> None:
         """`audio-start` in the format of the engine serving the voice; the reply's copy for the sinks opens."""
         fmt = reply.format
-        await self.write_event(AudioStart(rate=fmt.rate, width=fmt.width, channels=fmt.channels).event())
         if self._reply is not None:  # a reply left open (not expected: a failure ends the connection) is cut off
             self._reply.finish(ok=False)
-        self._reply = reply
+        self._reply = reply  # before writing: a client gone already still ends the reply (its metrics count it)
+        await self.write_event(AudioStart(rate=fmt.rate, width=fmt.width, channels=fmt.channels).event())
         reply.start()
 
     async def _speak(self, reply: Reply, text: str) -> None:

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -14,6 +15,9 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+
+USER_PACKAGE = "wyoming_cosyvoice_user_plugins"
+"""Package name of the modules loaded from a plugins folder (`server.plugins_dir`)."""
 
 BUILTIN_PLUGINS = (
     "wyoming_cosyvoice_plugins.cosyvoice",
@@ -94,8 +98,12 @@ class Plugins:
     def _load_dir(self, directory: Path) -> None:
         if not directory.is_dir():
             raise PluginError(f"{directory}: plugins directory not found")
+        # The folder's modules live in a package of their own, so their classes can be pickled by name (an engine
+        # whose settings go to its child processes: isolation.py).
+        package = sys.modules.setdefault(USER_PACKAGE, types.ModuleType(USER_PACKAGE))
+        package.__path__ = []
         for path in sorted(directory.glob("*.py")):
-            module_name = f"wyoming_cosyvoice_user_plugins.{path.stem}"
+            module_name = f"{USER_PACKAGE}.{path.stem}"
             spec = importlib.util.spec_from_file_location(module_name, path)
             if spec is None or spec.loader is None:
                 raise PluginError(f"{path}: cannot load plugin")

@@ -20,12 +20,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from . import refcache
 from .aio import wait_within
 from .engine import Engine, ThreadedEngine, worker_call_timeout
-from .errors import CosyVoiceServiceError, EngineTimeout, VoiceNotFound
-from .reference import ReferenceInfo, profile_reference
+from .errors import CacheUnwritable, CosyVoiceServiceError, EngineTimeout, VoiceNotFound
+from .metrics import Metrics
+from .reference import ReferenceInfo, default_cache_dir, profile_reference
 from .routing import Engines
-from .voices import VoiceCatalog, VoiceProfile, problem_line
+from .voices import STALE_CACHE_HINT, VoiceCatalog, VoiceProfile, problem_line
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -37,6 +39,12 @@ SETTLE_AGE = 2.0
 
 SETTLE_GAP = 0.25
 """A more recently modified one must show the same size and modification time on two looks this far apart."""
+
+RETRY_FIRST_S = 5.0
+"""A voice broken by this machine (a cache it cannot write, a full disk) is prepared again after this long..."""
+
+RETRY_MAX_S = 300.0
+"""...then after twice as long each time, up to this."""
 
 
 def _file_stamp(path: Path) -> _Stamp:
@@ -64,6 +72,7 @@ class VoicePreparer:
         *,
         timeout: Optional[float] = None,
         max_reference_seconds: Optional[float] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self.catalog = catalog
         self.max_reference_seconds = max_reference_seconds
@@ -72,6 +81,8 @@ class VoicePreparer:
         """Seconds one voice's preparation may take (`limits.engine_timeout_s`); beyond it the voice is broken."""
         self.engines = engines
         """The running engines; each profile is prepared by the one that serves it."""
+        self.metrics = metrics or Metrics()
+        """Counts each preparation's outcome."""
         self.engine = self.engines.main
         self.cache_dir = cache_dir
         self.references: dict[str, ReferenceInfo] = {}
@@ -84,9 +95,12 @@ class VoicePreparer:
         self._looks: dict[Path, tuple[_Stamp, float]] = {}  # reference file -> (stamp, when first seen so)
         self._settling: set[str] = set()  # new voices whose reference is still being written
         self._normalized: dict[str, Path] = {}  # voice -> its normalized reference in the cache
+        self._versions: dict[str, VoiceProfile] = {}  # voice -> the version prepared, or being prepared
+        self._retries: dict[str, tuple[float, asyncio.TimerHandle]] = {}  # voice -> (its last delay, the timer)
 
     async def prepare_all(self) -> None:
         """Startup: check and prepare every loaded profile, one at a time (one bad profile stops nothing)."""
+        await asyncio.to_thread(refcache.check, self.cache_dir or default_cache_dir())  # one line when unwritable
         profiles = self.catalog.all_profiles
         stamps, unsettled = await asyncio.to_thread(self._stamps, profiles, {})
         for profile in profiles:
@@ -94,6 +108,7 @@ class VoicePreparer:
                 self._settle_later(profile)
                 continue
             self._seen[profile.name] = stamps[profile.name]
+            self._versions[profile.name] = profile
             if not self._unservable(profile):
                 await self._prepare(profile)
 
@@ -195,11 +210,12 @@ class VoicePreparer:
                 continue  # a changed voice keeps its previous version until the new file has settled
             self._settling.discard(name)
             if name in self._seen:
-                _LOGGER.info("Voice %r changed; preparing it again", name)
+                _LOGGER.info("Voice %r changed; preparing it again. %s", name, STALE_CACHE_HINT)
             else:
                 _LOGGER.info("Voice %r added; preparing it", name)
             forgotten = self._forget(name)
             self._seen[name] = stamp
+            self._versions[name] = profile
             if self._unservable(profile):
                 continue
             self._tasks[name] = asyncio.create_task(self._prepare(profile, forgotten), name=f"prepare voice {name}")
@@ -221,11 +237,15 @@ class VoicePreparer:
     def _forget(self, name: str) -> Optional["asyncio.Task[None]"]:
         """Drop what is known about `name`; the task telling its engine to forget it, if one prepared it."""
         self._seen.pop(name, None)
+        self._versions.pop(name, None)
         self.catalog.broken.pop(name, None)
         self.references.pop(name, None)
         task = self._tasks.pop(name, None)
         if task is not None and not task.done():
             task.cancel()
+        retry = self._retries.pop(name, None)
+        if retry is not None:
+            retry[1].cancel()
         engine = self._prepared_by.pop(name, None)
         if engine is None:
             return None
@@ -246,14 +266,27 @@ class VoicePreparer:
         except Exception as err:  # stale data kept is a leak, not a reason to stop serving
             _LOGGER.warning("engine %s could not forget voice %r: %s: %s", engine.name, name, type(err).__name__, err)
 
-    async def ready(self, profile: VoiceProfile) -> None:
-        """Wait until `profile` is prepared (requests right after a change); VoiceNotFound when it is broken."""
-        task = self._tasks.get(profile.name)
-        if task is not None and not task.done():
-            await asyncio.shield(task)
-        problem = self.catalog.broken.get(profile.name)
+    async def ready(self, profile: VoiceProfile) -> VoiceProfile:
+        """Wait until `profile` is prepared (requests right after a change); the version of it to speak with.
+
+        A waiting request follows its voice: changed meanwhile, it waits for the new version's preparation;
+        removed meanwhile, or broken, VoiceNotFound.
+        """
+        name, waited = profile.name, False
+        while True:
+            task = self._tasks.get(name)
+            if task is None or task.done():
+                break
+            waited = True
+            # Not `shield`: a preparation cancelled because the voice changed must not cancel this request.
+            await asyncio.wait({task})
+        current = self._versions.get(name)
+        if current is None and waited:
+            raise VoiceNotFound(f"voice {name!r} was removed while the request waited for it")
+        problem = self.catalog.broken.get(name)
         if problem is not None:
             raise VoiceNotFound(f"{problem} (voice unavailable)")
+        return current or profile
 
     def preparing(self) -> set[str]:
         """Names of the profiles being checked and prepared right now."""
@@ -269,6 +302,8 @@ class VoicePreparer:
 
     async def close(self) -> None:
         """Cancel preparations still running (shutdown: the engine is about to close)."""
+        for _delay, timer in self._retries.values():
+            timer.cancel()
         pending = [t for t in [*self._tasks.values(), *self._forgetting, self._scan] if t is not None and not t.done()]
         for task in pending:
             task.cancel()
@@ -277,6 +312,7 @@ class VoicePreparer:
 
     async def _prepare(self, profile: VoiceProfile, forgotten: Optional["asyncio.Task[None]"] = None) -> None:
         engine = self.engines.engine_for(profile)
+        retrying = profile.name in self._retries  # its first failure was logged; a success is worth a line
         try:
             if forgotten is not None:  # the engine drops the old version before it prepares the new one
                 await asyncio.shield(forgotten)  # a newer change cancels this task, not the forgetting
@@ -303,7 +339,15 @@ class VoicePreparer:
             problem = problem_line(profile.source, profile.name, f"preparation {err}")
         except CosyVoiceServiceError as err:
             text = str(err)
+            if isinstance(err, CacheUnwritable):
+                text += self._retry_later(profile)
             problem = text if f"voice {profile.name!r}" in text else problem_line(profile.source, profile.name, text)
+        except OSError as err:  # the engine's own files (a full disk, a read-only cache): retried
+            problem = problem_line(
+                profile.source,
+                profile.name,
+                f"engine {engine.name} could not prepare it: {type(err).__name__}: {err}{self._retry_later(profile)}",
+            )
         except Exception as err:  # an engine may raise anything; one voice must not take the server down
             problem = problem_line(
                 profile.source,
@@ -320,11 +364,36 @@ class VoicePreparer:
                 for warning in checked[1].warnings:
                     _LOGGER.warning("%s", problem_line(profile.source, profile.name, f"reference audio: {warning}"))
             self.catalog.broken.pop(profile.name, None)
+            self.metrics.voice_prepared("ok")
+            if self._retries.pop(profile.name, None) is not None:
+                _LOGGER.info("Voice %r prepared on a later try; available again", profile.name)
             return
         self._retire(self._normalized.pop(profile.name, None))
-        self._broken(profile.name, problem)
+        self._broken(profile.name, problem, quiet=retrying)
+        self.metrics.voice_prepared("broken")
 
-    def _broken(self, name: str, problem: str) -> None:
-        """Leave `name` out of describe and resolution with `problem` as the reason; logged once per version."""
+    def _retry_later(self, profile: VoiceProfile) -> str:
+        """Prepare `profile` again later (it failed because of this machine, which may be fixed); says when."""
+        previous = self._retries.pop(profile.name, None)
+        delay = RETRY_FIRST_S if previous is None else min(previous[0] * 2, RETRY_MAX_S)
+        if previous is not None:
+            previous[1].cancel()
+        timer = asyncio.get_running_loop().call_later(delay, self._retry, profile, self._seen.get(profile.name))
+        self._retries[profile.name] = (delay, timer)
+        return f" (tried again in {delay:g} s)"
+
+    def _retry(self, profile: VoiceProfile, seen: Optional[_Fingerprint]) -> None:
+        """The timer of `_retry_later`: prepare the same version of the voice again (a changed one already was)."""
+        name = profile.name
+        if self._seen.get(name) != seen or name not in self.catalog.broken:
+            return
+        task = self._tasks.get(name)
+        if task is not None and not task.done():
+            return
+        self._tasks[name] = asyncio.create_task(self._prepare(profile), name=f"prepare voice {name} again")
+
+    def _broken(self, name: str, problem: str, quiet: bool = False) -> None:
+        """Leave `name` out of describe and resolution with `problem` as the reason; logged once per version
+        (`quiet`: a later try of a version that failed already, logged at debug level)."""
         self.catalog.broken[name] = problem
-        _LOGGER.warning("%s (voice skipped)", problem)
+        _LOGGER.log(logging.DEBUG if quiet else logging.WARNING, "%s (voice skipped)", problem)

@@ -1,6 +1,6 @@
 """Reference audio for voice cloning: validated and normalized once, cached as a clean 16-bit mono WAV.
 
-Rules (README "Voice profiles"): any sample rate >= 16 kHz; integer or float WAV/FLAC (anything libsndfile reads);
+Rules (docs/voices.md): any sample rate >= 16 kHz; integer or float WAV/FLAC (anything libsndfile reads);
 stereo is downmixed; leading/trailing silence is trimmed; the result must keep at least 0.5 s of sound; longer than
 30 s after trimming is REFUSED when the profile has a transcript (the transcript would no longer match the audio)
 and otherwise TRIMMED to 30 s (cut at the quietest moment of the last 2 s) with a warning; peaks are normalized to
@@ -14,29 +14,25 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import soundfile as sf
 
+from . import refcache
 from .errors import VoiceError
 from .paths import asset_dir, cache_dir
+from .recording import BLOCK_SECONDS, Source, mono_blocks, open_recording, read_mono
+from .recording import FORMATS as FORMATS  # re-exported: the accepted formats are part of this module's rules
+from .recording import MIN_RATE as MIN_RATE
 
 if TYPE_CHECKING:
     from .voices import VoiceProfile
 
 _LOGGER = logging.getLogger(__name__)
-
-FORMATS = ("WAV", "WAVEX", "RF64", "W64", "FLAC")
-"""Accepted containers (libsndfile names): WAV in its variants, and FLAC."""
-
-MIN_RATE = 16000
-"""Lowest accepted sample rate (CosyVoice's speech tokenizer works at 16 kHz)."""
 
 MAX_SECONDS = 30.0
 """Longest reference kept (CosyVoice's speech tokenizer refuses longer prompts)."""
@@ -70,10 +66,6 @@ _SILENCE_RELATIVE = 10 ** (-40 / 20)
 
 DEFAULT_MAX_REFERENCE_SECONDS = 120.0
 """Longest recording accepted by default (`limits.max_reference_seconds`), checked on the header before reading."""
-
-_SAMPLE_BYTES = {"PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
-_HEADER_SLACK = 4 * 1024 * 1024
-"""Room for metadata chunks (LIST, bext, a FLAC picture) beyond the samples the header describes."""
 
 _FRAME_SECONDS = 0.02
 _MARGIN_SECONDS = 0.1
@@ -148,33 +140,35 @@ def _clipped_fraction(mono: np.ndarray) -> float:
     return float(np.count_nonzero(flat)) / max(len(mono), 1)
 
 
-def _analyse(data: bytes, path: Path, has_transcript: bool) -> tuple[ReferenceInfo, np.ndarray]:
-    """Decode, check and trim; returns the info and the normalized float mono samples."""
-    try:
-        with sf.SoundFile(io.BytesIO(data)) as handle:
-            fmt, subtype, rate, channels = handle.format, handle.subtype, handle.samplerate, handle.channels
-            samples = handle.read(dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-        raise VoiceError(f"reference audio {path}: not a readable WAV/FLAC file ({err})") from None
-    if fmt not in FORMATS:
-        raise VoiceError(f"reference audio {path}: {fmt} files are not accepted; convert it to WAV or FLAC")
-    if rate < MIN_RATE:
-        raise VoiceError(
-            f"reference audio {path}: sample rate {rate} Hz is below the minimum of {MIN_RATE} Hz; "
-            "record or export at 16 kHz or more"
-        )
-    if len(samples) == 0:
-        raise VoiceError(f"reference audio {path}: the file holds no samples")
-    seconds = len(samples) / rate
-    mono = samples.mean(axis=1) if channels > 1 else samples[:, 0]
-    mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
-    peak = float(np.max(np.abs(mono)))
+def _scan(handle: sf.SoundFile, label: Path, frame: int) -> tuple[np.ndarray, float, int]:
+    """Per-frame RMS, peak and length of the whole recording, decoded one block at a time (nothing kept)."""
+    block_frames = frame * max(1, int(handle.samplerate * BLOCK_SECONDS) // frame)
+    parts: list[np.ndarray] = []
+    peak, total, tail = 0.0, 0, np.zeros(0, dtype=np.float32)
+    for mono in mono_blocks(handle, label, block_frames):
+        total += len(mono)
+        peak = max(peak, float(np.max(np.abs(mono))))
+        count = len(mono) // frame
+        if count:
+            parts.append(_frame_rms(mono[: count * frame], frame))
+        tail = mono[count * frame :]
+    if total == 0:
+        raise VoiceError(f"reference audio {label}: the file holds no samples")
+    return (np.concatenate(parts) if parts else _frame_rms(tail, frame)), peak, total
+
+
+def _analyse(handle: sf.SoundFile, path: Path, has_transcript: bool) -> tuple[ReferenceInfo, np.ndarray]:
+    """Check and trim an opened recording (`open_recording`); returns the info and the normalized float mono samples.
+
+    Two passes: the first measures the whole file block by block; the second decodes only the part kept.
+    """
+    rate, channels = handle.samplerate, handle.channels
+    frame = max(1, int(rate * _FRAME_SECONDS))
+    rms, peak, total = _scan(handle, path, frame)
+    seconds = total / rate
     warnings: list[str] = []
     if channels > 1:
         warnings.append(f"{channels} channels mixed down to mono")
-
-    frame = max(1, int(rate * _FRAME_SECONDS))
-    rms = _frame_rms(mono, frame)
     loudest = float(rms.max())
     if loudest < _SILENCE_FLOOR:
         raise VoiceError(f"reference audio {path}: no sound (loudest passage {_dbfs(loudest):.0f} dBFS)")
@@ -184,22 +178,22 @@ def _analyse(data: bytes, path: Path, has_transcript: bool) -> tuple[ReferenceIn
     if sound < MIN_SECONDS:
         raise VoiceError(f"reference audio {path}: only {sound:.2f} s of sound; at least {MIN_SECONDS} s needed")
     start = max(0, int(voiced[0]) * frame - margin)
-    end = min(len(mono), (int(voiced[-1]) + 1) * frame + margin)
-    trimmed = end - start < len(mono) - frame
-    mono = mono[start:end]
-    kept = len(mono) / rate
+    end = min(total, (int(voiced[-1]) + 1) * frame + margin)
+    trimmed = end - start < total - frame
+    kept = (end - start) / rate
     cut = False
     if trimmed and (seconds - kept) >= 0.5:
         warnings.append(f"{seconds - kept:.1f} s of leading/trailing silence trimmed")
+    if kept > MAX_SECONDS and has_transcript:
+        raise VoiceError(
+            f"reference audio {path}: {kept:.1f} s of sound is longer than {MAX_SECONDS:.0f} s; with a "
+            "transcript it cannot be cut (the transcript would no longer match): cut the recording and its "
+            "transcript to 3-10 s"
+        )
+    limit = int(MAX_SECONDS * rate)
+    mono = read_mono(handle, path, start, min(end - start, limit))
     if kept > MAX_SECONDS:
-        if has_transcript:
-            raise VoiceError(
-                f"reference audio {path}: {kept:.1f} s of sound is longer than {MAX_SECONDS:.0f} s; with a "
-                "transcript it cannot be cut (the transcript would no longer match): cut the recording and its "
-                "transcript to 3-10 s"
-            )
         # Cut where it is quietest in the last 2 s before the limit, so the cut does not split a word.
-        limit = int(MAX_SECONDS * rate)
         window = _frame_rms(mono[limit - 2 * rate : limit], frame)
         cut_at = limit - 2 * rate + int(np.argmin(window)) * frame
         mono = mono[:cut_at]
@@ -221,7 +215,7 @@ def _analyse(data: bytes, path: Path, has_transcript: bool) -> tuple[ReferenceIn
     mono = mono * min(TARGET_PEAK / max(level, 1e-9), MAX_GAIN)
     info = ReferenceInfo(
         path=path,
-        format=f"{fmt} {subtype}",
+        format=f"{handle.format} {handle.subtype}",
         rate=rate,
         channels=channels,
         seconds=seconds,
@@ -233,65 +227,48 @@ def _analyse(data: bytes, path: Path, has_transcript: bool) -> tuple[ReferenceIn
     return info, mono.astype(np.float32)
 
 
-def check_length(path: Path, max_seconds: Optional[float]) -> None:
-    """Refuse a recording longer than `max_seconds`, or a file larger than its samples, from its header alone.
-
-    Run before the file is read: reading copies the whole file into memory (a 512 MiB sparse reference.wav took
-    the server from 54 MB to 1.1 GB). None: no limit.
-    """
-    if max_seconds is None:
-        return
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        raise VoiceError(f"reference audio {path}: file not found") from None
-    except OSError as err:
-        raise VoiceError(f"reference audio {path}: cannot read: {err.strerror or err}") from None
-    if path.is_dir():
-        raise VoiceError(f"reference audio {path}: is a folder, not an audio file")
-    size = stat.st_size
-    try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as err:
-        raise VoiceError(f"reference audio {path}: not a readable WAV/FLAC file ({err})") from None
-    if info.samplerate <= 0 or info.channels <= 0:
-        raise VoiceError(f"reference audio {path}: the header gives no sample rate or channels")
-    seconds = info.frames / info.samplerate
-    if seconds > max_seconds:
-        raise VoiceError(
-            f"reference audio {path}: {seconds:.0f} s long; the limit is {max_seconds:g} s "
-            "(limits.max_reference_seconds): cut it to the 3-10 s you want cloned"
-        )
-    samples = info.frames * info.channels * _SAMPLE_BYTES.get(info.subtype, 8)
-    if size > samples + _HEADER_SLACK:
-        raise VoiceError(
-            f"reference audio {path}: the file ({size / 1e6:.1f} MB) is larger than the audio its header describes "
-            f"({seconds:.1f} s, {samples / 1e6:.1f} MB); refused"
-        )
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise VoiceError(f"reference audio {path}: file not found") from None
-    except IsADirectoryError:
-        raise VoiceError(f"reference audio {path}: is a folder, not an audio file") from None
-    except OSError as err:
-        raise VoiceError(f"reference audio {path}: cannot read: {err.strerror or err}") from None
+def check_reference(
+    source: Source,
+    label: Path,
+    *,
+    has_transcript: bool = False,
+    max_seconds: Optional[float] = DEFAULT_MAX_REFERENCE_SECONDS,
+) -> tuple[ReferenceInfo, np.ndarray]:
+    """The one validation every reference passes, an upload (bytes) or a file: the header checks of
+    `open_recording` before any sample is decoded, then `_analyse`. Blocking; VoiceError when unusable."""
+    with open_recording(source, label, max_seconds) as handle:
+        return _analyse(handle, label, has_transcript)
 
 
 def inspect_reference(
     path: Path, *, has_transcript: bool = False, max_seconds: Optional[float] = DEFAULT_MAX_REFERENCE_SECONDS
 ) -> ReferenceInfo:
     """Validate a reference recording without writing anything (blocking); raises VoiceError when unusable."""
-    check_length(Path(path), max_seconds)
-    return _analyse(_read(Path(path)), Path(path), has_transcript)[0]
+    return check_reference(Path(path), Path(path), has_transcript=has_transcript, max_seconds=max_seconds)[0]
 
 
-def inspect_reference_data(data: bytes, label: Path, *, has_transcript: bool = False) -> ReferenceInfo:
+def inspect_reference_data(
+    data: bytes,
+    label: Path,
+    *,
+    has_transcript: bool = False,
+    max_seconds: Optional[float] = DEFAULT_MAX_REFERENCE_SECONDS,
+) -> ReferenceInfo:
     """Validate a recording held in memory (an upload) without writing anything (blocking); `label` names it."""
-    return _analyse(data, Path(label), has_transcript)[0]
+    return check_reference(data, Path(label), has_transcript=has_transcript, max_seconds=max_seconds)[0]
+
+
+def _digest(path: Path) -> str:
+    """Content hash of a file, read in pieces (a large file is never held in memory for it)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for piece in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(piece)
+    except OSError as err:
+        raise VoiceError(f"reference audio {path}: cannot read: {err.strerror or err}") from None
+    digest.update(_VERSION.encode())
+    return digest.hexdigest()[:32]
 
 
 _memo: dict[tuple[str, int, int, bool, str], tuple[Path, ReferenceInfo]] = {}
@@ -319,11 +296,20 @@ def normalize_reference(
         hit = _memo.get(memo_key)
     if hit is not None and hit[0].is_file():
         return hit
-    check_length(path, max_seconds)
-    data = _read(path)
-    digest = hashlib.sha256(data + _VERSION.encode()).hexdigest()[:32]
-    target = cache / f"{digest}.wav"
-    sidecar = cache / f"{digest}.json"
+    with open_recording(path, path, max_seconds) as handle:
+        result = _normalize(handle, path, has_transcript, cache)
+    with _memo_lock:
+        _memo[memo_key] = result
+    return result
+
+
+def _normalize(handle: sf.SoundFile, path: Path, has_transcript: bool, cache: Path) -> tuple[Path, ReferenceInfo]:
+    """The cached normalized WAV of an opened recording: reused when its content was normalized before (in the
+    reference cache, or in the temporary one while that cannot be written: refcache)."""
+    digest = _digest(path)
+    folder = refcache.holding(cache, (f"{digest}.wav", f"{digest}.json"))
+    target = folder / f"{digest}.wav"
+    sidecar = folder / f"{digest}.json"
     info: Optional[ReferenceInfo] = None
     if target.is_file() and sidecar.is_file():
         try:
@@ -334,28 +320,14 @@ def normalize_reference(
         if info is not None and info.cut and has_transcript:
             info = None  # was trimmed for a transcript-less profile: re-check so this one is refused
     if info is None:
-        info, mono = _analyse(data, path, has_transcript)
-        cache.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, lambda f: sf.write(f, mono, info.rate, subtype="PCM_16", format="WAV"))
+        info, mono = _analyse(handle, path, has_transcript)
+        wav = io.BytesIO()  # encoded in memory: a failed write is then an OSError, not an assertion in soundfile
+        sf.write(wav, mono, info.rate, subtype="PCM_16", format="WAV")
         record = {k: v for k, v in dataclasses.asdict(info).items() if k != "path"}
-        _atomic_write(sidecar, lambda f: f.write(json.dumps(record).encode()))
+        files = {target.name: wav.getvalue(), sidecar.name: json.dumps(record).encode()}
+        target = refcache.write(cache, files) / target.name
         _LOGGER.debug("Normalized %s -> %s (%s)", path, target, info.summary())
-    result = (target, info)
-    with _memo_lock:
-        _memo[memo_key] = result
-    return result
-
-
-def _atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return target, info
 
 
 def profile_reference(
@@ -372,7 +344,7 @@ def profile_reference(
             max_seconds=max_seconds,
         )
     except VoiceError as err:
-        raise VoiceError(f"{profile.source or '(no file)'}: voice {profile.name!r}: {err}") from None
+        raise type(err)(f"{profile.source or '(no file)'}: voice {profile.name!r}: {err}") from None
 
 
 def normalized_reference(profile: "VoiceProfile", cache_dir: Optional[Path] = None) -> Path:

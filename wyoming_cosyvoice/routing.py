@@ -36,6 +36,9 @@ class Engines:
         """Why the main engine is not the configured one (fallback), shown in `info`."""
         self.fallback_from: Optional[str] = None
         """The configured engine that could not start when the main one is its fallback."""
+        self.fallback: Optional[Engine] = None
+        """`engine.fallback` running beside the main engine: it speaks what another engine cannot (busy past
+        `server.busy_wait_s`, failed); None when the main engine is the fallback, or none is configured."""
 
     @classmethod
     async def start(cls, config: Config, plugins: Plugins, wanted: Iterable[str] = ()) -> Engines:
@@ -63,6 +66,9 @@ class Engines:
             engines = cls(await _start(config, plugins, fallback), fallback, note=f"fallback from {name}: {err}")
             engines.fallback_from = name
             engines.failed[name] = str(err)  # a profile that names it is not silently served by the fallback
+        fallback = config.engine.fallback
+        if fallback and fallback not in engines.running:
+            wanted = [*wanted, fallback]  # started beside the main one, to speak what the others cannot
         for extra in sorted(set(wanted) - set(engines.running) - set(engines.failed)):
             try:
                 engine = _create(config, plugins, extra)
@@ -77,7 +83,14 @@ class Engines:
                     await engine.close()
                 continue
             engines.running[extra] = engine
+        if fallback and fallback != engines.main_name:
+            engines.fallback = engines.running.get(fallback)
         return engines
+
+    def fallback_for(self, engine: Engine) -> Optional[Engine]:
+        """The engine that speaks a reply `engine` cannot (None: there is none besides `engine` itself)."""
+        fallback = self.fallback
+        return fallback if fallback is not None and fallback is not engine else None
 
     def problem(self, profile: VoiceProfile) -> Optional[str]:
         """Why no running engine can serve `profile` (None: one can)."""
@@ -122,6 +135,8 @@ class Engines:
                 await engine.warmup()
             except CosyVoiceServiceError as err:
                 self._drop(name, f"warm-up failed: {err}")
+                if engine is self.fallback:
+                    self.fallback = None
                 await _close(engine)
 
     async def close(self) -> None:
@@ -151,3 +166,35 @@ async def _start(config: Config, plugins: Plugins, name: str) -> Engine:
     engine = _create(config, plugins, name)
     await engine.start()
     return engine
+
+
+def predicted_heard_as(config: Config, plugins: Plugins, profiles: Iterable[VoiceProfile]) -> dict[str, str]:
+    """What a server started here with `config` would do with each profile (by name), judged without starting an
+    engine (`Engine.cannot_start`): "cloned", "espeak voice for de-DE (the cosyvoice engine is not set up)", ..."""
+    created: dict[str, tuple[Optional[Engine], Optional[str]]] = {}
+
+    def engine(name: str) -> tuple[Optional[Engine], Optional[str]]:
+        if name not in created:
+            try:
+                made = _create(config, plugins, name)
+            except CosyVoiceServiceError as err:  # not registered, or bad settings
+                created[name] = (None, str(err))
+            else:
+                why = made.cannot_start()
+                created[name] = (made, None if why is None else why if why.startswith(name) else f"engine {name} {why}")
+        return created[name]
+
+    main_name, fallback_name = config.engine.name, config.engine.fallback
+    engine(main_name)
+    fallback, fallback_why = engine(fallback_name) if fallback_name else (None, None)
+    predictions: dict[str, str] = {}
+    for profile in profiles:
+        wanted = profile.engine or main_name
+        serving, why = engine(wanted)
+        if serving is not None and why is None:
+            predictions[profile.name] = serving.heard_as(profile)
+        elif profile.engine is None and fallback is not None and fallback_why is None:
+            predictions[profile.name] = f"{fallback.heard_as(profile)} ({why})"
+        else:
+            predictions[profile.name] = f"nothing: {why}"
+    return predictions

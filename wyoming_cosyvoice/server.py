@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -20,6 +21,8 @@ from .config import Config
 from .errors import ConfigError, ServerBusy
 from .guard import ConnectionGuard
 from .handler import TtsEventHandler
+from .listener import Listener
+from .metrics import create_metrics
 from .plugins import Plugins
 from .preparation import VoicePreparer
 from .routing import Engines
@@ -44,11 +47,13 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
     catalog = await asyncio.to_thread(build_catalog, config, plugins)  # file scans and YAML, off the loop
     tee = server_tee(config, plugins)  # before the engines: a bad sink setting fails fast
     engines = await Engines.start(config, plugins, [p.engine for p in catalog.all_profiles if p.engine])
+    metrics = create_metrics(config.metrics.enabled)
     preparer = VoicePreparer(
         catalog,
         engines,
         timeout=config.limits.engine_timeout_s,
         max_reference_seconds=config.limits.max_reference_seconds,
+        metrics=metrics,
     )
     await preparer.prepare_all()
     await engines.warmup()
@@ -66,51 +71,55 @@ async def build_service(config: Config, plugins: Plugins) -> Service:
         max_concurrent=config.server.max_concurrent,
         streaming=config.server.streaming,
         first_clause_words=config.server.first_clause_words,
+        settings=config.server,
         tee=tee,
         limits=config.limits,
         preparer=preparer,
+        metrics=metrics,
     )
 
 
 class Server:
     """A running Wyoming server over a Service; `serve_until_stopped` blocks until a signal or `request_stop`."""
 
-    def __init__(self, service: Service, uri: str, *, zeroconf: bool = False, zeroconf_name: Optional[str] = None):
+    def __init__(
+        self,
+        service: Service,
+        uri: str,
+        *,
+        zeroconf: bool = False,
+        zeroconf_name: Optional[str] = None,
+        listener: Optional[Listener] = None,
+    ):
         self.service = service
         self.uri = uri
         self.zeroconf = zeroconf
         self.zeroconf_name = zeroconf_name
         self.limits = service.limits
         self.guard = ConnectionGuard(self.limits)
-        self._listener: Optional[asyncio.Server] = None
+        self._bound = listener  # bound before the engine loaded (run); else bound by start()
+        self._listener: Optional[Listener] = None
         self._connections: dict["asyncio.Task[Any]", TtsEventHandler] = {}
         self._zeroconf: Any = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self.studio: Any = None
         """The voice studio page served on this loop (web.enabled), closed first at shutdown."""
+        self.metrics_listener: Any = None
+        """The /metrics-only listener (metrics.port), closed with the studio."""
 
     @property
     def port(self) -> Optional[int]:
         """The bound TCP port (useful with port 0)."""
-        if self._listener is None or not self._listener.sockets:
-            return None
-        address = self._listener.sockets[0].getsockname()
-        return address[1] if isinstance(address, tuple) else None
+        return None if self._listener is None else self._listener.port
 
     async def start(self) -> None:
-        """Bind and start accepting connections."""
-        parsed = urlparse(self.uri)
-        # The reader's buffer limit is what bounds a header line (readuntil fails beyond it).
-        limit = self.limits.max_header_bytes + 1
-        if parsed.scheme == "tcp":
-            if parsed.hostname is None or parsed.port is None:
-                raise ConfigError(f"server.uri: a tcp:// URI needs a host and a port, got {self.uri!r}")
-            self._listener = await asyncio.start_server(self._serve, parsed.hostname, parsed.port, limit=limit)
-        elif parsed.scheme == "unix":
-            self._listener = await asyncio.start_unix_server(self._serve, parsed.path, limit=limit)
-        else:
-            raise ConfigError(f"server.uri: cannot listen on {self.uri!r} (use tcp:// or unix://)")
+        """Bind (unless bound already) and start accepting connections."""
+        listener, self._bound = self._bound, None
+        if listener is None:
+            listener = await Listener.bind(self.uri, self.limits.max_header_bytes)
+        self._listener = listener
+        await listener.serve(self._serve)
         if self.zeroconf:
             await self._announce()
 
@@ -119,6 +128,7 @@ class Server:
         peername = writer.get_extra_info("peername")
         throttle = self.service.log_throttle
         if not self.guard.allowed(peername):
+            self.service.metrics.refused("not_allowed")
             throttle.warning(
                 _LOGGER, "not allowed", "connection from %s refused: not in limits.allowed_networks", peername
             )
@@ -130,6 +140,7 @@ class Server:
                 if self.service.admission.closing
                 else f"too many connections (limits.max_connections = {self.guard.max_connections})"
             )
+            self.service.metrics.refused("shutting_down" if self.service.admission.closing else "connections")
             throttle.warning(_LOGGER, "refused busy", "connection from %s refused: %s", peername, busy)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(async_write_event(Error(text=str(busy), code=busy.code).event(), writer), 1.0)
@@ -177,9 +188,10 @@ class Server:
         self._stop.set()
 
     async def serve_until_stopped(self, grace: Optional[float] = None) -> None:
-        """Serve until SIGINT/SIGTERM (or request_stop), then shut down gracefully."""
+        """Serve until SIGINT/SIGTERM/SIGHUP (or request_stop), then shut down gracefully."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        handled = _stop_signals()
+        for sig in handled:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self.request_stop)
         try:
@@ -187,7 +199,7 @@ class Server:
             _LOGGER.info("Stopping: no new connections; in-flight requests may finish")
             await self.shutdown(grace)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in handled:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
 
@@ -208,6 +220,9 @@ class Server:
         if self.studio is not None:  # auditions end with the page; Wyoming clients get their grace period
             studio, self.studio = self.studio, None
             await studio.close()
+        if self.metrics_listener is not None:
+            metrics_listener, self.metrics_listener = self.metrics_listener, None
+            await metrics_listener.close()
         deadline = time.monotonic() + grace
         while self.busy_connections() and time.monotonic() < deadline and not self._force.is_set():
             await asyncio.sleep(0.05)
@@ -233,6 +248,17 @@ class Server:
         _LOGGER.info("Server stopped")
 
 
+def _stop_signals() -> list[signal.Signals]:
+    """SIGINT, SIGTERM and SIGHUP (its default would kill the process, cutting open streams; voices reload by
+    themselves, so there is nothing for it to reload): each stops the server gracefully. A SIGHUP that is ignored
+    already (`nohup`) stays ignored."""
+    handled = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        handled.append(hangup)
+    return handled
+
+
 async def serve_stdio(service: Service) -> None:
     """Serve one client over standard input/output (for process-spawning clients and tests)."""
     loop = asyncio.get_running_loop()
@@ -255,7 +281,21 @@ async def _start_studio(config: Config, service: Service) -> Any:
     from .voice_store import voices_folder
     from .web import start_studio
 
-    return await start_studio(service, config.web, voices_folder(config), config_dir=config.base_dir)
+    # Without the studio nothing writes voices: the API alone needs no folder provider.
+    voices_dir = voices_folder(config) if config.web.studio else config.base_dir / "voices"
+    return await start_studio(service, config.web, voices_dir, config_dir=config.base_dir, metrics=config.metrics)
+
+
+async def start_metrics_listener(config: Config, service: Service) -> Any:
+    """The /metrics-only listener when `metrics.port` is set (None otherwise)."""
+    if config.metrics.port is None or not config.metrics.enabled:
+        return None
+    from .web.app import TOKEN_ENV
+    from .web.metrics_route import MetricsListener
+
+    listener = MetricsListener(service, config.metrics, config.web.token or os.environ.get(TOKEN_ENV))
+    await listener.start()
+    return listener
 
 
 async def run(config: Config, plugins: Plugins) -> None:
@@ -267,20 +307,43 @@ async def run(config: Config, plugins: Plugins) -> None:
         missing = missing_dependency()  # before the engine loads: a missing extra should not cost a model load
         if missing:
             raise ConfigError(f"{config.source}:web.enabled: {missing}")
-    service = await build_service(config, plugins)
-    if config.server.uri.startswith("stdio://"):
+    if config.metrics.enabled and config.metrics.port is not None:
+        from .metrics import missing_dependency as metrics_missing
+        from .web import missing_dependency
+
+        missing = metrics_missing() or missing_dependency()
+        if missing:
+            raise ConfigError(f"{config.source}:metrics.port: {missing}")
+    listener = None
+    if not config.server.uri.startswith("stdio://"):
+        # Before the engine loads (minutes with CosyVoice): a busy port is one line now, not a traceback then.
+        listener = await Listener.bind(config.server.uri, config.limits.max_header_bytes)
+    try:
+        service = await build_service(config, plugins)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
+    if listener is None:
         studio = await _start_studio(config, service)
+        metrics_listener = await start_metrics_listener(config, service)
         try:
             await serve_stdio(service)
         finally:
-            if studio is not None:
-                await studio.close()
+            for site in (studio, metrics_listener):
+                if site is not None:
+                    await site.close()
         return
     server = Server(
-        service, config.server.uri, zeroconf=config.server.zeroconf, zeroconf_name=config.server.zeroconf_name
+        service,
+        config.server.uri,
+        zeroconf=config.server.zeroconf,
+        zeroconf_name=config.server.zeroconf_name,
+        listener=listener,
     )
     await server.start()
     server.studio = await _start_studio(config, service)
+    server.metrics_listener = await start_metrics_listener(config, service)
     where = config.server.uri
     if server.port is not None:
         where = f"tcp://{urlparse(where).hostname}:{server.port}"

@@ -7,6 +7,7 @@ before a long first sentence has been typed out; every later piece is a whole se
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # A Latin terminator only ends a sentence when whitespace follows ("3.5", "e.g." mid-word stay whole);
 # CJK full-width terminators end one immediately. Newlines always end one.
@@ -33,18 +34,38 @@ _CLOSERS = "\"'”’)]"
 DEFAULT_FIRST_CLAUSE_WORDS = 5
 """Default of `server.first_clause_words`: words a stream's first piece needs before it may end at a clause."""
 
+
+def _combining_marks() -> str:
+    """The combining marks of the Basic Multilingual Plane (Unicode category M) as character-class ranges.
+
+    `\\w` leaves them out, so a word ending in one (Hindi "लूँगी", a decomposed Latin "alle\\u0301") would end no
+    clause and count as several words. CJK, Hangul, surrogates and private use hold none and are not looked at.
+    """
+    ranges: list[tuple[int, int]] = []
+    for low, high in ((0x0300, 0x4E00), (0xA000, 0xAC00), (0xF900, 0x10000)):
+        for code in range(low, high):
+            if unicodedata.category(chr(code)).startswith("M"):
+                if ranges and ranges[-1][1] == code - 1:
+                    ranges[-1] = (ranges[-1][0], code)
+                else:
+                    ranges.append((code, code))
+    return "".join(f"\\u{a:04x}-\\u{b:04x}" for a, b in ranges)
+
+
+_MARKS = _combining_marks()
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and Han: one syllable, one "word" each
+_LETTER = rf"(?:[^\W_{_CJK}]|[{_MARKS}])"  # a letter or digit of a word (not CJK), or a mark on one
 # A Latin word may hold inner apostrophes, periods, commas and hyphens ("don't", "e.g", "1,000", "3.5", "well-known").
-_WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+(?:['’.,\-][^\W_{_CJK}]+)*")
+_WORD = re.compile(rf"[{_CJK}]|{_LETTER}+(?:['’.,\-]{_LETTER}+)*")
 _CLAUSE_CLOSERS = "\"'”’)\\]}»」』）》〉】"
 # A clause ends at a mark right after a word (a letter or digit, then perhaps closing quotes or brackets) and only
 # once the next character has arrived: white space after a Latin comma, semicolon or colon ("3,5", "1,000" and
 # "e.g.," never end one), a spaced dash after a letter ("3 - 5" is a range), any character but a closer after a CJK
 # mark. The match ends where the clause does (after its mark and closers).
 _CLAUSE = re.compile(
-    rf"(?<=[^\W_])[{_CLAUSE_CLOSERS}]*[,;:][{_CLAUSE_CLOSERS}]*(?=\s)"
-    rf"|(?<=[^\W\d_])[{_CLAUSE_CLOSERS}]*[ \t]+(?:--|[-–—])(?=\s)"
-    rf"|(?<=[^\W_])[{_CLAUSE_CLOSERS}]*[，、；：][{_CLAUSE_CLOSERS}]*(?=[^{_CLAUSE_CLOSERS}])"
+    rf"(?<=[^\W_]|[{_MARKS}])[{_CLAUSE_CLOSERS}]*[,;:][{_CLAUSE_CLOSERS}]*(?=\s)"
+    rf"|(?<=[^\W\d_]|[{_MARKS}])[{_CLAUSE_CLOSERS}]*[ \t]+(?:--|[-–—])(?=\s)"
+    rf"|(?<=[^\W_]|[{_MARKS}])[{_CLAUSE_CLOSERS}]*[，、；：][{_CLAUSE_CLOSERS}]*(?=[^{_CLAUSE_CLOSERS}])"
 )
 
 

@@ -71,7 +71,7 @@ def voices_folder(config: "Config") -> Path:
 
 def check_name(name: str) -> str:
     """`name` when it is a valid voice name (a single safe path component), else VoiceError."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         shown = repr(name)[:80]
         raise VoiceError(f"voice {shown}: not a valid voice name (letters, digits, '_', '.', '-'; max 64)")
     return name
@@ -80,7 +80,7 @@ def check_name(name: str) -> str:
 def check_language(name: str, language: str) -> str:
     """The BCP-47 tag (`en_US` -> `en-US`) when valid, else VoiceError."""
     tag = language.replace("_", "-") if isinstance(language, str) else ""
-    if not LANGUAGE_PATTERN.match(tag):
+    if not LANGUAGE_PATTERN.fullmatch(tag):
         raise VoiceError(f"voice {name!r}: language {str(language)[:40]!r} is not a BCP-47 tag (like en-US)")
     return tag
 
@@ -116,12 +116,39 @@ def find_voice_dirs(folder: Path, name: str) -> list[Path]:
     if not folder.is_dir():
         return []
     root = folder.resolve()
-    # A symlinked language or voice folder that leads elsewhere is never written through.
+    # A symlinked language or voice folder is never written or removed through, wherever it leads.
     return sorted(
         p
         for p in folder.glob(f"*/{name}")
-        if p.is_dir() and not p.parent.name.startswith(".") and p.resolve().parent.parent == root
+        if not p.parent.name.startswith(".") and _plain_dir(p.parent, root) and _plain_dir(p, root / p.parent.name)
     )
+
+
+def _plain_dir(path: Path, parent: Path) -> bool:
+    """True when `path` is a folder itself (not a symlink to one) whose real location is directly in `parent`."""
+    try:
+        return not path.is_symlink() and path.is_dir() and path.resolve().parent == parent
+    except OSError:
+        return False
+
+
+def _language_dir(folder: Path, name: str, tag: str) -> Path:
+    """The real `<folder>/<language>` folder of a voice being written (created when missing); VoiceError when it is
+    a symlink, a file or anything else that is not a plain folder directly inside the voices folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    root = folder.resolve()
+    language_dir = root / folder_language(tag)
+    if not os.path.lexists(language_dir):
+        try:
+            language_dir.mkdir()
+        except FileExistsError:
+            pass  # made by someone else meanwhile: checked below like any other
+    if not _plain_dir(language_dir, root):
+        raise VoiceError(
+            f"voice {name!r}: {language_dir.name}/ in the voices folder is a link or not a folder; refused "
+            "(voices are written only inside the voices folder)"
+        )
+    return language_dir
 
 
 def find_voice_dir(folder: Path, name: str) -> Path:
@@ -170,11 +197,14 @@ def write_voice(
     tag = check_language(name, language)
     if suffix not in (".wav", ".flac"):
         raise VoiceError(f"voice {name!r}: reference must be .wav or .flac, not {suffix!r}")
-    existing = find_voice_dirs(folder, name)
+    language_dir = _language_dir(Path(folder), name, tag)
+    existing = find_voice_dirs(language_dir.parent, name)
     if existing and not force:
         raise VoiceError(f"voice {name!r}: already exists in the voices folder ({existing[0].parent.name})")
-    target = folder / folder_language(tag) / name
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = language_dir / name
+    if os.path.lexists(target) and target not in existing:
+        # Never replace (and so delete) what is not one of this store's voice folders: a link, a file, ...
+        raise VoiceError(f"voice {name!r}: {language_dir.name}/{name} exists and is not a voice folder; refused")
     staging = Path(tempfile.mkdtemp(prefix=f".add-{name}-", dir=target.parent))  # hidden: scanners skip it
     try:
         reference = staging / f"reference{suffix}"
@@ -190,7 +220,7 @@ def write_voice(
             (staging / "profile.yaml").write_bytes(_profile_yaml({"description": description}))
         staging.chmod(0o755)
         old = None
-        if target.exists():
+        if target in existing:
             old = target.parent / f".old-{name}-{staging.name}"
             target.rename(old)
         staging.rename(target)
@@ -203,7 +233,7 @@ def write_voice(
         if other != target:
             remove_dir(other)
     _LOGGER.info("Voice %r written to %s", name, target)
-    return target
+    return Path(folder) / language_dir.name / name
 
 
 def update_voice(

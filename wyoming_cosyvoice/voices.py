@@ -14,10 +14,10 @@ _LOGGER = logging.getLogger(__name__)
 
 Mode = Literal["zero_shot", "cross_lingual", "instruct", "sft"]
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Voice names: letters, digits, `_`, `.`, `-`; up to 64 characters (they are ids, never paths)."""
 
-LANGUAGE_PATTERN = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
+LANGUAGE_PATTERN = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
 """BCP-47 language tags as used here: `en`, `en-US`, `zh-Hans-CN` (`en_US` is accepted too)."""
 
 
@@ -74,12 +74,12 @@ class VoiceProfile:
 
     def validate(self) -> Optional[tuple[str, str]]:
         """Check what types alone cannot: name and language syntax, ranges, what each mode needs."""
-        if not NAME_PATTERN.match(self.name):
+        if not NAME_PATTERN.fullmatch(self.name):
             return ("name", f"{self.name!r} is not a valid voice name (letters, digits, '_', '.', '-'; max 64)")
         if not self.languages:
             return ("languages", "at least one language is needed")
         for index, lang in enumerate(self.languages):
-            if not LANGUAGE_PATTERN.match(lang):
+            if not LANGUAGE_PATTERN.fullmatch(lang):
                 return (f"languages[{index}]", f"{lang!r} is not a BCP-47 language tag (like en-US or de)")
         if not 0.25 <= self.speed <= 4.0:
             return ("speed", "must be between 0.25 and 4.0")
@@ -116,6 +116,13 @@ class VoiceProvider(Protocol):
 
     # Optional: `problems: list[str]`, one line per profile the provider skipped at its last read, and
     # `notes: list[str]`, one line per optional profile left out because it is not set up (not a problem).
+
+
+STALE_CACHE_HINT = (
+    "Home Assistant may replay audio it cached from the old version for texts it spoke before: clear its TTS cache "
+    "or save under a new name (docs/reliability.md)"
+)
+"""Said wherever a voice changes: HA caches replies by message, language, options and engine, not by recording."""
 
 
 def _lang_matches(wanted: str, languages: Sequence[str]) -> int:
@@ -200,7 +207,7 @@ class VoiceCatalog:
         return usable[0] if usable else None
 
     def resolve(self, name: Optional[str] = None, language: Optional[str] = None) -> VoiceProfile:
-        """Pick the profile for a request (rules in the README's "Choosing a voice"); names are never paths."""
+        """Pick the profile for a request (rules in docs/voices.md, "Choosing a voice"); names are never paths."""
         profiles = self.profiles
         if name:
             if name in self.broken:

@@ -12,6 +12,7 @@ cuts change when audio arrives and how many passes it costs, not the audio itsel
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 MIN_FIRST_HOP = 10
@@ -34,6 +35,33 @@ HELD_BACK_TOKENS = 4
 
 MAX_GROWN_HOP = 800
 """The longest chunk a stream well ahead of playback may wait for (32 s of audio; upstream's longest is 100)."""
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """Where one call's chunks may end and how upstream grows them: the flow's grid of `hop` tokens counted from the
+    prompt's start, upstream's growth (`hop` times `scale` up to `max_hop`), the flow's look-ahead, and the most
+    speech tokens the call's LLM can make (`limit`, None: unknown, as when text streams in)."""
+
+    prompt_tokens: int
+    hop: int = 25
+    max_hop: int = 100
+    scale: int = 2
+    lookahead: int = 3
+    limit: Optional[int] = None
+
+    def first_hop(self) -> tuple[int, int]:
+        """(upstream's first hop, the early one or 0): upstream waits for `hop` plus the padding of the prompt to a
+        multiple of `hop`; the early first chunk ends at that padding when it is at least MIN_FIRST_HOP tokens."""
+        return first_hop(self.prompt_tokens, self.hop)
+
+    def floor(self, tokens: int) -> int:
+        """The last chunk end on the grid at or before `tokens` (may be <= 0 when there is none)."""
+        return grid_floor(tokens, self.prompt_tokens, self.hop)
+
+    def flow_tokens(self, end: int) -> int:
+        """The tokens a pass ending at chunk end `end` runs the flow over: the prompt, the chunk's, the look-ahead."""
+        return self.prompt_tokens + end + self.lookahead
 
 
 def first_hop(prompt_tokens: int, hop: int) -> tuple[int, int]:
@@ -82,38 +110,35 @@ class ChunkCost:
 
 
 def keeps_ahead(
+    grid: ChunkGrid,
     early: int,
-    hop: int,
-    max_hop: int,
-    scale: int,
-    lookahead: int,
-    prompt_tokens: int,
     seconds_per_token: float,
     cost: Callable[[int], Optional[float]],
-    limit: Optional[int] = None,
+    step: Optional[int] = None,
 ) -> bool:
-    """Take an `early`-token first chunk? Only if, after it, each of the next chunks (`hop`, then scaled up to
-    `max_hop`; HORIZON_CHUNKS of them, or up to `limit` tokens, the most this call's LLM can make) is predicted to
+    """Take an `early`-token first chunk? Only if, after it, each of the next chunks (`step`, by default the grid's
+    `hop`, then scaled up to `max_hop`; HORIZON_CHUNKS of them, or up to the grid's `limit` tokens, the most this
+    call's LLM can make) is predicted to
     arrive before the audio sent until then has played, with SAFETY margin. Predicted pessimistically, one thing at
     a time: the early chunk's flow + vocoder, then per chunk its new tokens at this call's LLM rate (prefill
     included) plus its flow + vocoder (`cost` of the tokens the flow runs over, waits for other streams' passes
     included); no overlap between LLM and flow."""
-    first = cost(prompt_tokens + early + lookahead)
+    first = cost(grid.flow_tokens(early))
     if first is None or seconds_per_token <= 0:
         return False
-    clock, end, step = 0.0, early, hop
+    clock, end, step = 0.0, early, grid.hop if step is None else step
     for _ in range(HORIZON_CHUNKS):
-        if limit is not None and end >= limit:
+        if grid.limit is not None and end >= grid.limit:
             break
         sent = (end - HELD_BACK_TOKENS) / TOKENS_PER_SECOND  # audio out when this chunk is due
         end += step
-        flow = cost(prompt_tokens + end + lookahead)
+        flow = cost(grid.flow_tokens(end))
         if flow is None:
             return False
         clock += step * seconds_per_token + flow
         if SAFETY * clock > sent:
             return False
-        step = min(max_hop, step * scale)
+        step = min(grid.max_hop, step * grid.scale)
     return True
 
 
@@ -124,32 +149,25 @@ ones need."""
 
 
 def first_size(
-    upstream_first: int,
-    hop: int,
-    max_hop: int,
-    scale: int,
-    lookahead: int,
-    prompt_tokens: int,
-    seconds_per_token: float,
-    cost: Callable[[int], Optional[float]],
-    limit: Optional[int] = None,
+    grid: ChunkGrid, upstream_first: int, seconds_per_token: float, cost: Callable[[int], Optional[float]]
 ) -> int:
     """The first chunk when the early one is not taken: upstream's (25 + pad), or, when that would run dry before
     the next chunks arrive (`keeps_ahead`, e.g. with other streams sharing the machine) and a longer one would not,
     the shortest of upstream's + 25 and upstream's + 75 that keeps ahead. When none does (a model slower than real
     time), or before any pass was timed: upstream's (waiting longer would only delay the first audio)."""
-    if cost(prompt_tokens + upstream_first + lookahead) is None or seconds_per_token <= 0:
+    if cost(grid.flow_tokens(upstream_first)) is None or seconds_per_token <= 0:
         return upstream_first
-    sizes = [upstream_first + n * hop for n in FIRST_CHUNK_STEPS]
+    sizes = [upstream_first + n * grid.hop for n in FIRST_CHUNK_STEPS]
     for size in sizes:
-        if limit is not None and size + lookahead >= limit:
+        if grid.limit is not None and size + grid.lookahead >= grid.limit:
             return size  # the whole text fits in it: nothing comes after to run dry for
-        if keeps_ahead(size, hop * scale, max_hop, scale, lookahead, prompt_tokens, seconds_per_token, cost, limit):
+        if keeps_ahead(grid, size, seconds_per_token, cost, step=grid.hop * grid.scale):
             return size
     return upstream_first
 
 
 def grown_end(
+    grid: ChunkGrid,
     offset: int,
     step: int,
     have: int,
@@ -157,10 +175,7 @@ def grown_end(
     slack: float,
     seconds_per_token: float,
     cost: Callable[[int], Optional[float]],
-    lookahead: int,
-    prompt_tokens: int,
     wait: float = 0.0,
-    limit: Optional[int] = None,
 ) -> Optional[int]:
     """The end of the next chunk for a stream `slack` seconds ahead of playback: the default `offset + step`
     (upstream's growth), or, while it is predicted to be out with SAFETY margin before the stream runs dry, the
@@ -172,20 +187,20 @@ def grown_end(
     if seconds_per_token <= 0 and not ended:
         return default
     if ended:
-        final = cost(prompt_tokens + have)
+        final = cost(grid.prompt_tokens + have)
         if final is not None and SAFETY * (wait + final) <= slack:
             return None
     best, size = default, step * 2
     while size <= MAX_GROWN_HOP:
-        end = grid_floor(offset + size, prompt_tokens)
-        if limit is not None and end + lookahead > limit:
+        end = grid.floor(offset + size)
+        if grid.limit is not None and end + grid.lookahead > grid.limit:
             break
-        if ended and end + lookahead > have:
+        if ended and end + grid.lookahead > have:
             break
-        flow = cost(prompt_tokens + end + lookahead)
+        flow = cost(grid.flow_tokens(end))
         if flow is None:
             break
-        missing = max(0, end + lookahead - have)
+        missing = max(0, end + grid.lookahead - have)
         if SAFETY * (missing * seconds_per_token + wait + flow) > slack:
             break
         best, size = end, size * 2

@@ -24,9 +24,12 @@ from wyoming_cosyvoice.paths import checkout_dir
 
 
 def add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Register the `download` and `health` subcommands."""
+    """Register the `download`, `health`, `park` and `wake` subcommands."""
+    from . import control
+
     add_download_parser(subparsers)
     add_health_parser(subparsers)
+    control.add_parsers(subparsers)
 
 
 # ---------------------------------------------------------------------------- download

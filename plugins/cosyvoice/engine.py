@@ -17,12 +17,13 @@ from wyoming_cosyvoice.audio import float_to_pcm16
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import AudioChunk, Cancelled, SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineError, EngineNotConfigured, EngineUnavailable, ServerBusy, VoiceError
-from wyoming_cosyvoice.gpu import driver_fit_here, gpu_facts
+from wyoming_cosyvoice.gpu import driver_fit_here, gpu_facts, process_memory_mb
 from wyoming_cosyvoice.reference import normalized_reference
 from wyoming_cosyvoice.voices import VoiceProfile
 
-from . import selfcheck, sessions, upstream
+from . import parking, selfcheck, sessions, upstream
 from . import stream as cosyvoice_stream
+from .lifecycle import Keeper
 from .options import CosyVoiceSettings, LoadPlan, auto_concurrency, plan_load
 from .prompts import PromptCache, default_cache_dir, prompt_key
 from .recipes import PreparedVoice, recipe, speakable, synthetic_prompt, v1_language_tag
@@ -70,6 +71,10 @@ class CosyVoiceEngine(ThreadedEngine):
         """Upstream's text normalizer: ttsfrd, wetext or none (numbers and symbols read as written)."""
         self.self_check = ""
         """The self-check's summary at load (health, describe)."""
+        self.lifecycle = Keeper(settings.keep_alive, settings.park, self._park_model, self._wake_model)
+        """Parks the model after `keep_alive` idle seconds and wakes it for the next reply (`lifecycle.py`)."""
+        self._trt: Optional[parking.TrtPlan] = None  # how to rebuild the TensorRT engine after a host park
+        self._kept_voices: dict[str, Any] = {}  # prepared voices of an unloaded model, on the host
 
     # --- loading -----------------------------------------------------------------------------------
 
@@ -82,7 +87,21 @@ class CosyVoiceEngine(ThreadedEngine):
             self.state = "failed"
             raise
         self.set_concurrency(self._concurrency())
+        if self.scheduling is not None:  # no batch larger than the streams there can be
+            self.scheduling.limit_batch(self.concurrency)
         self.state = "ready"
+        self.lifecycle.start()
+
+    def cannot_start(self) -> Optional[str]:
+        """Not set up, or the checkout or model directory is missing (checked on disk; nothing is imported)."""
+        if self.settings.repo is None and self.settings.model_dir is None:
+            return "not set up"
+        try:
+            upstream.check_checkout(self.settings.repo)
+            upstream.inspect_model_dir(self.settings.model_dir)
+        except EngineUnavailable as err:
+            return str(err)
+        return None
 
     def _concurrency(self) -> int:
         """Requests in flight: 1 with upstream's loop; else the setting, or `auto` from the GPU's free memory."""
@@ -105,7 +124,8 @@ class CosyVoiceEngine(ThreadedEngine):
         _LOGGER.info("Requests in flight at once: %s", self.concurrency_note)
         return n
 
-    def _load(self, force_fp16: Optional[bool]) -> None:
+    def _load(self, force_fp16: Optional[bool], waking: bool = False) -> None:
+        """Load the model; `waking`: again after an unload park (no self-check; the voices and measured costs stay)."""
         started = time.perf_counter()
         if self.settings.repo is None and self.settings.model_dir is None:
             # Never set up (a fresh install without a GPU model): the fallback serves, and that is no warning.
@@ -158,7 +178,9 @@ class CosyVoiceEngine(ThreadedEngine):
             ) from None
         if plans is not None:
             upstream.adopt_plan(*plans)
-        checked = self._self_check(model, plan)
+            onnx = info.path / "flow.decoder.estimator.fp32.onnx"
+            self._trt = parking.TrtPlan(plans[0], onnx, self.settings.trt_concurrent, plan.fp16)
+        checked = selfcheck.Result(self.self_check) if waking else self._self_check(model, plan)
         if checked.problem is not None:
             del model  # before the fallback engine starts or the fp32 copy loads
             _empty_cuda_cache()
@@ -168,8 +190,12 @@ class CosyVoiceEngine(ThreadedEngine):
                 return
             raise EngineUnavailable(upstream.PREFIX + checked.problem)
         flow_slots = self.settings.trt_concurrent if plan.load_trt else 1
-        scheduling = cosyvoice_stream.Streaming(
-            self.settings.early_first_chunk, int(model.sample_rate), flow_slots, llm_batched=bool(plan.load_vllm)
+        scheduling = (waking and self.scheduling) or cosyvoice_stream.Streaming(
+            self.settings.early_first_chunk,
+            int(model.sample_rate),
+            flow_slots,
+            llm_batched=bool(plan.load_vllm),
+            max_flow_batch=self.settings.flow_batch_limit(),
         )
         own_loop = cosyvoice_stream.install(model.model, scheduling)
         self.scheduling = scheduling if own_loop else None
@@ -195,10 +221,14 @@ class CosyVoiceEngine(ThreadedEngine):
             self.streaming = "own loop, early first chunk" if self.settings.early_first_chunk else "own loop"
         self.model, self.info, self.plan = model, info, plan
         self.sample_rate = int(model.sample_rate)
-        self.text_normalizer = self._text_normalizer(model)
-        self._prepared.clear()
-        self._signatures.clear()
-        self._voice_names.clear()
+        if waking:
+            parking.voices_back(model.frontend.spk2info, self._kept_voices, getattr(model.frontend, "device", "cpu"))
+            self._kept_voices = {}
+        else:
+            self.text_normalizer = self._text_normalizer(model)
+            self._prepared.clear()
+            self._signatures.clear()
+            self._voice_names.clear()
         _LOGGER.info(
             "Loaded %s from %s on %s in %.1f s (%s Hz; %s)",
             info.class_name,
@@ -265,7 +295,8 @@ class CosyVoiceEngine(ThreadedEngine):
             if profile.engine not in (None, self.name):
                 continue
             try:
-                await self.run_in_worker(self._voice, profile)
+                async with self.lifecycle.request("a voice to prepare"):
+                    await self.run_in_worker(self._voice, profile)
             except VoiceError as err:
                 self._voice_errors[profile.name] = str(err)
                 raise
@@ -363,29 +394,91 @@ class CosyVoiceEngine(ThreadedEngine):
     async def synthesize(
         self, text: str, profile: VoiceProfile, options: SynthesisOptions
     ) -> AsyncIterator[AudioChunk]:
-        """Admit (a free slot, or room in the queue, and room in the machine's speed), then stream the chunks."""
-        if self.model is None:
+        """Wake the model if it is parked, admit (a free slot, or room in the queue, and room in the machine's
+        speed), then stream the chunks."""
+        if self.state != "ready":
             raise EngineError(f"cosyvoice engine is not ready (state: {self.state})")
-        self._admit()
-        async for chunk in super().synthesize(text, profile, options):
-            yield chunk
+        async with self.lifecycle.request():
+            if self.model is None:
+                raise EngineError(f"cosyvoice engine is not ready (state: {self.state})")
+            self._admit()
+            async for chunk in super().synthesize(text, profile, options):
+                yield chunk
+
+    # --- parking (lifecycle.py decides when; this is the model work) -------------------------------
+
+    def reply_opening(self) -> Callable[[], None]:
+        """A reply is opening: a parked model starts waking now; it stays awake until the reply releases it."""
+        return self.lifecycle.hold()
+
+    async def park(self) -> str:
+        """Park the model now (after the requests in flight); the state after."""
+        return await self.lifecycle.park_now()
+
+    async def wake(self) -> str:
+        """Wake the model now (or wait for the wake in progress); the state after."""
+        return await self.lifecycle.wake_now()
+
+    async def _park_model(self, stop: threading.Event) -> bool:
+        return await self.run_in_worker(self._park_locked, stop, exclusive=True)
+
+    def _park_locked(self, stop: threading.Event) -> bool:
+        if self.model is None or stop.is_set():
+            return False
+        if self.settings.park == "host":
+            return parking.to_host(self.model.model, self._trt, stop)
+        spk2info = self.model.frontend.spk2info
+        self._kept_voices = parking.voices_to_host(spk2info, [k for k in spk2info if k.startswith("wcv-")])
+        del spk2info
+        if stop.is_set():  # a request came while the voices were copied: keep the model
+            self._kept_voices = {}
+            return False
+        self._unload()
+        parking.release_memory()
+        return True
+
+    async def _wake_model(self) -> None:
+        await self.run_in_worker(self._wake_locked, exclusive=True)
+
+    def _wake_locked(self) -> None:
+        if self.model is None:
+            self._load(None, waking=True)
+        else:
+            parking.to_device(self.model.model, self._trt)
 
     def _admit(self) -> None:
-        """ServerBusy when every slot is taken and the queue is full, or when one more stream would make the streams
-        in flight fall behind real time (`keep_real_time`, from the measured costs)."""
+        why = self.room()
+        if why is not None:
+            raise ServerBusy(f"cosyvoice engine {why}")
+
+    def room(self) -> Optional[str]:
+        """Why one more request cannot start now (None: it can): every slot taken and the queue full, or one more
+        stream would make the streams in flight fall behind real time (`keep_real_time`, from the measured costs).
+        The service waits on it (Engine.room); a direct `synthesize` without room raises ServerBusy."""
         in_flight, queued = self.in_flight, self.queued
         if in_flight >= self.concurrency and queued >= self.settings.max_queue:
-            raise ServerBusy(
-                f"cosyvoice engine busy: {in_flight} requests in flight, {queued} queued "
+            return (
+                f"busy: {in_flight} requests in flight, {queued} queued "
                 f"(concurrency {self.concurrency}, max_queue {self.settings.max_queue})"
             )
         if self.settings.keep_real_time and self.scheduling is not None and in_flight < self.concurrency:
             scheduling = self.scheduling
             why = admission(
-                in_flight, scheduling.costs.per_stream(), scheduling.llm_batched, scheduling.scheduler.slots
+                in_flight,
+                scheduling.costs.per_stream(),
+                scheduling.llm_batched,
+                scheduling.scheduler.slots,
+                flow_marginal=scheduling.marginal(),
             )
             if why is not None:
-                raise ServerBusy(f"cosyvoice engine at capacity: {why}")
+                return f"at capacity: {why}"
+        return None
+
+    def heard_as(self, profile: VoiceProfile) -> str:
+        """Cloned from the recording (or the model's built-in speaker)."""
+        if profile.mode == "sft":
+            return "the model's built-in speaker"
+        return "cloned" if profile.mode != "instruct" else "cloned, with instructions"
 
     def request_abandoned(self, cancel: threading.Event) -> None:
         """A hung request's thread was given up: free the flow + vocoder pass it may hold for the others."""
@@ -460,7 +553,8 @@ class CosyVoiceEngine(ThreadedEngine):
 
     async def warmup(self) -> None:
         """Synthesize `warmup_text` once; non-finite output reloads in fp32 (auto fp16) or is an error."""
-        await self.run_in_worker(self._warmup, True, exclusive=True)
+        async with self.lifecycle.request("the warm-up"):
+            await self.run_in_worker(self._warmup, True, exclusive=True)
 
     def _warmup_profile(self) -> VoiceProfile:
         if self._first_profile is not None:  # already prepared: warming up costs no extra prompt computation
@@ -524,6 +618,7 @@ class CosyVoiceEngine(ThreadedEngine):
             costs = self.scheduling.costs.per_stream()
             if costs is not None:  # what one stream needs of the model per second of audio (admission weighs it)
                 facts["stream_cost"] = f"llm {costs[0]:.2f} + flow {costs[1]:.2f} s per s"
+            facts["batched_flow"] = self.scheduling.batch_report()
         if self.text_normalizer:
             facts["text_normalizer"] = self.text_normalizer
         if self.self_check:
@@ -534,13 +629,30 @@ class CosyVoiceEngine(ThreadedEngine):
         facts["prompt_cache"] = f"{self.cache.hits} hits/{self.cache.misses} computed"
         if self.warmup_report:
             facts["warmup"] = self.warmup_report
+        facts.update(self.lifecycle.facts())
+        facts.update(self._vram())
         gpu = gpu_facts()
         facts.update(gpu.as_dict())
         facts["cuda_fit"] = driver_fit_here(gpu).line  # the driver vs torch's CUDA build, and what to do if apart
         return facts
 
+    def _vram(self) -> dict[str, str]:
+        """The GPU memory this process holds (NVML; torch's reserved memory where NVML cannot see this process)."""
+        if self.plan is None or self.plan.device != "cuda":
+            return {}
+        held = process_memory_mb()
+        if held:
+            return {"vram_held": f"{held} MiB"}
+        try:
+            import torch
+
+            return {"vram_held": f"{int(torch.cuda.memory_reserved()) // 2**20} MiB reserved by torch"}
+        except Exception:  # torch without CUDA support compiled in
+            return {}
+
     async def close(self) -> None:
         """Release the model after the current job and stop the worker."""
+        await self.lifecycle.close()
         if self.model is not None:
             try:
                 await asyncio.wait_for(self.run_in_worker(self._unload, exclusive=True), 30)

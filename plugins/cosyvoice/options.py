@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -46,6 +47,13 @@ class CosyVoiceSettings:
     """Requests in flight at once on the one loaded model (CosyVoice 2/3; CosyVoice 1 streams with upstream's loop
     and runs 1): auto = from the GPU's free memory after loading (1 to 8), 1 on the CPU."""
 
+    batch_flow: bool = True
+    """CosyVoice 2/3: run the flow-matching decoders of passes that are ready together (several requests in flight)
+    as one batched call (PyTorch flow only: off with TensorRT); false runs every pass alone."""
+
+    max_flow_batch: Union[int, Literal["auto"]] = "auto"
+    """The most passes in one batch: auto = `concurrency` (at most AUTO_MAX_FLOW_BATCH)."""
+
     keep_real_time: bool = True
     """Refuse a new request (ServerBusy) while the measured costs say the streams in flight plus it could not all
     stay ahead of real time; false: admit up to `concurrency` and let them share the machine."""
@@ -74,6 +82,14 @@ class CosyVoiceSettings:
     warmup_text: str = "Hello, this is a warm-up."
     """Text synthesized once at startup (checks the output is finite, primes kernels and plans)."""
 
+    keep_alive: float = -1
+    """Seconds without a request (and no reply open) before the model is parked to free the GPU for other programs;
+    -1 never, 0 after every reply. A request, or a reply opening (`synthesize-start`), wakes it (docs/cosyvoice.md)."""
+
+    park: Literal["host", "unload"] = "host"
+    """How the model parks: host = weights copied to (pinned) host memory, waking copies them back; unload = the model
+    is dropped (memory released), waking reloads it from disk; prepared voices stay prepared either way."""
+
     def validate(self) -> Optional[tuple[str, str]]:
         """Check ranges."""
         if self.trt_concurrent < 1:
@@ -82,8 +98,21 @@ class CosyVoiceSettings:
             return ("max_queue", "must be at least 0")
         if self.concurrency != "auto" and self.concurrency < 1:
             return ("concurrency", "must be auto or at least 1")
+        if not math.isfinite(self.keep_alive) or (self.keep_alive < 0 and self.keep_alive != -1):
+            return ("keep_alive", "must be -1 (never park), 0 (after every reply) or seconds")
+        if self.max_flow_batch != "auto" and self.max_flow_batch < 1:
+            return ("max_flow_batch", "must be auto or at least 1")
         return None
 
+    def flow_batch_limit(self) -> int:
+        """The batch bound before the concurrency is known (the engine lowers it to the concurrency then)."""
+        if not self.batch_flow:
+            return 1
+        return AUTO_MAX_FLOW_BATCH if self.max_flow_batch == "auto" else int(self.max_flow_batch)
+
+
+AUTO_MAX_FLOW_BATCH = 8
+"""The most passes `max_flow_batch: auto` runs in one batch (it is lowered to `concurrency`)."""
 
 AUTO_MAX_CONCURRENCY = 8
 """The most requests `concurrency: auto` puts in flight (the flow + vocoder is shared: more rarely pays)."""

@@ -32,15 +32,15 @@ from typing import Any, Callable, Iterator, Optional
 
 from wyoming_cosyvoice.engine import Cancelled
 
-from .chunking import (  # noqa: F401  (first_hop, ChunkCost, keeps_ahead: importable from here as before)
+from .batching import DecoderRoute, batchable
+from .chunking import (
     MAX_TOKEN_TEXT_RATIO,
     SAFETY,
     TOKENS_PER_SECOND,
     ChunkCost,
+    ChunkGrid,
     cut_due,
-    first_hop,
     first_size,
-    grid_floor,
     grown_end,
     keeps_ahead,
 )
@@ -86,9 +86,17 @@ class Streaming:
     """What every call on one model shares: the flow + vocoder scheduler, the measured costs, the settings."""
 
     def __init__(
-        self, early_first_chunk: bool, sample_rate: int, flow_slots: int = 1, llm_batched: bool = False
+        self,
+        early_first_chunk: bool,
+        sample_rate: int,
+        flow_slots: int = 1,
+        llm_batched: bool = False,
+        max_flow_batch: int = 1,
     ) -> None:
-        self.scheduler = FlowScheduler(flow_slots)
+        self.scheduler = FlowScheduler(flow_slots, max_batch=max_flow_batch)
+        self.route: Optional[DecoderRoute] = None
+        """Routes the flow decoder's calls of batched passes (None: every pass runs alone)."""
+        self.batch_note = "off" if max_flow_batch < 2 else f"up to {max_flow_batch} passes"
         self.llm_batched = llm_batched
         """The LLM batches the calls itself (vLLM): one stream's LLM need for all (admission, overload)."""
         self.cost = ChunkCost()
@@ -106,7 +114,29 @@ class Streaming:
         costs = self.costs.per_stream()
         if costs is None or self.scheduler.open_streams < 2:
             return False
-        return load(self.scheduler.open_streams, *costs, self.llm_batched, self.scheduler.slots) > 1.0
+        return load(self.scheduler.open_streams, *costs, self.llm_batched, self.scheduler.slots, self.marginal()) > 1.0
+
+    def limit_batch(self, streams: int) -> None:
+        """No batch of more passes than `streams` (the requests in flight at once)."""
+        self.scheduler.max_batch = max(1, min(self.scheduler.max_batch, streams))
+        if self.route is not None and self.scheduler.max_batch < 2:
+            self.batch_note = "off: one request at a time"
+        elif self.route is not None:
+            self.batch_note = f"up to {self.scheduler.max_batch} passes"
+
+    def batch_report(self) -> str:
+        """Batched flow passes for health: the bound, the batches run, what one more member adds."""
+        if self.route is None:
+            return self.batch_note
+        marginal = self.scheduler.marginal
+        added = "not measured yet" if marginal is None else f"one more pass adds {marginal:.0%} of its own"
+        return f"{self.batch_note}; {self.scheduler.batches} batched passes; {added}"
+
+    def marginal(self) -> float:
+        """What one more stream adds to a flow pass, as a share of its own (1.0: passes are not batched)."""
+        if self.route is None or self.scheduler.marginal is None:
+            return 1.0
+        return self.scheduler.marginal
 
     def begin(self, cancel: threading.Event, alive: Callable[[], None] = lambda: None) -> Request:
         """Register a request made on this thread (its calls find it through `current`)."""
@@ -203,8 +233,11 @@ def install(inner: Any, streaming: Streaming) -> bool:
         if request is None:
             request = streaming.begin(threading.Event())
         stream, seconds = request.stream, streaming.cost.predict(10 * TOKENS_PER_SECOND) or 0.0
+        stream.final = bool(kwargs.get("finalize", True))
         if not streaming.scheduler.acquire(stream, seconds, request.stop, request.alive):
             raise Cancelled()  # the request was cancelled while waiting: it ends here
+        if streaming.route is not None:  # granted with other passes: its decoder call meets theirs
+            streaming.route.join(stream.batch, stream)
         audio = 0.0
         try:
             streaming.holding = True
@@ -213,14 +246,23 @@ def install(inner: Any, streaming: Streaming) -> bool:
             return speech
         finally:
             streaming.holding = False
+            if streaming.route is not None:
+                streaming.route.alone()
             streaming.scheduler.release(stream, audio)
             if own:
                 streaming.end(request)
 
     inner.tts = tts
     inner.token2wav = scheduled_token2wav
-    inner.wcv_streaming = streaming  # for the engine's report and tests
-    inner.wcv_chunk_cost = streaming.cost
+    if streaming.scheduler.max_batch > 1:
+        why = batchable(getattr(inner.flow, "decoder", None))
+        if why is None:
+            streaming.route = DecoderRoute(inner.flow.decoder)
+            streaming.route.install()
+        else:
+            streaming.scheduler.max_batch = 1
+            streaming.batch_note = f"off: {why}"
+            _LOGGER.info("Batched flow passes off: %s", why)
     return True
 
 
@@ -232,240 +274,279 @@ def stream_tts(inner: Any, call: dict, hop: int, streaming: Streaming) -> Iterat
     if request is None:  # called outside the engine (a test, a benchmark): a request of its own
         request = streaming.begin(threading.Event())
         try:
-            yield from _stream(inner, call, hop, streaming, request)
+            yield from StreamCall(inner, call, hop, streaming, request).run()
         finally:
             streaming.end(request)
     else:
-        yield from _stream(inner, call, hop, streaming, request)
+        yield from StreamCall(inner, call, hop, streaming, request).run()
 
 
-def _stream(inner: Any, call: dict, hop: int, streaming: Streaming, request: Request) -> Iterator[dict]:
-    stop = request.stop
-    if stop():
-        return
-    import torch  # present: upstream's model object exists
+class StreamCall:
+    """One streaming `tts` call: its LLM thread, its token list and its chunks. The state upstream's loop keeps in
+    locals lives in fields; each decision (the first chunk, where the next one ends, when to cut, one flow +
+    vocoder pass, the costs it measured, the clean-up) is a method."""
 
-    sched, cost, stream = streaming.scheduler, streaming.cost, request.stream
-    key = str(uuid.uuid1())
-    wake = threading.Condition()
-    offset = 0  # tokens through the flow so far (read by the LLM thread for the scheduler)
-    crowded = sched.open_streams > 1
-    llm_last = 0.0
+    def __init__(self, inner: Any, call: dict, hop: int, streaming: Streaming, request: Request) -> None:
+        self.inner, self.call, self.streaming, self.request = inner, call, streaming, request
+        self.sched, self.cost, self.stream = streaming.scheduler, streaming.cost, request.stream
+        self.key = str(uuid.uuid1())
+        self.wake = threading.Condition()
+        self.offset = 0
+        """Tokens through the flow so far (read by the LLM thread for the scheduler)."""
+        self.crowded = self.sched.open_streams > 1
+        """Another stream shared the model at some point: this call's costs are not one stream's alone."""
+        self.llm_last = 0.0
+        self.failure: list[BaseException] = []
+        # vLLM keeps its own request state, which an exception in the middle of upstream's loop would leave behind.
+        self.tokens = _Tokens(self.wake, stoppable=not hasattr(inner.llm, "vllm"), before=self._before_token)
+        self.prompt_token = call["flow_prompt_speech_token"]
+        text: Any = call.get("text")  # a token tensor (a generator when text streams in)
+        self.grid = ChunkGrid(
+            prompt_tokens=int(self.prompt_token.shape[1]),
+            hop=hop,
+            max_hop=int(inner.token_max_hop_len),
+            scale=int(inner.stream_scale_factor),
+            lookahead=int(inner.flow.pre_lookahead_len),
+            limit=MAX_TOKEN_TEXT_RATIO * int(text.shape[1]) if hasattr(text, "shape") else None,
+        )
+        self.upstream_first, early = self.grid.first_hop()
+        self.early = early if streaming.early_first_chunk else 0
+        self.started = 0.0
+        self.flow_s, self.audio_s = 0.0, 0.0
+        self.thread = threading.Thread(target=self._job, name=f"cosyvoice-llm-{self.key[:8]}", daemon=True)
 
-    def before_token(count: int) -> None:  # on the LLM thread
-        nonlocal crowded, llm_last
-        llm_last = time.perf_counter()
-        stream.in_hand = max(0, count - offset) / TOKENS_PER_SECOND
-        if sched.open_streams > 1:
-            crowded = True
-            sched.llm_wait(stream, lambda: tokens.stopped or stop())
+    def stop(self) -> bool:
+        return self.request.stop()
 
-    # vLLM keeps its own request state, which an exception in the middle of upstream's loop would leave behind.
-    tokens = _Tokens(wake, stoppable=not hasattr(inner.llm, "vllm"), before=before_token)
-    failure: list[BaseException] = []
-    with inner.lock:
-        inner.tts_speech_token_dict[key], inner.llm_end_dict[key] = tokens, False
-        inner.hift_cache_dict[key] = None
+    def run(self) -> Iterator[dict]:
+        """Yields {'tts_speech': tensor[1, N]} per chunk, like upstream's loop."""
+        if self.stop():
+            return
+        import torch  # present: upstream's model object exists
 
-    def job() -> None:
+        self.torch = torch
+        with self.inner.lock:
+            self.inner.tts_speech_token_dict[self.key], self.inner.llm_end_dict[self.key] = self.tokens, False
+            self.inner.hift_cache_dict[self.key] = None
+        self.started = time.perf_counter()
+        self.thread.start()
+        try:
+            yield from self._chunks()
+        finally:
+            self._close()
+
+    # --- the LLM thread
+
+    def _before_token(self, count: int) -> None:
+        """Before each token, on the LLM thread: step aside while another stream's pass is urgent."""
+        self.llm_last = time.perf_counter()
+        self.stream.in_hand = max(0, count - self.offset) / TOKENS_PER_SECOND
+        if self.sched.open_streams > 1:
+            self.crowded = True
+            self.sched.llm_wait(self.stream, lambda: self.tokens.stopped or self.stop())
+
+    def _job(self) -> None:
+        call, inner = self.call, self.inner
         try:
             inner.llm_job(
-                call["text"], call["prompt_text"], call["llm_prompt_speech_token"], call["llm_embedding"], key
+                call["text"], call["prompt_text"], call["llm_prompt_speech_token"], call["llm_embedding"], self.key
             )
         except StopLLM:
             pass
         except BaseException as err:  # upstream's thread would die silently and its loop wait forever
-            failure.append(err)
+            self.failure.append(err)
         finally:
-            with wake:
-                if key in inner.llm_end_dict:  # not yet dropped by a call that gave up waiting for this thread
-                    inner.llm_end_dict[key] = True
-                wake.notify_all()
+            with self.wake:
+                if self.key in inner.llm_end_dict:  # not yet dropped by a call that gave up waiting for this thread
+                    inner.llm_end_dict[self.key] = True
+                self.wake.notify_all()
 
-    prompt_token = call["flow_prompt_speech_token"]
-    prompt_tokens = int(prompt_token.shape[1])
-    lookahead = int(inner.flow.pre_lookahead_len)
-    max_hop, scale = int(inner.token_max_hop_len), int(inner.stream_scale_factor)
-    upstream_first, early = first_hop(prompt_tokens, hop)
-    text: Any = call.get("text")  # a token tensor (a generator when text streams in)
-    limit = MAX_TOKEN_TEXT_RATIO * int(text.shape[1]) if hasattr(text, "shape") else None
-    if not streaming.early_first_chunk:
-        early = 0
-    started = time.perf_counter()
-    flow_s, audio_s = 0.0, 0.0
-    thread = threading.Thread(target=job, name=f"cosyvoice-llm-{key[:8]}", daemon=True)
-    thread.start()
+    def _ended(self) -> bool:
+        return bool(self.inner.llm_end_dict.get(self.key))
 
-    def ended() -> bool:
-        return bool(inner.llm_end_dict.get(key))
-
-    def per_token() -> float:
+    def _per_token(self) -> float:
         """This call's LLM seconds per token so far (prefill included)."""
-        return (time.perf_counter() - started) / max(1, len(tokens))
+        return (time.perf_counter() - self.started) / max(1, len(self.tokens))
 
-    def wait(n: int) -> Optional[float]:
-        """A pass over `n` tokens, with the wait for the other streams' passes ahead of it."""
-        seconds = cost.predict(n)
-        return None if seconds is None else seconds + sched.busy_for(stream)
+    # --- the decisions
 
-    def wait_for(count: int, cut_from: Optional[int] = None) -> bool:
+    def _wait_for(self, count: int, cut_from: Optional[int] = None) -> bool:
         """Wait until `count` tokens exist (True) or the LLM ended short of them or the call stopped (False); with
         `cut_from`, also True once the stream must cut at a grid end >= `cut_from` to stay ahead of playback."""
-        with wake:
+        tokens, grid = self.tokens, self.grid
+        with self.wake:
             while len(tokens) < count:
-                if ended() or stop():
+                if self._ended() or self.stop():
                     return False
                 if cut_from is not None:
-                    end = grid_floor(len(tokens) - lookahead, prompt_tokens)
-                    slack = stream.slack(sched.clock())
+                    end = grid.floor(len(tokens) - grid.lookahead)
+                    slack = self.stream.slack(self.sched.clock())
                     if end >= cut_from and slack is not None:
-                        if cut_due(slack, cost.predict(prompt_tokens + end + lookahead), sched.busy_for(stream)):
+                        if cut_due(slack, self.cost.predict(grid.flow_tokens(end)), self.sched.busy_for(self.stream)):
                             return True
-                wake.wait(0.05)  # the timeout bounds how late a stop request or a due cut is noticed
+                self.wake.wait(0.05)  # the timeout bounds how late a stop request or a due cut is noticed
         return True
 
-    def longest(floor: int) -> Optional[int]:
+    def _first_chunk(self) -> tuple[int, bool]:
+        """(size, early taken) of the request's first chunk: upstream's, the early one when the model keeps ahead
+        after it, or a longer one when other streams share the model and upstream's would run dry."""
+        size, grid, sched = self.upstream_first, self.grid, self.sched
+        fresh = self.stream.first_out is None  # this call makes the request's first audio
+        # early_first_chunk: false keeps upstream's first chunk as it is (no early one, no longer one under load).
+        if not (fresh and self.streaming.early_first_chunk):
+            return size, False
+        if not self._wait_for((self.early or self.upstream_first) + grid.lookahead) or self.stop():
+            return size, False
+        seconds_per_token = self._per_token()
+        # Other streams' passes may run before each of ours (round robin at worst, over the flow's slots).
+        share = 1 + (sched.open_streams - 1) / sched.slots
+
+        def flow_cost(n: int) -> Optional[float]:
+            seconds = self.cost.predict(n)
+            return None if seconds is None else seconds * share
+
+        early_used = bool(self.early) and keeps_ahead(grid, self.early, seconds_per_token, flow_cost)
+        if early_used:
+            size = self.early
+        elif sched.open_streams > 1:  # alone, a longer first chunk would only delay the first audio
+            size = first_size(grid, self.upstream_first, seconds_per_token, flow_cost)
+        _LOGGER.debug(
+            "First chunk %d tokens (early %d %s): LLM %.1f ms/token, flow + vocoder over %d tokens %s ms, %d streams",
+            size,
+            self.early,
+            "taken" if early_used else "not taken",
+            seconds_per_token * 1000,
+            grid.flow_tokens(self.early + grid.hop),
+            _ms(flow_cost(grid.flow_tokens(self.early + grid.hop))),
+            sched.open_streams,
+        )
+        return size, early_used
+
+    def _next_target(self, size: int) -> tuple[Optional[int], Optional[int]]:
+        """(the chunk end to wait for, None: the LLM ended and one final pass fits; the grid end from which waiting
+        may be cut short at the tokens there are, None: no cut)."""
+        slack = self.stream.slack(self.sched.clock())
+        if slack is None:  # the request's first audio: as decided by _first_chunk, never longer
+            return self.offset + size, None
+        target = grown_end(
+            self.grid,
+            self.offset,
+            size,
+            len(self.tokens),
+            self._ended(),
+            slack,
+            self._per_token(),
+            self.cost.predict,
+            self.sched.busy_for(self.stream),
+        )
+        # Waiting for a chunk is cut short, at the tokens there are, when the stream would otherwise run dry
+        # (a grown chunk, or upstream's size under load): the chunk ends at the grid point they reach.
+        cut_from: Optional[int] = (
+            (self.early or self.upstream_first) if self.offset == 0 else self.offset + self.grid.hop
+        )
+        if self.streaming.overloaded():
+            # A cut buys one stream sooner audio with an extra pass; when the streams already need more than the
+            # model's time, every extra pass makes them all later (docs/benchmarks.md, keep_real_time: false).
+            cut_from = None
+        return target, cut_from
+
+    def _longest(self, floor: int) -> Optional[int]:
         """At the grant: the chunk end to run now, at least `floor` (None: finish with all tokens). A stream that
         has already played audio takes every token there is on the grid, as long as the longer pass still ends with
         SAFETY margin before it runs dry (fewer passes in all)."""
-        if stream.first_out is None:
+        if self.stream.first_out is None:
             return floor
-        if failure:
-            raise failure[0]
+        if self.failure:
+            raise self.failure[0]
+        grid, cost = self.grid, self.cost
         # Its own playback, and the others': a longer pass must not make a started stream miss its next pass.
-        slack = min(stream.slack(sched.clock()) or 0.0, sched.headroom(stream))
-        if ended():
-            final = cost.predict(prompt_tokens + len(tokens))
+        slack = min(self.stream.slack(self.sched.clock()) or 0.0, self.sched.headroom(self.stream))
+        if self._ended():
+            final = cost.predict(grid.prompt_tokens + len(self.tokens))
             if final is None or SAFETY * final <= slack:
                 return None
-        end = grid_floor(len(tokens) - lookahead, prompt_tokens)
+        end = grid.floor(len(self.tokens) - grid.lookahead)
         while end > floor:
-            seconds = cost.predict(prompt_tokens + end + lookahead)
+            seconds = cost.predict(grid.flow_tokens(end))
             if seconds is None or SAFETY * seconds <= slack:
                 return end
-            end -= hop
+            end -= grid.hop
         return floor
 
-    def run_pass(planned: int, floor: Optional[int]) -> tuple[Optional[dict], Optional[int]]:
+    # --- the work
+
+    def _run_pass(self, planned: int, floor: Optional[int]) -> tuple[Optional[dict], Optional[int]]:
         """One flow + vocoder pass from `offset` once the scheduler grants it, ending at `floor` or later (None: the
         final pass); (output, end), end None when it was the final pass; (None, 0) when the call stopped while
         waiting."""
-        nonlocal flow_s, audio_s
-        if not sched.acquire(stream, cost.predict(prompt_tokens + planned) or 0.0, stop, request.alive):
+        sched, stream, grid, route = self.sched, self.stream, self.grid, self.streaming.route
+        stream.final = floor is None
+        if not sched.acquire(
+            stream, self.cost.predict(grid.prompt_tokens + planned) or 0.0, self.stop, self.request.alive
+        ):
             return None, 0
-        audio, end = 0.0, floor
+        batched = stream.batch is not None
+        if route is not None:
+            route.join(stream.batch, stream)
+        audio, end, took = 0.0, floor, None
         try:
-            end = None if floor is None else longest(floor)
+            end = None if floor is None else self._longest(floor)
             if end is None:
-                thread.join()
-                if failure:
-                    raise failure[0]
-            n = len(tokens) if end is None else end + lookahead
+                self.thread.join()
+                if self.failure:
+                    raise self.failure[0]
+            n = len(self.tokens) if end is None else end + grid.lookahead
             began = time.perf_counter()
-            streaming.holding = True
+            self.streaming.holding = True
             try:
-                speech = inner.token2wav(
-                    token=torch.tensor(tokens[:n]).unsqueeze(dim=0),
-                    prompt_token=prompt_token,
-                    prompt_feat=call["prompt_speech_feat"],
-                    embedding=call["flow_embedding"],
-                    token_offset=offset,
-                    uuid=key,
+                speech = self.inner.token2wav(
+                    token=self.torch.tensor(self.tokens[:n]).unsqueeze(dim=0),
+                    prompt_token=self.prompt_token,
+                    prompt_feat=self.call["prompt_speech_feat"],
+                    embedding=self.call["flow_embedding"],
+                    token_offset=self.offset,
+                    uuid=self.key,
                     stream=end is not None,
                     finalize=end is None,
                 )
                 out = {"tts_speech": speech.cpu()}  # waits for the GPU: the timing is the whole pass
             finally:
-                streaming.holding = False
+                self.streaming.holding = False
             took = time.perf_counter() - began
-            audio = out["tts_speech"].shape[1] / streaming.sample_rate
+            audio = out["tts_speech"].shape[1] / self.streaming.sample_rate
         finally:
-            sched.release(stream, audio)
-        cost.observe(prompt_tokens + n, took)
-        flow_s, audio_s = flow_s + took, audio_s + audio
+            if route is not None:
+                route.alone()
+            sched.release(stream, audio, took)
+        if not batched:  # a batched pass's time is the batch's: the scheduler weighs it (marginal)
+            self.cost.observe(grid.prompt_tokens + n, took)
+        self.flow_s, self.audio_s = self.flow_s + took, self.audio_s + audio
         _LOGGER.debug(
             "Call %s: pass %d-%s of %d tokens in %.0f ms, %.2f s of audio, %s ms ahead of playback",
-            key[:8],
-            offset,
+            self.key[:8],
+            self.offset,
             "end" if end is None else end,
-            len(tokens),
+            len(self.tokens),
             took * 1000,
             audio,
             _ms(stream.slack(sched.clock())),
         )
         return out, end
 
-    try:
-        step, size = hop, upstream_first
-        early_used = False
-        fresh = stream.first_out is None  # this call makes the request's first audio
-        # early_first_chunk: false keeps upstream's first chunk as it is (no early one, no longer one under load).
-        if fresh and streaming.early_first_chunk and wait_for((early or upstream_first) + lookahead) and not stop():
-            seconds_per_token = per_token()
-            # Other streams' passes may run before each of ours (round robin at worst, over the flow's slots).
-            share = 1 + (sched.open_streams - 1) / sched.slots
-
-            def flow_cost(n: int) -> Optional[float]:
-                seconds = cost.predict(n)
-                return None if seconds is None else seconds * share
-
-            if early:
-                early_used = keeps_ahead(
-                    early, hop, max_hop, scale, lookahead, prompt_tokens, seconds_per_token, flow_cost, limit
-                )
-            if early_used:
-                size = early
-            elif sched.open_streams > 1:  # alone, a longer first chunk would only delay the first audio
-                size = first_size(
-                    upstream_first, hop, max_hop, scale, lookahead, prompt_tokens, seconds_per_token, flow_cost, limit
-                )
-            _LOGGER.debug(
-                "First chunk %d tokens (early %d %s): LLM %.1f ms/token, flow + vocoder over %d tokens %s ms, "
-                "%d streams",
-                size,
-                early,
-                "taken" if early_used else "not taken",
-                seconds_per_token * 1000,
-                prompt_tokens + early + hop + lookahead,
-                _ms(flow_cost(prompt_tokens + early + hop + lookahead)),
-                sched.open_streams,
-            )
+    def _chunks(self) -> Iterator[dict]:
+        """The chunks, each as soon as its tokens are there and the scheduler grants its pass; then the final one."""
+        grid = self.grid
+        step = grid.hop
+        size, early_used = self._first_chunk()
         while True:
-            slack = stream.slack(sched.clock())
-            if slack is None:  # the request's first audio: as decided above, never longer
-                target: Optional[int] = offset + size
-                cut_from = None
-            else:
-                target = grown_end(
-                    offset,
-                    size,
-                    len(tokens),
-                    ended(),
-                    slack,
-                    per_token(),
-                    cost.predict,
-                    lookahead,
-                    prompt_tokens,
-                    sched.busy_for(stream),
-                    limit,
-                )
-                # Waiting for a chunk is cut short, at the tokens there are, when the stream would otherwise run dry
-                # (a grown chunk, or upstream's size under load): the chunk ends at the grid point they reach.
-                cut_from = (early or upstream_first) if offset == 0 else offset + hop
-                if streaming.overloaded():
-                    # A cut buys one stream sooner audio with an extra pass; when the streams already need more
-                    # than the model's time, every extra pass makes them all later (4 at once, keep_real_time: false,
-                    # tiny model, CPU, one run each: RTF 1.66 cutting as usual, 1.35 never cutting; upstream's
-                    # threads 1.45 and 1.38 in the same runs).
-                    cut_from = None
-            if target is None or not wait_for(target + lookahead, cut_from):
+            target, cut_from = self._next_target(size)
+            if target is None or not self._wait_for(target + grid.lookahead, cut_from):
                 break  # the LLM ended (or the call stopped): the final pass below
-            if stop():
+            if self.stop():
                 return
-            assert target is not None
             # The end waited for: the target, or where a due cut found the stream (never less than upstream's size).
-            floor = min(target, grid_floor(len(tokens) - lookahead, prompt_tokens))
-            out, end = run_pass(target + lookahead, floor)
+            floor = min(target, grid.floor(len(self.tokens) - grid.lookahead))
+            out, end = self._run_pass(target + grid.lookahead, floor)
             if out is None:
                 return
             yield out
@@ -473,27 +554,34 @@ def _stream(inner: Any, call: dict, hop: int, streaming: Streaming, request: Req
                 return
             # Upstream's sizes: hop + pad, then the hop doubled each time up to its maximum. After an early first
             # chunk (the pad alone) the next one is upstream's first step, `hop`, and then they grow the same way.
-            if not (offset == 0 and early_used):
-                step = min(max_hop, step * scale)
-            offset = end
+            if not (self.offset == 0 and early_used):
+                step = min(grid.max_hop, step * grid.scale)
+            self.offset = end
             size = step
-        if stop():
+        if self.stop():
             return
-        out, _ = run_pass(len(tokens), None)
+        out, _ = self._run_pass(len(self.tokens), None)
         if out is not None:
             yield out
-        if not crowded and llm_last:  # what one stream costs with the model to itself (admission adds these up)
-            streaming.costs.observe((llm_last - started) / max(1, len(tokens)), flow_s, audio_s)
-    finally:
-        tokens.stopped = True
-        thread.join(120.0)
-        if thread.is_alive():
+        self._observe_costs()
+
+    def _observe_costs(self) -> None:
+        """What one stream costs with the model to itself (admission adds these up): only from a call alone."""
+        if not self.crowded and self.llm_last:
+            per_token = (self.llm_last - self.started) / max(1, len(self.tokens))
+            self.streaming.costs.observe(per_token, self.flow_s, self.audio_s)
+
+    def _close(self) -> None:
+        """Stop the LLM thread at its next token, drop the call's entries from upstream's tables."""
+        self.tokens.stopped = True
+        self.thread.join(120.0)
+        if self.thread.is_alive():
             _LOGGER.warning("CosyVoice LLM thread of a closed call still running after 120 s")
-        with inner.lock:
-            for table in (inner.tts_speech_token_dict, inner.llm_end_dict, inner.hift_cache_dict):
-                table.pop(key, None)
-        if torch.cuda.is_available():
-            torch.cuda.current_stream().synchronize()
+        with self.inner.lock:
+            for table in (self.inner.tts_speech_token_dict, self.inner.llm_end_dict, self.inner.hift_cache_dict):
+                table.pop(self.key, None)
+        if self.torch.cuda.is_available():
+            self.torch.cuda.current_stream().synchronize()
 
 
 def _ms(seconds: Optional[float]) -> str:

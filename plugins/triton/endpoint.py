@@ -5,7 +5,8 @@ is written and the writing side closed, and a reader task reads responses until 
 server ends the call). When the consumer stops early the call is cancelled, which is what reaches Triton: its gRPC
 frontend marks the request cancelled (`request.is_cancelled()` in a Python-backend model) and sends nothing more.
 Triton before 2.53 (24.12) can crash when a stream is cancelled while the model is sending (2.51 did here, see
-docs/triton.md); there, by default, the rest of the request is read and dropped instead.
+docs/triton.md); there, by default, the rest of the request is read and dropped instead, and closing the stream
+waits for that, so the request keeps its admission slot while it drains.
 """
 
 from __future__ import annotations
@@ -60,6 +61,24 @@ def rpc_problem(err: grpc.RpcError) -> str:
     first = details.splitlines()[0] if details else ""
     name = code.name if code is not None else type(err).__name__
     return f"{name.lower()}: {first[:160]}" if first else name.lower()
+
+
+async def _outlast(task: "asyncio.Task[None]") -> None:
+    """Wait for `task` to end even when cancelled meanwhile (the cancellation is passed on after): a client that
+    leaves is noticed twice (a failed write, then EOF), and the second must not cut the wait short. The engine's
+    `close` (shutdown) ends the task, so the wait is bounded."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                break
+            cancelled = True
+        except Exception:  # the reader's own failure: nothing left to wait for
+            break
+    if cancelled:
+        raise asyncio.CancelledError()
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -281,6 +300,9 @@ class Endpoint:
                 else:
                     dropping[0] = True
                     self.draining += 1
+                    # The request runs on Triton to its end either way: closing waits for it, so it keeps its
+                    # admission slot (server.max_concurrent) instead of piling up behind clients that hung up.
+                    await _outlast(reader)
 
     def summary(self) -> str:
         """`host:port ready; 1 active; 12 served` for health and describe (no commas or parentheses: describe's

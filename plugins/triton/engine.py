@@ -175,7 +175,7 @@ class TritonEngine(Engine):
         candidates = ready or [e for e in usable if not e.permanent]
         if not candidates:
             return None
-        return min(candidates, key=lambda e: (e.outstanding + e.draining, e.served))
+        return min(candidates, key=lambda e: (e.outstanding, e.served))  # a draining request is outstanding too
 
     async def synthesize(
         self, text: str, profile: VoiceProfile, options: SynthesisOptions

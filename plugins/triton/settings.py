@@ -12,8 +12,8 @@ CANCEL_SAFE_VERSION = (2, 53)
 DEFAULT_GRPC_PORT = 8001
 """Triton's default gRPC port (upstream's CosyVoice 3 script moves it to 18001)."""
 
-_ENDPOINT = re.compile(r"^grpc://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(?P<port>[0-9]{1,5}))?/?$")
-_MODEL = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_ENDPOINT = re.compile(r"grpc://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(?P<port>[0-9]{1,5}))?/?")
+_MODEL = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 def parse_endpoint(url: str) -> str:
@@ -24,7 +24,7 @@ def parse_endpoint(url: str) -> str:
             f"{url!r}: Triton streams only over gRPC; use grpc://host:port with its gRPC port "
             f"(default {DEFAULT_GRPC_PORT}), not its HTTP port"
         )
-    match = _ENDPOINT.match(text)
+    match = _ENDPOINT.fullmatch(text)
     if match is None:
         raise ValueError(f"{url!r} is not grpc://host:port")
     port = int(match["port"] or DEFAULT_GRPC_PORT)
@@ -79,7 +79,7 @@ class TritonSettings:
             if target in seen:
                 return (f"endpoints[{index}]", f"{url!r} is listed twice (also endpoints[{seen[target]}])")
             seen[target] = index
-        if not _MODEL.match(self.model):
+        if not _MODEL.fullmatch(self.model):
             return ("model", f"{self.model!r} is not a Triton model name")
         if not 8000 <= self.sample_rate <= 192000:
             return ("sample_rate", "must be between 8000 and 192000")

@@ -7,10 +7,21 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from ..config import Config, load_config
+from ..config import Config, load_config, non_finite
 from ..paths import DATA_ENV, choose_config, use_data_dir
 
 _LOGGER = logging.getLogger(__name__)
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0 (`nan` and `inf` would pass every comparison)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if non_finite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds above 0, got {text!r}")
+    return value
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from . import seconds
 from .say import DEFAULT_URI
 
 
@@ -27,7 +28,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     text = parser.add_mutually_exclusive_group()
     text.add_argument("--text", help="text of every request")
     text.add_argument("--words", type=int, default=20, help="use a standard sentence of N words (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: %(default)s)")
+    parser.add_argument("--timeout", type=seconds, default=120.0, help="seconds per request (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="write every request and the summary to this JSON file")
     parser.add_argument("--plot", type=Path, help="write a PNG of the latency distribution (needs matplotlib)")
     parser.add_argument("--debug", action="store_true", help="log debug messages")

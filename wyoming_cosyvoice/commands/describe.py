@@ -11,16 +11,17 @@ from typing import Any, Optional
 from wyoming.info import Info
 
 from ..client import TtsClient
+from . import seconds
 from .say import DEFAULT_URI
 
-_HEALTH = re.compile(r"\(engine: (?P<engine>[^;)]+)(?:; (?P<facts>[^)]*))?\)(?: \[(?P<note>[^\]]*)\])?")
+_NOTE = re.compile(r"^ \[(?P<note>[^\]]*)\]")
 
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register the `describe` subcommand."""
     parser = subparsers.add_parser("describe", help="show a Wyoming server's programs, voices and health")
     parser.add_argument("--uri", default=DEFAULT_URI, help=f"server (default: {DEFAULT_URI})")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
+    parser.add_argument("--timeout", type=seconds, default=10.0, help="seconds to wait for the answer (default 10)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--debug", action="store_true", help="log debug messages")
     parser.set_defaults(func=run)
@@ -28,17 +29,47 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def parse_health(description: Optional[str]) -> Optional[dict[str, Any]]:
     """Engine facts from one of our program descriptions ("... (engine: NAME; k=v, k=v) [note]"), else None."""
-    match = _HEALTH.search(description or "")
-    if match is None:
+    text = description or ""
+    start = text.find("(engine: ")
+    if start < 0:
         return None
-    health: dict[str, Any] = {"engine": match["engine"].strip()}
-    for fact in (match["facts"] or "").split(", "):
+    body, rest = _balanced(text[start + 1 :])  # values may hold parentheses: "parked (host)", "1 (auto: ...)"
+    engine, _, facts = body[len("engine: ") :].partition("; ")
+    health: dict[str, Any] = {"engine": engine.strip()}
+    for fact in _split_top(facts):
         key, sep, value = fact.partition("=")
         if sep and key.strip():
             health[key.strip()] = value.strip()
-    if match["note"]:
-        health["note"] = match["note"]
+    note = _NOTE.match(rest)
+    if note:
+        health["note"] = note["note"]
     return health
+
+
+def _balanced(text: str) -> tuple[str, str]:
+    """`text` after an opening parenthesis -> (what is inside up to its closing one, what follows it)."""
+    depth = 0
+    for i, char in enumerate(text):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            if depth == 0:
+                return text[:i], text[i + 1 :]
+            depth -= 1
+    return text, ""
+
+
+def _split_top(facts: str) -> list[str]:
+    """`k=v, k=v` split at the commas outside parentheses."""
+    parts, depth, last = [], 0, 0
+    for i, char in enumerate(facts):
+        depth += char == "("
+        depth -= char == ")"
+        if depth == 0 and facts.startswith(", ", i):
+            parts.append(facts[last:i])
+            last = i + 2
+    parts.append(facts[last:])
+    return parts
 
 
 async def fetch_info(uri: str, timeout: float) -> Info:

@@ -15,6 +15,7 @@ from ..client import ReplyStats, TtsClient
 from ..errors import CosyVoiceServiceError, NoAudioDevice, UsageError
 from ..plugins import Plugins
 from ..sinks import Sink, SinkResult, StreamInfo, Tee, TeeStream, parse_spec, sink_from_spec
+from . import seconds
 
 DEFAULT_URI = "tcp://127.0.0.1:10200"
 
@@ -56,7 +57,9 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         "--jitter-ms", type=int, default=None, help="speaker: audio buffered before playback (default 150)"
     )
     parser.add_argument("--device-rate", type=int, default=None, help="speaker: play at this rate (resampled)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply event (default 60)")
+    parser.add_argument(
+        "--timeout", type=seconds, default=60.0, help="seconds to wait for any reply event (default 60)"
+    )
     parser.add_argument("--plugins-dir", type=Path, help="extra plugins folder (for third-party sinks)")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     parser.add_argument("--debug", action="store_true", help="log debug messages")

@@ -39,6 +39,9 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     )
     parser.add_argument("--web-host", help="address of the studio page (overrides web.host; default 127.0.0.1)")
     parser.add_argument("--web-port", type=int, help="port of the studio page (overrides web.port; default 10201)")
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve /metrics alone on this port (overrides metrics.port; docs/metrics.md)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -68,13 +71,18 @@ def apply_overrides(config: Config, args: argparse.Namespace) -> Config:
         web = dataclasses.replace(web, host=args.web_host)
     if getattr(args, "web_port", None) is not None:
         web = dataclasses.replace(web, port=args.web_port)
-    for prefix, settings in (("", server), ("web-", web)):
+    metrics = config.metrics
+    if getattr(args, "metrics_port", None) is not None:
+        metrics = dataclasses.replace(metrics, port=args.metrics_port)
+    for prefix, settings in (("", server), ("web-", web), ("metrics-", metrics)):
         problem = settings.validate()
         if problem:
             from ..errors import ConfigError
 
             raise ConfigError(f"command line: --{prefix}{problem[0].replace('_', '-')}: {problem[1]}")
-    return dataclasses.replace(config, server=server, engine=engine, voice_providers=providers, web=web)
+    return dataclasses.replace(
+        config, server=server, engine=engine, voice_providers=providers, web=web, metrics=metrics
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any, Collection, Optional
 from ..config import Config
 from ..errors import ConfigError, VoiceError, VoiceNotFound
 from ..voice_store import transcript_warning, voices_folder, write_voice
-from ..voices import LANGUAGE_PATTERN, NAME_PATTERN, VoiceCatalog, VoiceProfile, problem_line
+from ..voices import LANGUAGE_PATTERN, NAME_PATTERN, STALE_CACHE_HINT, VoiceCatalog, VoiceProfile, problem_line
 from . import add_config_argument, read_config
 
 if TYPE_CHECKING:
+    from ..plugins import Plugins
     from ..reference import ReferenceInfo
 
 
@@ -110,6 +111,11 @@ def load_catalog(config: Config) -> VoiceCatalog:
 
 def load_voices(config: Config) -> tuple[VoiceCatalog, list[str]]:
     """The catalog of every configured provider and the registered engine names (plugins loaded as the server would)."""
+    catalog, plugins = _load(config)
+    return catalog, list(plugins.registry["engines"])
+
+
+def _load(config: Config) -> tuple[VoiceCatalog, "Plugins"]:
     from ..plugins import Plugins
 
     # The commands print every skipped profile themselves; the providers' log lines would say it twice.
@@ -118,7 +124,26 @@ def load_voices(config: Config) -> tuple[VoiceCatalog, list[str]]:
     from ..server import build_catalog
 
     plugins = Plugins(config.server.plugins_dir)
-    return build_catalog(config, plugins), list(plugins.registry["engines"])
+    return build_catalog(config, plugins), plugins
+
+
+def heard_as(config: Config, plugins: "Plugins", profiles: list[VoiceProfile]) -> dict[str, str]:
+    """What a server started here would do with each profile ("cloned", "espeak voice for de-DE (...)")."""
+    from ..routing import predicted_heard_as
+
+    return predicted_heard_as(config, plugins, profiles)
+
+
+def _heard_as_one(config: Config, name: str) -> str:
+    """What a server started here would do with the voice `name` (as `voices list` says it)."""
+    try:
+        catalog, plugins = _load(config)
+    except ConfigError as err:
+        return f"unknown ({err})"
+    profile = next((p for p in catalog.all_profiles if p.name == name), None)
+    if profile is None:
+        return "nothing: a voice of this name elsewhere wins (see voices list)"
+    return heard_as(config, plugins, [profile])[name]
 
 
 def _short(path: Optional[Path]) -> str:
@@ -133,9 +158,11 @@ def _short(path: Optional[Path]) -> str:
 def run_list(args: argparse.Namespace) -> int:
     """Print each profile: default mark, name, state, mode, languages, reference, description."""
     config = read_config(args.config, args.data_dir)
-    catalog, engines = load_voices(config)
+    catalog, plugins = _load(config)
+    engines = list(plugins.registry["engines"])
     cap = config.limits.max_reference_seconds
     checks = [check_profile(p, engines, cap) for p in catalog.all_profiles]
+    heard = heard_as(config, plugins, [c.profile for c in checks])
     default = next((c.profile.name for c in checks if c.profile.default and not c.error), None)
     default = default or next((c.profile.name for c in checks if not c.error), None)
     if args.json:
@@ -145,6 +172,7 @@ def run_list(args: argparse.Namespace) -> int:
                 "default": c.profile.name == default,
                 "state": c.state,
                 "mode": c.profile.mode,
+                "heard_as": heard[c.profile.name],
                 "languages": list(c.profile.languages),
                 "reference_audio": str(c.profile.reference_audio) if c.profile.reference_audio else None,
                 "seconds": round(c.reference.kept_seconds, 2) if c.reference else None,
@@ -157,14 +185,22 @@ def run_list(args: argparse.Namespace) -> int:
         ]
         print(json.dumps({"voices": rows, "skipped": catalog.problems, "notes": catalog.notes}, indent=2))
         return 0
-    table = [("", "NAME", "STATE", "MODE", "LANGUAGES", "REFERENCE", "DESCRIPTION")]
+    table = [("", "NAME", "STATE", "HEARD AS", "LANGUAGES", "REFERENCE", "DESCRIPTION")]
     for c in checks:
         ref = _short(c.profile.reference_audio)
         if c.reference:
             ref += f" ({c.reference.kept_seconds:.1f} s)"
         mark = "*" if c.profile.name == default else ""
         table.append(
-            (mark, c.profile.name, c.state, c.profile.mode, ",".join(c.profile.languages), ref, c.profile.description)
+            (
+                mark,
+                c.profile.name,
+                c.state,
+                heard[c.profile.name],
+                ",".join(c.profile.languages),
+                ref,
+                c.profile.description,
+            )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
@@ -238,9 +274,9 @@ def _voices_folder(config: Config, given: Optional[Path]) -> Path:
 def run_add(args: argparse.Namespace) -> int:
     """Validate the recording, then write `<folder>/<language>/<name>/` atomically (a running server sees it whole)."""
     name, language = args.name, args.language.replace("_", "-")
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise VoiceError(f"voice {name!r}: not a valid voice name (letters, digits, '_', '.', '-'; max 64)")
-    if not LANGUAGE_PATTERN.match(language):
+    if not LANGUAGE_PATTERN.fullmatch(language):
         raise VoiceError(f"voice {name!r}: --language {args.language!r} is not a BCP-47 tag (like en-US)")
     transcript = args.transcript
     if args.transcript_file is not None:
@@ -257,8 +293,8 @@ def run_add(args: argparse.Namespace) -> int:
     except VoiceError as err:
         raise VoiceError(problem_line(str(args.audio), name, str(err))) from None
     folder = _voices_folder(config, args.folder)
+    clash = next((p for p in folder.glob(f"*/{name}") if p.is_dir()), None) if folder.is_dir() else None
     if not args.force:
-        clash = next((p for p in folder.glob(f"*/{name}") if p.is_dir()), None) if folder.is_dir() else None
         if clash is not None:
             raise VoiceError(f"{clash}: voice {name!r}: already exists (use --force to replace it)")
         try:
@@ -283,6 +319,9 @@ def run_add(args: argparse.Namespace) -> int:
     print(f"added voice {name!r} ({language}, {mode}) in {target}: {info.summary()}")
     for warning in info.warnings:
         print(f"  warning: {warning}", file=sys.stderr)
+    print(f"  heard as: {_heard_as_one(config, name)}")
+    if clash is not None:
+        print(f"  note: replaced the voice {name!r}. {STALE_CACHE_HINT}", file=sys.stderr)
     print(
         "A running server picks it up at once (a request naming it works now); Home Assistant lists it after its "
         "Wyoming integration is reloaded."

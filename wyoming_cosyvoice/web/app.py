@@ -8,6 +8,7 @@ the token (header `X-Studio-Token`, `Authorization: Bearer`, or form field `toke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import html
 import ipaddress
@@ -23,6 +24,7 @@ from aiohttp import web
 
 from ..config import WebSettings
 from ..service import Service
+from .connections import ConnectionWarden, connection_cap, quiet_accept_errors
 from .forms import Form, FormError, read_form
 
 _LOGGER = logging.getLogger(__name__)
@@ -33,12 +35,21 @@ TOKEN_ENV = "WYOMING_COSYVOICE_WEB_TOKEN"
 CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 """Methods that change something (or run the engine): origin-checked and token-protected."""
 
+TOKEN_NEEDED = "this studio needs its access token (web.token) for changes"
+
+UPLOAD_WAIT_S = 10.0
+"""How long an upload waits for one of the `web.max_uploads` slots before it is answered 503."""
+
+SELF_CHECKED = ("/v1/",)
+"""Paths whose routes check their own keys and read their own bodies (web/openai_api.py)."""
+
 _ASSETS = {
     "studio.js": "text/javascript",
     "studio.css": "text/css",
     "icon.svg": "image/svg+xml",
 }
-_INGRESS_PATH = re.compile(r"^/[A-Za-z0-9_./-]{0,200}$")
+_INGRESS_PATH = re.compile(r"(?:/[A-Za-z0-9_.-]+){0,32}/?")
+"""An absolute path of plain segments: never `//host` (a network-path reference to another site)."""
 _ABSOLUTE = re.compile(r"(?<![\w.])(?:~|[A-Za-z]:)?(?:[/\\][^\s/\\:'\"(),]+)*[/\\]([^\s/\\:'\"(),]+)")
 _LOOPBACK_NAMES = ("localhost", "localhost.")
 _CSP = (
@@ -59,7 +70,7 @@ def problem(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
-def _is_loopback_host(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
     if host in _LOOPBACK_NAMES:
         return True
     try:
@@ -68,7 +79,7 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
-def _host_name(host_header: str) -> str:
+def host_name(host_header: str) -> str:
     """The name part of a Host header (`[::1]:8080` -> `::1`, `example:80` -> `example`)."""
     return (urlsplit(f"//{host_header}").hostname or "").lower()
 
@@ -95,21 +106,29 @@ class Studio:
         self.token = settings.token or os.environ.get(TOKEN_ENV) or None
         self.write_lock = asyncio.Lock()
         """One change to the voices folder at a time."""
-        self.loopback_only = _is_loopback_host(settings.host)
+        self.loopback_only = is_loopback_host(settings.host)
         self._changes: set[asyncio.Future[Any]] = set()
+        self.warden = ConnectionWarden(settings)
+        """The web port's connection cap and deadlines (connections.py): every route is served under them."""
+        self.uploads = asyncio.Semaphore(settings.max_uploads)
+        """Uploads read or held at once: memory stays under `max_uploads * max_upload_bytes`."""
         self._runner: Optional[web.AppRunner] = None
-        self._site: Optional[web.TCPSite] = None
+        self._listener: Optional[asyncio.Server] = None
+        self._undo_quiet: Optional[Callable[[], None]] = None
         static = resources.files(__package__).joinpath("static")
         self._assets = {name: static.joinpath(name).read_bytes() for name in _ASSETS}
         self._index = static.joinpath("index.html").read_text(encoding="utf-8")
 
     def build_app(self) -> web.Application:
         """The aiohttp application with every route."""
-        app = web.Application(middlewares=[self._guard], client_max_size=self.settings.max_upload_bytes + 65536)
+        app = web.Application(
+            middlewares=[self.warden.middleware, self._guard], client_max_size=self.settings.max_upload_bytes + 65536
+        )
         app[STUDIO_KEY] = self
         app.on_response_prepare.append(self._headers)
-        app.router.add_get("/", self._page)
-        app.router.add_get("/static/{name}", self._asset)
+        if self.settings.studio:
+            app.router.add_get("/", self._page)
+            app.router.add_get("/static/{name}", self._asset)
         self.api(app.router)
         return app
 
@@ -117,12 +136,19 @@ class Studio:
         """Bind `host:port` and start serving on the running loop."""
         # handler_cancellation: a browser that leaves cancels its request, so an audition stops the engine at once.
         self._runner = web.AppRunner(
-            self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0, handler_cancellation=True
+            self.build_app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=2.0,
+            handler_cancellation=True,
+            keepalive_timeout=self.settings.idle_timeout_s,
         )
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port, reuse_address=True)
+        assert self._runner.server is not None
+        self.warden.max_connections = connection_cap(self.settings.max_connections, self.service.limits.max_connections)
+        self.warden.write_timeout_s = self.service.limits.write_timeout_s
         try:
-            await self._site.start()
+            self._listener = await self.warden.serve(self._runner.server, self.settings.host, self.settings.port)
         except OSError as err:
             await self._runner.cleanup()
             self._runner = None
@@ -132,24 +158,34 @@ class Studio:
                 f"web: cannot listen on {self.settings.host}:{self.settings.port} ({err.strerror or err})"
             ) from None
         _LOGGER.info(
-            "Voice studio on http://%s:%s/ (%s)",
+            "%s on http://%s:%s/ (%s)",
+            "Voice studio" if self.settings.studio else "Web port (OpenAI-compatible API only)",
             self.settings.host if ":" not in self.settings.host else f"[{self.settings.host}]",
             self.port,
             "token required for changes" if self.token else "no token set: anyone who reaches it can change voices",
         )
+        self._undo_quiet = quiet_accept_errors(asyncio.get_running_loop(), self.service.log_throttle)
+
+        if self.settings.openai.enabled:
+            _LOGGER.info("OpenAI-compatible speech API on the same port under /v1 (docs/openai-api.md)")
 
     @property
     def port(self) -> Optional[int]:
         """The bound port (useful with port 0)."""
-        server = getattr(self._site, "_server", None)
-        sockets = getattr(server, "sockets", None)
+        sockets = self._listener.sockets if self._listener is not None else ()
         return sockets[0].getsockname()[1] if sockets else None
 
     async def close(self) -> None:
         """Stop serving (open audition streams are closed, their synthesis cancelled)."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._undo_quiet is not None:
+            self._undo_quiet()
+            self._undo_quiet = None
 
     async def unhurried(self, change: Awaitable[T]) -> T:
         """Run a change to the voices folder to its end even when the browser leaves (its request is cancelled)."""
@@ -195,26 +231,53 @@ class Studio:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.loopback_only and not _is_loopback_host(_host_name(request.host)):
+        if self.loopback_only and not is_loopback_host(host_name(request.host)):
             return problem(421, "this page answers only on localhost / 127.0.0.1 (web.host is a loopback address)")
         if request.method in CHANGING:
             refused = self._cross_site(request)
             if refused:
                 return problem(403, refused)
+            if request.path.startswith(SELF_CHECKED):  # the OpenAI API checks its own keys and reads its own bodies
+                return await handler(request)
             has_header = bool(request.headers.get("X-Studio-Token") or request.headers.get("Authorization"))
             if self.token and has_header and not self.token_ok(request, None):
                 return problem(401, "wrong access token")
-            try:
-                form = await read_form(request, self.settings.max_upload_bytes)
-            except FormError as err:
-                return problem(err.status, str(err))
-            if not self.token_ok(request, form):
-                return problem(401, "this studio needs its access token (web.token) for changes")
-            request[FORM_KEY] = form
+            async with contextlib.AsyncExitStack() as held:  # an upload's slot is held until it is answered
+                try:
+                    form = await read_form(
+                        request, self.settings.max_upload_bytes, before_upload=self._admit_upload(request, held)
+                    )
+                except FormError as err:
+                    return problem(err.status, str(err))
+                if not self.token_ok(request, form):
+                    return problem(401, TOKEN_NEEDED)
+                request[FORM_KEY] = form
+                return await self._answer(request, handler)
+        return await self._answer(request, handler)
+
+    @staticmethod
+    async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except web.HTTPException as err:
             return problem(err.status, err.reason)
+
+    def _admit_upload(self, request: web.Request, held: contextlib.AsyncExitStack) -> Callable[[Form], Awaitable[None]]:
+        """What `read_form` awaits before it reads an upload: the token first (nothing larger than a small form is
+        read without it), then a free upload slot (bounded memory), held until the request is answered."""
+
+        async def admit(form: Form) -> None:
+            if not self.token_ok(request, form):
+                raise FormError(401, f"{TOKEN_NEEDED}: send it as X-Studio-Token, or as a form field before the audio")
+            try:
+                await asyncio.wait_for(self.uploads.acquire(), UPLOAD_WAIT_S)
+            except asyncio.TimeoutError:
+                raise FormError(
+                    503, f"{self.settings.max_uploads} uploads are being received (web.max_uploads); try again"
+                ) from None
+            held.callback(self.uploads.release)
+
+        return admit
 
     @staticmethod
     async def _headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -229,9 +292,11 @@ class Studio:
     def base_href(self, request: web.Request) -> str:
         """Where the page's relative URLs start: Home Assistant's ingress path when proxied, else `./`."""
         ingress = request.headers.get("X-Ingress-Path", "")
-        if ingress and _INGRESS_PATH.match(ingress) and ".." not in ingress:
-            return ingress.rstrip("/") + "/"
-        return "./"
+        if not ingress or len(ingress) > 200 or not _INGRESS_PATH.fullmatch(ingress):
+            return "./"
+        if any(part in (".", "..") for part in ingress.split("/")):
+            return "./"
+        return ingress.rstrip("/") + "/"
 
     async def _page(self, request: web.Request) -> web.Response:
         page = self._index.replace("{{BASE}}", html.escape(self.base_href(request), quote=True))

@@ -60,6 +60,8 @@ async def status(request: web.Request) -> web.Response:
             "failed_engines": {k: studio.redact(v) for k, v in service.engines.failed.items()},
             "note": studio.redact(service.engines.note),
             "in_flight": service.admission.active,
+            "degraded": service.degraded.counts(),
+            "metrics": service.metrics.summary(),
             "max_concurrent": service.admission.limit,
             "preparing": sorted(service.preparer.preparing()),
             "token_required": bool(studio.token),
@@ -95,6 +97,7 @@ async def audition(request: web.Request) -> web.StreamResponse:
     service = studio.service
     form = request[FORM_KEY]
     if service.admission.closing:
+        service.metrics.refused("shutting_down")
         return problem(503, "server is shutting down")
     text = form.get("text").strip()
     if not text:
@@ -102,7 +105,9 @@ async def audition(request: web.Request) -> web.StreamResponse:
     if len(text) > service.limits.max_text_chars:
         return problem(413, f"text has {len(text)} characters; the limit is {service.limits.max_text_chars}")
     try:
-        reply = service.open_reply(form.get("voice") or None, None, sinks=False)
+        reply = service.open_reply(
+            form.get("voice") or None, None, sinks=False, unknown_voice="error", protocol="studio"
+        )
     except VoiceNotFound as err:
         return problem(404, studio.redact(str(err)))
     profile = reply.profile

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import parse_qsl
 
 from aiohttp import BodyPartReader, web
@@ -81,15 +81,29 @@ def _text(raw: bytes, key: str) -> str:
         raise FormError(400, f"field {key[:40]!r} is not UTF-8 text") from None
 
 
-async def read_form(request: web.Request, max_upload: int) -> Form:
-    """The request's body as a Form; FormError for a wrong type, a malformed body or one over the caps."""
+BeforeUpload = Callable[[Form], Awaitable[None]]
+"""Awaited with the fields read so far before an upload is read; raises FormError to refuse it unread."""
+
+
+async def _nothing(form: Form) -> None:
+    return None
+
+
+async def read_form(request: web.Request, max_upload: int, *, before_upload: BeforeUpload = _nothing) -> Form:
+    """The request's body as a Form; FormError for a wrong type, a malformed body or one over the caps.
+
+    Only a multipart body carries an upload, and `before_upload` decides before a byte of it is read; anything
+    else is a small form (at most `MAX_TEXT_BODY`).
+    """
     if request.content_length is not None and request.content_length > max_upload + MAX_TEXT_BODY:
         raise FormError(413, f"upload is larger than {max_upload} bytes (web.max_upload_bytes)")
     ctype = request.content_type
     if not request.body_exists:
         return Form()
     if ctype == "multipart/form-data":
-        return await _multipart(request, max_upload)
+        return await _multipart(request, max_upload, before_upload)
+    if request.content_length is not None and request.content_length > MAX_TEXT_BODY:
+        raise FormError(413, f"request body is larger than {MAX_TEXT_BODY} bytes")
     body = await _read_capped(request.content, MAX_TEXT_BODY, "request body")
     if ctype == "application/json":
         try:
@@ -117,8 +131,9 @@ async def read_form(request: web.Request, max_upload: int) -> Form:
     raise FormError(415, f"unsupported content type {ctype[:60]!r} (send multipart/form-data or JSON)")
 
 
-async def _multipart(request: web.Request, max_upload: int) -> Form:
+async def _multipart(request: web.Request, max_upload: int, before_upload: BeforeUpload) -> Form:
     form = Form()
+    text_bytes = 0
     try:
         reader = await request.multipart()
         for _ in range(MAX_FIELDS + 1):
@@ -131,12 +146,17 @@ async def _multipart(request: web.Request, max_upload: int) -> Form:
             if key == AUDIO_FIELD:
                 if form.audio is not None:
                     raise FormError(400, "only one recording per request")
+                await before_upload(form)
                 form.audio = await _read_capped(
                     part, max_upload, f"upload {clean_filename(part.filename)!r} (web.max_upload_bytes)"
                 )
                 form.filename = clean_filename(part.filename)
             else:
-                form.fields[key] = _text(await _read_capped(part, MAX_FIELD_BYTES, f"field {key[:40]!r}", 400), key)
+                raw = await _read_capped(part, MAX_FIELD_BYTES, f"field {key[:40]!r}", 400)
+                form.fields[key] = _text(raw, key)
+                text_bytes += len(raw)
+                if text_bytes > MAX_TEXT_BODY:
+                    raise FormError(413, f"form fields are larger than {MAX_TEXT_BODY} bytes in all")
         raise FormError(400, f"too many form fields (max {MAX_FIELDS})")
     except FormError:
         raise

@@ -26,7 +26,7 @@ from ..voice_store import (
     update_voice,
     write_voice,
 )
-from ..voices import VoiceProfile
+from ..voices import STALE_CACHE_HINT, VoiceProfile
 from .app import FORM_KEY, STUDIO_KEY, Studio, problem
 from .forms import Form
 from .waveform import envelope, file_envelope
@@ -84,6 +84,7 @@ def _voice_row(studio: Studio, profile: VoiceProfile, default: Optional[str], pr
         "problem": studio.redact(problem_line) if problem_line else None,
         "warnings": [studio.redact(w) for w in warnings],
         "engine": engine,
+        "heard_as": None if problem_line else service.heard_as(profile),
         "default": profile.name == default,
         "seconds": round(info.seconds, 2) if info else None,
         "kept_seconds": round(info.kept_seconds, 2) if info else None,
@@ -154,7 +155,7 @@ async def _validate(studio: Studio, form: Form, *, saving: bool) -> tuple[dict[s
         elif (existing is not None or in_folder) and not form.flag("replace"):
             errors.append(f"voice {name!r}: already exists (tick 'replace' to overwrite it)")
         elif existing is not None or in_folder:
-            warnings.append(f"replaces the existing voice {name!r}")
+            warnings.append(f"replaces the existing voice {name!r}. {STALE_CACHE_HINT}")
     info: Optional[ReferenceInfo] = None
     picture = None
     if form.audio is None:
@@ -162,7 +163,11 @@ async def _validate(studio: Studio, form: Form, *, saving: bool) -> tuple[dict[s
     else:
         try:
             info = await asyncio.to_thread(
-                inspect_reference_data, form.audio, Path(form.filename), has_transcript=bool(transcript)
+                inspect_reference_data,
+                form.audio,
+                Path(form.filename),
+                has_transcript=bool(transcript),
+                max_seconds=studio.service.preparer.max_reference_seconds,  # the cap files on disk pass too
             )
             picture = await asyncio.to_thread(envelope, form.audio)
         except VoiceError as err:
@@ -239,7 +244,9 @@ async def _add(studio: Studio, form: Form, remote: Optional[str]) -> web.Respons
             return problem(500 if isinstance(err, OSError) else 400, studio.redact(f"not saved: {err}"))
     _LOGGER.info("studio: voice %r added (%s, %s) from %s", report["name"], report["language"], info.summary(), remote)
     await studio.service.preparer.refresh()
-    return web.json_response({**report, "saved": True, "note": HA_NOTE}, status=201)
+    saved = _profile(studio, report["name"])
+    heard_as = studio.service.heard_as(saved) if saved is not None else None
+    return web.json_response({**report, "saved": True, "heard_as": heard_as, "note": HA_NOTE}, status=201)
 
 
 async def _folder_voice(studio: Studio, name: str) -> Optional[web.Response]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import threading
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-import soundfile as sf
+
+from ..errors import VoiceError
+from ..recording import BLOCK_SECONDS, mono_blocks, open_recording
 
 POINTS = 160
 """Peaks per picture (one bar each)."""
@@ -21,20 +22,30 @@ _lock = threading.Lock()
 
 
 def envelope(source: Union[Path, bytes], points: int = POINTS) -> dict[str, Any]:
-    """`{"seconds": duration, "peaks": [0..1] * points}` of a WAV/FLAC file or its bytes; ValueError when unreadable."""
+    """`{"seconds": duration, "peaks": [0..1] * points}` of a WAV/FLAC file or its bytes; ValueError when unreadable.
+
+    The header passes the same checks as every reference (`recording.open_recording`; any rate, though); at most
+    `MAX_SECONDS` are decoded, one block at a time.
+    """
+    label = Path("upload") if isinstance(source, (bytes, bytearray)) else Path(source)
     try:
-        with sf.SoundFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)) as handle:
+        with open_recording(source, label, None, min_rate=1) as handle:  # a broken voice's picture helps too
             rate, frames = handle.samplerate, handle.frames
-            samples = handle.read(min(frames, int(MAX_SECONDS * rate)), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as err:
-        raise ValueError(f"not a readable recording ({err})") from None
-    mono = np.abs(np.nan_to_num(samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]))
-    if len(mono) == 0:
-        return {"seconds": 0.0, "peaks": [0.0] * points}
-    edges = np.linspace(0, len(mono), points + 1).astype(int)
-    peaks = [float(mono[a:b].max()) if b > a else 0.0 for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    top = max(max(peaks), 1e-6)
-    return {"seconds": round(frames / rate, 3), "peaks": [round(p / top, 3) for p in peaks]}
+            count = min(frames, int(MAX_SECONDS * rate))
+            edges = np.linspace(0, count, points + 1).astype(int)
+            peaks = np.zeros(points)
+            offset = 0
+            for mono in mono_blocks(handle, label, max(1, int(rate * BLOCK_SECONDS)), count):
+                first = int(np.searchsorted(edges, offset, side="right")) - 1
+                cuts = edges[(edges > offset) & (edges < offset + len(mono))] - offset
+                for index, part in enumerate(np.split(np.abs(mono), cuts)):
+                    if len(part):
+                        peaks[first + index] = max(peaks[first + index], float(part.max()))
+                offset += len(mono)
+    except VoiceError as err:
+        raise ValueError(str(err)) from None
+    top = max(float(peaks.max()), 1e-6)
+    return {"seconds": round(frames / rate, 3), "peaks": [round(float(p) / top, 3) for p in peaks]}
 
 
 def file_envelope(path: Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ const LABELS = {
   streaming: "Streaming", voices_prepared: "Prepared voices", voices_failed: "Failed voices", normalizer: "Normalizer",
   gpu: "GPU", gpu_memory: "GPU memory", gpu_utilization: "GPU load", driver: "Driver", cuda_driver: "CUDA (driver)",
   compute_capability: "Compute capability", gpu_note: "GPU note", sample_rate: "Sample rate", prompt_cache: "Prompt cache",
-  warmup: "Warm-up",
+  warmup: "Warm-up", lifecycle: "Model state", keep_alive: "Park after", last_wake: "Last wake", vram_held: "VRAM held",
 };
 const studio = {
   token: sessionStorage.getItem("studio-token") || "",
@@ -150,7 +150,9 @@ function voiceCard(voice) {
     el("div", { class: "title" }, el("span", { class: "name", text: voice.name }), ...badges),
     el("div", { class: "desc", text: voice.description }),
     el("div", { class: "meta" },
-      el("span", { text: voice.languages.join(", ") }), el("span", { text: voice.mode.replace("_", "-") }),
+      // What a listener hears from the running engine (espeak never uses the recording), not only the mode.
+      el("span", { text: voice.languages.join(", ") }),
+      el("span", { class: "heard", text: voice.heard_as ? `heard as: ${voice.heard_as}` : voice.mode.replace("_", "-") }),
       el("span", { text: `engine ${voice.engine}` }), el("span", { text: length }),
       el("span", { text: voice.origin })),
     wave,
@@ -406,7 +408,8 @@ async function saveVoice(event) {
   $("save").disabled = true;
   try {
     const report = await api("api/voices", { method: "POST", body: formData() });
-    notify(`Voice "${report.name}" saved; the server is preparing it. ${report.note}`);
+    const heard = report.heard_as ? `it will be heard as: ${report.heard_as}.` : "the server is preparing it.";
+    notify(`Voice "${report.name}" saved; ${heard} ${report.note}`);
     $("add-form").reset();
     $("check-result").hidden = true;
     setAudio(null);
