@@ -15,7 +15,7 @@ import numpy as np
 
 from wyoming_cosyvoice.audio import float_to_pcm16
 from wyoming_cosyvoice.config import Section
-from wyoming_cosyvoice.engine import AudioChunk, Cancelled, SynthesisOptions, ThreadedEngine
+from wyoming_cosyvoice.engine import PcmChunk, RequestCancelled, SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineError, EngineNotConfigured, EngineUnavailable, ServerBusy, VoiceError
 from wyoming_cosyvoice.gpu import driver_fit_here, gpu_facts, process_memory_mb
 from wyoming_cosyvoice.reference import normalized_reference
@@ -27,7 +27,7 @@ from .lifecycle import Keeper
 from .options import CosyVoiceSettings, LoadPlan, auto_concurrency, plan_load
 from .prompts import PromptCache, default_cache_dir, prompt_key
 from .recipes import PreparedVoice, recipe, speakable, synthetic_prompt, v1_language_tag
-from .scheduler import admission
+from .scheduler import real_time_overload
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -391,9 +391,7 @@ class CosyVoiceEngine(ThreadedEngine):
 
     # --- synthesis ---------------------------------------------------------------------------------
 
-    async def synthesize(
-        self, text: str, profile: VoiceProfile, options: SynthesisOptions
-    ) -> AsyncIterator[AudioChunk]:
+    async def synthesize(self, text: str, profile: VoiceProfile, options: SynthesisOptions) -> AsyncIterator[PcmChunk]:
         """Wake the model if it is parked, admit (a free slot, or room in the queue, and room in the machine's
         speed), then stream the chunks."""
         if self.state != "ready":
@@ -401,7 +399,7 @@ class CosyVoiceEngine(ThreadedEngine):
         async with self.lifecycle.request():
             if self.model is None:
                 raise EngineError(f"cosyvoice engine is not ready (state: {self.state})")
-            self._admit()
+            self._refuse_without_room()
             async for chunk in super().synthesize(text, profile, options):
                 yield chunk
 
@@ -446,7 +444,7 @@ class CosyVoiceEngine(ThreadedEngine):
         else:
             parking.to_device(self.model.model, self._trt)
 
-    def _admit(self) -> None:
+    def _refuse_without_room(self) -> None:
         why = self.room()
         if why is not None:
             raise ServerBusy(f"cosyvoice engine {why}")
@@ -463,7 +461,7 @@ class CosyVoiceEngine(ThreadedEngine):
             )
         if self.settings.keep_real_time and self.scheduling is not None and in_flight < self.concurrency:
             scheduling = self.scheduling
-            why = admission(
+            why = real_time_overload(
                 in_flight,
                 scheduling.costs.per_stream(),
                 scheduling.llm_batched,
@@ -498,7 +496,7 @@ class CosyVoiceEngine(ThreadedEngine):
         try:
             for pcm in chunks:
                 if cancel.is_set():
-                    raise Cancelled()
+                    raise RequestCancelled()
                 emit(pcm)
         finally:
             chunks.close()
