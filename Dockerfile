@@ -17,8 +17,9 @@ COPY wyoming_cosyvoice /src/wyoming_cosyvoice
 COPY plugins /src/plugins
 COPY config/server.yaml config/voices.yaml /src/config/
 COPY asset /src/asset
-# zeroconf: Home Assistant discovers the server when it runs with --zeroconf on the host network; metrics: /metrics.
-RUN /opt/venv/bin/python -m pip install --no-cache-dir --quiet "/src[zeroconf,metrics]"
+# zeroconf: Home Assistant discovers the server when it runs with --zeroconf on the host network; web: the studio;
+# metrics: /metrics.
+RUN /opt/venv/bin/python -m pip install --no-cache-dir --quiet "/src[web,zeroconf,metrics]"
 
 FROM ${BASE_IMAGE}
 COPY --from=build /opt/venv /opt/venv
@@ -29,7 +30,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1
 VOLUME /data
 WORKDIR /data
-EXPOSE 10200
+# 10200: Wyoming; 10201: the voice studio (served only with WYOMING_COSYVOICE_WEB_TOKEN set, or --web).
+EXPOSE 10200 10201
 # Healthy when the server answers Wyoming's `describe` (what Home Assistant asks) on its port.
 HEALTHCHECK --interval=30s --timeout=15s --start-period=60s --retries=3 \
     CMD ["wyoming-cosyvoice", "describe", "--uri", "tcp://127.0.0.1:10200", "--timeout", "10"]

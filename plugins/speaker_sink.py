@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Union
 
 from wyoming_cosyvoice.audio import AudioFormat, PcmConverter
 from wyoming_cosyvoice.errors import NoAudioDevice, SinkError
+from wyoming_cosyvoice.extras import require
 from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.sinks import StreamInfo
 
@@ -54,6 +55,7 @@ def choose_rate(stream_rate: int, forced: Optional[int], device_takes: Callable[
 
 
 def _import_sounddevice() -> Any:
+    require("speaker", "playing on the speaker (use --out FILE.wav to save the audio instead)")
     try:
         import sounddevice
     except OSError as err:  # sounddevice raises OSError when libportaudio is missing

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from wyoming_cosyvoice import gpu
+from wyoming_cosyvoice.gpu import gpu_facts
+
 from .cosyvoice_support import STANDIN_REPO, make_model_dir
 from .helpers import write_config
 
@@ -108,6 +111,42 @@ def test_download_success_checks_the_model_dir(tmp_path: Path) -> None:
     assert f"model_dir: {tmp_path / 'm'}" in result.stdout
 
 
+def test_download_goes_to_the_data_folder_and_health_accepts_it(tmp_path: Path) -> None:
+    """No --dir: the model lands in the data folder's models/, whose server.yaml (the shipped default, model_dir
+    null) gets that exact path; `health` on the same data folder then finds the model, from another working folder."""
+    prelude = _fake_hub(
+        tmp_path,
+        f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from tests.cosyvoice_support import make_model_dir
+
+        def snapshot_download(repo_id, local_dir=None, **kwargs):
+            make_model_dir(Path(local_dir), 2)
+            return local_dir
+    """,
+    )
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = cli("download", "CosyVoice2-0.5B", "--data-dir", str(data), prelude=prelude, cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    model = data / "models" / "CosyVoice2-0.5B"
+    assert f"CosyVoice2 model ready in {model}" in result.stdout
+    assert f"Set engines.cosyvoice.model_dir: {model} in {data / 'server.yaml'}" in result.stdout
+    assert f"    model_dir: {model}\n" in (data / "server.yaml").read_text()
+    assert not list(elsewhere.iterdir())  # nothing written to the working folder (the old pretrained_models/)
+    # health reads the same data folder: the model is found (the checkout is another matter: none is set here).
+    text = (data / "server.yaml").read_text().replace("    repo: null\n", f"    repo: {STANDIN_REPO}\n", 1)
+    (data / "server.yaml").write_text(text)
+    result = cli("health", "--data-dir", str(data), cwd=tmp_path)
+    assert f"cosyvoice model: CosyVoice2 in {model}" in result.stdout, result.stdout
+    assert "not found" not in result.stdout
+    # A second download keeps the path the user now has (never rewritten, printed instead).
+    result = cli("download", "CosyVoice2-0.5B", "--data-dir", str(data), prelude=prelude, cwd=elsewhere)
+    assert result.returncode == 0 and f"Set in {data / 'server.yaml'}:" in result.stdout
+
+
 def test_health_reports_gpu_and_checks(tmp_path: Path) -> None:
     path = write_config(
         tmp_path / "cfg",
@@ -117,6 +156,10 @@ def test_health_reports_gpu_and_checks(tmp_path: Path) -> None:
     result = cli("health", "--config", str(path))
     assert result.returncode == 1
     assert "gpu: " in result.stdout and "engine: cosyvoice (fallback: espeak)" in result.stdout
+    if gpu_facts().driver_version == "" and gpu.driver_version() is None:  # no NVIDIA driver on this machine
+        assert "cuda_fit: no NVIDIA driver found" in result.stdout
+    else:
+        assert "cuda_fit: NVIDIA driver " in result.stdout
     assert f"cosyvoice checkout: {STANDIN_REPO}" in result.stdout
     assert f"cosyvoice problem: cosyvoice engine: model directory {tmp_path / 'nope'} not found" in result.stdout
     make_model_dir(tmp_path / "nope", 3)

@@ -12,7 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
-from .errors import CosyVoiceServiceError
+from .errors import CosyVoiceServiceError, MissingExtra
 from .plugins import Plugins
 
 COMMANDS = ("serve", "say", "describe", "voices", "plugins", "bench")
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI; user-facing errors print as one line and exit with status 2."""
+    """Run the CLI; user-facing errors print as one line and exit with status 2 (1: a missing optional extra)."""
     try:
         parser = build_parser()
     except CosyVoiceServiceError as err:  # a plugin that cannot load, or a command name taken twice
@@ -47,6 +47,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
+    except MissingExtra as err:  # an optional extra this command needs: the line says how to add it
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except CosyVoiceServiceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -98,3 +98,7 @@ class EngineOutOfMemory(EngineError):
 
 class DownloadError(CosyVoiceServiceError):
     """A model could not be downloaded (no hub client, no network); the message says what to do instead."""
+
+
+class MissingExtra(CosyVoiceServiceError):
+    """An optional extra a command needs is not installed (the CLI exits 1 with the line saying how to add it)."""

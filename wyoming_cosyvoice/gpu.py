@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import importlib
+import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -111,6 +115,124 @@ def gpu_facts(index: int = 0) -> GpuFacts:
         )
     except Exception as err:  # a GPU that disappears or errors must not break health reporting
         return GpuFacts(False, reason=f"NVML query failed: {err}")
+
+
+# ---------------------------------------------------------------------------- driver vs torch's CUDA
+
+MIN_DRIVER = {13: (580, 0, 0), 12: (525, 60, 13), 11: (450, 80, 2)}
+"""Oldest Linux driver per CUDA major version that runs every minor release of it (NVIDIA's table "CUDA Toolkit and
+Minimum Required Driver Version for CUDA Minor Version Compatibility"); PyTorch's wheels carry their own CUDA runtime,
+so only this bound matters."""
+
+CUDA12_LINE = "cu128"
+"""The CUDA 12 line offered (PyTorch's own index; the image's default): runs on drivers 525.60.13+."""
+
+CUDA12_PIP = (
+    "pip install --force-reinstall 'torch==2.11.*' 'torchaudio==2.11.*' "
+    f"--index-url https://download.pytorch.org/whl/{CUDA12_LINE}"
+)
+
+
+@dataclass(frozen=True)
+class DriverFit:
+    """Whether the NVIDIA driver runs the CUDA build of torch, in one line."""
+
+    fits: Optional[bool]
+    """True/False; None when there is nothing to judge (no driver, or a CUDA version with no known minimum)."""
+
+    line: str
+    """One line for logs, `health` and `describe`; names the CUDA line or image argument to use when it does not fit."""
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.strip().split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _use_cuda12(image_line: str) -> str:
+    if image_line:  # inside the Docker image: its build argument is the switch
+        return f"rebuild the image with --build-arg CUDA={CUDA12_LINE} (this one is CUDA={image_line})"
+    return f"use the CUDA 12 line: {CUDA12_PIP}"
+
+
+def driver_fit(driver: Optional[str], torch_cuda: Optional[str], image_line: str = "") -> DriverFit:
+    """Judge driver `driver` (e.g. "535.183.01"; None: none found) against torch built for CUDA `torch_cuda`
+    (e.g. "13.0"; None: a CPU build or no torch). `image_line`: the image's CUDA build argument ("" outside one)."""
+    if not driver:
+        where = " (NVML did not answer)"
+        if image_line:  # in the image the driver comes from the host, through the NVIDIA Container Toolkit
+            where = ": run the container with --gpus all (NVIDIA Container Toolkit)"
+        return DriverFit(None, "no NVIDIA driver found" + where)
+    have = _version_tuple(driver)
+    if not torch_cuda:
+        fix = f"rebuild the image with --build-arg CUDA={CUDA12_LINE}" if image_line else CUDA12_PIP
+        return DriverFit(False, f"NVIDIA driver {driver}, but torch has no CUDA build here (CPU only): {fix}")
+    major = _version_tuple(torch_cuda)[:1]
+    need = MIN_DRIVER.get(major[0]) if major else None
+    if need is None:
+        return DriverFit(None, f"NVIDIA driver {driver}; torch built for CUDA {torch_cuda} (no known minimum driver)")
+    need_text = ".".join(str(n) for n in need).removesuffix(".0.0")
+    if have >= need:
+        return DriverFit(True, f"NVIDIA driver {driver} runs torch's CUDA {torch_cuda} (needs {need_text}+)")
+    head = f"NVIDIA driver {driver} is too old for torch's CUDA {torch_cuda} (needs {need_text}+): "
+    if major[0] >= 13 and have >= MIN_DRIVER[12]:
+        return DriverFit(False, head + _use_cuda12(image_line) + ", or update the driver to 580+")
+    return DriverFit(False, head + "update the NVIDIA driver (535 or newer; 580+ for CUDA 13)")
+
+
+NVML_LIBRARY = "libnvidia-ml.so.1"
+"""NVML's shared library, installed with the driver (the NVIDIA Container Toolkit mounts it into containers)."""
+
+
+def _open_nvml() -> Any:
+    return ctypes.CDLL(NVML_LIBRARY)
+
+
+def _nvml_driver_ctypes() -> Optional[str]:
+    """The driver version straight from libnvidia-ml (when nvidia-ml-py is not installed); None without a driver."""
+    try:
+        nvml = _open_nvml()
+    except OSError:
+        return None
+    buffer = ctypes.create_string_buffer(96)
+    with _NVML_LOCK:
+        if nvml.nvmlInit_v2() != 0:
+            return None
+        ok = nvml.nvmlSystemGetDriverVersion(buffer, ctypes.c_uint(len(buffer))) == 0
+    return buffer.value.decode() if ok else None
+
+
+def driver_version(facts: Optional[GpuFacts] = None) -> Optional[str]:
+    """The NVIDIA driver's version (NVML through nvidia-ml-py, else libnvidia-ml directly); None when there is none."""
+    facts = facts if facts is not None else gpu_facts()
+    if facts.driver_version:
+        return facts.driver_version
+    try:
+        return _nvml_driver_ctypes()
+    except (OSError, AttributeError):
+        return None
+
+
+def torch_cuda_version() -> Optional[str]:
+    """The CUDA version torch was built for ("13.0"), None for a CPU build or without torch (imported when present)."""
+    module = sys.modules.get("torch")
+    if module is None:
+        try:
+            module = importlib.import_module("torch")
+        except ImportError:
+            return None
+    version = getattr(module, "version", None)
+    return getattr(version, "cuda", None) or None
+
+
+def driver_fit_here(facts: Optional[GpuFacts] = None) -> DriverFit:
+    """`driver_fit` for this machine and this process's torch (the image sets WYOMING_COSYVOICE_CUDA)."""
+    return driver_fit(driver_version(facts), torch_cuda_version(), os.environ.get("WYOMING_COSYVOICE_CUDA", ""))
 
 
 def process_memory_mb(index: int = 0, pid: Optional[int] = None) -> Optional[int]:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from wyoming_cosyvoice.commands import add_config_argument, read_config
 from wyoming_cosyvoice.config import Config
 from wyoming_cosyvoice.errors import CosyVoiceServiceError, DownloadError, EngineUnavailable
+from wyoming_cosyvoice.paths import checkout_dir
 
 
 def add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -59,7 +60,10 @@ def add_download_parser(subparsers: "argparse._SubParsersAction[argparse.Argumen
     """Register the `download` subcommand."""
     parser = subparsers.add_parser("download", help="download a CosyVoice model (ModelScope or Hugging Face)")
     parser.add_argument("model", help=f"model name: {', '.join(MODELS)}")
-    parser.add_argument("--dir", type=Path, help="target model directory (default: pretrained_models/<model>)")
+    parser.add_argument(
+        "--dir", type=Path, help="target model directory (default: models/<model> beside the server.yaml in use)"
+    )
+    add_config_argument(parser)
     parser.add_argument(
         "--source",
         choices=("auto", "modelscope", "huggingface"),
@@ -163,18 +167,33 @@ def download(name: str, target: Path, source: str = "auto") -> Path:
     return target
 
 
+MODEL_DIR_UNSET = "    model_dir: null"
+"""engines.cosyvoice.model_dir as the shipped server.yaml has it (the only form `download` rewrites)."""
+
+
 def run_download(args: argparse.Namespace) -> int:
-    """Download, check the result, and print the config line to use."""
+    """Download into the data folder's models/ (or --dir), check the result, and set or print model_dir."""
     from .upstream import inspect_model_dir
 
-    target = args.dir or Path("pretrained_models") / args.model
+    config = read_config(args.config, args.data_dir)
+    target = (args.dir or config.base_dir / "models" / args.model).expanduser().resolve()
     path = download(args.model, target, args.source)
     try:
         info = inspect_model_dir(path)
     except EngineUnavailable as err:
         raise DownloadError(f"downloaded, but the model directory is not usable: {err}") from None
-    print(f"{info.class_name} model ready in {path.resolve()}")
-    print(f"Set in server.yaml:  engines: {{cosyvoice: {{model_dir: {path.resolve()}}}}}")
+    print(f"{info.class_name} model ready in {path}")
+    source = Path(config.source)
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True) if source.is_file() else []
+    unset = [i for i, line in enumerate(lines) if line.rstrip("\r\n") == MODEL_DIR_UNSET]
+    checkout = checkout_dir()
+    tracked = checkout is not None and source == checkout / "config" / "server.yaml"  # the repository's own file
+    if len(unset) == 1 and not tracked:  # the shipped default, untouched: set it (a user's value is never replaced)
+        lines[unset[0]] = f"    model_dir: {path}\n"
+        source.write_text("".join(lines), encoding="utf-8")
+        print(f"Set engines.cosyvoice.model_dir: {path} in {source}")
+    else:
+        print(f"Set in {source}:  engines: {{cosyvoice: {{model_dir: {path}}}}}")
     return 0
 
 
@@ -225,13 +244,15 @@ def checks(settings: Any) -> tuple[list[tuple[str, str]], bool]:
 
 def run_health(args: argparse.Namespace) -> int:
     """Print GPU facts and engine checks; exit 1 when the configured engine could not start."""
-    from wyoming_cosyvoice.gpu import gpu_facts
+    from wyoming_cosyvoice.gpu import driver_fit_here, gpu_facts
 
     from .options import CosyVoiceSettings
 
     config = read_config(args.config, args.data_dir)
-    for key, value in gpu_facts().as_dict().items():
+    facts = gpu_facts()
+    for key, value in facts.as_dict().items():
         print(f"{key}: {value}")
+    print(f"cuda_fit: {driver_fit_here(facts).line}")
     print(f"engine: {config.engine.name} (fallback: {config.engine.fallback or 'none'})")
     settings = config.section("engines", "cosyvoice").parse(CosyVoiceSettings)
     rows, ok = checks(settings)

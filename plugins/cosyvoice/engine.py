@@ -17,7 +17,7 @@ from wyoming_cosyvoice.audio import float_to_pcm16
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import PcmChunk, RequestCancelled, SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineError, EngineNotConfigured, EngineUnavailable, ServerBusy, VoiceError
-from wyoming_cosyvoice.gpu import gpu_facts, process_memory_mb
+from wyoming_cosyvoice.gpu import driver_fit_here, gpu_facts, process_memory_mb
 from wyoming_cosyvoice.reference import normalized_reference
 from wyoming_cosyvoice.voices import VoiceProfile
 
@@ -629,7 +629,9 @@ class CosyVoiceEngine(ThreadedEngine):
             facts["warmup"] = self.warmup_report
         facts.update(self.lifecycle.facts())
         facts.update(self._vram())
-        facts.update(gpu_facts().as_dict())
+        gpu = gpu_facts()
+        facts.update(gpu.as_dict())
+        facts["cuda_fit"] = driver_fit_here(gpu).line  # the driver vs torch's CUDA build, and what to do if apart
         return facts
 
     def _vram(self) -> dict[str, str]:

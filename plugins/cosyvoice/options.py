@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from wyoming_cosyvoice.errors import EngineUnavailable
+from wyoming_cosyvoice.gpu import driver_fit_here
 
 PREFIX = "cosyvoice engine: "
 
@@ -178,10 +179,11 @@ def plan_load(
     """Decide the load options for this machine; a required piece that is missing is a one-line EngineUnavailable."""
     if not cuda:
         if settings.require_gpu:
+            fit = driver_fit_here()
+            hint = "; is CUDA_VISIBLE_DEVICES empty?" if fit.fits else ""
             raise EngineUnavailable(
-                PREFIX
-                + "no CUDA GPU visible to torch (CPU-only torch, no NVIDIA driver, or CUDA_VISIBLE_DEVICES empty); "
-                "set engines.cosyvoice.require_gpu: false to run on the CPU (slow)"
+                PREFIX + f"no CUDA GPU visible to torch: {fit.line}{hint}; "
+                "or set engines.cosyvoice.require_gpu: false to run on the CPU (slow)"
             )
         return LoadPlan("cpu", False, False, False, False, False, ("no CUDA: CPU, fp32, no TensorRT/JIT/vLLM",))
     notes: list[str] = []
@@ -198,8 +200,8 @@ def plan_load(
     if settings.load_trt is True:
         if trt_version is None:
             raise EngineUnavailable(
-                PREFIX + "load_trt is true but TensorRT is not installed (pip install tensorrt-cu12, "
-                "see docs/cosyvoice.md), or set engines.cosyvoice.load_trt: false"
+                PREFIX + "load_trt is true but TensorRT is not installed (pip install tensorrt-cu13, or tensorrt-cu12 "
+                "with CUDA 12 torch; see docs/cosyvoice.md), or set engines.cosyvoice.load_trt: false"
             )
         if not onnx.is_file():
             raise EngineUnavailable(PREFIX + f"load_trt is true but {onnx} is missing (re-download the model)")

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from ..config import Config
+from ..extras import require
 from ..plugins import Plugins
 from . import add_config_argument, read_config
 
@@ -89,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     from .. import server
 
     config = apply_overrides(read_config(args.config, args.data_dir), args)
+    # Before anything loads: a missing optional extra is one line (exit 1), not a traceback after the model load.
+    if config.server.zeroconf:
+        require("zeroconf", "--zeroconf (server.zeroconf: announcing the server to Home Assistant)")
+    if config.web.enabled:
+        require("web", "the voice studio (--web, web.enabled)")
     if not args.debug:
         logging.getLogger().setLevel(config.server.log_level)
     _LOGGER.info("Configuration: %s", config.source)

@@ -16,15 +16,15 @@ if TYPE_CHECKING:
     from ..service import Service
     from .app import Studio
 
-INSTALL_HINT = "pip install 'wyoming-cosyvoice[web]'"
-
 
 def missing_dependency() -> Optional[str]:
     """One line saying what to install when the studio cannot run here (None: it can)."""
+    from ..extras import install_hint
+
     try:
         import aiohttp  # noqa: F401  (only called when the studio is enabled)
     except ImportError:
-        return f"the voice studio (web.enabled / serve --web) needs aiohttp: {INSTALL_HINT}"
+        return f"the voice studio (web.enabled / serve --web) needs aiohttp: {install_hint('web')}"
     return None
 
 
