@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import threading
 import time
@@ -18,20 +17,18 @@ from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import AudioChunk, Cancelled, SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineError, EngineNotConfigured, EngineUnavailable, ServerBusy, VoiceError
 from wyoming_cosyvoice.gpu import gpu_facts, process_memory_mb
-from wyoming_cosyvoice.reference import normalized_reference
 from wyoming_cosyvoice.voices import VoiceProfile
 
 from . import parking, selfcheck, sessions, upstream
 from . import stream as cosyvoice_stream
 from .lifecycle import Keeper
 from .options import CosyVoiceSettings, LoadPlan, auto_concurrency, plan_load
-from .prompts import PromptCache, default_cache_dir, prompt_key
-from .recipes import PreparedVoice, recipe, speakable, synthetic_prompt, v1_language_tag
+from .prompts import PromptCache, default_cache_dir
+from .recipes import PreparedVoice, speakable, synthetic_prompt, v1_language_tag
 from .scheduler import admission
+from .voicebook import WARMUP_NAME, VoiceBook
 
 _LOGGER = logging.getLogger(__name__)
-
-WARMUP_NAME = "(warm-up)"
 
 
 class CosyVoiceEngine(ThreadedEngine):
@@ -52,12 +49,8 @@ class CosyVoiceEngine(ThreadedEngine):
         self.cache = PromptCache(settings.cache_dir or default_cache_dir())
         self.sample_rate = 24000
         self._model_lock = threading.Lock()  # upstream's own loop (CosyVoice 1): one call at a time
-        self._voices_lock = threading.Lock()
-        self._prepared: dict[tuple, PreparedVoice] = {}
-        self._signatures: dict[str, tuple] = {}  # profile name -> the signature it was prepared under
-        self._voice_errors: dict[str, str] = {}
-        self._voice_names: set[str] = set()
-        self._first_profile: Optional[VoiceProfile] = None
+        self.voices = VoiceBook(self.cache)
+        """The prepared voices (`voicebook.py`)."""
         self._initial_hop: Optional[int] = None
         self.streaming = ""
         """How chunks are streamed: own loop (CosyVoice 2/3), upstream loop, or off."""
@@ -226,9 +219,7 @@ class CosyVoiceEngine(ThreadedEngine):
             self._kept_voices = {}
         else:
             self.text_normalizer = self._text_normalizer(model)
-            self._prepared.clear()
-            self._signatures.clear()
-            self._voice_names.clear()
+            self.voices.clear()
         _LOGGER.info(
             "Loaded %s from %s on %s in %.1f s (%s Hz; %s)",
             info.class_name,
@@ -298,7 +289,7 @@ class CosyVoiceEngine(ThreadedEngine):
                 async with self.lifecycle.request("a voice to prepare"):
                     await self.run_in_worker(self._voice, profile)
             except VoiceError as err:
-                self._voice_errors[profile.name] = str(err)
+                self.voices.failed(profile.name, str(err))
                 raise
 
     async def forget(self, profile_names: Iterable[str]) -> None:
@@ -311,83 +302,20 @@ class CosyVoiceEngine(ThreadedEngine):
             await self.run_in_worker(self._drop, names)  # the worker thread reads spk2info while synthesizing
 
     def _drop(self, names: list[str]) -> None:
-        for name in names:
-            self._voice_names.discard(name)
-            self._voice_errors.pop(name, None)
-            if self._first_profile is not None and self._first_profile.name == name:
-                self._first_profile = None
-            signature = self._signatures.pop(name, None)
-            if signature is None or signature in self._signatures.values():
-                continue
-            voice = self._prepared.pop(signature, None)
-            if voice is None or not voice.spk_id.startswith("wcv-"):  # a built-in speaker belongs to the model
-                continue
-            if any(v.spk_id == voice.spk_id for v in self._prepared.values()):
-                continue
-            if self.model is not None:
-                self.model.frontend.spk2info.pop(voice.spk_id, None)
-            _LOGGER.debug("Voice %s forgotten (%s)", name, voice.spk_id)
-
-    def _signature(self, profile: VoiceProfile) -> tuple:
-        return (
-            profile.mode,
-            str(profile.reference_audio),
-            profile.reference_stamp(),
-            profile.transcript,
-            profile.instruct,
-            profile.speaker,
-            profile.languages[:1],
-        )
+        self.voices.forget(names, None if self.model is None else self.model.frontend.spk2info)
 
     def _voice(self, profile: VoiceProfile) -> PreparedVoice:
         """The prepared voice for `profile`, preparing it now on first use (worker thread)."""
-        with self._voices_lock:  # two requests for a voice not yet prepared: one prepares it
-            return self._voice_locked(profile)
+        assert self.info is not None
+        return self.voices.voice(self.model, self.info, profile)
 
-    def _voice_locked(self, profile: VoiceProfile) -> PreparedVoice:
-        signature = self._signature(profile)
-        voice = self._prepared.get(signature)
-        if voice is None or voice.spk_id not in self.model.frontend.spk2info:
-            voice = self._prepare(profile)
-            self._prepared[signature] = voice
-        if profile.name != WARMUP_NAME:
-            self._first_profile = self._first_profile or profile
-            self._signatures[profile.name] = signature
-            self._voice_names.add(profile.name)
-            self._voice_errors.pop(profile.name, None)
-        return voice
+    @property
+    def _prepared(self) -> dict[tuple, PreparedVoice]:
+        return self.voices.prepared
 
-    def _prepare(self, profile: VoiceProfile) -> PreparedVoice:
-        assert self.info is not None and self.model is not None
-        plan = recipe(profile, self.info.version, list(self.model.list_available_spks()))
-        if plan.prompt_text is None:
-            return PreparedVoice(plan.method, plan.speaker, instruct_text=plan.instruct_text)
-        prompt_text = plan.prompt_text
-        if plan.method == "zero_shot":
-            # Upstream's inference_zero_shot normalizes the transcript (add_zero_shot_spk does not); that same call
-            # leaves a text with a `<|...|>` marker as it is (CosyVoice 3's prompt).
-            prompt_text = self.model.frontend.text_normalize(" ".join(prompt_text.split()), split=False)
-        # Validated, trimmed, mono 16-bit WAV at >= 16 kHz and <= 30 s; CosyVoice gets it by path.
-        reference = normalized_reference(profile, self.cache.directory / "references")
-        audio_hash = hashlib.sha256(reference.read_bytes()).hexdigest()
-        key = prompt_key(audio_hash, prompt_text, self.info.identity)
-        spk_id = f"wcv-{key[:16]}"
-        frontend = self.model.frontend
-
-        def compute() -> dict:
-            try:
-                self.model.add_zero_shot_spk(prompt_text, str(reference), spk_id)
-            except Exception as err:  # upstream asserts and raises on prompts it cannot use
-                raise VoiceError(
-                    f"voice {profile.name!r}: CosyVoice could not prepare {profile.reference_audio}: "
-                    f"{type(err).__name__}: {err}"
-                ) from None
-            return frontend.spk2info[spk_id]
-
-        entry, hit = self.cache.get_or_compute(key, compute, map_location=getattr(frontend, "device", None))
-        frontend.spk2info[spk_id] = entry
-        _LOGGER.info("Voice %s prepared (%s, %s)", profile.name, plan.method, "from cache" if hit else "computed")
-        return PreparedVoice(plan.method, spk_id, from_cache=hit)
+    @property
+    def _signatures(self) -> dict[str, tuple]:
+        return self.voices.signatures
 
     # --- synthesis ---------------------------------------------------------------------------------
 
@@ -557,8 +485,9 @@ class CosyVoiceEngine(ThreadedEngine):
             await self.run_in_worker(self._warmup, True, exclusive=True)
 
     def _warmup_profile(self) -> VoiceProfile:
-        if self._first_profile is not None:  # already prepared: warming up costs no extra prompt computation
-            return self._first_profile
+        first = self.voices.first_profile
+        if first is not None:  # already prepared: warming up costs no extra prompt computation
+            return first
         path = self.cache.directory / "warmup_prompt.wav"
         if not path.is_file():
             import soundfile
@@ -623,9 +552,9 @@ class CosyVoiceEngine(ThreadedEngine):
             facts["text_normalizer"] = self.text_normalizer
         if self.self_check:
             facts["self_check"] = self.self_check
-        facts["voices_prepared"] = len(self._voice_names)
-        if self._voice_errors:
-            facts["voices_failed"] = ", ".join(sorted(self._voice_errors))
+        facts["voices_prepared"] = len(self.voices.names)
+        if self.voices.errors:
+            facts["voices_failed"] = ", ".join(sorted(self.voices.errors))
         facts["prompt_cache"] = f"{self.cache.hits} hits/{self.cache.misses} computed"
         if self.warmup_report:
             facts["warmup"] = self.warmup_report
