@@ -7,7 +7,6 @@ import contextlib
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Generator, Iterable, Iterator, Optional
 
 import numpy as np
@@ -15,14 +14,15 @@ import numpy as np
 from wyoming_cosyvoice.audio import float_to_pcm16
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import AudioChunk, Cancelled, SynthesisOptions, ThreadedEngine
-from wyoming_cosyvoice.errors import EngineError, EngineNotConfigured, EngineUnavailable, ServerBusy, VoiceError
+from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, ServerBusy, VoiceError
 from wyoming_cosyvoice.gpu import gpu_facts, process_memory_mb
 from wyoming_cosyvoice.voices import VoiceProfile
 
-from . import parking, selfcheck, sessions, upstream
+from . import parking, sessions, upstream
 from . import stream as cosyvoice_stream
 from .lifecycle import Keeper
-from .options import CosyVoiceSettings, LoadPlan, auto_concurrency, plan_load
+from .loader import LoadedModel, Loader, concurrency, empty_cuda_cache
+from .options import CosyVoiceSettings, LoadPlan
 from .prompts import PromptCache, default_cache_dir
 from .recipes import PreparedVoice, speakable, synthetic_prompt, v1_language_tag
 from .scheduler import admission
@@ -51,22 +51,21 @@ class CosyVoiceEngine(ThreadedEngine):
         self._model_lock = threading.Lock()  # upstream's own loop (CosyVoice 1): one call at a time
         self.voices = VoiceBook(self.cache)
         """The prepared voices (`voicebook.py`)."""
-        self._initial_hop: Optional[int] = None
         self.streaming = ""
         """How chunks are streamed: own loop (CosyVoice 2/3), upstream loop, or off."""
         self.scheduling: Optional[cosyvoice_stream.Streaming] = None
         """The shared flow + vocoder scheduler and measured costs (our own loop only)."""
-        self._free_memory: Optional[int] = None  # GPU bytes free after loading
         self.concurrency_note = ""
         """How `concurrency` was chosen (health)."""
         self.warmup_report = ""
         self.text_normalizer = ""
         """Upstream's text normalizer: ttsfrd, wetext or none (numbers and symbols read as written)."""
-        self.self_check = ""
-        """The self-check's summary at load (health, describe)."""
+        self.loader = Loader(settings, self.cache.directory, self._unload)
+        """Loads the model: plan, TensorRT, self-check, streaming loop (`loader.py`)."""
+        self.loaded: Optional[LoadedModel] = None
+        """What the last load decided (the model itself is `model`: None while unloaded)."""
         self.lifecycle = Keeper(settings.keep_alive, settings.park, self._park_model, self._wake_model)
         """Parks the model after `keep_alive` idle seconds and wakes it for the next reply (`lifecycle.py`)."""
-        self._trt: Optional[parking.TrtPlan] = None  # how to rebuild the TensorRT engine after a host park
         self._kept_voices: dict[str, Any] = {}  # prepared voices of an unloaded model, on the host
 
     # --- loading -----------------------------------------------------------------------------------
@@ -79,7 +78,8 @@ class CosyVoiceEngine(ThreadedEngine):
         except BaseException:
             self.state = "failed"
             raise
-        self.set_concurrency(self._concurrency())
+        n, self.concurrency_note = concurrency(self.settings, self.loaded)
+        self.set_concurrency(n)
         if self.scheduling is not None:  # no batch larger than the streams there can be
             self.scheduling.limit_batch(self.concurrency)
         self.state = "ready"
@@ -96,187 +96,41 @@ class CosyVoiceEngine(ThreadedEngine):
             return str(err)
         return None
 
-    def _concurrency(self) -> int:
-        """Requests in flight: 1 with upstream's loop; else the setting, or `auto` from the GPU's free memory."""
-        wanted = self.settings.concurrency
-        if self.scheduling is None:
-            if wanted not in ("auto", 1):
-                _LOGGER.warning(
-                    "engines.cosyvoice.concurrency %s ignored: %s streams with upstream's own loop, one request at "
-                    "a time",
-                    wanted,
-                    self.info.class_name if self.info else "this model",
-                )
-            self.concurrency_note = "1 (upstream's loop)"
-            return 1
-        if wanted == "auto":
-            n, why = auto_concurrency(self.plan.device if self.plan else "cpu", self._free_memory)
-        else:
-            n, why = int(wanted), "set"
-        self.concurrency_note = f"{n} ({why})"
-        _LOGGER.info("Requests in flight at once: %s", self.concurrency_note)
-        return n
-
     def _load(self, force_fp16: Optional[bool], waking: bool = False) -> None:
-        """Load the model; `waking`: again after an unload park (no self-check; the voices and measured costs stay)."""
-        started = time.perf_counter()
-        if self.settings.repo is None and self.settings.model_dir is None:
-            # Never set up (a fresh install without a GPU model): the fallback serves, and that is no warning.
-            raise EngineNotConfigured(upstream.PREFIX + f"engines.cosyvoice.repo is not set ({upstream.README_HINT})")
-        repo = upstream.check_checkout(self.settings.repo)
-        info = upstream.inspect_model_dir(self.settings.model_dir)
-        try:
-            import torch
-        except ImportError:
-            raise EngineUnavailable(upstream.PREFIX + "torch is not installed (pip install -e '.[gpu]')") from None
-        cuda = bool(torch.cuda.is_available())
-        capability: Optional[tuple[int, int]] = None
-        if cuda:
-            major, minor = torch.cuda.get_device_capability()
-            capability = (int(major), int(minor))
-        trt_version = upstream.tensorrt_version() if cuda else None
-        plan = plan_load(self.settings, info.version, info.path, cuda, capability, trt_version)
-        if force_fp16 is not None:
-            plan = LoadPlan(plan.device, force_fp16, False, plan.load_trt, plan.load_jit, plan.load_vllm, plan.notes)
-        module = upstream.import_cosyvoice(repo)
-        plans: Optional[tuple[Path, Path]] = None
-        if plan.load_trt:
-            assert capability is not None  # TensorRT is planned with CUDA only
-            keyed = upstream.keyed_plan_path(
-                self.cache.directory,
-                info.identity,
-                plan.fp16,
-                torch.cuda.get_device_name(),
-                capability,
-                trt_version or "",
-            )
-            plans = (upstream.upstream_plan_path(info.path, plan.fp16), keyed)
-            if not upstream.link_plan(*plans):
-                _LOGGER.info("Building the TensorRT plan for this GPU (first start only; takes minutes)")
-        kwargs: dict[str, Any] = {
-            "load_trt": plan.load_trt,
-            "fp16": plan.fp16,
-            "trt_concurrent": self.settings.trt_concurrent,
-        }
-        if info.version != 3:
-            kwargs["load_jit"] = plan.load_jit
-        if info.version != 1:
-            kwargs["load_vllm"] = plan.load_vllm
-        self._unload()
-        try:
-            model = getattr(module, info.class_name)(str(info.path), **kwargs)
-        except Exception as err:  # upstream raises ValueError, AssertionError, CUDA errors...
-            raise EngineUnavailable(
-                upstream.PREFIX + f"loading {info.class_name} from {info.path} failed: {type(err).__name__}: {err}"
-            ) from None
-        if plans is not None:
-            upstream.adopt_plan(*plans)
-            onnx = info.path / "flow.decoder.estimator.fp32.onnx"
-            self._trt = parking.TrtPlan(plans[0], onnx, self.settings.trt_concurrent, plan.fp16)
-        checked = selfcheck.Result(self.self_check) if waking else self._self_check(model, plan)
-        if checked.problem is not None:
-            del model  # before the fallback engine starts or the fp32 copy loads
-            _empty_cuda_cache()
-            if checked.fp16 and plan.fp16_auto and force_fp16 is None:
-                _LOGGER.warning("%s; reloading in fp32", checked.problem)
-                self._load(False)
-                return
-            raise EngineUnavailable(upstream.PREFIX + checked.problem)
-        flow_slots = self.settings.trt_concurrent if plan.load_trt else 1
-        scheduling = (waking and self.scheduling) or cosyvoice_stream.Streaming(
-            self.settings.early_first_chunk,
-            int(model.sample_rate),
-            flow_slots,
-            llm_batched=bool(plan.load_vllm),
-            max_flow_batch=self.settings.flow_batch_limit(),
-        )
-        own_loop = cosyvoice_stream.install(model.model, scheduling)
-        self.scheduling = scheduling if own_loop else None
-        sessions.track(model.model)
-        if cuda:
-            try:
-                self._free_memory = int(torch.cuda.mem_get_info()[0])
-            except Exception:  # an old torch or a driver without it: concurrency stays at 1 (auto)
-                self._free_memory = None
-        if not own_loop:
-            if info.version != 1:  # CosyVoice 1 streams with upstream's loop by design
-                _LOGGER.info(
-                    "CosyVoice %s lacks a part of the streaming loop this engine uses; upstream's own loop "
-                    "streams (100 ms polling, upstream's first chunk)",
-                    info.class_name,
-                )
-            self._install_hop_reset(model.model)
-        if not self.settings.stream:
-            self.streaming = "off"
-        elif not own_loop:
-            self.streaming = "upstream loop"
-        else:
-            self.streaming = "own loop, early first chunk" if self.settings.early_first_chunk else "own loop"
+        """Load the model (`loader.py`); `waking`: again after an unload park (no self-check; the voices and measured
+        costs stay)."""
+        loaded = self.loader.load(force_fp16, self.loaded if waking else None)
+        model, info, plan = loaded.model, loaded.info, loaded.plan
+        self.loaded = loaded
+        self.scheduling, self.streaming = loaded.scheduling, loaded.streaming
         self.model, self.info, self.plan = model, info, plan
         self.sample_rate = int(model.sample_rate)
         if waking:
             parking.voices_back(model.frontend.spk2info, self._kept_voices, getattr(model.frontend, "device", "cpu"))
             self._kept_voices = {}
         else:
-            self.text_normalizer = self._text_normalizer(model)
+            self.text_normalizer = loaded.text_normalizer
             self.voices.clear()
         _LOGGER.info(
             "Loaded %s from %s on %s in %.1f s (%s Hz; %s)",
             info.class_name,
             info.path,
             plan.device,
-            time.perf_counter() - started,
+            loaded.seconds,
             self.sample_rate,
             "; ".join(plan.notes) or "defaults",
         )
 
-    @staticmethod
-    def _text_normalizer(model: Any) -> str:
-        """Which normalizer upstream's frontend picked (ttsfrd, else wetext, else none), logged once per load."""
-        name = getattr(model.frontend, "text_frontend", None)
-        if name is None:
-            return "unknown"
-        if name:
-            _LOGGER.info("Text normalization: %s", name)
-            return str(name)
-        _LOGGER.warning(
-            "No text normalizer (upstream uses ttsfrd, else wetext): numbers and symbols are read as written "
-            '("$12.50" becomes "$twelve.fifty"); install one: pip install wetext'
-        )
-        return "none"
-
-    def _self_check(self, model: Any, plan: LoadPlan) -> selfcheck.Result:
-        """The self-check on the loaded model (cached LLM decoding; fp16 against fp32), unless switched off."""
-        if not self.settings.self_check:
-            result = selfcheck.Result("off (engines.cosyvoice.self_check: false)")
-        else:
-            device = getattr(getattr(model.model, "device", None), "type", plan.device)  # upstream's torch.device
-            result = selfcheck.run(model.model, plan.fp16, plan.load_trt, device)
-        self.self_check = result.summary
-        if result.problem is None:
-            _LOGGER.info("Self-check: %s", result.summary)
-        return result
-
-    def _install_hop_reset(self, inner: Any) -> None:
-        """Upstream doubles `token_hop_len` on the shared model during a stream and never resets it (the third
-        request waits ~4 s for its first chunk): reset it at every segment's `tts` call."""
-        self._initial_hop = getattr(inner, "token_hop_len", None)
-        if self._initial_hop is None:  # CosyVoice 1 keeps its hop length local
-            return
-        original = inner.tts
-        initial = self._initial_hop
-
-        def tts(*args: Any, **kwargs: Any) -> Any:
-            inner.token_hop_len = initial
-            return original(*args, **kwargs)
-
-        inner.tts = tts
+    @property
+    def self_check(self) -> str:
+        """The self-check's summary at load (health, describe)."""
+        return self.loader.self_check
 
     def _unload(self) -> None:
         if self.model is None:
             return
         self.model = None
-        _empty_cuda_cache()
+        empty_cuda_cache()
 
     # --- voices ------------------------------------------------------------------------------------
 
@@ -354,7 +208,7 @@ class CosyVoiceEngine(ThreadedEngine):
         if self.model is None or stop.is_set():
             return False
         if self.settings.park == "host":
-            return parking.to_host(self.model.model, self._trt, stop)
+            return parking.to_host(self.model.model, self._trt(), stop)
         spk2info = self.model.frontend.spk2info
         self._kept_voices = parking.voices_to_host(spk2info, [k for k in spk2info if k.startswith("wcv-")])
         del spk2info
@@ -372,7 +226,10 @@ class CosyVoiceEngine(ThreadedEngine):
         if self.model is None:
             self._load(None, waking=True)
         else:
-            parking.to_device(self.model.model, self._trt)
+            parking.to_device(self.model.model, self._trt())
+
+    def _trt(self) -> Optional[parking.TrtPlan]:
+        return self.loaded.trt if self.loaded is not None else None
 
     def _admit(self) -> None:
         why = self.room()
@@ -594,16 +451,6 @@ def _tagged_cross_lingual(model: Any, text: str, tag: str, spk_id: str, kwargs: 
     each segment (a tag in front of the whole text makes upstream skip both)."""
     for segment in model.frontend.text_normalize(text, split=True):
         yield from model.inference_cross_lingual(tag + segment, "", zero_shot_spk_id=spk_id, **kwargs)
-
-
-def _empty_cuda_cache() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
 
 
 def create_engine(section: Section) -> CosyVoiceEngine:
