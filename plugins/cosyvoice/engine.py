@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from typing import Any, AsyncIterator, Callable, Generator, Iterable, Iterator, Optional
 
 import numpy as np
@@ -14,19 +13,20 @@ import numpy as np
 from wyoming_cosyvoice.audio import float_to_pcm16
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import AudioChunk, Cancelled, SynthesisOptions, ThreadedEngine
-from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, ServerBusy, VoiceError
-from wyoming_cosyvoice.gpu import gpu_facts, process_memory_mb
+from wyoming_cosyvoice.errors import EngineError, ServerBusy, VoiceError
 from wyoming_cosyvoice.voices import VoiceProfile
 
-from . import parking, sessions, upstream
+from . import health, parking, sessions, upstream
 from . import stream as cosyvoice_stream
+from .calls import inference
 from .lifecycle import Keeper
-from .loader import LoadedModel, Loader, concurrency, empty_cuda_cache
+from .loader import LoadedModel, Loader, cannot_start, concurrency, empty_cuda_cache
 from .options import CosyVoiceSettings, LoadPlan
 from .prompts import PromptCache, default_cache_dir
-from .recipes import PreparedVoice, speakable, synthetic_prompt, v1_language_tag
+from .recipes import PreparedVoice, speakable, v1_language_tag
 from .scheduler import admission
-from .voicebook import WARMUP_NAME, VoiceBook
+from .voicebook import VoiceBook
+from .warmup import measure, warmup_profile
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class CosyVoiceEngine(ThreadedEngine):
         """What the last load decided (the model itself is `model`: None while unloaded)."""
         self.lifecycle = Keeper(settings.keep_alive, settings.park, self._park_model, self._wake_model)
         """Parks the model after `keep_alive` idle seconds and wakes it for the next reply (`lifecycle.py`)."""
-        self._kept_voices: dict[str, Any] = {}  # prepared voices of an unloaded model, on the host
+        self.parker = parking.Parker(settings.park, lambda: self.model, self._unload, self._reload, self._trt)
+        """The model work of a park and a wake (`parking.py`)."""
 
     # --- loading -----------------------------------------------------------------------------------
 
@@ -87,14 +88,7 @@ class CosyVoiceEngine(ThreadedEngine):
 
     def cannot_start(self) -> Optional[str]:
         """Not set up, or the checkout or model directory is missing (checked on disk; nothing is imported)."""
-        if self.settings.repo is None and self.settings.model_dir is None:
-            return "not set up"
-        try:
-            upstream.check_checkout(self.settings.repo)
-            upstream.inspect_model_dir(self.settings.model_dir)
-        except EngineUnavailable as err:
-            return str(err)
-        return None
+        return cannot_start(self.settings)
 
     def _load(self, force_fp16: Optional[bool], waking: bool = False) -> None:
         """Load the model (`loader.py`); `waking`: again after an unload park (no self-check; the voices and measured
@@ -106,8 +100,7 @@ class CosyVoiceEngine(ThreadedEngine):
         self.model, self.info, self.plan = model, info, plan
         self.sample_rate = int(model.sample_rate)
         if waking:
-            parking.voices_back(model.frontend.spk2info, self._kept_voices, getattr(model.frontend, "device", "cpu"))
-            self._kept_voices = {}
+            self.parker.restore(model.frontend)
         else:
             self.text_normalizer = loaded.text_normalizer
             self.voices.clear()
@@ -120,6 +113,9 @@ class CosyVoiceEngine(ThreadedEngine):
             self.sample_rate,
             "; ".join(plan.notes) or "defaults",
         )
+
+    def _reload(self) -> None:
+        self._load(None, waking=True)
 
     @property
     def self_check(self) -> str:
@@ -202,31 +198,10 @@ class CosyVoiceEngine(ThreadedEngine):
         return await self.lifecycle.wake_now()
 
     async def _park_model(self, stop: threading.Event) -> bool:
-        return await self.run_in_worker(self._park_locked, stop, exclusive=True)
-
-    def _park_locked(self, stop: threading.Event) -> bool:
-        if self.model is None or stop.is_set():
-            return False
-        if self.settings.park == "host":
-            return parking.to_host(self.model.model, self._trt(), stop)
-        spk2info = self.model.frontend.spk2info
-        self._kept_voices = parking.voices_to_host(spk2info, [k for k in spk2info if k.startswith("wcv-")])
-        del spk2info
-        if stop.is_set():  # a request came while the voices were copied: keep the model
-            self._kept_voices = {}
-            return False
-        self._unload()
-        parking.release_memory()
-        return True
+        return await self.run_in_worker(self.parker.park, stop, exclusive=True)
 
     async def _wake_model(self) -> None:
-        await self.run_in_worker(self._wake_locked, exclusive=True)
-
-    def _wake_locked(self) -> None:
-        if self.model is None:
-            self._load(None, waking=True)
-        else:
-            parking.to_device(self.model.model, self._trt())
+        await self.run_in_worker(self.parker.wake, exclusive=True)
 
     def _trt(self) -> Optional[parking.TrtPlan]:
         return self.loaded.trt if self.loaded is not None else None
@@ -311,18 +286,8 @@ class CosyVoiceEngine(ThreadedEngine):
         with self._model_lock if scheduling is None else contextlib.nullcontext():
             model = self.model
             request = None if scheduling is None else scheduling.begin(cancel or threading.Event(), self.still_working)
-            if voice.method == "sft":
-                outputs = model.inference_sft(text, voice.spk_id, **kwargs)
-            elif voice.method == "instruct":
-                outputs = model.inference_instruct(text, voice.spk_id, voice.instruct_text, **kwargs)
-            elif voice.method == "zero_shot":
-                outputs = model.inference_zero_shot(text, "", "", zero_shot_spk_id=voice.spk_id, **kwargs)
-            elif voice.method == "instruct2":
-                outputs = model.inference_instruct2(text, "", "", zero_shot_spk_id=voice.spk_id, **kwargs)
-            elif self.info is not None and self.info.version == 1 and v1_language_tag(profile):
-                outputs = _tagged_cross_lingual(model, text, v1_language_tag(profile), voice.spk_id, kwargs)
-            else:
-                outputs = model.inference_cross_lingual(text, "", zero_shot_spk_id=voice.spk_id, **kwargs)
+            v1_tag = v1_language_tag(profile) if self.info is not None and self.info.version == 1 else None
+            outputs = inference(model, voice, text, v1_tag, kwargs)
             try:
                 for output in outputs:
                     yield output["tts_speech"].detach().float().cpu().numpy().reshape(-1)
@@ -341,30 +306,11 @@ class CosyVoiceEngine(ThreadedEngine):
         async with self.lifecycle.request("the warm-up"):
             await self.run_in_worker(self._warmup, True, exclusive=True)
 
-    def _warmup_profile(self) -> VoiceProfile:
-        first = self.voices.first_profile
-        if first is not None:  # already prepared: warming up costs no extra prompt computation
-            return first
-        path = self.cache.directory / "warmup_prompt.wav"
-        if not path.is_file():
-            import soundfile
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            soundfile.write(str(path), synthetic_prompt(), 24000, subtype="FLOAT")
-        return VoiceProfile(name=WARMUP_NAME, mode="cross_lingual", reference_audio=path)
-
     def _warmup(self, may_reload: bool) -> None:
         assert self.plan is not None
-        profile = self._warmup_profile()
-        started = time.perf_counter()
-        first: Optional[float] = None
-        samples, finite = 0, True
-        for chunk in self._outputs(self.settings.warmup_text, profile, 1.0):
-            first = first or time.perf_counter()
-            samples += len(chunk)
-            finite = finite and bool(np.isfinite(chunk).all())
-        total = time.perf_counter() - started
-        if not finite:
+        profile = warmup_profile(self.voices.first_profile, self.cache.directory)
+        run = measure(self._outputs(self.settings.warmup_text, profile, 1.0), self.sample_rate)
+        if not run.finite:
             if self.plan.fp16 and self.plan.fp16_auto and may_reload:
                 _LOGGER.warning("fp16 warm-up produced NaN/inf audio on this GPU; reloading in fp32")
                 self._load(False)
@@ -377,62 +323,14 @@ class CosyVoiceEngine(ThreadedEngine):
                     "set engines.cosyvoice.fp16: false"
                 )
             raise EngineError(upstream.PREFIX + "warm-up produced NaN/inf audio (damaged model files?)")
-        seconds = samples / self.sample_rate
-        self.warmup_report = (
-            f"first chunk {((first or started) - started) * 1000:.0f} ms, "
-            f"rtf {total / seconds if seconds else float('nan'):.2f}"
-        )
-        _LOGGER.info("Warm-up: %.2f s of audio in %.2f s (%s)", seconds, total, self.warmup_report)
+        self.warmup_report = run.report
+        _LOGGER.info("Warm-up: %.2f s of audio in %.2f s (%s)", run.audio_s, run.total_s, self.warmup_report)
         if self.scheduling is not None:  # what the cold warm-up measured holds only until a real call's figures
             self.scheduling.costs.provisional = True
 
     def health(self) -> dict[str, Any]:
         """Engine state, model, precision, prepared voices and GPU facts (NVML; cheap)."""
-        facts: dict[str, Any] = {"engine": self.name, "state": self.state, "sample_rate": self.sample_rate}
-        if self.info is not None:
-            facts["model"] = f"{self.info.class_name} ({self.info.path.name})"
-        if self.plan is not None:
-            facts["device"] = self.plan.device
-            facts["precision"] = "fp16" if self.plan.fp16 else "fp32"
-            facts["tensorrt"] = "on" if self.plan.load_trt else "off"
-        if self.streaming:
-            facts["streaming"] = self.streaming
-        facts["concurrency"] = self.concurrency_note or str(self.concurrency)
-        facts["in_flight"] = self.in_flight
-        facts["queued"] = self.queued
-        if self.scheduling is not None:
-            costs = self.scheduling.costs.per_stream()
-            if costs is not None:  # what one stream needs of the model per second of audio (admission weighs it)
-                facts["stream_cost"] = f"llm {costs[0]:.2f} + flow {costs[1]:.2f} s per s"
-            facts["batched_flow"] = self.scheduling.batch_report()
-        if self.text_normalizer:
-            facts["text_normalizer"] = self.text_normalizer
-        if self.self_check:
-            facts["self_check"] = self.self_check
-        facts["voices_prepared"] = len(self.voices.names)
-        if self.voices.errors:
-            facts["voices_failed"] = ", ".join(sorted(self.voices.errors))
-        facts["prompt_cache"] = f"{self.cache.hits} hits/{self.cache.misses} computed"
-        if self.warmup_report:
-            facts["warmup"] = self.warmup_report
-        facts.update(self.lifecycle.facts())
-        facts.update(self._vram())
-        facts.update(gpu_facts().as_dict())
-        return facts
-
-    def _vram(self) -> dict[str, str]:
-        """The GPU memory this process holds (NVML; torch's reserved memory where NVML cannot see this process)."""
-        if self.plan is None or self.plan.device != "cuda":
-            return {}
-        held = process_memory_mb()
-        if held:
-            return {"vram_held": f"{held} MiB"}
-        try:
-            import torch
-
-            return {"vram_held": f"{int(torch.cuda.memory_reserved()) // 2**20} MiB reserved by torch"}
-        except Exception:  # torch without CUDA support compiled in
-            return {}
+        return health.facts(self)
 
     async def close(self) -> None:
         """Release the model after the current job and stop the worker."""
@@ -444,13 +342,6 @@ class CosyVoiceEngine(ThreadedEngine):
                 pass
         self.state = "closed"
         await super().close()
-
-
-def _tagged_cross_lingual(model: Any, text: str, tag: str, spk_id: str, kwargs: dict) -> Iterator[dict]:
-    """CosyVoice 1 cross-lingual: upstream's own normalization and sentence split first, then the language tag on
-    each segment (a tag in front of the whole text makes upstream skip both)."""
-    for segment in model.frontend.text_normalize(text, split=True):
-        yield from model.inference_cross_lingual(tag + segment, "", zero_shot_spk_id=spk_id, **kwargs)
 
 
 def create_engine(section: Section) -> CosyVoiceEngine:

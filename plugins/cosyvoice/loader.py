@@ -52,9 +52,7 @@ class Loader:
 
     def load(self, force_fp16: Optional[bool], waking: Optional[LoadedModel] = None) -> LoadedModel:
         """Load the model; `waking`: the model before an unload park (no self-check; its scheduler and measured costs
-        stay). EngineUnavailable names what is missing or broken; automatic fp16 failing the check reloads in fp32.
-
-        Over 80 lines: the steps of one load in their order, each a few lines, sharing the plan and the model."""
+        stay). EngineUnavailable names what is missing or broken; automatic fp16 failing the check reloads in fp32."""
         started = time.perf_counter()
         settings = self.settings
         if settings.repo is None and settings.model_dir is None:
@@ -171,6 +169,18 @@ class Loader:
         if result.problem is None:
             _LOGGER.info("Self-check: %s", result.summary)
         return result
+
+
+def cannot_start(settings: CosyVoiceSettings) -> Optional[str]:
+    """Not set up, or the checkout or model directory is missing (checked on disk; nothing is imported)."""
+    if settings.repo is None and settings.model_dir is None:
+        return "not set up"
+    try:
+        upstream.check_checkout(settings.repo)
+        upstream.inspect_model_dir(settings.model_dir)
+    except EngineUnavailable as err:
+        return str(err)
+    return None
 
 
 def concurrency(settings: CosyVoiceSettings, loaded: Optional[LoadedModel]) -> tuple[int, str]:
