@@ -1,9 +1,10 @@
-"""CosyVoice GPU engine: the official code from a checkout, prepared voices, several streams on one model."""
+"""CosyVoice engine front: admission and synthesis on the model that loader.py loads, with voicebook.py's voices."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from typing import Any, AsyncIterator, Callable, Generator, Iterable, Iterator, Optional
@@ -66,7 +67,8 @@ class CosyVoiceEngine(ThreadedEngine):
         """What the last load decided (the model itself is `model`: None while unloaded)."""
         self.lifecycle = Keeper(settings.keep_alive, settings.park, self._park_model, self._wake_model)
         """Parks the model after `keep_alive` idle seconds and wakes it for the next reply (`lifecycle.py`)."""
-        self.parker = parking.Parker(settings.park, lambda: self.model, self._unload, self._reload, self._trt)
+        reload = functools.partial(self._load, None, True)
+        self.parker = parking.Parker(settings.park, lambda: self.model, self._unload, reload, self._trt)
         """The model work of a park and a wake (`parking.py`)."""
 
     # --- loading -----------------------------------------------------------------------------------
@@ -94,28 +96,15 @@ class CosyVoiceEngine(ThreadedEngine):
         """Load the model (`loader.py`); `waking`: again after an unload park (no self-check; the voices and measured
         costs stay)."""
         loaded = self.loader.load(force_fp16, self.loaded if waking else None)
-        model, info, plan = loaded.model, loaded.info, loaded.plan
-        self.loaded = loaded
+        self.loaded, self.model, self.info, self.plan = loaded, loaded.model, loaded.info, loaded.plan
         self.scheduling, self.streaming = loaded.scheduling, loaded.streaming
-        self.model, self.info, self.plan = model, info, plan
-        self.sample_rate = int(model.sample_rate)
+        self.sample_rate = int(loaded.model.sample_rate)
         if waking:
-            self.parker.restore(model.frontend)
+            self.parker.restore(loaded.model.frontend)
         else:
             self.text_normalizer = loaded.text_normalizer
             self.voices.clear()
-        _LOGGER.info(
-            "Loaded %s from %s on %s in %.1f s (%s Hz; %s)",
-            info.class_name,
-            info.path,
-            plan.device,
-            loaded.seconds,
-            self.sample_rate,
-            "; ".join(plan.notes) or "defaults",
-        )
-
-    def _reload(self) -> None:
-        self._load(None, waking=True)
+        _LOGGER.info("Loaded %s", loaded.summary())
 
     @property
     def self_check(self) -> str:

@@ -38,6 +38,14 @@ class LoadedModel:
     seconds: float
     """How long the (successful) load took."""
 
+    def summary(self) -> str:
+        """For the log: which class, from where, on what, how long, the rate and the plan's notes."""
+        notes = "; ".join(self.plan.notes) or "defaults"
+        return (
+            f"{self.info.class_name} from {self.info.path} on {self.plan.device} in {self.seconds:.1f} s "
+            f"({int(self.model.sample_rate)} Hz; {notes})"
+        )
+
 
 class Loader:
     """Loads the model a fresh start needs (plan, TensorRT, self-check, streaming loop) or a wake needs again."""
