@@ -185,6 +185,7 @@ async def test_the_studio_page_in_a_real_browser(tmp_path: Path) -> None:
                 await page.click("#token-form button")
                 await page.click("#audition-play")
                 await page.wait_for_selector("#audition-stats[data-state=done]")
+                await page.goto("about:blank")  # leave before the server stops: its requests would then be refused
         finally:
             await browser.close()
     await wait_for(lambda: True)
