@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Generator, Optional
 
 from .recipes import PreparedVoice
 
 
-def inference(model: Any, voice: PreparedVoice, text: str, v1_tag: Optional[str], kwargs: dict) -> Iterator[dict]:
+def inference(
+    model: Any, voice: PreparedVoice, text: str, v1_tag: Optional[str], kwargs: dict
+) -> Generator[dict, None, None]:
     """The upstream generator for `voice` (a method of `model`, CosyVoice 1/2/3); `v1_tag`: CosyVoice 1's language
     tag for a cross-lingual voice (None: none or another version)."""
     if voice.method == "sft":
@@ -23,7 +25,7 @@ def inference(model: Any, voice: PreparedVoice, text: str, v1_tag: Optional[str]
     return model.inference_cross_lingual(text, "", zero_shot_spk_id=voice.spk_id, **kwargs)
 
 
-def _tagged_cross_lingual(model: Any, text: str, tag: str, spk_id: str, kwargs: dict) -> Iterator[dict]:
+def _tagged_cross_lingual(model: Any, text: str, tag: str, spk_id: str, kwargs: dict) -> Generator[dict, None, None]:
     """CosyVoice 1 cross-lingual: upstream's own normalization and sentence split first, then the language tag on
     each segment (a tag in front of the whole text makes upstream skip both)."""
     for segment in model.frontend.text_normalize(text, split=True):
