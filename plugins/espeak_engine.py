@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional
 
 from wyoming_cosyvoice.config import Section
-from wyoming_cosyvoice.engine import Cancelled, SynthesisOptions, ThreadedEngine
+from wyoming_cosyvoice.engine import RequestCancelled, SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineError, EngineUnavailable, VoiceError
 from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.isolation import Isolation
@@ -231,7 +231,7 @@ class EspeakEngine(ThreadedEngine):
         if wav and count > 0 and self._emit is not None:
             try:
                 self._emit(ctypes.string_at(wav, count * 2))
-            except Cancelled:
+            except RequestCancelled:
                 return 1
         return 0
 
@@ -268,7 +268,7 @@ class EspeakEngine(ThreadedEngine):
         finally:
             self._emit, self._cancel = None, None
         if cancel.is_set():
-            raise Cancelled()
+            raise RequestCancelled()
         if result != _EE_OK:
             raise EngineError(f"espeak engine: espeak_Synth failed with code {result}")
 

@@ -18,9 +18,9 @@ from wyoming_cosyvoice_plugins.cosyvoice.scheduler import (
     Costs,
     FlowScheduler,
     Stream,
-    admission,
     load,
     pick,
+    real_time_overload,
 )
 
 
@@ -145,18 +145,18 @@ def test_an_llm_well_ahead_steps_aside_for_an_urgent_stream() -> None:
 
 
 def test_admission_adds_up_the_measured_costs() -> None:
-    assert admission(0, (5.0, 5.0)) is None, "a lone request is always served"
-    assert admission(3, None) is None, "nothing measured yet"
+    assert real_time_overload(0, (5.0, 5.0)) is None, "a lone request is always served"
+    assert real_time_overload(3, None) is None, "nothing measured yet"
     # 0.1 s of LLM + 0.1 s of flow per second of audio: 5 streams need 100%, the 6th does not fit.
     assert load(4, 0.1, 0.1) == pytest.approx(0.8)
-    assert admission(4, (0.1, 0.1)) is None
-    why = admission(5, (0.1, 0.1))
+    assert real_time_overload(4, (0.1, 0.1)) is None
+    why = real_time_overload(5, (0.1, 0.1))
     assert why is not None and "5 streams in flight need 100%" in why and "one more would need 120%" in why
-    assert admission(4, (0.1, 0.1), safety=1.25) is not None, "a stricter limit"
+    assert real_time_overload(4, (0.1, 0.1), safety=1.25) is not None, "a stricter limit"
     # vLLM batches the LLM calls (about one stream's need); two TensorRT contexts halve the flow's share.
     assert load(5, 0.1, 0.1, llm_batched=True) == pytest.approx(0.6)
     assert load(5, 0.1, 0.1, flow_slots=2) == pytest.approx(0.75)
-    assert admission(5, (0.1, 0.1), llm_batched=True) is None
+    assert real_time_overload(5, (0.1, 0.1), llm_batched=True) is None
 
 
 def test_costs_are_moving_averages_of_calls_that_ran_alone() -> None:
@@ -396,5 +396,5 @@ def test_admission_counts_a_batched_streams_measured_share() -> None:
     # Two streams of 0.1 LLM + 0.4 flow per second: 100% unbatched, 80% when one more adds half its flow.
     assert load(2, 0.1, 0.4) == pytest.approx(1.0)
     assert load(2, 0.1, 0.4, flow_marginal=0.5) == pytest.approx(0.8)
-    assert admission(2, (0.1, 0.4)) is not None
-    assert admission(2, (0.1, 0.25), flow_marginal=0.5) is None  # three: 0.3 + 0.25 x 2 = 80%
+    assert real_time_overload(2, (0.1, 0.4)) is not None
+    assert real_time_overload(2, (0.1, 0.25), flow_marginal=0.5) is None  # three: 0.3 + 0.25 x 2 = 80%

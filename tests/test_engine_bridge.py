@@ -124,10 +124,10 @@ async def test_disconnect_cancels_engine_work_through_server(tmp_path) -> None: 
             assert (await read(client)).type == "audio-start"
             assert (await read(client)).type == "audio-chunk"
         for _ in range(100):
-            if server.service.admission.active == 0 and not engine.busy:
+            if server.service.concurrency_limit.active == 0 and not engine.busy:
                 break
             await asyncio.sleep(0.02)
-        assert not engine.busy and server.service.admission.active == 0
+        assert not engine.busy and server.service.concurrency_limit.active == 0
         stopped_at = engine.produced
         assert stopped_at < 200
         await asyncio.sleep(0.1)

@@ -180,7 +180,7 @@ class ServerThread:
         self.settle()
         assert self.tasks() == self._tasks_before
         assert self.server is not None and not self.server._connections and self.server.guard.open == 0
-        assert self.server.service.admission.active == 0
+        assert self.server.service.concurrency_limit.active == 0
         threads = {t.name for t in threading.enumerate()}
         assert {t for t in threads - self._threads_before if not t.startswith("asyncio_")} == set(), threads
 
@@ -393,7 +393,7 @@ def test_fuzz_espeak_texts_through_the_server(tmp_path: Path) -> None:
                 assert events[0].type == "audio-start" and events[-1].type == "audio-stop", (text, voice)
         server.settle()
         assert server.tasks() == tasks
-        assert server.server is not None and server.server.service.admission.active == 0
+        assert server.server is not None and server.server.service.concurrency_limit.active == 0
         engine = server.server.service.engine
         assert engine.health()["restarts"] == len(crashes) >= (TEXTS + KNOWN_EVERY // 2) // KNOWN_EVERY
     finally:

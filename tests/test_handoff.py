@@ -12,7 +12,7 @@ import pytest
 
 from wyoming_cosyvoice.engine import SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineTimeout
-from wyoming_cosyvoice.handoff import Cancelled, Handoff
+from wyoming_cosyvoice.handoff import Handoff, HandoffKind, RequestCancelled
 from wyoming_cosyvoice.voices import VoiceProfile
 from wyoming_cosyvoice.workers import Slots
 
@@ -41,8 +41,8 @@ async def test_items_come_in_order_with_one_wake_up_for_a_burst() -> None:
 
 async def test_alive_items_are_never_handed_out_and_nothing_is_a_timeout() -> None:
     handoff = Handoff(asyncio.get_running_loop(), limit=10_000)
-    handoff.post("alive")
-    handoff.post("chunk", b"ab")
+    handoff.post(HandoffKind.ALIVE)
+    handoff.post(HandoffKind.CHUNK, b"ab")
     assert await handoff.take(5) == ("chunk", b"ab")
     with pytest.raises(asyncio.TimeoutError):
         await handoff.take(0.05)
@@ -57,7 +57,7 @@ async def test_backpressure_waits_at_the_limit_and_resumes_under_half() -> None:
             for n in range(30):
                 handoff.emit(b"x" * 10)
                 made.append(n)
-        except Cancelled:
+        except RequestCancelled:
             made.append(-1)
 
     thread = threading.Thread(target=worker, daemon=True)
@@ -87,7 +87,7 @@ def test_a_cancelled_consumer_stops_the_worker_at_its_next_chunk() -> None:
     try:
         handoff = Handoff(loop, limit=100)
         handoff.cancel.set()
-        with pytest.raises(Cancelled):
+        with pytest.raises(RequestCancelled):
             handoff.emit(b"x")
     finally:
         loop.close()

@@ -118,10 +118,10 @@ async def test_a_client_that_leaves_mid_stream_stops_the_synthesis(tmp_path: Pat
         request = {"model": "tts-1", "voice": "tars", "input": "Stop me. Never said.", "response_format": "mp3"}
         async with srv.client() as client, client.audio.speech.with_streaming_response.create(**request) as response:
             assert response.status_code == 200
-            await wait_for(lambda: srv.server.service.admission.active == 1, what="synthesis running")
+            await wait_for(lambda: srv.server.service.concurrency_limit.active == 1, what="synthesis running")
         # the client closed the stream without reading it to the end
         await wait_for(lambda: srv.gate.outcomes == ["cancelled"], what="the engine to be cancelled")
-        await wait_for(lambda: srv.server.service.admission.active == 0, what="the admission slot to be freed")
+        await wait_for(lambda: srv.server.service.concurrency_limit.active == 0, what="the admission slot to be freed")
         assert srv.gate.outcomes == ["cancelled"], "the second sentence was never started"
 
 
@@ -254,7 +254,7 @@ async def test_fifty_clients_through_http_and_wyoming_together_lose_nothing(tmp_
             asyncio.gather(*(http(i) if i % 2 else wyoming(i) for i in range(50))), TIMEOUT * 3
         )
         assert all(abs(n - GATE_SAMPLES) <= 4 for n in results), results
-        assert srv.gate.outcomes == ["done"] * 50 and srv.server.service.admission.active == 0
+        assert srv.gate.outcomes == ["done"] * 50 and srv.server.service.concurrency_limit.active == 0
 
 
 async def test_models_lists_openai_names_and_the_engine(tmp_path: Path) -> None:

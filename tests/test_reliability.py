@@ -60,7 +60,7 @@ async def test_disconnect_mid_stream_cancels_within_one_chunk(tmp_path: Path) ->
         assert engine.outcomes[-1] == "cancelled"
         extra = engine.produced - produced_at_disconnect
         assert extra <= 1, f"engine made {extra} chunks after the client left"
-        await wait_for(lambda: server.service.admission.active == 0)
+        await wait_for(lambda: server.service.concurrency_limit.active == 0)
         # The engine is free for the next client.
         async with connect(server) as client:
             await client.write_event(Synthesize(text="one two").event())

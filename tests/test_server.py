@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 
 from wyoming.audio import AudioStart
 from wyoming.event import Event
@@ -11,8 +12,9 @@ from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
 from wyoming_cosyvoice.config import Config
+from wyoming_cosyvoice.wire import encode_event, read_event
 
-from .helpers import assert_speech, collect, connect, read, refusing_unknown_voices, running_server, similar
+from .helpers import TIMEOUT, assert_speech, collect, connect, read, refusing_unknown_voices, running_server, similar
 
 SENTENCE_20 = (
     "Hello there, this is a test of the embedded speech engine, speaking twenty words for a quick latency "
@@ -241,3 +243,28 @@ async def test_server_busy_when_bound_reached(config: Config) -> None:
         assert [e.code for e in reply.errors] == ["ServerBusy"]
         rest = await collect(first)
         assert not rest.errors and rest.stops == 1
+
+
+async def test_handler_stop_ends_the_conversation_without_feed_eof(config: Config) -> None:
+    """`stop()` ends the read loop and closes the connection, but never calls `feed_eof()` on the reader (the wyoming
+    base's `stop()` does: a socket that still receives then makes asyncio log "feed_data after feed_eof")."""
+    from wyoming_cosyvoice.handler import TtsEventHandler
+    from wyoming_cosyvoice.plugins import Plugins
+    from wyoming_cosyvoice.server import build_service
+
+    service = await build_service(config, Plugins())
+    ours, theirs = socket.socketpair()
+    try:
+        reader, writer = await asyncio.open_connection(sock=ours)
+        client_reader, client_writer = await asyncio.open_connection(sock=theirs)
+        handler = TtsEventHandler(reader, writer, service)
+        running = asyncio.create_task(handler.run())
+        client_writer.write(encode_event(Describe().event()))
+        assert (await asyncio.wait_for(read_event(client_reader, service.limits), TIMEOUT)) is not None
+        await handler.stop()
+        assert not reader.at_eof(), "stop() fed EOF to a socket that may still receive"
+        await asyncio.wait_for(running, TIMEOUT)
+        assert await asyncio.wait_for(client_reader.read(), TIMEOUT) == b"", "the connection was closed"
+        client_writer.close()
+    finally:
+        await service.close()

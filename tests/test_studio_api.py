@@ -226,7 +226,7 @@ async def test_audition_streams_the_first_chunk_before_synthesis_ends_and_a_leav
             await asyncio.wait_for(response.content.readexactly(44 + 3200), 20)
             response.close()  # the browser leaves mid-sentence
         await wait_for(lambda: engine.outcomes == ["done", "cancelled"], what="the engine to stop")
-        await wait_for(lambda: srv.server.service.admission.active == 0, what="the slot to be freed")
+        await wait_for(lambda: srv.server.service.concurrency_limit.active == 0, what="the slot to be freed")
 
         status, body = await _json(http, "POST", srv.url + "api/audition", json={"voice": "nobody", "text": "hi"})
         assert status == 404 and "unknown voice" in body["error"]

@@ -297,8 +297,10 @@ async def test_an_audition_nobody_reads_is_dropped_and_frees_its_engine_slot(tmp
             f"POST /api/audition HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
         )
-        await wait_for(lambda: srv.server.service.admission.active == 1, what="the audition started")
-        await wait_for(lambda: srv.server.service.admission.active == 0, what="the unread audition let go of its slot")
+        await wait_for(lambda: srv.server.service.concurrency_limit.active == 1, what="the audition started")
+        await wait_for(
+            lambda: srv.server.service.concurrency_limit.active == 0, what="the unread audition let go of its slot"
+        )
         assert not srv.studio.warden.open, "the stalled connection is still open"
         writer.close()
 

@@ -209,7 +209,7 @@ async def test_a_drained_request_keeps_its_admission_slot(tmp_path: Path, triton
     config = triton_config(tmp_path, [triton.url])
     config = dataclasses.replace(config, server=dataclasses.replace(config.server, max_concurrent=2))
     async with running_server(config) as server:
-        endpoint, admission = server.service.engine.endpoints[0], server.service.admission
+        endpoint, cap = server.service.engine.endpoints[0], server.service.concurrency_limit
         assert endpoint.cancel == "auto" and not endpoint.may_cancel
         for token in ("k1", "k2"):
             async with connect(server) as client:
@@ -217,14 +217,14 @@ async def test_a_drained_request_keeps_its_admission_slot(tmp_path: Path, triton
                 await read(client)  # audio-start
                 assert AudioChunk.is_type((await read(client)).type)
         await until(lambda: endpoint.draining == 2, "both requests to be drained")
-        assert admission.active == 2
+        assert cap.active == 2
         async with connect(server) as client:
             await client.write_event(Synthesize(text="One more.").event())
             reply = await collect(client)
         assert [e.code for e in reply.errors] == ["ServerBusy"] and not reply.audio
         for token in ("k1", "k2"):
             open_gate(control, token)
-        await until(lambda: admission.active == 0 and endpoint.draining == 0, "the drains to end and free the slots")
+        await until(lambda: cap.active == 0 and endpoint.draining == 0, "the drains to end and free the slots")
         async with connect(server) as client:
             await client.write_event(Synthesize(text="One more.").event())
             reply = await collect(client)
@@ -239,17 +239,17 @@ async def test_clients_leaving_mid_stream_do_not_crash_triton(tmp_path: Path, co
     try:
         config = triton_config(tmp_path, [old.url])
         async with running_server(config) as server:
-            endpoint, admission = server.service.engine.endpoints[0], server.service.admission
+            endpoint, cap = server.service.engine.endpoints[0], server.service.concurrency_limit
             most = 0
             for n in range(30):
-                await until(lambda: admission.active < admission.limit, "a free slot")
+                await until(lambda: cap.active < cap.limit, "a free slot")
                 async with connect(server) as client:
                     await client.write_event(Synthesize(text=f"Leave number {n} " * 8).event())
                     await read(client)  # audio-start
                     assert AudioChunk.is_type((await read(client)).type)
                 # gone while the model sends the rest
                 most = max(most, endpoint.draining)
-                assert endpoint.draining <= admission.active <= admission.limit
+                assert endpoint.draining <= cap.active <= cap.limit
             await until(lambda: endpoint.draining == 0 and endpoint.outstanding == 0, "the drains to end")
             assert most >= 2  # the drains did overlap
             assert endpoint.state == "ready" and not old.alive(), old.alive()

@@ -15,7 +15,7 @@ from wyoming.info import Describe
 from wyoming.tts import Synthesize, SynthesizeVoice
 
 from wyoming_cosyvoice.config import Config, load_config
-from wyoming_cosyvoice.engine import AudioChunk
+from wyoming_cosyvoice.engine import PcmChunk
 from wyoming_cosyvoice.hookspecs import hookimpl
 from wyoming_cosyvoice.plugins import Plugins
 from wyoming_cosyvoice.server import Server
@@ -46,7 +46,7 @@ class GatedEspeak(EspeakEngine):
             await self.gate.wait()
         await super().prepare(profiles)
 
-    async def synthesize(self, text: str, profile: VoiceProfile, options: Any) -> AsyncIterator[AudioChunk]:
+    async def synthesize(self, text: str, profile: VoiceProfile, options: Any) -> AsyncIterator[PcmChunk]:
         self.spoken.append(profile.description)
         async for chunk in super().synthesize(text, profile, options):
             yield chunk
@@ -103,7 +103,7 @@ async def _waiting_request(tmp_path: Path, server: Server) -> tuple[Path, "async
             return await collect(client, timeout=TIMEOUT)
 
     task = asyncio.create_task(request())
-    await _until(lambda: server.service.admission.active == 1)  # admitted: waiting in `ready`
+    await _until(lambda: server.service.concurrency_limit.active == 1)  # admitted: waiting in `ready`
     return folder, task
 
 

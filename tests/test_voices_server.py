@@ -14,7 +14,7 @@ from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeVoice
 
 from wyoming_cosyvoice.config import Config, load_config
-from wyoming_cosyvoice.engine import AudioChunk
+from wyoming_cosyvoice.engine import PcmChunk
 from wyoming_cosyvoice.errors import EngineError
 from wyoming_cosyvoice.hookspecs import hookimpl
 from wyoming_cosyvoice.plugins import Plugins
@@ -44,7 +44,7 @@ class RecordingEspeak(EspeakEngine):
             self.events.append(("prepared", profile.name))
         await super().prepare(profiles)
 
-    async def synthesize(self, text: str, profile: VoiceProfile, options: Any) -> AsyncIterator[AudioChunk]:
+    async def synthesize(self, text: str, profile: VoiceProfile, options: Any) -> AsyncIterator[PcmChunk]:
         self.events.append(("synthesized", profile.name))
         async for chunk in super().synthesize(text, profile, options):
             yield chunk

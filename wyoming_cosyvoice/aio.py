@@ -3,9 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Optional, TypeVar
+from typing import Any, Awaitable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
+F = TypeVar("F", bound="asyncio.Future[Any]")
+
+
+class TaskSet:
+    """Background tasks held until they end (asyncio keeps only weak references to running tasks), so that their
+    owner can wait for them or cancel them."""
+
+    def __init__(self) -> None:
+        self._tasks: set["asyncio.Future[Any]"] = set()
+
+    def add(self, task: F) -> F:
+        """Hold `task` until it ends; `task` itself."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def __iter__(self) -> Iterator["asyncio.Future[Any]"]:
+        """The tasks not ended yet (a copy: iterating while they end is safe)."""
+        return iter(list(self._tasks))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def cancel(self) -> None:
+        """Cancel every task still held."""
+        for task in self:
+            task.cancel()
 
 
 def _retrieve(task: "asyncio.Future[Any]") -> None:

@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .handoff import Cancelled
+from .handoff import RequestCancelled
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -158,14 +158,14 @@ class _Serving:
                 if message[0] == "stop" or (message[0] == "cancel" and message[1] == rid):
                     cancel.set()
             if cancel.is_set():
-                raise Cancelled()
+                raise RequestCancelled()
             if pcm:
                 conn.send(("chunk", pcm))
 
         reply: tuple[Any, ...] = ("end", rid)
         try:
             self.engine.render(text, profile, options, emit, cancel)
-        except Cancelled:
+        except RequestCancelled:
             pass
         except BaseException as err:  # forwarded: the server raises it for this request
             self.after_error(err)
@@ -262,7 +262,7 @@ class Child:
     def wait_ready(self, timeout: float, tick: Optional[Callable[[], None]] = None) -> dict[str, Any]:
         """Wait for the engine to load; its facts. The child's own load error is raised as it was raised there;
         ChildDied / ChildHung when it died or took longer than `timeout`. `tick` is called every POLL_S while it
-        waits (a request's keep-alive; it may raise Cancelled)."""
+        waits (a request's keep-alive; it may raise RequestCancelled)."""
         if self.facts is None:
             message, self._early = self._early, None
             deadline = time.monotonic() + timeout
@@ -308,13 +308,13 @@ class Child:
                 if cancelled_at is None:
                     try:
                         emit(message[1])
-                    except Cancelled:  # the consumer left: `cancel` is set, the next turn tells the child
+                    except RequestCancelled:  # the consumer left: `cancel` is set, the next turn tells the child
                         pass
             elif message[1] == rid:
                 if message[0] == "error":
                     raise message[2]
                 if cancel.is_set():
-                    raise Cancelled()
+                    raise RequestCancelled()
                 return
 
     def call(self, name: str, args: tuple[Any, ...], timeout: Optional[float]) -> Any:

@@ -49,7 +49,8 @@ def non_finite(value: Any) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
+    """A value as an error message quotes it (config and wire): short, `null` for None, a container by its type."""
     if value is None:
         return "null"
     if isinstance(value, (dict, list)):
@@ -95,7 +96,7 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
 
     if tp is Any:  # a free-form value (an `options` entry); sections parsed later check their own numbers
         if non_finite(value):
-            raise fail(f"expected a finite number, got {_describe(value)}")
+            raise fail(f"expected a finite number, got {describe_value(value)}")
         return value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -112,18 +113,18 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
                 errors.append(err)
         if len(errors) == 1:
             raise errors[0]
-        raise fail(f"expected {_type_name(tp)}, got {_describe(value)}")
+        raise fail(f"expected {_type_name(tp)}, got {describe_value(value)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise fail(f"expected one of {', '.join(repr(a) for a in allowed)}, got {_describe(value)}")
+            raise fail(f"expected one of {', '.join(repr(a) for a in allowed)}, got {describe_value(value)}")
         return value
     if origin is tuple:
         (item_type, *_rest) = typing.get_args(tp)
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise fail(f"expected a list, got {_describe(value)}")
+            raise fail(f"expected a list, got {describe_value(value)}")
         return tuple(
             _convert(item_type, item, source=source, key=f"{key}[{i}]", base_dir=base_dir)
             for i, item in enumerate(value)
@@ -132,13 +133,13 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise fail(f"expected a mapping, got {_describe(value)}")
+            raise fail(f"expected a mapping, got {describe_value(value)}")
         args = typing.get_args(tp)
         val_type = args[1] if args else Any
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise fail(f"keys must be strings, got {_describe(k)}")
+                raise fail(f"keys must be strings, got {describe_value(k)}")
             # A bare `dict` holds raw entries that are parsed one by one later (voices.yaml's voices): not here.
             out[k] = _convert(val_type, v, source=source, key=f"{key}.{k}", base_dir=base_dir) if args else v
         return out
@@ -146,29 +147,29 @@ def _convert(tp: Any, value: Any, *, source: str, key: str, base_dir: Path) -> A
         return build(tp, value, source=source, key=key, base_dir=base_dir)
     if tp is Path:
         if not isinstance(value, str) or not value:
-            raise fail(f"expected a path, got {_describe(value)}")
+            raise fail(f"expected a path, got {describe_value(value)}")
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base_dir / path)
     if tp is bool:
         if not isinstance(value, bool):
-            raise fail(f"expected true or false, got {_describe(value)}")
+            raise fail(f"expected true or false, got {describe_value(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise fail(f"expected an integer, got {_describe(value)}")
+            raise fail(f"expected an integer, got {describe_value(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail(f"expected a number, got {_describe(value)}")
+            raise fail(f"expected a number, got {describe_value(value)}")
         if non_finite(value):
-            raise fail(f"expected a finite number, got {_describe(value)}")
+            raise fail(f"expected a finite number, got {describe_value(value)}")
         try:
             return float(value)
         except OverflowError:  # an integer beyond float's range (YAML 0xfff...)
-            raise fail(f"expected a number below 1e308, got {_describe(value)}") from None
+            raise fail(f"expected a number below 1e308, got {describe_value(value)}") from None
     if tp is str:
         if not isinstance(value, str):
-            raise fail(f"expected a string, got {_describe(value)}")
+            raise fail(f"expected a string, got {describe_value(value)}")
         return value
     raise fail(f"unsupported type {_type_name(tp)} in the config schema")
 
@@ -179,7 +180,7 @@ def build(cls: type[T], data: Any, *, source: str, key: str = "", base_dir: Path
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}:{where}: expected a mapping, got {_describe(data)}")
+        raise ConfigError(f"{source}:{where}: expected a mapping, got {describe_value(data)}")
     hints = typing.get_type_hints(cls)
     fields = {
         f.name: f
@@ -315,10 +316,10 @@ def uri_problem(uri: str) -> Optional[str]:
     from urllib.parse import urlparse
 
     if not uri.startswith(("tcp://", "unix://", "stdio://")):
-        return f"expected tcp://HOST:PORT, unix://PATH or stdio://, got {_describe(uri)}"
+        return f"expected tcp://HOST:PORT, unix://PATH or stdio://, got {describe_value(uri)}"
     parsed = urlparse(uri)
     if parsed.scheme == "unix" and not parsed.path:
-        return f"{_describe(uri)}: a unix:// URI needs a path (unix:///run/wyoming.sock)"
+        return f"{describe_value(uri)}: a unix:// URI needs a path (unix:///run/wyoming.sock)"
     if parsed.scheme != "tcp":
         return None
     try:
@@ -326,9 +327,9 @@ def uri_problem(uri: str) -> Optional[str]:
     except ValueError:  # not a number, or out of range
         port = -1
     if not parsed.hostname or port is None:
-        return f"{_describe(uri)}: a tcp:// URI needs a host and a port (tcp://0.0.0.0:10200)"
+        return f"{describe_value(uri)}: a tcp:// URI needs a host and a port (tcp://0.0.0.0:10200)"
     if port < 0:
-        return f"{_describe(uri)}: the port must be a number from 0 to 65535"
+        return f"{describe_value(uri)}: the port must be a number from 0 to 65535"
     return None
 
 
@@ -569,7 +570,7 @@ class Config:
         """The settings of plugin `name` in `group` (engines, voice_providers, sinks)."""
         data = getattr(self, group).get(name) or {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{self._source}:{group}.{name}: expected a mapping, got {_describe(data)}")
+            raise ConfigError(f"{self._source}:{group}.{name}: expected a mapping, got {describe_value(data)}")
         return Section(name=name, data=data, source=self._source, key=f"{group}.{name}", base_dir=self._base_dir)
 
     @property

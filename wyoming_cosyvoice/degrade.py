@@ -1,5 +1,5 @@
-"""Admission and degrading instead of refusing: the server's hard bound, the wait for room in a busy engine (in
-arrival order, bounded) and the counts of what was degraded (docs/reliability.md)."""
+"""The server's hard bound on requests at once, and degrading instead of refusing: the wait for room in a busy
+engine (in arrival order, bounded) and the counts of what was degraded (docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -87,14 +87,12 @@ class RoomQueue:
             self._changed.set()  # the next in line looks again (this one got in, gave up, or was cancelled)
 
 
-class Admission:
-    """Bounds how many synthesis requests are admitted at once; the rest are refused with ServerBusy."""
+class ConcurrencyLimit:
+    """Bounds how many synthesis requests are in progress at once; the rest are refused with ServerBusy."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
-        self.closing = False
-        """Set at shutdown: requests in progress (and streams already open) finish, new ones are refused."""
 
     @contextlib.contextmanager
     def slot(self, refused: Callable[[str], None] = lambda reason: None) -> Iterator[None]:

@@ -14,10 +14,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Optional, TypeVar
 
-from .aio import wait_within
+from .aio import TaskSet, wait_within
 from .audio import AudioFormat
 from .errors import CosyVoiceServiceError, EngineError, EngineOutOfMemory, EngineTimeout, EngineUnavailable
-from .handoff import Cancelled, Handoff
+from .handoff import Handoff, HandoffKind, RequestCancelled
 from .isolation import ChildPool, ChildSpec, Isolation
 from .workers import Slots, Worker
 
@@ -30,8 +30,8 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class AudioChunk:
-    """A piece of synthesized audio: little-endian signed PCM."""
+class PcmChunk:
+    """A piece of synthesized audio: little-endian signed PCM (not wyoming's `AudioChunk` event)."""
 
     audio: bytes
     """Raw PCM samples."""
@@ -59,6 +59,13 @@ class AudioChunk:
     def seconds(self) -> float:
         """Duration of this chunk in seconds."""
         return self.samples / self.rate
+
+
+AudioChunk = PcmChunk
+"""Deprecated: the old name of `PcmChunk`, kept for engine plugins outside this repository."""
+
+Cancelled = RequestCancelled
+"""Deprecated: the old name of `RequestCancelled`, kept for engine plugins outside this repository."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +161,7 @@ class Engine(ABC):
         Default: never (an engine whose `room` is always None has nothing to announce)."""
 
     @abstractmethod
-    def synthesize(self, text: str, profile: "VoiceProfile", options: SynthesisOptions) -> AsyncIterator[AudioChunk]:
+    def synthesize(self, text: str, profile: "VoiceProfile", options: SynthesisOptions) -> AsyncIterator[PcmChunk]:
         """Stream audio for `text` in `profile`'s voice; closing the iterator cancels the work."""
 
     async def close(self) -> None:
@@ -230,7 +237,7 @@ class ThreadedEngine(Engine):
         self.restarts = 0
         """How many times a hung worker thread was replaced."""
         self._room_listeners: list[Callable[[], None]] = []
-        self._recoveries: "set[asyncio.Task[None]]" = set()
+        self._recoveries = TaskSet()
         self._pool: Optional[ChildPool] = None
 
     def load(self) -> None:
@@ -361,10 +368,7 @@ class ThreadedEngine(Engine):
             except Exception:  # the worker's own errors were already reported
                 pass
 
-        task = asyncio.get_running_loop().create_task(watch(), name=f"{self.name} worker watch")
-        self._recoveries.add(task)
-        task.add_done_callback(self._recoveries.discard)
-        return task
+        return self._recoveries.add(asyncio.get_running_loop().create_task(watch(), name=f"{self.name} worker watch"))
 
     async def run_in_worker(self, func: Callable[..., T], *args: Any, exclusive: bool = False) -> T:
         """Run `func(*args)` on a worker thread (model loading, voice preparation), holding one slot, or with
@@ -435,39 +439,39 @@ class ThreadedEngine(Engine):
         """Blocking: make PCM and pass each piece to `emit` (for callback-style libraries); default uses generate()."""
         for pcm in self.generate(text, profile, options, cancel):
             if cancel.is_set():
-                raise Cancelled()
+                raise RequestCancelled()
             emit(pcm)
 
     def _produce(self, handoff: Handoff, text: str, profile: "VoiceProfile", options: SynthesisOptions) -> None:
         """One request on its worker thread: render into the hand-off, then say how it ended."""
         if handoff.cancel.is_set():  # cancelled while waiting for the worker
-            handoff.post("end")
+            handoff.post(HandoffKind.END)
             return
         with self._running_lock:
             self._running.add(handoff)
         self._local.handoff = handoff
         try:
-            handoff.post("started")
+            handoff.post(HandoffKind.STARTED)
             if self._pool is not None:
                 request = (text, profile, options)
                 self._pool.render(options.request_id, request, handoff.emit, handoff.cancel, handoff.alive)
             else:
                 self.render(text, profile, options, handoff.emit, handoff.cancel)
-        except Cancelled:
+        except RequestCancelled:
             pass
         except BaseException as err:  # forwarded to the awaiting coroutine
             if is_out_of_memory(err):
                 self.release_memory()
-            handoff.post("error", err)
+            handoff.post(HandoffKind.ERROR, err)
         finally:
             self._local.handoff = None
             with self._running_lock:
                 self._running.discard(handoff)
-            handoff.post("end")
+            handoff.post(HandoffKind.END)
 
     async def synthesize(
         self, text: str, profile: "VoiceProfile", options: SynthesisOptions
-    ) -> AsyncIterator[AudioChunk]:
+    ) -> AsyncIterator[PcmChunk]:
         """Run `render` on a worker thread and hand each chunk to the event loop as it is made."""
         handoff = Handoff(asyncio.get_running_loop(), self.max_ahead_bytes())
         # The slot orders requests for the workers (queueing time does not count towards the timeout); it is
@@ -513,10 +517,10 @@ class ThreadedEngine(Engine):
                         f"{self.name} engine produced no audio for {options.timeout:g} s; request abandoned "
                         "and the engine worker restarted"
                     ) from None
-                if kind == "chunk":
+                if kind == HandoffKind.CHUNK:
                     handoff.taken(len(item))
-                    yield AudioChunk(item, self.sample_rate, self.sample_width, self.channels)
-                elif kind == "error":
+                    yield PcmChunk(item, self.sample_rate, self.sample_width, self.channels)
+                elif kind == HandoffKind.ERROR:
                     finished = True
                     if isinstance(item, CosyVoiceServiceError):
                         raise item
@@ -526,7 +530,7 @@ class ThreadedEngine(Engine):
                             "cached memory was released, try a shorter text"
                         ) from item
                     raise EngineError(f"{self.name} engine failed: {type(item).__name__}: {item}") from item
-                elif kind == "end":
+                elif kind == HandoffKind.END:
                     finished = True
                     break
         finally:
@@ -544,8 +548,7 @@ class ThreadedEngine(Engine):
 
     async def close(self) -> None:
         """Stop the worker threads after their current jobs."""
-        for task in list(self._recoveries):
-            task.cancel()
+        self._recoveries.cancel()
         for worker in self._workers.values():
             worker.stop()
         self._workers.clear()

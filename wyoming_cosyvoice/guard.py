@@ -11,6 +11,13 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
+def client_name(peername: Any) -> str:
+    """The client as every log line names it: host:port ("local" for unix sockets and pipes)."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return f"{peername[0]}:{peername[1]}"
+    return str(peername) if peername else "local"
+
+
 def peer_address(peername: Any) -> Optional[Address]:
     """The client's IP address from `get_extra_info("peername")`; None for unix sockets and pipes."""
     if not isinstance(peername, tuple) or not peername:

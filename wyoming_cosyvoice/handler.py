@@ -18,8 +18,10 @@ from wyoming.server import AsyncEventHandler
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
 from .audio import split_pcm
+from .config import Limits
 from .engine import ENGINE_PARK, ENGINE_STATE, ENGINE_WAKE
 from .errors import BadRequest, CosyVoiceServiceError, LimitExceeded, ServerBusy
+from .guard import client_name
 from .service import Opening, Reply, Service
 from .text import SentenceSplitter
 from .wire import EventChannel
@@ -125,6 +127,7 @@ class TtsEventHandler(AsyncEventHandler):
         service: Service,
         *,
         finish_on_eof: bool = False,
+        limits: Optional[Limits] = None,
     ) -> None:
         super().__init__(reader, writer)
         self.service = service
@@ -134,8 +137,9 @@ class TtsEventHandler(AsyncEventHandler):
         self._worker: Optional[asyncio.Task[None]] = None
         self._closing = False
         self._reply: Optional[Reply] = None  # the reply whose audio is on the wire (cut off if the connection ends)
-        self.limits = service.limits
-        self.peer = _peer_name(writer)
+        self.limits = limits or service.limits
+        """This connection's limits (`service.limits` unless given: a pipe has no idle timeout)."""
+        self.peer = client_name(writer.get_extra_info("peername"))
         self.channel = EventChannel(reader, writer, self.limits, self.peer, service.log_throttle)
         self._queued_chars = 0
         self._pending = 0
@@ -147,6 +151,19 @@ class TtsEventHandler(AsyncEventHandler):
     def in_progress(self) -> bool:
         """True while a reply is unfinished: synthesis queued or running, or a stream open between sentences."""
         return self._pending > 0 or (self._stream is not None and not self._closing)
+
+    def abort(self) -> None:
+        """Drop the connection now, unsent data discarded: the read loop ends and its synthesis is cancelled."""
+        self.channel.abort()
+
+    async def stop(self) -> None:
+        """End the conversation: reading stops, the synthesis in progress is cancelled, the connection closes.
+
+        Overrides the wyoming base's `stop()`, which calls `feed_eof()` on the reader: see `EventChannel.stop_reading`
+        for why that must never happen here.
+        """
+        self._is_running = False
+        self._close()
 
     async def write_event(self, event: Event) -> None:
         """Send an event (serialized, under the write timeout)."""
@@ -202,7 +219,7 @@ class TtsEventHandler(AsyncEventHandler):
             await self.write_event(Pong(text=_text_field(event.data, 256) if text is not None else None).event())
             return True
         if (Synthesize.is_type(event.type) and self._stream is None) or SynthesizeStart.is_type(event.type):
-            if self.service.admission.closing:
+            if self.service.closing:
                 self.service.metrics.refused("shutting_down")
                 raise ServerBusy("server is shutting down; try again shortly")
         if Synthesize.is_type(event.type):
@@ -359,11 +376,3 @@ def _job_chars(job: _Job) -> int:
 
 def _job_cost(chars: int) -> int:
     return max(chars, MIN_JOB_CHARS)
-
-
-def _peer_name(writer: asyncio.StreamWriter) -> str:
-    """host:port of the client for log lines ("local" for pipes and unix sockets)."""
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer) if peer else "local"

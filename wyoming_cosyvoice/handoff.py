@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import threading
 import time
 from typing import Any, Optional
@@ -14,7 +15,22 @@ ALIVE_INTERVAL_S = 0.5
 """A worker that waits on a shared resource says so at most this often (a wake-up of the loop each time)."""
 
 
-class Cancelled(Exception):
+class HandoffKind(str, enum.Enum):
+    """What an item handed from the worker to the loop is (a str, so it reads and logs as its value)."""
+
+    STARTED = "started"
+    """The worker began the request."""
+    CHUNK = "chunk"
+    """PCM bytes."""
+    ERROR = "error"
+    """The exception the worker ended with."""
+    END = "end"
+    """The worker is done with the request (always the last item)."""
+    ALIVE = "alive"
+    """The worker waits on something shared, not hung: only restarts the consumer's inactivity timer."""
+
+
+class RequestCancelled(Exception):
     """Raised inside the worker thread when the request was cancelled (client gone)."""
 
 
@@ -24,15 +40,14 @@ class Handoff:
     A deque plus at most one scheduled wake-up of the loop at a time, so a worker that runs ahead costs no loop
     wake-up (self-pipe write) per chunk and the consumer no await per chunk. The worker waits once `limit` bytes of
     audio are ahead of the consumer, until the consumer is back under `limit // 2` (the low-water mark): then it
-    goes on in a burst instead of one wake-up per chunk taken. Items are (kind, value): "started", "chunk" (PCM
-    bytes), "error" (an exception), "end"; "alive" only restarts the consumer's inactivity timer.
+    goes on in a burst instead of one wake-up per chunk taken. Items are (HandoffKind, value).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
         self.cancel = threading.Event()
         """Set when the consumer is gone (or gave up): the worker stops at its next chunk."""
         self._loop = loop
-        self._pending: "collections.deque[tuple[str, Any]]" = collections.deque()
+        self._pending: "collections.deque[tuple[HandoffKind, Any]]" = collections.deque()
         self._ready = asyncio.Event()
         self._wake_lock = threading.Lock()
         self._wake_scheduled = False
@@ -44,7 +59,7 @@ class Handoff:
 
     # --- worker side --------------------------------------------------------------------------------
 
-    def post(self, kind: str, item: Any = None) -> None:
+    def post(self, kind: HandoffKind, item: Any = None) -> None:
         """Hand an item to the consumer (any thread); wakes the loop unless a wake-up is already on its way."""
         self._pending.append((kind, item))
         with self._wake_lock:
@@ -57,20 +72,20 @@ class Handoff:
             self.cancel.set()
 
     def emit(self, pcm: bytes) -> None:
-        """Hand a chunk of audio over, first waiting while the consumer is `limit` bytes behind; Cancelled when the
-        consumer is gone."""
+        """Hand a chunk of audio over, first waiting while the consumer is `limit` bytes behind; RequestCancelled when
+        the consumer is gone."""
         if not pcm:
             return
         with self._room:
             if self._ahead >= self.limit:
                 while self._ahead > self.low_water:
                     if self.cancel.is_set():
-                        raise Cancelled()
+                        raise RequestCancelled()
                     self._room.wait(0.1)
             self._ahead += len(pcm)
         if self.cancel.is_set():
-            raise Cancelled()
-        self.post("chunk", pcm)
+            raise RequestCancelled()
+        self.post(HandoffKind.CHUNK, pcm)
 
     def alive(self) -> None:
         """The worker is waiting on something shared (another request's model pass), not hung: restart the
@@ -78,7 +93,7 @@ class Handoff:
         now = time.monotonic()
         if now - self._alive_at >= ALIVE_INTERVAL_S:
             self._alive_at = now
-            self.post("alive")
+            self.post(HandoffKind.ALIVE)
 
     # --- loop side ----------------------------------------------------------------------------------
 
@@ -87,8 +102,8 @@ class Handoff:
             self._wake_scheduled = False
         self._ready.set()
 
-    async def take(self, timeout: Optional[float]) -> tuple[str, Any]:
-        """The next item other than "alive"; asyncio.TimeoutError when nothing came for `timeout` s."""
+    async def take(self, timeout: Optional[float]) -> tuple[HandoffKind, Any]:
+        """The next item other than ALIVE; asyncio.TimeoutError when nothing came for `timeout` s."""
         if self._pending:
             await asyncio.sleep(0)  # a turn for the other streams between chunks, as when waiting for one
         while True:
@@ -98,7 +113,7 @@ class Handoff:
                     break
                 await wait_within(self._ready.wait(), timeout)
             kind, item = self._pending.popleft()
-            if kind != "alive":
+            if kind != HandoffKind.ALIVE:
                 return kind, item
 
     def taken(self, nbytes: int) -> None:

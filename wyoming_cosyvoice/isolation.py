@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from .child import Child, ChildDied, ChildHung, ChildSpec
 from .errors import CosyVoiceServiceError, EngineCrashed, EngineUnavailable
-from .handoff import Cancelled
+from .handoff import RequestCancelled
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class ChildPool:
 
         def waiting() -> None:
             if cancel.is_set():
-                raise Cancelled()
+                raise RequestCancelled()
             alive()
 
         text, profile, options = request
@@ -167,7 +167,7 @@ class ChildPool:
             ) from None
         except ChildHung as hung:
             self._lost(child, f"{hung} (request {request_id or '?'}); killed")
-            raise Cancelled() from None
+            raise RequestCancelled() from None
         except BaseException:
             self._checkin(child)  # the engine's own error: the child is fine
             raise
@@ -216,7 +216,7 @@ class ChildPool:
             try:
                 child.wait_ready(self.policy.start_timeout_s, tick)
                 return child
-            except Cancelled:  # the request is gone; the child goes on loading for the next one
+            except RequestCancelled:  # the request is gone; the child goes on loading for the next one
                 self._checkin(child)
                 raise
             except (ChildDied, ChildHung) as err:

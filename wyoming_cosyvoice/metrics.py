@@ -198,7 +198,7 @@ def snapshot(service: "Service") -> Snapshot:
             voices["warning"] += 1
         else:
             voices["ok"] += 1
-    return Snapshot(service.admission.active, queued, tuple(engines), voices, service.degraded.counts())
+    return Snapshot(service.concurrency_limit.active, queued, tuple(engines), voices, service.degraded.counts())
 
 
 GPU_METRICS = ("gpu_memory_used_bytes", "gpu_memory_total_bytes", "gpu_utilization_ratio")

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Optional
 
 from . import refcache
-from .aio import wait_within
+from .aio import TaskSet, wait_within
 from .engine import Engine, ThreadedEngine, worker_call_timeout
 from .errors import CacheUnwritable, CosyVoiceServiceError, EngineTimeout, VoiceNotFound
 from .metrics import Metrics
 from .reference import ReferenceInfo, default_cache_dir, profile_reference
 from .routing import Engines
-from .voices import STALE_CACHE_HINT, VoiceCatalog, VoiceProfile, problem_line
+from .voices import STALE_CACHE_HINT, VoiceCatalog, VoiceProfile, file_stamp, problem_line
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -47,17 +47,9 @@ RETRY_MAX_S = 300.0
 """...then after twice as long each time, up to this."""
 
 
-def _file_stamp(path: Path) -> _Stamp:
-    try:
-        stat = path.stat()
-    except OSError:
-        return (-1, -1)
-    return (stat.st_mtime_ns, stat.st_size)
-
-
 def fingerprint(profile: VoiceProfile) -> _Fingerprint:
     """What must change for a profile to be prepared again: its fields and its reference file's mtime/size."""
-    stamp = _file_stamp(profile.reference_audio) if profile.reference_audio is not None else None
+    stamp = file_stamp(profile.reference_audio) if profile.reference_audio is not None else None
     return repr(profile), stamp
 
 
@@ -90,7 +82,7 @@ class VoicePreparer:
         self._seen: dict[str, _Fingerprint] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._prepared_by: dict[str, Engine] = {}  # who to tell when a profile goes away
-        self._forgetting: set[asyncio.Task[None]] = set()
+        self._forgetting = TaskSet()
         self._scan: Optional["asyncio.Future[None]"] = None
         self._looks: dict[Path, tuple[_Stamp, float]] = {}  # reference file -> (stamp, when first seen so)
         self._settling: set[str] = set()  # new voices whose reference is still being written
@@ -169,7 +161,7 @@ class VoicePreparer:
         if fresh:
             time.sleep(SETTLE_GAP)  # the second look (in a thread: only this describe waits)
             for name, (path, stamp) in fresh.items():
-                again = _file_stamp(path)
+                again = file_stamp(path)
                 if again != stamp:
                     unsettled.add(name)
                     self._looks[path] = (again, time.monotonic())
@@ -230,9 +222,8 @@ class VoicePreparer:
                 with contextlib.suppress(OSError):
                     path.unlink()
 
-        task = asyncio.ensure_future(asyncio.to_thread(delete))
-        self._forgetting.add(task)  # waited for (wait_idle) and cancelled (close) like the engine's forgetting
-        task.add_done_callback(self._forgetting.discard)
+        # Waited for (wait_idle) and cancelled (close) like the engine's forgetting.
+        self._forgetting.add(asyncio.ensure_future(asyncio.to_thread(delete)))
 
     def _forget(self, name: str) -> Optional["asyncio.Task[None]"]:
         """Drop what is known about `name`; the task telling its engine to forget it, if one prepared it."""
@@ -253,10 +244,7 @@ class VoicePreparer:
             asyncio.get_running_loop()
         except RuntimeError:  # not serving (a command): the engine is not running either
             return None
-        forgetting = asyncio.create_task(self._tell_forget(engine, name), name=f"forget voice {name}")
-        self._forgetting.add(forgetting)
-        forgetting.add_done_callback(self._forgetting.discard)
-        return forgetting
+        return self._forgetting.add(asyncio.create_task(self._tell_forget(engine, name), name=f"forget voice {name}"))
 
     async def _tell_forget(self, engine: Engine, name: str) -> None:
         try:

@@ -17,9 +17,10 @@ from urllib.parse import urlparse
 from wyoming.error import Error
 from wyoming.event import async_get_stdout, async_write_event
 
+from .announce import Announcement
 from .config import Config
 from .errors import ConfigError, ServerBusy
-from .guard import ConnectionGuard
+from .guard import ConnectionGuard, client_name
 from .handler import TtsEventHandler
 from .listener import Listener
 from .metrics import create_metrics
@@ -100,7 +101,7 @@ class Server:
         self._bound = listener  # bound before the engine loaded (run); else bound by start()
         self._listener: Optional[Listener] = None
         self._connections: dict["asyncio.Task[Any]", TtsEventHandler] = {}
-        self._zeroconf: Any = None
+        self._zeroconf: Optional[Announcement] = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self.studio: Any = None
@@ -126,22 +127,23 @@ class Server:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection, in its own task: allow-list, connection bound, then the protocol handler."""
         peername = writer.get_extra_info("peername")
+        client = client_name(peername)
         throttle = self.service.log_throttle
         if not self.guard.allowed(peername):
             self.service.metrics.refused("not_allowed")
             throttle.warning(
-                _LOGGER, "not allowed", "connection from %s refused: not in limits.allowed_networks", peername
+                _LOGGER, "not allowed", "connection from %s refused: not in limits.allowed_networks", client
             )
             writer.transport.abort()
             return
-        if self.guard.full() or self.service.admission.closing:
+        if self.guard.full() or self.service.closing:
             busy = ServerBusy(
                 "server is shutting down"
-                if self.service.admission.closing
+                if self.service.closing
                 else f"too many connections (limits.max_connections = {self.guard.max_connections})"
             )
-            self.service.metrics.refused("shutting_down" if self.service.admission.closing else "connections")
-            throttle.warning(_LOGGER, "refused busy", "connection from %s refused: %s", peername, busy)
+            self.service.metrics.refused("shutting_down" if self.service.closing else "connections")
+            throttle.warning(_LOGGER, "refused busy", "connection from %s refused: %s", client, busy)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(async_write_event(Error(text=str(busy), code=busy.code).event(), writer), 1.0)
             writer.transport.abort()
@@ -158,28 +160,26 @@ class Server:
             # a spurious error for a cancelled one.
             writer.transport.abort()
         except Exception:  # a bug in one connection must never take the server down
-            _LOGGER.exception("connection from %s failed", peername)
+            _LOGGER.exception("connection from %s failed", client)
             writer.transport.abort()
         finally:
             self.guard.open -= 1
             self._connections.pop(task, None)
 
     async def _announce(self) -> None:
-        from wyoming.zeroconf import HomeAssistantZeroconf  # needs the zeroconf package
-
         parsed = urlparse(self.uri)
         if parsed.scheme != "tcp" or self.port is None:
             _LOGGER.warning("zeroconf needs a tcp:// URI; not announcing")
             return
         host = parsed.hostname if parsed.hostname not in ("0.0.0.0", "::", "") else None
         try:
-            zc = HomeAssistantZeroconf(port=self.port, name=self.zeroconf_name, host=host)
-            await zc.register_server()
+            announcement = Announcement(self.port, self.zeroconf_name, host)
+            await announcement.register()
         except OSError as err:  # no multicast route: serve anyway, Home Assistant can be pointed at host:port
             _LOGGER.warning("Zeroconf announcement failed (%s); add the server in Home Assistant by host and port", err)
             return
-        self._zeroconf = zc
-        _LOGGER.info("Zeroconf: announced %s as _wyoming._tcp.local. on port %s", zc.name, self.port)
+        self._zeroconf = announcement
+        _LOGGER.info("Zeroconf: announced %s as _wyoming._tcp.local. on port %s", announcement.name, self.port)
 
     def request_stop(self) -> None:
         """Stop accepting, let in-flight requests finish (grace period), then close; a second call skips the grace."""
@@ -215,7 +215,7 @@ class Server:
         if listener is None:
             return
         self._listener = None
-        self.service.admission.closing = True
+        self.service.begin_shutdown()
         listener.close()
         if self.studio is not None:  # auditions end with the page; Wyoming clients get their grace period
             studio, self.studio = self.studio, None
@@ -230,7 +230,7 @@ class Server:
             _LOGGER.warning("Grace period over: closing %d busy connection(s)", self.busy_connections())
         tasks = list(self._connections)
         for handler in self._connections.values():
-            handler.channel.abort()  # ends the handler's read loop; its synthesis is cancelled
+            handler.abort()  # ends the handler's read loop; its synthesis is cancelled
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=2.0)
             for task in pending:
@@ -240,11 +240,9 @@ class Server:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(listener.wait_closed(), 2.0)
         if self._zeroconf is not None:
-            await self._zeroconf._aiozc.async_close()  # unregisters the service
-            self._zeroconf = None
-        await self.service.close_sinks()
-        await self.service.preparer.close()
-        await self.service.engines.close()
+            zeroconf, self._zeroconf = self._zeroconf, None
+            await zeroconf.close()  # unregisters the service
+        await self.service.close()
         _LOGGER.info("Server stopped")
 
 
@@ -265,13 +263,11 @@ async def serve_stdio(service: Service) -> None:
     reader = asyncio.StreamReader(limit=service.limits.max_header_bytes + 1)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     writer = await async_get_stdout()
-    handler = TtsEventHandler(reader, writer, service, finish_on_eof=True)
     # The spawning process owns this connection's lifetime: no idle timeout on a pipe.
-    handler.channel.limits = dataclasses.replace(service.limits, idle_timeout_s=math.inf)
+    limits = dataclasses.replace(service.limits, idle_timeout_s=math.inf)
+    handler = TtsEventHandler(reader, writer, service, finish_on_eof=True, limits=limits)
     await handler.run()
-    await service.close_sinks()
-    await service.preparer.close()
-    await service.engines.close()
+    await service.close()
 
 
 async def _start_studio(config: Config, service: Service) -> Any:

@@ -9,15 +9,16 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import AsyncGenerator, AsyncIterator, Callable, Optional
+from typing import AsyncGenerator, AsyncIterator, Awaitable, Callable, Optional
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
 from . import __version__
+from .aio import TaskSet
 from .audio import AudioFormat, PcmConverter, apply_gain
 from .config import Limits, ServerSettings
-from .degrade import Admission, Degraded, RoomQueue
-from .engine import AudioChunk, Engine, SynthesisOptions
+from .degrade import ConcurrencyLimit, Degraded, RoomQueue
+from .engine import Engine, PcmChunk, SynthesisOptions
 from .errors import EngineError, EngineOutOfMemory, EngineTimeout, ServerBusy, VoiceNotFound
 from .logs import LogThrottle
 from .metrics import NO_RECORD, Metrics, RequestRecord
@@ -88,7 +89,8 @@ class Service:
         self.catalog = catalog
         self.preparer = preparer or VoicePreparer(catalog, self.engines)
         """Prepares new or changed voices in the background (hot reload) and leaves broken ones out."""
-        self.admission = Admission(max_concurrent)
+        self.concurrency_limit = ConcurrencyLimit(max_concurrent)
+        """How many requests may be in progress at once (`server.max_concurrent`); each holds a slot."""
         self.streaming = streaming
         self.first_clause_words = first_clause_words
         """Words a stream's first piece needs before it may end at a clause (`server.first_clause_words`; 0: off)."""
@@ -99,7 +101,8 @@ class Service:
         self.degraded = Degraded()
         """How often a reply was degraded instead of refused (`degraded.counts()`)."""
         self._rooms = {id(engine): RoomQueue(engine) for engine in self.engines.running.values()}
-        self._finishing: set[asyncio.Task[object]] = set()
+        self._finishing = TaskSet()
+        self._closing = False
         self.log_throttle = LogThrottle()
         """Rate limit for the per-client warning lines (refusals, errors, stalls) shared by all connections."""
         self.metrics = metrics or Metrics()
@@ -225,10 +228,31 @@ class Service:
         """The requests waiting for room in `engine` (None for an engine started after the service)."""
         return self._rooms.get(id(engine))
 
+    @property
+    def closing(self) -> bool:
+        """True once shutdown began: requests in progress (and streams already open) finish, new ones are refused."""
+        return self._closing
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests from now on (`closing`); those in progress go on."""
+        self._closing = True
+
+    def finish_later(self, finishing: Awaitable[object]) -> None:
+        """Run a reply's end for the sinks in the background; `close_sinks` waits for it."""
+        self._finishing.add(asyncio.ensure_future(finishing))
+
     async def close_sinks(self, timeout: float = 10.0) -> None:
         """Wait (bounded) for server-side sinks to finish the replies they are still writing."""
         if self._finishing:
             await asyncio.wait(set(self._finishing), timeout=timeout)
+
+    async def close(self) -> None:
+        """The end of serving (TCP and stdio alike): refuse new requests, let the sinks finish their replies
+        (bounded), stop preparing voices, close the engines."""
+        self.begin_shutdown()
+        await self.close_sinks()
+        await self.preparer.close()
+        await self.engines.close()
 
 
 def _served_facts(summary: dict[str, object]) -> list[str]:
@@ -308,14 +332,14 @@ class Reply:
             info = StreamInfo(label=f"r{next(_REPLY_IDS)}", voice=self.profile.name)
             self._copy = self._tee.open(self.format, info)
 
-    async def speak(self, text: str, *, speed: float = 1.0) -> AsyncGenerator[AudioChunk, None]:
+    async def speak(self, text: str, *, speed: float = 1.0) -> AsyncGenerator[PcmChunk, None]:
         """Stream `text` in the reply's voice (the sinks get a copy); closing it early cancels the engine work.
         `speed` multiplies the voice's own speaking rate (kept within 0.25..4)."""
         if not text.strip():
             return
         service, record = self._service, self.record
         record.speaking()
-        with service.admission.slot(record.refused):
+        with service.concurrency_limit.slot(record.refused):
             self._pieces += 1
             stats = RequestStats(str(next(_REQUEST_IDS)), self.profile.name, len(text), degraded=list(self._notes))
             profile = await self._current_version(stats)
@@ -348,7 +372,7 @@ class Reply:
                 record.spoken()
                 _LOGGER.info("%s", stats.line())
 
-    async def _chunks(self, text: str, options: SynthesisOptions, stats: RequestStats) -> AsyncIterator[AudioChunk]:
+    async def _chunks(self, text: str, options: SynthesisOptions, stats: RequestStats) -> AsyncIterator[PcmChunk]:
         """The piece's audio from the voice's engine (after waiting for room), else from the fallback engine."""
         service = self._service
         fallback = service.engines.fallback_for(self.engine)
@@ -382,7 +406,7 @@ class Reply:
                     self._converter = PcmConverter(chunk.format, self.format)
                 pcm = self._converter.convert(chunk.audio)
                 if pcm:
-                    yield AudioChunk(pcm, self.format.rate, self.format.width, self.format.channels)
+                    yield PcmChunk(pcm, self.format.rate, self.format.width, self.format.channels)
 
     async def _wait_for_room(self, has_fallback: bool, stats: RequestStats) -> Optional[str]:
         """Wait, in order, for room in the engine (`server.busy_wait_s`; without a fallback engine up to
@@ -404,7 +428,7 @@ class Reply:
 
     async def _engine_chunks(
         self, text: str, options: SynthesisOptions, stats: RequestStats
-    ) -> AsyncIterator[AudioChunk]:
+    ) -> AsyncIterator[PcmChunk]:
         """The piece's audio from the voice's engine; tried once more when it failed before its first audio for a
         reason that passes (a hung call replaced, out of memory after the cache was freed)."""
         gain = self.profile.gain
@@ -469,13 +493,11 @@ class Reply:
             self._opening.close()
         copy, self._copy = self._copy, None
         if copy is not None:
-            task = asyncio.ensure_future(copy.close(ok))
-            self._service._finishing.add(task)
-            task.add_done_callback(self._service._finishing.discard)
+            self._service.finish_later(copy.close(ok))
 
 
 @contextlib.asynccontextmanager
-async def _closing(chunks: AsyncIterator[AudioChunk]) -> AsyncIterator[AsyncIterator[AudioChunk]]:
+async def _closing(chunks: AsyncIterator[PcmChunk]) -> AsyncIterator[AsyncIterator[PcmChunk]]:
     """Close an engine's chunk iterator whatever happens (closing it cancels the engine work)."""
     try:
         yield chunks

@@ -95,16 +95,19 @@ class VoiceProfile:
             return ("speaker", "sft mode needs a built-in speaker id")
         return None
 
-    def reference_stamp(self) -> tuple:
-        """The reference file as last seen (modification time, size), `("missing",)` when unreadable, `()` without
-        one: part of what makes an engine's prepared voice stale."""
-        if self.reference_audio is None:
-            return ()
-        try:
-            stat = Path(self.reference_audio).stat()
-        except OSError:
-            return ("missing",)
-        return (stat.st_mtime_ns, stat.st_size)
+    def reference_stamp(self) -> tuple[int, ...]:
+        """The reference file's `file_stamp`, `()` without one: part of what makes an engine's prepared voice
+        stale."""
+        return () if self.reference_audio is None else file_stamp(Path(self.reference_audio))
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    """A file as last seen: (modification time in ns, size), (-1, -1) when it cannot be read."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (stat.st_mtime_ns, stat.st_size)
 
 
 class VoiceProvider(Protocol):

@@ -12,7 +12,7 @@ from wyoming.event import Event
 from wyoming.version import __version__ as WYOMING_VERSION
 
 from .aio import wait_within
-from .config import Limits
+from .config import Limits, describe_value
 from .errors import ClientTimeout, LimitExceeded, ProtocolError
 from .logs import LogThrottle
 
@@ -25,11 +25,6 @@ _KEEPALIVE = ("ping", "pong")
 
 class ClientStalled(ConnectionError):
     """The client accepted no data for `limits.write_timeout_s`; the connection was aborted."""
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _decode_object(raw: bytes, what: str) -> dict[str, Any]:
@@ -54,7 +49,7 @@ def _length(header: dict[str, Any], key: str, maximum: int, limit_key: str) -> i
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ProtocolError(f"'{key}' must be a non-negative integer, got {_describe(value)}")
+        raise ProtocolError(f"'{key}' must be a non-negative integer, got {describe_value(value)}")
     if value > maximum:
         raise LimitExceeded(f"'{key}' is {value} bytes; the limit is {maximum} (limits.{limit_key})")
     return value
@@ -92,7 +87,7 @@ async def read_event(reader: asyncio.StreamReader, limits: Limits) -> Optional[E
     header = _decode_object(line, "header")
     event_type = header.get("type")
     if not isinstance(event_type, str) or not event_type:
-        raise ProtocolError(f"event header needs a non-empty string 'type', got {_describe(event_type)}")
+        raise ProtocolError(f"event header needs a non-empty string 'type', got {describe_value(event_type)}")
     data = header.get("data")
     if data is None:
         data = {}

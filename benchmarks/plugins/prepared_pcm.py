@@ -13,7 +13,7 @@ from typing import AsyncIterator, Optional
 
 import numpy as np
 
-from wyoming_cosyvoice.engine import AudioChunk, Engine, SynthesisOptions
+from wyoming_cosyvoice.engine import Engine, PcmChunk, SynthesisOptions
 from wyoming_cosyvoice.hookspecs import Register, hookimpl
 from wyoming_cosyvoice.voices import VoiceProfile
 from wyoming_cosyvoice_plugins import example_tone
@@ -52,12 +52,10 @@ class PreparedPcmEngine(Engine):
         n = settings.sample_rate * settings.chunk_ms // 1000
         t = np.arange(n) / settings.sample_rate
         pcm = (0.3 * np.sin(2 * np.pi * 440.0 * t) * 32767).astype("<i2").tobytes()
-        self._chunk = AudioChunk(pcm, settings.sample_rate)
+        self._chunk = PcmChunk(pcm, settings.sample_rate)
         self._per_word = max(1, settings.word_ms // settings.chunk_ms)
 
-    async def synthesize(
-        self, text: str, profile: VoiceProfile, options: SynthesisOptions
-    ) -> AsyncIterator[AudioChunk]:
+    async def synthesize(self, text: str, profile: VoiceProfile, options: SynthesisOptions) -> AsyncIterator[PcmChunk]:
         """The prepared chunk, `word_ms / chunk_ms` times per word."""
         chunk = self._chunk
         for _ in range(len(text.split()) * self._per_word):

@@ -13,7 +13,7 @@ import numpy as np
 
 from wyoming_cosyvoice.audio import float_to_pcm16
 from wyoming_cosyvoice.config import Section
-from wyoming_cosyvoice.engine import AudioChunk, Cancelled, SynthesisOptions, ThreadedEngine
+from wyoming_cosyvoice.engine import PcmChunk, RequestCancelled, SynthesisOptions, ThreadedEngine
 from wyoming_cosyvoice.errors import EngineError, ServerBusy, VoiceError
 from wyoming_cosyvoice.voices import VoiceProfile
 
@@ -25,7 +25,7 @@ from .loader import LoadedModel, Loader, cannot_start, concurrency, empty_cuda_c
 from .options import CosyVoiceSettings, LoadPlan
 from .prompts import PromptCache, default_cache_dir
 from .recipes import PreparedVoice, speakable, v1_language_tag
-from .scheduler import admission
+from .scheduler import real_time_overload
 from .voicebook import VoiceBook
 from .warmup import measure, warmup_profile
 
@@ -160,7 +160,7 @@ class CosyVoiceEngine(ThreadedEngine):
 
     async def synthesize(
         self, text: str, profile: VoiceProfile, options: SynthesisOptions
-    ) -> AsyncIterator[AudioChunk]:
+    ) -> AsyncIterator[PcmChunk]:
         """Wake the model if it is parked, admit (a free slot, or room in the queue, and room in the machine's
         speed), then stream the chunks."""
         if self.state != "ready":
@@ -168,7 +168,7 @@ class CosyVoiceEngine(ThreadedEngine):
         async with self.lifecycle.request():
             if self.model is None:
                 raise EngineError(f"cosyvoice engine is not ready (state: {self.state})")
-            self._admit()
+            self._refuse_without_room()
             async for chunk in super().synthesize(text, profile, options):
                 yield chunk
 
@@ -195,7 +195,7 @@ class CosyVoiceEngine(ThreadedEngine):
     def _trt(self) -> Optional[parking.TrtPlan]:
         return self.loaded.trt if self.loaded is not None else None
 
-    def _admit(self) -> None:
+    def _refuse_without_room(self) -> None:
         why = self.room()
         if why is not None:
             raise ServerBusy(f"cosyvoice engine {why}")
@@ -212,7 +212,7 @@ class CosyVoiceEngine(ThreadedEngine):
             )
         if self.settings.keep_real_time and self.scheduling is not None and in_flight < self.concurrency:
             scheduling = self.scheduling
-            why = admission(
+            why = real_time_overload(
                 in_flight,
                 scheduling.costs.per_stream(),
                 scheduling.llm_batched,
@@ -247,7 +247,7 @@ class CosyVoiceEngine(ThreadedEngine):
         try:
             for pcm in chunks:
                 if cancel.is_set():
-                    raise Cancelled()
+                    raise RequestCancelled()
                 emit(pcm)
         finally:
             chunks.close()

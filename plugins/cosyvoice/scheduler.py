@@ -452,7 +452,7 @@ def load(
     return llm_total + flow_total / max(1, flow_slots)
 
 
-def admission(
+def real_time_overload(
     in_flight: int,
     costs: Optional[tuple[float, float]],
     llm_batched: bool = False,

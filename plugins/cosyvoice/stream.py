@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-from wyoming_cosyvoice.engine import Cancelled
+from wyoming_cosyvoice.engine import RequestCancelled
 
 from .batching import DecoderRoute, batchable
 from .chunking import (
@@ -235,7 +235,7 @@ def install(inner: Any, streaming: Streaming) -> bool:
         stream, seconds = request.stream, streaming.cost.predict(10 * TOKENS_PER_SECOND) or 0.0
         stream.final = bool(kwargs.get("finalize", True))
         if not streaming.scheduler.acquire(stream, seconds, request.stop, request.alive):
-            raise Cancelled()  # the request was cancelled while waiting: it ends here
+            raise RequestCancelled()  # the request was cancelled while waiting: it ends here
         if streaming.route is not None:  # granted with other passes: its decoder call meets theirs
             streaming.route.join(stream.batch, stream)
         audio = 0.0

@@ -20,6 +20,8 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from wyoming_cosyvoice.aio import TaskSet
+
 from .contract import Contract, ContractError, check_config, is_final, read_response
 from .settings import CANCEL_SAFE_VERSION
 
@@ -118,7 +120,7 @@ class Endpoint:
         self.version = ""
         """Triton's version (ServerMetadata), e.g. 2.51.0."""
         self.cancel = cancel
-        self._readers: set[asyncio.Task[None]] = set()
+        self._readers = TaskSet()
         self._channel: Optional[grpc.aio.Channel] = None
         self._stub: Any = None
 
@@ -269,9 +271,7 @@ class Endpoint:
                 if dropping[0]:
                     self.draining -= 1
 
-        reader = asyncio.get_running_loop().create_task(read_all(), name=f"triton stream {self.url}")
-        self._readers.add(reader)
-        reader.add_done_callback(self._readers.discard)
+        reader = self._readers.add(asyncio.get_running_loop().create_task(read_all(), name=f"triton stream {self.url}"))
         finished = False
         try:
             while True:
@@ -321,8 +321,7 @@ class Endpoint:
 
     async def close(self) -> None:
         """Close the channel (running calls are cancelled)."""
-        for task in list(self._readers):
-            task.cancel()
+        self._readers.cancel()
         if self._channel is not None:
             await self._channel.close()
             self._channel, self._stub = None, None

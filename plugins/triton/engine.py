@@ -16,7 +16,7 @@ import uuid
 from typing import Any, AsyncIterator, Iterable, Optional
 
 from wyoming_cosyvoice.audio import float_to_pcm16
-from wyoming_cosyvoice.engine import AudioChunk, Engine, SynthesisOptions
+from wyoming_cosyvoice.engine import Engine, PcmChunk, SynthesisOptions
 from wyoming_cosyvoice.errors import EngineError, EngineUnavailable
 from wyoming_cosyvoice.voices import VoiceProfile
 
@@ -177,9 +177,7 @@ class TritonEngine(Engine):
             return None
         return min(candidates, key=lambda e: (e.outstanding, e.served))  # a draining request is outstanding too
 
-    async def synthesize(
-        self, text: str, profile: VoiceProfile, options: SynthesisOptions
-    ) -> AsyncIterator[AudioChunk]:
+    async def synthesize(self, text: str, profile: VoiceProfile, options: SynthesisOptions) -> AsyncIterator[PcmChunk]:
         """Stream the model's audio; retried once on another endpoint when an endpoint fails before audio."""
         text = text.strip()
         if not any(ch.isalnum() for ch in text):  # upstream's model fails on empty text; nothing to say
@@ -224,7 +222,7 @@ class TritonEngine(Engine):
                             endpoint.served += 1
                             if endpoint.state == "down":
                                 endpoint.mark_ready()
-                        yield AudioChunk(float_to_pcm16(wave), self.sample_rate, self.sample_width, self.channels)
+                        yield PcmChunk(float_to_pcm16(wave), self.sample_rate, self.sample_width, self.channels)
                 return
             except EndpointFailure as err:
                 endpoint.failed += 1

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from ..aio import TaskSet
 from ..config import WebSettings
 from ..service import Service
 from .connections import ConnectionWarden, connection_cap, quiet_accept_errors
@@ -107,7 +108,7 @@ class Studio:
         self.write_lock = asyncio.Lock()
         """One change to the voices folder at a time."""
         self.loopback_only = is_loopback_host(settings.host)
-        self._changes: set[asyncio.Future[Any]] = set()
+        self._changes = TaskSet()
         self.warden = ConnectionWarden(settings)
         """The web port's connection cap and deadlines (connections.py): every route is served under them."""
         self.uploads = asyncio.Semaphore(settings.max_uploads)
@@ -189,10 +190,7 @@ class Studio:
 
     async def unhurried(self, change: Awaitable[T]) -> T:
         """Run a change to the voices folder to its end even when the browser leaves (its request is cancelled)."""
-        task = asyncio.ensure_future(change)
-        self._changes.add(task)
-        task.add_done_callback(self._changes.discard)
-        return await asyncio.shield(task)
+        return await asyncio.shield(self._changes.add(asyncio.ensure_future(change)))
 
     def redact(self, text: str) -> str:
         """`text` with server paths hidden: the voices folder as `voices/`, other absolute paths as their last part."""

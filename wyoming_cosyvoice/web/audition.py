@@ -59,10 +59,10 @@ async def status(request: web.Request) -> web.Response:
             "engines": engines,
             "failed_engines": {k: studio.redact(v) for k, v in service.engines.failed.items()},
             "note": studio.redact(service.engines.note),
-            "in_flight": service.admission.active,
+            "in_flight": service.concurrency_limit.active,
             "degraded": service.degraded.counts(),
             "metrics": service.metrics.summary(),
-            "max_concurrent": service.admission.limit,
+            "max_concurrent": service.concurrency_limit.limit,
             "preparing": sorted(service.preparer.preparing()),
             "token_required": bool(studio.token),
             "limits": {
@@ -96,7 +96,7 @@ async def audition(request: web.Request) -> web.StreamResponse:
     studio = request.app[STUDIO_KEY]
     service = studio.service
     form = request[FORM_KEY]
-    if service.admission.closing:
+    if service.closing:
         service.metrics.refused("shutting_down")
         return problem(503, "server is shutting down")
     text = form.get("text").strip()

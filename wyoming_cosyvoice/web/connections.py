@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Optional
 from aiohttp import web
 
 from ..config import WebSettings
+from ..guard import client_name
 from ..logs import LogThrottle
 
 _LOGGER = logging.getLogger(__name__)
@@ -123,9 +124,9 @@ class _Watched(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def peer(self) -> Any:
-        """The client's address, for log lines."""
-        return self.transport.get_extra_info("peername") if self.transport is not None else None
+    def peer(self) -> str:
+        """The client, for log lines (`guard.client_name`)."""
+        return client_name(self.transport.get_extra_info("peername") if self.transport is not None else None)
 
 
 class ConnectionWarden:
@@ -232,3 +233,9 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, throttle: LogThrottle) 
 
     loop.set_exception_handler(handle)
     return lambda: loop.set_exception_handler(previous)
+
+
+def request_client(request: web.Request) -> str:
+    """The client of an HTTP request, named as in every log line (`guard.client_name`)."""
+    transport = request.transport
+    return client_name(transport.get_extra_info("peername") if transport is not None else None)

@@ -28,6 +28,7 @@ from ..errors import CosyVoiceServiceError, EngineError, ServerBusy, VoiceNotFou
 from ..service import Reply
 from ..text import SentenceSplitter
 from .app import STUDIO_KEY, Studio
+from .connections import request_client
 from .encoders import FORMATS, KNOWN, OUTPUT, Encoder, Format
 
 _LOGGER = logging.getLogger(__name__)
@@ -299,10 +300,10 @@ async def speech(request: web.Request) -> web.StreamResponse:
     service = studio.service
     limit = service.limits.max_text_chars * 12 + 65536  # a character may take 12 bytes as JSON escapes
     speech_request = parse_speech(await _read_json(request, limit), studio)
-    if service.admission.closing:
+    if service.closing:
         service.metrics.refused("shutting_down")
         raise ApiError(503, "server is shutting down; try again shortly", code="shutting_down")
-    reply = open_reply(studio, speech_request.voice, client=f"http {request.remote}")
+    reply = open_reply(studio, speech_request.voice, client=f"http {request_client(request)}")
     return await _stream(request, studio, reply, speech_request)
 
 

@@ -28,6 +28,7 @@ from ..voice_store import (
 )
 from ..voices import STALE_CACHE_HINT, VoiceProfile
 from .app import FORM_KEY, STUDIO_KEY, Studio, problem
+from .connections import request_client
 from .forms import Form
 from .waveform import envelope, file_envelope
 
@@ -218,7 +219,7 @@ async def check_upload(request: web.Request) -> web.Response:
 async def add_voice(request: web.Request) -> web.Response:
     """Validate, then write the voice folder atomically; 201 with the check report, else 4xx and nothing written."""
     studio = request.app[STUDIO_KEY]
-    return await studio.unhurried(_add(studio, request[FORM_KEY], request.remote))
+    return await studio.unhurried(_add(studio, request[FORM_KEY], request_client(request)))
 
 
 async def _add(studio: Studio, form: Form, remote: Optional[str]) -> web.Response:
@@ -267,7 +268,7 @@ async def _folder_voice(studio: Studio, name: str) -> Optional[web.Response]:
 async def edit_voice(request: web.Request) -> web.Response:
     """Change a folder voice's transcript, description and languages (fields left out are kept)."""
     studio = request.app[STUDIO_KEY]
-    return await studio.unhurried(_edit(studio, request[FORM_KEY], request.match_info["name"], request.remote))
+    return await studio.unhurried(_edit(studio, request[FORM_KEY], request.match_info["name"], request_client(request)))
 
 
 async def _edit(studio: Studio, form: Form, name: str, remote: Optional[str]) -> web.Response:
@@ -299,7 +300,7 @@ async def _edit(studio: Studio, form: Form, name: str, remote: Optional[str]) ->
 async def delete_voice(request: web.Request) -> web.Response:
     """Remove a folder voice (the page asks for confirmation first)."""
     studio = request.app[STUDIO_KEY]
-    return await studio.unhurried(_delete(studio, request.match_info["name"], request.remote))
+    return await studio.unhurried(_delete(studio, request.match_info["name"], request_client(request)))
 
 
 async def _delete(studio: Studio, name: str, remote: Optional[str]) -> web.Response:
