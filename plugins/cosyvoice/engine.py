@@ -158,9 +158,7 @@ class CosyVoiceEngine(ThreadedEngine):
 
     # --- synthesis ---------------------------------------------------------------------------------
 
-    async def synthesize(
-        self, text: str, profile: VoiceProfile, options: SynthesisOptions
-    ) -> AsyncIterator[PcmChunk]:
+    async def synthesize(self, text: str, profile: VoiceProfile, options: SynthesisOptions) -> AsyncIterator[PcmChunk]:
         """Wake the model if it is parked, admit (a free slot, or room in the queue, and room in the machine's
         speed), then stream the chunks."""
         if self.state != "ready":
