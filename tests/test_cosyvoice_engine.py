@@ -18,7 +18,7 @@ from wyoming_cosyvoice.audio import pcm16_to_float  # noqa: E402
 from wyoming_cosyvoice.engine import SynthesisOptions  # noqa: E402
 from wyoming_cosyvoice.errors import EngineError, EngineTimeout, EngineUnavailable, ServerBusy, VoiceError  # noqa: E402
 from wyoming_cosyvoice.voices import VoiceProfile  # noqa: E402
-from wyoming_cosyvoice_plugins.cosyvoice import engine as cosyvoice_engine  # noqa: E402
+from wyoming_cosyvoice_plugins.cosyvoice import loader as cosyvoice_loader  # noqa: E402
 from wyoming_cosyvoice_plugins.cosyvoice.engine import CosyVoiceEngine  # noqa: E402
 from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings, LoadPlan  # noqa: E402
 
@@ -317,14 +317,14 @@ async def test_upstream_logging_and_progress_bars_are_silenced(tmp_path: Path, c
 
 async def test_warmup_checks_output_is_finite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # fp16 NaN output needs a GPU; the stand-in simulates it when the class is asked for fp16.
-    real_plan = cosyvoice_engine.plan_load
+    real_plan = cosyvoice_loader.plan_load
     forced: dict[str, Any] = {}
 
     def gpu_plan(*args: Any, **kwargs: Any) -> LoadPlan:
         real_plan(*args, **kwargs)  # the real checks still run
         return LoadPlan("cuda", True, forced["auto"], False, False, False, ("pretend GPU",))
 
-    monkeypatch.setattr(cosyvoice_engine, "plan_load", gpu_plan)
+    monkeypatch.setattr(cosyvoice_loader, "plan_load", gpu_plan)
     forced["auto"] = True
     engine = await started(settings(tmp_path, knobs={"nonfinite_if_fp16": True}))
     try:

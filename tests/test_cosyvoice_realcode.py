@@ -167,7 +167,7 @@ def prompt_text(engine: Any, voice: str) -> str:
 async def restart_from_cache(path: Path, prompt_voices: int, caplog: pytest.LogCaptureFixture) -> None:
     """A second start with the same cache directory loads every prepared voice from disk."""
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="wyoming_cosyvoice_plugins.cosyvoice.engine"):
+    with caplog.at_level(logging.INFO, logger="wyoming_cosyvoice_plugins.cosyvoice"):
         async with running_server(load_config(path)) as server:
             engine = server.service.engine
             assert (engine.cache.hits, engine.cache.misses) == (prompt_voices, 0)

@@ -17,7 +17,7 @@ from wyoming.info import Describe, Info  # noqa: E402
 
 from wyoming_cosyvoice.config import load_config  # noqa: E402
 from wyoming_cosyvoice.errors import EngineUnavailable  # noqa: E402
-from wyoming_cosyvoice_plugins.cosyvoice import engine as cosyvoice_engine  # noqa: E402
+from wyoming_cosyvoice_plugins.cosyvoice import loader as cosyvoice_loader  # noqa: E402
 from wyoming_cosyvoice_plugins.cosyvoice import selfcheck, upstream  # noqa: E402
 from wyoming_cosyvoice_plugins.cosyvoice.engine import CosyVoiceEngine  # noqa: E402
 from wyoming_cosyvoice_plugins.cosyvoice.options import CosyVoiceSettings, LoadPlan  # noqa: E402
@@ -157,14 +157,14 @@ async def test_fp16_is_compared_with_fp32_on_the_real_model(
     load plan that says fp16 (as on an Ampere GPU). An estimator that overflows in fp16 (as reported on some GPUs)
     makes automatic fp16 reload in fp32, and forced fp16 refuse with the fix."""
     repo, model_dir = cosyvoice_repo, tiny_cosyvoice2
-    real_plan = cosyvoice_engine.plan_load
+    real_plan = cosyvoice_loader.plan_load
     auto = {"fp16": True}
 
     def gpu_plan(*args: Any, **kwargs: Any) -> LoadPlan:
         plan = real_plan(*args, **kwargs)
         return LoadPlan(plan.device, True, auto["fp16"], False, False, False, ("pretend fp16 GPU",))
 
-    monkeypatch.setattr(cosyvoice_engine, "plan_load", gpu_plan)
+    monkeypatch.setattr(cosyvoice_loader, "plan_load", gpu_plan)
     cfg = CosyVoiceSettings(**real_settings(tmp_path, model_dir, repo))  # type: ignore[arg-type]
     engine = CosyVoiceEngine(cfg)
     await engine.start()

@@ -1,6 +1,7 @@
 """The CosyVoice engine: the official CosyVoice code from a checkout, behind the engine interface.
 
-Modules: `engine` (the engine: loading, prepared voices, synthesis, admission of concurrent requests), `options`
+Modules: `engine` (the engine front: synthesis, admission of concurrent requests), `loader` (loading: plan,
+TensorRT, self-check, streaming loop), `voicebook` (prepared voices), `calls`, `warmup`, `health`, `parking`, `options`
 (settings and load options per GPU), `upstream` (checkout and model-dir checks, lazy import, upstream quirks,
 TensorRT plans), `stream` (our streaming loop for CosyVoice 2/3), `chunking` (where a stream cuts its chunks),
 `scheduler` (several streams on one model: who runs the flow + vocoder next, measured costs, admission), `sessions`

@@ -1,14 +1,12 @@
-"""CosyVoice GPU engine: the official code from a checkout, prepared voices, several streams on one model."""
+"""CosyVoice engine front: admission and synthesis on the model that loader.py loads, with voicebook.py's voices."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import functools
 import logging
 import threading
-import time
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Generator, Iterable, Iterator, Optional
 
 import numpy as np
@@ -16,22 +14,22 @@ import numpy as np
 from wyoming_cosyvoice.audio import float_to_pcm16
 from wyoming_cosyvoice.config import Section
 from wyoming_cosyvoice.engine import PcmChunk, RequestCancelled, SynthesisOptions, ThreadedEngine
-from wyoming_cosyvoice.errors import EngineError, EngineNotConfigured, EngineUnavailable, ServerBusy, VoiceError
-from wyoming_cosyvoice.gpu import driver_fit_here, gpu_facts, process_memory_mb
-from wyoming_cosyvoice.reference import normalized_reference
+from wyoming_cosyvoice.errors import EngineError, ServerBusy, VoiceError
 from wyoming_cosyvoice.voices import VoiceProfile
 
-from . import parking, selfcheck, sessions, upstream
+from . import health, parking, sessions, upstream
 from . import stream as cosyvoice_stream
+from .calls import inference
 from .lifecycle import Keeper
-from .options import CosyVoiceSettings, LoadPlan, auto_concurrency, plan_load
-from .prompts import PromptCache, default_cache_dir, prompt_key
-from .recipes import PreparedVoice, recipe, speakable, synthetic_prompt, v1_language_tag
+from .loader import LoadedModel, Loader, cannot_start, concurrency, empty_cuda_cache
+from .options import CosyVoiceSettings, LoadPlan
+from .prompts import PromptCache, default_cache_dir
+from .recipes import PreparedVoice, speakable, v1_language_tag
 from .scheduler import real_time_overload
+from .voicebook import VoiceBook
+from .warmup import measure, warmup_profile
 
 _LOGGER = logging.getLogger(__name__)
-
-WARMUP_NAME = "(warm-up)"
 
 
 class CosyVoiceEngine(ThreadedEngine):
@@ -52,29 +50,26 @@ class CosyVoiceEngine(ThreadedEngine):
         self.cache = PromptCache(settings.cache_dir or default_cache_dir())
         self.sample_rate = 24000
         self._model_lock = threading.Lock()  # upstream's own loop (CosyVoice 1): one call at a time
-        self._voices_lock = threading.Lock()
-        self._prepared: dict[tuple, PreparedVoice] = {}
-        self._signatures: dict[str, tuple] = {}  # profile name -> the signature it was prepared under
-        self._voice_errors: dict[str, str] = {}
-        self._voice_names: set[str] = set()
-        self._first_profile: Optional[VoiceProfile] = None
-        self._initial_hop: Optional[int] = None
+        self.voices = VoiceBook(self.cache)
+        """The prepared voices (`voicebook.py`)."""
         self.streaming = ""
         """How chunks are streamed: own loop (CosyVoice 2/3), upstream loop, or off."""
         self.scheduling: Optional[cosyvoice_stream.Streaming] = None
         """The shared flow + vocoder scheduler and measured costs (our own loop only)."""
-        self._free_memory: Optional[int] = None  # GPU bytes free after loading
         self.concurrency_note = ""
         """How `concurrency` was chosen (health)."""
         self.warmup_report = ""
         self.text_normalizer = ""
         """Upstream's text normalizer: ttsfrd, wetext or none (numbers and symbols read as written)."""
-        self.self_check = ""
-        """The self-check's summary at load (health, describe)."""
+        self.loader = Loader(settings, self.cache.directory, self._unload)
+        """Loads the model: plan, TensorRT, self-check, streaming loop (`loader.py`)."""
+        self.loaded: Optional[LoadedModel] = None
+        """What the last load decided (the model itself is `model`: None while unloaded)."""
         self.lifecycle = Keeper(settings.keep_alive, settings.park, self._park_model, self._wake_model)
         """Parks the model after `keep_alive` idle seconds and wakes it for the next reply (`lifecycle.py`)."""
-        self._trt: Optional[parking.TrtPlan] = None  # how to rebuild the TensorRT engine after a host park
-        self._kept_voices: dict[str, Any] = {}  # prepared voices of an unloaded model, on the host
+        reload = functools.partial(self._load, None, True)
+        self.parker = parking.Parker(settings.park, lambda: self.model, self._unload, reload, self._trt)
+        """The model work of a park and a wake (`parking.py`)."""
 
     # --- loading -----------------------------------------------------------------------------------
 
@@ -86,7 +81,8 @@ class CosyVoiceEngine(ThreadedEngine):
         except BaseException:
             self.state = "failed"
             raise
-        self.set_concurrency(self._concurrency())
+        n, self.concurrency_note = concurrency(self.settings, self.loaded)
+        self.set_concurrency(n)
         if self.scheduling is not None:  # no batch larger than the streams there can be
             self.scheduling.limit_batch(self.concurrency)
         self.state = "ready"
@@ -94,198 +90,32 @@ class CosyVoiceEngine(ThreadedEngine):
 
     def cannot_start(self) -> Optional[str]:
         """Not set up, or the checkout or model directory is missing (checked on disk; nothing is imported)."""
-        if self.settings.repo is None and self.settings.model_dir is None:
-            return "not set up"
-        try:
-            upstream.check_checkout(self.settings.repo)
-            upstream.inspect_model_dir(self.settings.model_dir)
-        except EngineUnavailable as err:
-            return str(err)
-        return None
-
-    def _concurrency(self) -> int:
-        """Requests in flight: 1 with upstream's loop; else the setting, or `auto` from the GPU's free memory."""
-        wanted = self.settings.concurrency
-        if self.scheduling is None:
-            if wanted not in ("auto", 1):
-                _LOGGER.warning(
-                    "engines.cosyvoice.concurrency %s ignored: %s streams with upstream's own loop, one request at "
-                    "a time",
-                    wanted,
-                    self.info.class_name if self.info else "this model",
-                )
-            self.concurrency_note = "1 (upstream's loop)"
-            return 1
-        if wanted == "auto":
-            n, why = auto_concurrency(self.plan.device if self.plan else "cpu", self._free_memory)
-        else:
-            n, why = int(wanted), "set"
-        self.concurrency_note = f"{n} ({why})"
-        _LOGGER.info("Requests in flight at once: %s", self.concurrency_note)
-        return n
+        return cannot_start(self.settings)
 
     def _load(self, force_fp16: Optional[bool], waking: bool = False) -> None:
-        """Load the model; `waking`: again after an unload park (no self-check; the voices and measured costs stay)."""
-        started = time.perf_counter()
-        if self.settings.repo is None and self.settings.model_dir is None:
-            # Never set up (a fresh install without a GPU model): the fallback serves, and that is no warning.
-            raise EngineNotConfigured(upstream.PREFIX + f"engines.cosyvoice.repo is not set ({upstream.README_HINT})")
-        repo = upstream.check_checkout(self.settings.repo)
-        info = upstream.inspect_model_dir(self.settings.model_dir)
-        try:
-            import torch
-        except ImportError:
-            raise EngineUnavailable(upstream.PREFIX + "torch is not installed (pip install -e '.[gpu]')") from None
-        cuda = bool(torch.cuda.is_available())
-        capability: Optional[tuple[int, int]] = None
-        if cuda:
-            major, minor = torch.cuda.get_device_capability()
-            capability = (int(major), int(minor))
-        trt_version = upstream.tensorrt_version() if cuda else None
-        plan = plan_load(self.settings, info.version, info.path, cuda, capability, trt_version)
-        if force_fp16 is not None:
-            plan = LoadPlan(plan.device, force_fp16, False, plan.load_trt, plan.load_jit, plan.load_vllm, plan.notes)
-        module = upstream.import_cosyvoice(repo)
-        plans: Optional[tuple[Path, Path]] = None
-        if plan.load_trt:
-            assert capability is not None  # TensorRT is planned with CUDA only
-            keyed = upstream.keyed_plan_path(
-                self.cache.directory,
-                info.identity,
-                plan.fp16,
-                torch.cuda.get_device_name(),
-                capability,
-                trt_version or "",
-            )
-            plans = (upstream.upstream_plan_path(info.path, plan.fp16), keyed)
-            if not upstream.link_plan(*plans):
-                _LOGGER.info("Building the TensorRT plan for this GPU (first start only; takes minutes)")
-        kwargs: dict[str, Any] = {
-            "load_trt": plan.load_trt,
-            "fp16": plan.fp16,
-            "trt_concurrent": self.settings.trt_concurrent,
-        }
-        if info.version != 3:
-            kwargs["load_jit"] = plan.load_jit
-        if info.version != 1:
-            kwargs["load_vllm"] = plan.load_vllm
-        self._unload()
-        try:
-            model = getattr(module, info.class_name)(str(info.path), **kwargs)
-        except Exception as err:  # upstream raises ValueError, AssertionError, CUDA errors...
-            raise EngineUnavailable(
-                upstream.PREFIX + f"loading {info.class_name} from {info.path} failed: {type(err).__name__}: {err}"
-            ) from None
-        if plans is not None:
-            upstream.adopt_plan(*plans)
-            onnx = info.path / "flow.decoder.estimator.fp32.onnx"
-            self._trt = parking.TrtPlan(plans[0], onnx, self.settings.trt_concurrent, plan.fp16)
-        checked = selfcheck.Result(self.self_check) if waking else self._self_check(model, plan)
-        if checked.problem is not None:
-            del model  # before the fallback engine starts or the fp32 copy loads
-            _empty_cuda_cache()
-            if checked.fp16 and plan.fp16_auto and force_fp16 is None:
-                _LOGGER.warning("%s; reloading in fp32", checked.problem)
-                self._load(False)
-                return
-            raise EngineUnavailable(upstream.PREFIX + checked.problem)
-        flow_slots = self.settings.trt_concurrent if plan.load_trt else 1
-        scheduling = (waking and self.scheduling) or cosyvoice_stream.Streaming(
-            self.settings.early_first_chunk,
-            int(model.sample_rate),
-            flow_slots,
-            llm_batched=bool(plan.load_vllm),
-            max_flow_batch=self.settings.flow_batch_limit(),
-        )
-        own_loop = cosyvoice_stream.install(model.model, scheduling)
-        self.scheduling = scheduling if own_loop else None
-        sessions.track(model.model)
-        if cuda:
-            try:
-                self._free_memory = int(torch.cuda.mem_get_info()[0])
-            except Exception:  # an old torch or a driver without it: concurrency stays at 1 (auto)
-                self._free_memory = None
-        if not own_loop:
-            if info.version != 1:  # CosyVoice 1 streams with upstream's loop by design
-                _LOGGER.info(
-                    "CosyVoice %s lacks a part of the streaming loop this engine uses; upstream's own loop "
-                    "streams (100 ms polling, upstream's first chunk)",
-                    info.class_name,
-                )
-            self._install_hop_reset(model.model)
-        if not self.settings.stream:
-            self.streaming = "off"
-        elif not own_loop:
-            self.streaming = "upstream loop"
-        else:
-            self.streaming = "own loop, early first chunk" if self.settings.early_first_chunk else "own loop"
-        self.model, self.info, self.plan = model, info, plan
-        self.sample_rate = int(model.sample_rate)
+        """Load the model (`loader.py`); `waking`: again after an unload park (no self-check; the voices and measured
+        costs stay)."""
+        loaded = self.loader.load(force_fp16, self.loaded if waking else None)
+        self.loaded, self.model, self.info, self.plan = loaded, loaded.model, loaded.info, loaded.plan
+        self.scheduling, self.streaming = loaded.scheduling, loaded.streaming
+        self.sample_rate = int(loaded.model.sample_rate)
         if waking:
-            parking.voices_back(model.frontend.spk2info, self._kept_voices, getattr(model.frontend, "device", "cpu"))
-            self._kept_voices = {}
+            self.parker.restore(loaded.model.frontend)
         else:
-            self.text_normalizer = self._text_normalizer(model)
-            self._prepared.clear()
-            self._signatures.clear()
-            self._voice_names.clear()
-        _LOGGER.info(
-            "Loaded %s from %s on %s in %.1f s (%s Hz; %s)",
-            info.class_name,
-            info.path,
-            plan.device,
-            time.perf_counter() - started,
-            self.sample_rate,
-            "; ".join(plan.notes) or "defaults",
-        )
+            self.text_normalizer = loaded.text_normalizer
+            self.voices.clear()
+        _LOGGER.info("Loaded %s", loaded.summary())
 
-    @staticmethod
-    def _text_normalizer(model: Any) -> str:
-        """Which normalizer upstream's frontend picked (ttsfrd, else wetext, else none), logged once per load."""
-        name = getattr(model.frontend, "text_frontend", None)
-        if name is None:
-            return "unknown"
-        if name:
-            _LOGGER.info("Text normalization: %s", name)
-            return str(name)
-        _LOGGER.warning(
-            "No text normalizer (upstream uses ttsfrd, else wetext): numbers and symbols are read as written "
-            '("$12.50" becomes "$twelve.fifty"); install one: pip install wetext'
-        )
-        return "none"
-
-    def _self_check(self, model: Any, plan: LoadPlan) -> selfcheck.Result:
-        """The self-check on the loaded model (cached LLM decoding; fp16 against fp32), unless switched off."""
-        if not self.settings.self_check:
-            result = selfcheck.Result("off (engines.cosyvoice.self_check: false)")
-        else:
-            device = getattr(getattr(model.model, "device", None), "type", plan.device)  # upstream's torch.device
-            result = selfcheck.run(model.model, plan.fp16, plan.load_trt, device)
-        self.self_check = result.summary
-        if result.problem is None:
-            _LOGGER.info("Self-check: %s", result.summary)
-        return result
-
-    def _install_hop_reset(self, inner: Any) -> None:
-        """Upstream doubles `token_hop_len` on the shared model during a stream and never resets it (the third
-        request waits ~4 s for its first chunk): reset it at every segment's `tts` call."""
-        self._initial_hop = getattr(inner, "token_hop_len", None)
-        if self._initial_hop is None:  # CosyVoice 1 keeps its hop length local
-            return
-        original = inner.tts
-        initial = self._initial_hop
-
-        def tts(*args: Any, **kwargs: Any) -> Any:
-            inner.token_hop_len = initial
-            return original(*args, **kwargs)
-
-        inner.tts = tts
+    @property
+    def self_check(self) -> str:
+        """The self-check's summary at load (health, describe)."""
+        return self.loader.self_check
 
     def _unload(self) -> None:
         if self.model is None:
             return
         self.model = None
-        _empty_cuda_cache()
+        empty_cuda_cache()
 
     # --- voices ------------------------------------------------------------------------------------
 
@@ -298,7 +128,7 @@ class CosyVoiceEngine(ThreadedEngine):
                 async with self.lifecycle.request("a voice to prepare"):
                     await self.run_in_worker(self._voice, profile)
             except VoiceError as err:
-                self._voice_errors[profile.name] = str(err)
+                self.voices.failed(profile.name, str(err))
                 raise
 
     async def forget(self, profile_names: Iterable[str]) -> None:
@@ -311,83 +141,20 @@ class CosyVoiceEngine(ThreadedEngine):
             await self.run_in_worker(self._drop, names)  # the worker thread reads spk2info while synthesizing
 
     def _drop(self, names: list[str]) -> None:
-        for name in names:
-            self._voice_names.discard(name)
-            self._voice_errors.pop(name, None)
-            if self._first_profile is not None and self._first_profile.name == name:
-                self._first_profile = None
-            signature = self._signatures.pop(name, None)
-            if signature is None or signature in self._signatures.values():
-                continue
-            voice = self._prepared.pop(signature, None)
-            if voice is None or not voice.spk_id.startswith("wcv-"):  # a built-in speaker belongs to the model
-                continue
-            if any(v.spk_id == voice.spk_id for v in self._prepared.values()):
-                continue
-            if self.model is not None:
-                self.model.frontend.spk2info.pop(voice.spk_id, None)
-            _LOGGER.debug("Voice %s forgotten (%s)", name, voice.spk_id)
-
-    def _signature(self, profile: VoiceProfile) -> tuple:
-        return (
-            profile.mode,
-            str(profile.reference_audio),
-            profile.reference_stamp(),
-            profile.transcript,
-            profile.instruct,
-            profile.speaker,
-            profile.languages[:1],
-        )
+        self.voices.forget(names, None if self.model is None else self.model.frontend.spk2info)
 
     def _voice(self, profile: VoiceProfile) -> PreparedVoice:
         """The prepared voice for `profile`, preparing it now on first use (worker thread)."""
-        with self._voices_lock:  # two requests for a voice not yet prepared: one prepares it
-            return self._voice_locked(profile)
+        assert self.info is not None
+        return self.voices.voice(self.model, self.info, profile)
 
-    def _voice_locked(self, profile: VoiceProfile) -> PreparedVoice:
-        signature = self._signature(profile)
-        voice = self._prepared.get(signature)
-        if voice is None or voice.spk_id not in self.model.frontend.spk2info:
-            voice = self._prepare(profile)
-            self._prepared[signature] = voice
-        if profile.name != WARMUP_NAME:
-            self._first_profile = self._first_profile or profile
-            self._signatures[profile.name] = signature
-            self._voice_names.add(profile.name)
-            self._voice_errors.pop(profile.name, None)
-        return voice
+    @property
+    def _prepared(self) -> dict[tuple, PreparedVoice]:
+        return self.voices.prepared
 
-    def _prepare(self, profile: VoiceProfile) -> PreparedVoice:
-        assert self.info is not None and self.model is not None
-        plan = recipe(profile, self.info.version, list(self.model.list_available_spks()))
-        if plan.prompt_text is None:
-            return PreparedVoice(plan.method, plan.speaker, instruct_text=plan.instruct_text)
-        prompt_text = plan.prompt_text
-        if plan.method == "zero_shot":
-            # Upstream's inference_zero_shot normalizes the transcript (add_zero_shot_spk does not); that same call
-            # leaves a text with a `<|...|>` marker as it is (CosyVoice 3's prompt).
-            prompt_text = self.model.frontend.text_normalize(" ".join(prompt_text.split()), split=False)
-        # Validated, trimmed, mono 16-bit WAV at >= 16 kHz and <= 30 s; CosyVoice gets it by path.
-        reference = normalized_reference(profile, self.cache.directory / "references")
-        audio_hash = hashlib.sha256(reference.read_bytes()).hexdigest()
-        key = prompt_key(audio_hash, prompt_text, self.info.identity)
-        spk_id = f"wcv-{key[:16]}"
-        frontend = self.model.frontend
-
-        def compute() -> dict:
-            try:
-                self.model.add_zero_shot_spk(prompt_text, str(reference), spk_id)
-            except Exception as err:  # upstream asserts and raises on prompts it cannot use
-                raise VoiceError(
-                    f"voice {profile.name!r}: CosyVoice could not prepare {profile.reference_audio}: "
-                    f"{type(err).__name__}: {err}"
-                ) from None
-            return frontend.spk2info[spk_id]
-
-        entry, hit = self.cache.get_or_compute(key, compute, map_location=getattr(frontend, "device", None))
-        frontend.spk2info[spk_id] = entry
-        _LOGGER.info("Voice %s prepared (%s, %s)", profile.name, plan.method, "from cache" if hit else "computed")
-        return PreparedVoice(plan.method, spk_id, from_cache=hit)
+    @property
+    def _signatures(self) -> dict[str, tuple]:
+        return self.voices.signatures
 
     # --- synthesis ---------------------------------------------------------------------------------
 
@@ -418,31 +185,13 @@ class CosyVoiceEngine(ThreadedEngine):
         return await self.lifecycle.wake_now()
 
     async def _park_model(self, stop: threading.Event) -> bool:
-        return await self.run_in_worker(self._park_locked, stop, exclusive=True)
-
-    def _park_locked(self, stop: threading.Event) -> bool:
-        if self.model is None or stop.is_set():
-            return False
-        if self.settings.park == "host":
-            return parking.to_host(self.model.model, self._trt, stop)
-        spk2info = self.model.frontend.spk2info
-        self._kept_voices = parking.voices_to_host(spk2info, [k for k in spk2info if k.startswith("wcv-")])
-        del spk2info
-        if stop.is_set():  # a request came while the voices were copied: keep the model
-            self._kept_voices = {}
-            return False
-        self._unload()
-        parking.release_memory()
-        return True
+        return await self.run_in_worker(self.parker.park, stop, exclusive=True)
 
     async def _wake_model(self) -> None:
-        await self.run_in_worker(self._wake_locked, exclusive=True)
+        await self.run_in_worker(self.parker.wake, exclusive=True)
 
-    def _wake_locked(self) -> None:
-        if self.model is None:
-            self._load(None, waking=True)
-        else:
-            parking.to_device(self.model.model, self._trt)
+    def _trt(self) -> Optional[parking.TrtPlan]:
+        return self.loaded.trt if self.loaded is not None else None
 
     def _refuse_without_room(self) -> None:
         why = self.room()
@@ -524,18 +273,8 @@ class CosyVoiceEngine(ThreadedEngine):
         with self._model_lock if scheduling is None else contextlib.nullcontext():
             model = self.model
             request = None if scheduling is None else scheduling.begin(cancel or threading.Event(), self.still_working)
-            if voice.method == "sft":
-                outputs = model.inference_sft(text, voice.spk_id, **kwargs)
-            elif voice.method == "instruct":
-                outputs = model.inference_instruct(text, voice.spk_id, voice.instruct_text, **kwargs)
-            elif voice.method == "zero_shot":
-                outputs = model.inference_zero_shot(text, "", "", zero_shot_spk_id=voice.spk_id, **kwargs)
-            elif voice.method == "instruct2":
-                outputs = model.inference_instruct2(text, "", "", zero_shot_spk_id=voice.spk_id, **kwargs)
-            elif self.info is not None and self.info.version == 1 and v1_language_tag(profile):
-                outputs = _tagged_cross_lingual(model, text, v1_language_tag(profile), voice.spk_id, kwargs)
-            else:
-                outputs = model.inference_cross_lingual(text, "", zero_shot_spk_id=voice.spk_id, **kwargs)
+            v1_tag = v1_language_tag(profile) if self.info is not None and self.info.version == 1 else None
+            outputs = inference(model, voice, text, v1_tag, kwargs)
             try:
                 for output in outputs:
                     yield output["tts_speech"].detach().float().cpu().numpy().reshape(-1)
@@ -554,29 +293,11 @@ class CosyVoiceEngine(ThreadedEngine):
         async with self.lifecycle.request("the warm-up"):
             await self.run_in_worker(self._warmup, True, exclusive=True)
 
-    def _warmup_profile(self) -> VoiceProfile:
-        if self._first_profile is not None:  # already prepared: warming up costs no extra prompt computation
-            return self._first_profile
-        path = self.cache.directory / "warmup_prompt.wav"
-        if not path.is_file():
-            import soundfile
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            soundfile.write(str(path), synthetic_prompt(), 24000, subtype="FLOAT")
-        return VoiceProfile(name=WARMUP_NAME, mode="cross_lingual", reference_audio=path)
-
     def _warmup(self, may_reload: bool) -> None:
         assert self.plan is not None
-        profile = self._warmup_profile()
-        started = time.perf_counter()
-        first: Optional[float] = None
-        samples, finite = 0, True
-        for chunk in self._outputs(self.settings.warmup_text, profile, 1.0):
-            first = first or time.perf_counter()
-            samples += len(chunk)
-            finite = finite and bool(np.isfinite(chunk).all())
-        total = time.perf_counter() - started
-        if not finite:
+        profile = warmup_profile(self.voices.first_profile, self.cache.directory)
+        run = measure(self._outputs(self.settings.warmup_text, profile, 1.0), self.sample_rate)
+        if not run.finite:
             if self.plan.fp16 and self.plan.fp16_auto and may_reload:
                 _LOGGER.warning("fp16 warm-up produced NaN/inf audio on this GPU; reloading in fp32")
                 self._load(False)
@@ -589,64 +310,14 @@ class CosyVoiceEngine(ThreadedEngine):
                     "set engines.cosyvoice.fp16: false"
                 )
             raise EngineError(upstream.PREFIX + "warm-up produced NaN/inf audio (damaged model files?)")
-        seconds = samples / self.sample_rate
-        self.warmup_report = (
-            f"first chunk {((first or started) - started) * 1000:.0f} ms, "
-            f"rtf {total / seconds if seconds else float('nan'):.2f}"
-        )
-        _LOGGER.info("Warm-up: %.2f s of audio in %.2f s (%s)", seconds, total, self.warmup_report)
+        self.warmup_report = run.report
+        _LOGGER.info("Warm-up: %.2f s of audio in %.2f s (%s)", run.audio_s, run.total_s, self.warmup_report)
         if self.scheduling is not None:  # what the cold warm-up measured holds only until a real call's figures
             self.scheduling.costs.provisional = True
 
     def health(self) -> dict[str, Any]:
         """Engine state, model, precision, prepared voices and GPU facts (NVML; cheap)."""
-        facts: dict[str, Any] = {"engine": self.name, "state": self.state, "sample_rate": self.sample_rate}
-        if self.info is not None:
-            facts["model"] = f"{self.info.class_name} ({self.info.path.name})"
-        if self.plan is not None:
-            facts["device"] = self.plan.device
-            facts["precision"] = "fp16" if self.plan.fp16 else "fp32"
-            facts["tensorrt"] = "on" if self.plan.load_trt else "off"
-        if self.streaming:
-            facts["streaming"] = self.streaming
-        facts["concurrency"] = self.concurrency_note or str(self.concurrency)
-        facts["in_flight"] = self.in_flight
-        facts["queued"] = self.queued
-        if self.scheduling is not None:
-            costs = self.scheduling.costs.per_stream()
-            if costs is not None:  # what one stream needs of the model per second of audio (admission weighs it)
-                facts["stream_cost"] = f"llm {costs[0]:.2f} + flow {costs[1]:.2f} s per s"
-            facts["batched_flow"] = self.scheduling.batch_report()
-        if self.text_normalizer:
-            facts["text_normalizer"] = self.text_normalizer
-        if self.self_check:
-            facts["self_check"] = self.self_check
-        facts["voices_prepared"] = len(self._voice_names)
-        if self._voice_errors:
-            facts["voices_failed"] = ", ".join(sorted(self._voice_errors))
-        facts["prompt_cache"] = f"{self.cache.hits} hits/{self.cache.misses} computed"
-        if self.warmup_report:
-            facts["warmup"] = self.warmup_report
-        facts.update(self.lifecycle.facts())
-        facts.update(self._vram())
-        gpu = gpu_facts()
-        facts.update(gpu.as_dict())
-        facts["cuda_fit"] = driver_fit_here(gpu).line  # the driver vs torch's CUDA build, and what to do if apart
-        return facts
-
-    def _vram(self) -> dict[str, str]:
-        """The GPU memory this process holds (NVML; torch's reserved memory where NVML cannot see this process)."""
-        if self.plan is None or self.plan.device != "cuda":
-            return {}
-        held = process_memory_mb()
-        if held:
-            return {"vram_held": f"{held} MiB"}
-        try:
-            import torch
-
-            return {"vram_held": f"{int(torch.cuda.memory_reserved()) // 2**20} MiB reserved by torch"}
-        except Exception:  # torch without CUDA support compiled in
-            return {}
+        return health.facts(self)
 
     async def close(self) -> None:
         """Release the model after the current job and stop the worker."""
@@ -658,23 +329,6 @@ class CosyVoiceEngine(ThreadedEngine):
                 pass
         self.state = "closed"
         await super().close()
-
-
-def _tagged_cross_lingual(model: Any, text: str, tag: str, spk_id: str, kwargs: dict) -> Iterator[dict]:
-    """CosyVoice 1 cross-lingual: upstream's own normalization and sentence split first, then the language tag on
-    each segment (a tag in front of the whole text makes upstream skip both)."""
-    for segment in model.frontend.text_normalize(text, split=True):
-        yield from model.inference_cross_lingual(tag + segment, "", zero_shot_spk_id=spk_id, **kwargs)
-
-
-def _empty_cuda_cache() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
 
 
 def create_engine(section: Section) -> CosyVoiceEngine:

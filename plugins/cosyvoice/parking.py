@@ -10,7 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -118,3 +118,51 @@ def _malloc_trim() -> None:
     except (OSError, AttributeError):
         return
     trim(0)
+
+
+class Parker:
+    """The model work of a park and a wake, on the engine's worker thread (lifecycle.py decides when): `host` moves
+    the weights to host memory and back; `unload` keeps the prepared voices on the host, drops the model and loads
+    it again."""
+
+    def __init__(
+        self,
+        mode: str,
+        model: Callable[[], Any],
+        unload: Callable[[], None],
+        reload: Callable[[], None],
+        trt: Callable[[], Optional[TrtPlan]],
+    ) -> None:
+        self.mode = mode
+        self._model, self._unload, self._reload, self._trt = model, unload, reload, trt
+        self._kept: dict[str, Any] = {}  # prepared voices of an unloaded model, on the host
+
+    def park(self, stop: threading.Event) -> bool:
+        """Park the model unless `stop` is set first; whether it was parked."""
+        model = self._model()
+        if model is None or stop.is_set():
+            return False
+        if self.mode == "host":
+            return to_host(model.model, self._trt(), stop)
+        spk2info = model.frontend.spk2info
+        self._kept = voices_to_host(spk2info, [k for k in spk2info if k.startswith("wcv-")])
+        del spk2info, model
+        if stop.is_set():  # a request came while the voices were copied: keep the model
+            self._kept = {}
+            return False
+        self._unload()
+        release_memory()
+        return True
+
+    def wake(self) -> None:
+        """Load the unloaded model again (its voices come back through `restore`), or move the weights back."""
+        model = self._model()
+        if model is None:
+            self._reload()
+        else:
+            to_device(model.model, self._trt())
+
+    def restore(self, frontend: Any) -> None:
+        """The reloaded model's frontend gets the voices kept at the park."""
+        voices_back(frontend.spk2info, self._kept, getattr(frontend, "device", "cpu"))
+        self._kept = {}
