@@ -220,6 +220,10 @@ class ThreadedEngine(Engine):
     With `isolation` set (docs/reliability.md, "Native engine crashes"), `load` and `render` run in warm child
     processes instead (isolation.py), one per slot: each slot's thread relays its request to a child, so a crash in
     native code fails that request with EngineCrashed and the child is replaced; everything above stays the same.
+
+    Its size (over the ~300 lines the layout asks for): the slots, the per-slot threads, the hung-call watch, the
+    out-of-memory clean-up and the child-process relay share the slot's state and its one cancellation path; apart,
+    each would reach into the others' fields.
     """
 
     isolation: Optional[Isolation] = None

@@ -284,7 +284,8 @@ def stream_tts(inner: Any, call: dict, hop: int, streaming: Streaming) -> Iterat
 class StreamCall:
     """One streaming `tts` call: its LLM thread, its token list and its chunks. The state upstream's loop keeps in
     locals lives in fields; each decision (the first chunk, where the next one ends, when to cut, one flow +
-    vocoder pass, the costs it measured, the clean-up) is a method."""
+    vocoder pass, the costs it measured, the clean-up) is a method. It stays one class (about 300 lines): the
+    methods share the call's token list, offset and LLM thread, which upstream's loop keeps as one frame's locals."""
 
     def __init__(self, inner: Any, call: dict, hop: int, streaming: Streaming, request: Request) -> None:
         self.inner, self.call, self.streaming, self.request = inner, call, streaming, request
