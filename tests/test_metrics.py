@@ -335,3 +335,28 @@ async def test_metrics_port_listener_from_config(tmp_path: Path) -> None:
         finally:
             await listener.close()
     assert status == 200 and f"{NS}in_flight 0.0" in body
+
+
+async def test_the_metrics_port_has_the_web_ports_connection_cap(tmp_path: Path) -> None:
+    """`metrics.port` sheds connections like the web port: over `web.max_connections`, 503 at once; an idle one is
+    closed after `web.header_timeout_s` (before, it accepted and held any number)."""
+    import asyncio
+
+    from wyoming_cosyvoice.config import WebSettings
+
+    web = WebSettings(max_connections=3, header_timeout_s=1.0)
+    async with studio_server(tmp_path) as running:
+        listener = MetricsListener(running.server.service, MetricsSettings(port=0), web_settings=web)
+        await listener.start()
+        opened: list[Any] = []
+        try:
+            for _ in range(5):
+                opened.append(await asyncio.open_connection("127.0.0.1", listener.port))
+            answers = [await asyncio.wait_for(reader.read(), 10.0) for reader, _ in opened]
+        finally:
+            for _, writer in opened:
+                writer.close()
+            await listener.close()
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    assert len(refused) == 2, answers
+    assert all(a == b"" for a in answers if a not in refused), "the idle ones are closed with nothing sent"

@@ -289,7 +289,7 @@ async def start_metrics_listener(config: Config, service: Service) -> Any:
     from .web.app import TOKEN_ENV
     from .web.metrics_route import MetricsListener
 
-    listener = MetricsListener(service, config.metrics, config.web.token or os.environ.get(TOKEN_ENV))
+    listener = MetricsListener(service, config.metrics, config.web.token or os.environ.get(TOKEN_ENV), config.web)
     await listener.start()
     return listener
 

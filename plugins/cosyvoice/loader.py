@@ -13,6 +13,7 @@ from wyoming_cosyvoice.errors import EngineNotConfigured, EngineUnavailable
 from . import parking, selfcheck, sessions, upstream
 from . import stream as cosyvoice_stream
 from .options import CosyVoiceSettings, LoadPlan, auto_concurrency, plan_load
+from .parking import empty_cuda_cache
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -240,14 +241,3 @@ def install_hop_reset(inner: Any) -> None:
         return original(*args, **kwargs)
 
     inner.tts = tts
-
-
-def empty_cuda_cache() -> None:
-    """Return the CUDA caching allocator's free blocks to the driver (nothing without torch or CUDA)."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass

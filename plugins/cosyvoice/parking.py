@@ -95,9 +95,8 @@ def _moved(entry: Any, device: Any) -> Any:
     return to(device) if to is not None else entry
 
 
-def release_memory() -> None:
-    """After the model is dropped: collect its reference cycles, return the CUDA cache and the C heap's free pages."""
-    gc.collect()
+def empty_cuda_cache() -> None:
+    """Return the CUDA caching allocator's free blocks to the driver (nothing without torch or CUDA)."""
     try:
         import torch
 
@@ -105,6 +104,12 @@ def release_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
+
+
+def release_memory() -> None:
+    """After the model is dropped: collect its reference cycles, return the CUDA cache and the C heap's free pages."""
+    gc.collect()
+    empty_cuda_cache()
     _malloc_trim()
 
 

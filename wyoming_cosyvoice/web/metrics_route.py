@@ -7,6 +7,7 @@ only to loopback host names: no DNS rebinding).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -14,11 +15,12 @@ from typing import Awaitable, Callable, Optional
 
 from aiohttp import web
 
-from ..config import MetricsSettings
+from ..config import MetricsSettings, WebSettings
 from ..errors import ConfigError
 from ..metrics import missing_dependency
 from ..service import Service
 from .app import host_name, is_loopback_host, problem
+from .connections import ConnectionWarden, connection_cap
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -62,15 +64,25 @@ def metrics_handler(
 
 
 class MetricsListener:
-    """`metrics.port`: an HTTP listener that serves `/metrics` only (for a Prometheus container), on the loop."""
+    """`metrics.port`: an HTTP listener that serves `/metrics` only (for a Prometheus container), on the loop, under
+    the web port's connection cap and deadlines (`web.max_connections`, `web.*_timeout_s`: web/connections.py)."""
 
-    def __init__(self, service: Service, settings: MetricsSettings, studio_token: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        service: Service,
+        settings: MetricsSettings,
+        studio_token: Optional[str] = None,
+        web_settings: Optional[WebSettings] = None,
+    ) -> None:
         self.settings = settings
         self.loopback_only = is_loopback_host(settings.host)
         self.token = scrape_token(settings, studio_token)
         self._handler = metrics_handler(service, self.token, self.loopback_only)
         self._runner: Optional[web.AppRunner] = None
-        self._site: Optional[web.TCPSite] = None
+        self._listener: Optional[asyncio.Server] = None
+        self.warden = ConnectionWarden(web_settings or WebSettings())
+        self.warden.write_timeout_s = service.limits.write_timeout_s
+        self._wyoming_connections = service.limits.max_connections
 
     @web.middleware
     async def _hosts(
@@ -82,13 +94,20 @@ class MetricsListener:
 
     async def start(self) -> None:
         """Bind `metrics.host:metrics.port`."""
-        app = web.Application(middlewares=[self._hosts])
+        app = web.Application(middlewares=[self.warden.middleware, self._hosts])
         app.router.add_get("/metrics", self._handler)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=1.0,
+            keepalive_timeout=self.warden.settings.idle_timeout_s,
+        )
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port, reuse_address=True)
+        assert self._runner.server is not None and self.settings.port is not None, "metrics.port is not set"
+        self.warden.max_connections = connection_cap(self.warden.settings.max_connections, self._wyoming_connections)
         try:
-            await self._site.start()
+            self._listener = await self.warden.serve(self._runner.server, self.settings.host, self.settings.port)
         except OSError as err:
             await self._runner.cleanup()
             self._runner = None
@@ -105,11 +124,14 @@ class MetricsListener:
     @property
     def port(self) -> Optional[int]:
         """The bound port (useful with port 0)."""
-        addresses = self._runner.addresses if self._runner is not None else []
-        return int(addresses[0][1]) if addresses else None
+        sockets = self._listener.sockets if self._listener is not None else ()
+        return sockets[0].getsockname()[1] if sockets else None
 
     async def close(self) -> None:
         """Stop serving."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
